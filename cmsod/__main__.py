@@ -1,0 +1,3 @@
+from cmsod.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""What the actors share: the live config, the store, the clock, the peers, the doorbells and
+the figures `cmsoctl status` and the watchdog read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from cmsod.clock import MAX_STEP_S, WallClock
+from cmsod.config import Config
+from cmsod.peers.sinks import EventSink
+from cmsod.peers.so import Orchestrator
+from cmsod.peers.tm import TicketSystem
+from cmsod.store import Store
+
+
+class Doorbell:
+    """A wake-up that coalesces: many rings before the actor looks count as one."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[None](1)
+
+    def ring(self) -> None:
+        try:
+            self._send.send_nowait(None)
+        except trio.WouldBlock:
+            pass
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until rung or `timeout_s` passed (capped, so actors heartbeat and see clock steps)."""
+        with trio.move_on_after(max(0.0, min(timeout_s, MAX_STEP_S))):
+            await self._receive.receive()
+
+
+@dataclass
+class Bells:
+    optimizer: Doorbell = field(default_factory=Doorbell)
+    tickets: Doorbell = field(default_factory=Doorbell)
+    dispatcher: Doorbell = field(default_factory=Doorbell)
+    poller: Doorbell = field(default_factory=Doorbell)
+    emitter: Doorbell = field(default_factory=Doorbell)
+
+    def all(self) -> list[Doorbell]:
+        return [self.optimizer, self.tickets, self.dispatcher, self.poller, self.emitter]
+
+
+@dataclass
+class ActorFigures:
+    heartbeat: float = 0.0  # trio time of the last turn of the actor's loop
+    restarts: int = 0
+    done: int = 0  # units of work finished (schedules planned, elements dispatched, ...)
+    errors: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class Context:
+    config: Config
+    store: Store
+    clock: WallClock
+    so: Orchestrator
+    tm: TicketSystem
+    sink: EventSink
+    bells: Bells = field(default_factory=Bells)
+    figures: dict[str, ActorFigures] = field(default_factory=dict)
+    stopping: trio.Event = field(default_factory=trio.Event)  # SIGTERM: take no new work
+    drained: trio.Event = field(default_factory=trio.Event)  # no dispatch call in flight any more
+    reload: Callable[[], list[str]] | None = None  # set by the daemon; returns what changed
+
+    def beat(self, actor: str) -> ActorFigures:
+        figures = self.figures.setdefault(actor, ActorFigures())
+        figures.heartbeat = trio.current_time()
+        return figures

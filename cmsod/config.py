@@ -1,0 +1,176 @@
+"""Configuration: TOML file, then `CMSOD_SECTION__KEY` environment overrides, into frozen Structs.
+
+Unknown keys are errors (a typo must not fall back to a default silently). Every error names the
+key path, e.g. `Expected int, got str - at $.poller.interval_s`. Durations carry their unit in
+the key (`_s`). The defaults here are the embedded defaults: loop-back peers, events to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from cmsod.errors import ConfigError
+
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400)]
+Positive = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+
+
+class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class DaemonConfig(Section):
+    state_dir: str = ""  # "" = $STATE_DIRECTORY, else /var/lib/cmsod
+    socket: str = ""  # "" = $RUNTIME_DIRECTORY/control.sock, else <state_dir>/control.sock
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: Seconds = 10.0
+
+
+class StoreConfig(Section):
+    path: str = ""  # "" = <state_dir>/cmsod.sqlite3
+
+
+class OptimizerConfig(Section):
+    interval_s: Positive = 10.0  # sweep period; a new schedule wakes the optimizer at once
+    allow_partial: bool = False
+
+
+class DispatcherConfig(Section):
+    lead_time_s: Seconds = 1.0  # the SO call is made this long before the element's start
+    misfire_grace_s: Seconds = 300.0  # later than start + grace is `Past due`, never dispatched
+    dispatch_immediate: bool = True  # CMSO's cmso.cm.dispatch.immediate.enabled
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+
+
+class PollerConfig(Section):
+    interval_s: Positive = 10.0
+
+
+class SoConfig(Section):
+    mode: Literal["loopback"] = "loopback"
+    simulated_duration_s: Seconds = 5.0  # loop-back: how long a work flow "runs"
+    resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch after a crash (SO dedupes)
+
+
+class TicketsConfig(Section):
+    mode: Literal["loopback"] = "loopback"
+    vnfs_per_ticket: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1
+
+
+class EventsConfig(Section):
+    sink: Literal["file"] = "file"
+    path: str = ""  # "" = <state_dir>/events; one <topic>.jsonl file per topic
+    topic: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,200}$")] = "cm-events"
+    source: str = "urn:onap:cmsod"
+
+
+class ControlConfig(Section):
+    socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    idle_timeout_s: Positive = 60.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 64
+    # Who may change state. root and the daemon's own user always may; members of
+    # `operator_group` may too; everyone else who can open the socket gets `others`.
+    operator_group: str = ""
+    others: Literal["read-only", "operator"] = "read-only"
+
+
+class SupervisorConfig(Section):
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
+    window_s: Positive = 60.0
+    backoff_max_s: Positive = 10.0
+
+
+class Config(Section):
+    daemon: DaemonConfig = DaemonConfig()
+    store: StoreConfig = StoreConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    dispatcher: DispatcherConfig = DispatcherConfig()
+    poller: PollerConfig = PollerConfig()
+    so: SoConfig = SoConfig()
+    tickets: TicketsConfig = TicketsConfig()
+    events: EventsConfig = EventsConfig()
+    control: ControlConfig = ControlConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+
+    # -- derived paths ------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir or os.environ.get("STATE_DIRECTORY") or "/var/lib/cmsod")
+
+    @property
+    def socket_path(self) -> Path:
+        if self.daemon.socket:
+            return self.state_dir / self.daemon.socket
+        runtime = os.environ.get("RUNTIME_DIRECTORY")
+        return Path(runtime) / "control.sock" if runtime else self.state_dir / "control.sock"
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / (self.store.path or "cmsod.sqlite3")
+
+    @property
+    def events_dir(self) -> Path:
+        return self.state_dir / (self.events.path or "events")
+
+
+ENV_PREFIX = "CMSOD_"
+
+
+def default_config_path() -> Path | None:
+    """$CONFIGURATION_DIRECTORY/cmsod.toml under systemd, else /etc/cmsod/cmsod.toml if present."""
+    conf_dir = os.environ.get("CONFIGURATION_DIRECTORY")
+    candidate = Path(conf_dir) / "cmsod.toml" if conf_dir else Path("/etc/cmsod/cmsod.toml")
+    return candidate if candidate.exists() else None
+
+
+def load(
+    path: Path | None,
+    env: Mapping[str, str] | None = None,
+    state_dir: str | None = None,
+) -> Config:
+    """Read the file (None: embedded defaults), apply env overrides, then a --state-dir flag."""
+    env = os.environ if env is None else env
+    data: dict = {}
+    where = "embedded defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        try:
+            msgspec.convert(data, Config)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    overrides = []
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if not section or not key:
+            continue
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{name}: [{section}] is not a table")
+        data[section][key] = value
+        overrides.append(name)
+    if state_dir is not None:
+        data.setdefault("daemon", {})["state_dir"] = state_dir
+    try:
+        # Environment values are strings: convert them loosely ("5" -> 5, "true" -> True).
+        return msgspec.convert(data, Config, strict=not overrides)
+    except msgspec.ValidationError as exc:
+        source = f"{where} with {', '.join(sorted(overrides))}" if overrides else where
+        raise ConfigError(f"{source}: {exc}") from None

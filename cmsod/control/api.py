@@ -1,0 +1,238 @@
+"""The method table of the control socket and the replies' shapes.
+
+Errors: a CMSO rule broken is `io.cmsod.RequestError` with CMSO's HTTP-like `status` and its
+`requestError`; a message that does not decode is `org.varlink.service.InvalidParameter`
+naming the field; an unknown method `org.varlink.service.MethodNotFound`.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from cmsod import __version__, lifecycle, log
+from cmsod.actors.context import Context
+from cmsod.actors.supervisor import stalled_actors
+from cmsod.errors import (
+    ConfigError,
+    ControlError,
+    InvalidParameter,
+    MethodNotFound,
+    PermissionDenied,
+    RequestError,
+)
+from cmsod.store import ops, views
+from cmsod.wire import control as w
+
+INTERFACES = ["io.cmsod.Schedules", "io.cmsod.Manager", "org.varlink.service"]
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def may_change_state(ctx: Context, peer: Peer) -> bool:
+    if peer.uid in (0, os.getuid()):
+        return True
+    group = ctx.config.control.operator_group
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+            name = pwd.getpwuid(peer.uid).pw_name
+            if gid in os.getgrouplist(name, peer.gid):
+                return True
+        except (KeyError, OSError):
+            pass
+    return ctx.config.control.others == "operator"
+
+
+Handler = Callable[[Context, Any], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    parameters: type
+    handler: Handler
+    changes_state: bool
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
+    new = lifecycle.validate_request(p.schedule)
+    status = await ctx.store.tx(ops.create_schedule, new)
+    log.info(
+        "schedule.created", schedule_id=new.schedule_id, status=status.value,
+        elements=sum(len(g.elements) for g in new.groups), immediate=new.immediate,
+    )
+    (ctx.bells.tickets if new.immediate else ctx.bells.optimizer).ring()
+    return {"scheduleId": new.schedule_id, "status": status.value}
+
+
+async def get(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
+    return {"schedule": await ctx.store.read(views.get_schedule, p.scheduleId)}
+
+
+async def list_(ctx: Context, p: w.ListParameters) -> dict[str, Any]:
+    page, after = await ctx.store.read(views.list_schedules, p.status, p.limit, p.after)
+    return {"schedules": page, "next": after}
+
+
+async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
+    return {"details": await ctx.store.read(views.details, p.filters)}
+
+
+async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
+    status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval)
+    log.info(
+        "schedule.approval", schedule_id=p.scheduleId, approval=p.approval.approvalStatus,
+        by=p.approval.approvalUserId, status=status.value,
+    )
+    ctx.bells.tickets.ring()
+    return {"scheduleId": p.scheduleId, "status": status.value}
+
+
+async def delete(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
+    status = await ctx.store.tx(ops.delete_schedule, p.scheduleId)
+    log.info("schedule.deleted", schedule_id=p.scheduleId, status=status.value)
+    return {"scheduleId": p.scheduleId, "status": status.value}
+
+
+async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
+    now = trio.current_time()
+    try:
+        counts = await ctx.store.read(views.status_counts)
+        db_ok = True
+    except Exception as exc:  # the health report must answer even when the store cannot
+        counts, db_ok = {"error": str(exc)}, False
+    stalled = stalled_actors(ctx, now, 120.0)
+    component = lambda name, url, ok: {  # noqa: E731
+        "name": name, "url": url, "status": "OK" if ok else "FAILED", "healthy": ok,
+    }
+    return {
+        "healthy": db_ok and not stalled,
+        "buildInfo": f"cmsod {__version__}",
+        "currentTime": lifecycle.format_time(ctx.clock.now_ms()),
+        "hostname": socket.gethostname(),
+        "components": [
+            component("Scheduler Database", str(ctx.config.store_path), db_ok),
+            component("SO Interface", ctx.config.so.mode, True),
+            component("TM Interface", ctx.config.tickets.mode, True),
+            component("Event Sink", ctx.config.events.sink, True),
+        ],
+        "actors": {
+            name: {
+                "heartbeatAgeS": round(now - f.heartbeat, 3),
+                "restarts": f.restarts,
+                "done": f.done,
+                "errors": f.errors,
+                "lastError": f.last_error,
+            }
+            for name, f in sorted(ctx.figures.items())
+        },
+        "counts": counts,
+    }
+
+
+async def reload(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
+    if ctx.reload is None:
+        raise ControlError("reload is not available")
+    try:
+        changed = ctx.reload()
+    except ConfigError as exc:
+        raise ControlError(str(exc)) from None
+    return {"reloaded": True, "changed": changed}
+
+
+async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
+    return {
+        "vendor": "cmsod",
+        "product": "cmsod",
+        "version": __version__,
+        "url": "https://github.com/onap/archive2-optf-cmso (re-implemented)",
+        "interfaces": INTERFACES,
+    }
+
+
+METHODS: dict[str, Method] = {
+    "io.cmsod.Schedules.Create": Method(w.CreateParameters, create, True),
+    "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False),
+    "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False),
+    "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False),
+    "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True),
+    "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
+    "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
+    "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
+    "org.varlink.service.GetInfo": Method(w.NoParameters, get_info, False),
+}
+
+# -- one message in, replies out -------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+
+
+def _reply(parameters: dict[str, Any]) -> bytes:
+    return _encoder.encode({"parameters": parameters})
+
+
+def _error(name: str, parameters: dict[str, Any]) -> bytes:
+    return _encoder.encode({"error": name, "parameters": parameters})
+
+
+def _field_path(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    _, _, path = text.rpartition(" - at `$")
+    return path.rstrip("`").lstrip(".") if path else ""
+
+
+async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncIterator[bytes]:
+    try:
+        call = msgspec.json.decode(message, type=w.Call)
+    except msgspec.ValidationError as exc:
+        yield _error(InvalidParameter.name, {"parameter": _field_path(exc), "message": str(exc)})
+        return
+    except msgspec.DecodeError as exc:
+        yield _error("io.cmsod.InvalidMessage", {"message": f"not a JSON object: {exc}"})
+        return
+    method = METHODS.get(call.method)
+    try:
+        if method is None:
+            raise MethodNotFound(call.method)
+        if call.more:
+            raise InvalidParameter("more", f"{call.method} does not stream replies")
+        try:
+            parameters = msgspec.json.decode(call.parameters, type=method.parameters)
+        except msgspec.ValidationError as exc:
+            raise InvalidParameter(_field_path(exc) or "parameters", str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise InvalidParameter("parameters", str(exc)) from None
+        if method.changes_state:
+            if not may_change_state(ctx, peer):
+                log.warning("control.denied", method=call.method, uid=peer.uid, pid=peer.pid)
+                raise PermissionDenied(f"uid {peer.uid} may not call {call.method}")
+            log.info("control.call", method=call.method, uid=peer.uid, pid=peer.pid)
+        result = await method.handler(ctx, parameters)
+    except RequestError as exc:
+        yield _error("io.cmsod.RequestError", exc.to_parameters())
+        return
+    except ControlError as exc:
+        yield _error(exc.name, exc.parameters)
+        return
+    except Exception as exc:  # a bug or a store failure: answer, log, keep serving
+        log.error("control.failed", exc_info=True, method=call.method)
+        yield _error("io.cmsod.InternalError", {"message": f"{type(exc).__name__}: {exc}"})
+        return
+    if not call.oneway:
+        yield _reply(result)

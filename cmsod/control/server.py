@@ -1,0 +1,132 @@
+"""The control socket server: framing, limits and peer credentials.
+
+Each message is one JSON object followed by NUL. A connection may send several requests one
+after another; replies come back in order. Limits: a message over `max_message_bytes` gets an
+error and the connection is closed (the framing is lost); no complete message within
+`idle_timeout_s` closes it (a NUL-less stream held open cannot pin a slot); at most
+`max_connections` at once, further ones are told so and closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from pathlib import Path
+
+import msgspec
+import trio
+
+from cmsod import log
+from cmsod.actors.context import Context
+from cmsod.control.api import Peer, handle_message
+
+REPLY_TIMEOUT_S = 10.0
+
+
+def peer_credentials(stream: trio.SocketStream) -> Peer:
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+    except OSError:
+        pid, uid, gid = -1, -1, -1
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def _error(name: str, message: str) -> bytes:
+    return msgspec.json.encode({"error": name, "parameters": {"message": message}}) + b"\0"
+
+
+async def _claim_path(path: Path) -> None:
+    """Remove a stale socket file; refuse to start beside a live daemon."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise
+        path.unlink(missing_ok=True)
+    else:
+        raise RuntimeError(f"another cmsod is listening on {path}")
+    finally:
+        probe.close()
+
+
+async def serve(ctx: Context, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+    path = ctx.config.socket_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await _claim_path(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, int(ctx.config.control.socket_mode, 8))
+    sock.listen(128)
+    listener = trio.SocketListener(sock)
+    active = 0
+
+    async def connection(stream: trio.SocketStream) -> None:
+        nonlocal active
+        active += 1
+        try:
+            await handle_connection(ctx, stream)
+        finally:
+            active -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(1.0):
+            await stream.send_all(_error("io.cmsod.TooManyConnections", "too many control connections"))
+        await trio.aclose_forcefully(stream)
+
+    try:
+        task_status.started(path)
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                if active >= ctx.config.control.max_connections:
+                    log.warning("control.refused", reason="too many connections", active=active)
+                    nursery.start_soon(refuse, stream)
+                else:
+                    nursery.start_soon(connection, stream)
+    finally:
+        path.unlink(missing_ok=True)
+        await listener.aclose()
+
+
+async def handle_connection(ctx: Context, stream: trio.SocketStream) -> None:
+    peer = peer_credentials(stream)
+    buffer = bytearray()
+    deadline = trio.current_time() + ctx.config.control.idle_timeout_s
+    while True:
+        data = b""
+        with trio.move_on_at(deadline):
+            data = await stream.receive_some(65536)
+        if trio.current_time() >= deadline:
+            log.debug("control.idle_closed", uid=peer.uid, pid=peer.pid)
+            return
+        if not data:
+            return
+        buffer += data
+        while (end := buffer.find(b"\0")) >= 0:
+            message = bytes(buffer[:end])
+            del buffer[: end + 1]
+            replies = handle_message(ctx, peer, message)
+            async for reply in replies:
+                with trio.move_on_after(REPLY_TIMEOUT_S) as scope:
+                    await stream.send_all(reply + b"\0")
+                if scope.cancelled_caught:
+                    log.warning("control.client_stalled", uid=peer.uid, pid=peer.pid)
+                    return
+            deadline = trio.current_time() + ctx.config.control.idle_timeout_s
+        if len(buffer) > ctx.config.control.max_message_bytes:
+            log.warning("control.message_too_large", uid=peer.uid, pid=peer.pid, size=len(buffer))
+            with trio.move_on_after(1.0):
+                await stream.send_all(
+                    _error(
+                        "io.cmsod.MessageTooLarge",
+                        f"message exceeds {ctx.config.control.max_message_bytes} bytes",
+                    )
+                )
+            return

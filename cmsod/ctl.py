@@ -1,0 +1,256 @@
+"""`cmsoctl`: drive a running cmsod through its control socket.
+
+Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable;
+75 timed out; 76 protocol error (a reply that does not decode); 77 permission denied.
+With --json, stdout holds exactly one JSON document (the reply's parameters, or the error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import getpass
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
+EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 75, 76, 77
+DEFAULT_SOCKET = "/run/cmsod/control.sock"
+MAX_REPLY = 256 * 1024 * 1024
+
+
+class Reply(msgspec.Struct):
+    parameters: dict[str, Any] = {}
+    error: str | None = None
+    continues: bool = False
+
+
+class CtlError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> Reply:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        raise CtlError(EX_UNAVAILABLE, f"no cmsod socket at {path} (is the daemon running?)") from None
+    except PermissionError:
+        raise CtlError(EX_NOPERM, f"permission denied on {path}") from None
+    except ConnectionRefusedError:
+        raise CtlError(EX_UNAVAILABLE, f"cmsod is not accepting connections on {path}") from None
+    except TimeoutError:
+        raise CtlError(EX_TEMPFAIL, f"timed out connecting to {path}") from None
+    except OSError as exc:
+        code = EX_UNAVAILABLE if exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED) else EX_ERROR
+        raise CtlError(code, f"cannot connect to {path}: {exc.strerror}") from None
+    try:
+        with sock:
+            sock.sendall(msgspec.json.encode({"method": method, "parameters": parameters}) + b"\0")
+            buffer = bytearray()
+            while b"\0" not in buffer:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise CtlError(EX_PROTOCOL, "the daemon closed the connection without a reply")
+                buffer += chunk
+                if len(buffer) > MAX_REPLY:
+                    raise CtlError(EX_PROTOCOL, "reply too large")
+    except TimeoutError:
+        raise CtlError(EX_TEMPFAIL, f"no reply from cmsod within {timeout:g} s") from None
+    except OSError as exc:
+        raise CtlError(EX_UNAVAILABLE, f"connection to cmsod failed: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(bytes(buffer[: buffer.index(b"\0")]), type=Reply)
+    except msgspec.DecodeError as exc:
+        raise CtlError(EX_PROTOCOL, f"malformed reply: {exc}") from None
+
+
+# -- human output -----------------------------------------------------------------------------
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def show_schedule(s: dict[str, Any]) -> str:
+    lines = [
+        f"schedule   {s['scheduleId']}",
+        f"status     {s['status']}",
+        f"user       {s.get('userId', '')}    created {s.get('createDateTime', '')}",
+    ]
+    if "optimizerStatus" in s:
+        lines.append(f"optimizer  {s['optimizerStatus']}: {s.get('optimizerMessage', '')}")
+    for a in s.get("scheduleApprovals", []):
+        lines.append(f"approval   {a['status']} by {a['userId']} ({a['approvalType']}) at {a['approvalDateTime']}")
+    rows = []
+    for g in s.get("groups", []):
+        for e in g.get("changeManagementSchedules", []):
+            rows.append([
+                g["groupId"], e["vnfName"], e["status"], e.get("startTime"), e.get("finishTime"),
+                e.get("tmChangeId"), e.get("msoRequestId"), e.get("statusMessage"),
+            ])
+    lines.append("")
+    lines.append(table(rows, ["GROUP", "VNF", "STATUS", "START", "FINISH", "TICKET", "SO REQUEST", "MESSAGE"]))
+    return "\n".join(lines)
+
+
+def human(command: str, p: dict[str, Any]) -> str:
+    if command == "show":
+        return show_schedule(p["schedule"])
+    if command == "list":
+        out = table(
+            [[s["scheduleId"], s["status"], s["userId"], s["createDateTime"], s["elements"]] for s in p["schedules"]],
+            ["SCHEDULE", "STATUS", "USER", "CREATED", "ELEMENTS"],
+        )
+        return out + (f"\n(more: --after {p['next']})" if p.get("next") else "")
+    if command == "details":
+        return table(
+            [[d["scheduleRequest"]["scheduleId"], d.get("groupId"), d["vnfName"], d["status"], d.get("startTime"), d.get("finishTime")] for d in p["details"]],
+            ["SCHEDULE", "GROUP", "VNF", "STATUS", "START", "FINISH"],
+        )
+    if command == "status":
+        lines = [f"healthy    {'yes' if p['healthy'] else 'NO'}", f"build      {p['buildInfo']}", f"time       {p['currentTime']}"]
+        lines += [f"component  {c['name']}: {c['status']} ({c['url']})" for c in p["components"]]
+        counts = p.get("counts", {})
+        lines.append("schedules  " + (", ".join(f"{k}: {v}" for k, v in sorted(counts.get("schedules", {}).items())) or "none"))
+        lines.append("elements   " + (", ".join(f"{k}: {v}" for k, v in sorted(counts.get("elements", {}).items())) or "none waiting or running"))
+        lines.append(f"events     {counts.get('eventsPending', 0)} pending")
+        lines.append("")
+        lines.append(table(
+            [[n, a["heartbeatAgeS"], a["done"], a["errors"], a["restarts"], a.get("lastError")] for n, a in p["actors"].items()],
+            ["ACTOR", "HEARTBEAT AGE S", "DONE", "ERRORS", "RESTARTS", "LAST ERROR"],
+        ))
+        return "\n".join(lines)
+    if command == "reload":
+        return "configuration reloaded" + (f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)")
+    return f"{p['scheduleId']}: {p['status']}"
+
+
+def describe_error(reply: Reply) -> str:
+    p = reply.parameters
+    if reply.error == "io.cmsod.RequestError":
+        e = p.get("requestError", {})
+        return f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
+    detail = p.get("message", "")
+    if p.get("parameter"):
+        detail = f"{p['parameter']}: {detail}"
+    return f"{reply.error}: {detail}"
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def read_document(name: str) -> Any:
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise CtlError(EX_USAGE, f"cannot read {name}: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise CtlError(EX_USAGE, f"{name} is not JSON: {exc}") from None
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    c = args.command
+    if c == "submit":
+        return "io.cmsod.Schedules.Create", {"schedule": read_document(args.file)}
+    if c == "show":
+        return "io.cmsod.Schedules.Get", {"scheduleId": args.id}
+    if c == "list":
+        p: dict[str, Any] = {"limit": args.limit}
+        if args.status:
+            p["status"] = args.status
+        if args.after:
+            p["after"] = args.after
+        return "io.cmsod.Schedules.List", p
+    if c == "details":
+        filters: dict[str, list[str]] = {}
+        for item in args.filter:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise CtlError(EX_USAGE, f"--filter takes key=value, not {item!r}")
+            filters.setdefault(key, []).append(value)
+        return "io.cmsod.Schedules.Details", {"filters": filters}
+    if c in ("approve", "reject"):
+        return "io.cmsod.Schedules.Approve", {
+            "scheduleId": args.id,
+            "approval": {
+                "approvalUserId": args.user,
+                "approvalType": "Tier 2",
+                "approvalStatus": "Accepted" if c == "approve" else "Rejected",
+            },
+        }
+    if c == "delete":
+        return "io.cmsod.Schedules.Delete", {"scheduleId": args.id}
+    if c == "status":
+        return "io.cmsod.Manager.Status", {}
+    if c == "reload":
+        return "io.cmsod.Manager.Reload", {}
+    raise CtlError(EX_USAGE, f"unknown command {c}")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="cmsoctl",
+        description="Drive cmsod through its control socket.",
+        epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 69 daemon unreachable, "
+        "75 timeout, 76 protocol error, 77 permission denied",
+    )
+    top.add_argument("--socket", default=os.environ.get("CMSOD_SOCKET", DEFAULT_SOCKET), help="control socket (env CMSOD_SOCKET; default %(default)s)")
+    top.add_argument("--json", action="store_true", help="print exactly one JSON document on stdout")
+    top.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default %(default)s)")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("submit", help="submit a CMSO v1 schedule request (FILE or - for stdin)")
+    p.add_argument("file", metavar="FILE|-")
+    for name, text in [("show", "show a schedule and its elements"), ("delete", "cancel or delete a schedule")]:
+        sub.add_parser(name, help=text).add_argument("id")
+    for name, text in [("approve", "accept a schedule pending approval"), ("reject", "reject a schedule pending approval")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id")
+        p.add_argument("--user", default=getpass.getuser(), help="approving user id (default: you)")
+    p = sub.add_parser("list", help="list schedules")
+    p.add_argument("--status", action="append", help="only this status (repeatable)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--after", help="page after this schedule id")
+    p = sub.add_parser("details", help="search elements (CMSO scheduleDetails filters)")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="e.g. vnfName=node%% (repeatable; repeats of a key are OR-ed)")
+    sub.add_parser("status", help="daemon health, actors and queues")
+    sub.add_parser("reload", help="re-read the configuration")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        method, parameters = request_for(args)
+        reply = call(args.socket, method, parameters, args.timeout)
+    except CtlError as exc:
+        if args.json:
+            print(msgspec.json.encode({"error": "cmsoctl", "parameters": {"message": str(exc), "exit": exc.code}}).decode())
+        print(f"cmsoctl: {exc}", file=sys.stderr)
+        return exc.code
+    if reply.error:
+        if args.json:
+            print(msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode())
+        print(f"cmsoctl: {describe_error(reply)}", file=sys.stderr)
+        return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
+    if args.json:
+        print(msgspec.json.encode(reply.parameters).decode())
+    else:
+        print(human(args.command, reply.parameters))
+    return EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""`cmsod`: the daemon. Loads the config, opens the store, starts the actors in dependency
+order under one root nursery, then the control socket, then says READY=1.
+
+Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches, in-flight calls get
+`shutdown_grace_s`, then a clean exit); SIGHUP reloads the config like `cmsoctl reload`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from cmsod import __version__, config, log, systemd
+from cmsod.actors import dispatcher, emitter, optimizer, poller, supervisor, tickets
+from cmsod.actors.context import Context
+from cmsod.clock import WallClock
+from cmsod.control import server
+from cmsod.errors import ConfigError
+from cmsod.executor import Executor, ThreadExecutor
+from cmsod.peers.sinks import FileSink
+from cmsod.peers.so import LoopbackSO
+from cmsod.peers.tm import LoopbackTM
+from cmsod.store import Store, views
+
+EX_CONFIG = 78
+ACTORS = [  # dependency order: what others wake comes up first
+    ("emitter", emitter.run),
+    ("tickets", tickets.run),
+    ("poller", poller.run),
+    ("dispatcher", dispatcher.run),
+    ("optimizer", optimizer.run),
+]
+STALL_S = 120.0
+
+
+def build_context(cfg: config.Config, clock: WallClock, executor: Executor | None = None) -> Context:
+    """The store, peers and doorbells for one daemon (tests build theirs the same way)."""
+    executor = executor or ThreadExecutor()
+    # The sink gets its own worker thread in production (not the store's); inline in tests.
+    sink_executor = ThreadExecutor() if isinstance(executor, ThreadExecutor) else executor
+    store = Store(cfg.store_path, executor, clock, cfg.events.topic, cfg.events.source)
+    ctx = Context(
+        config=cfg,
+        store=store,
+        clock=clock,
+        so=LoopbackSO(clock, cfg.so.simulated_duration_s),
+        tm=LoopbackTM(),
+        sink=FileSink(cfg.events_dir, sink_executor),
+    )
+    store.on_commit = ctx.bells.emitter.ring
+    return ctx
+
+
+def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
+    def reload() -> list[str]:
+        new = config.load(config_path, state_dir=state_dir)
+        old = ctx.config
+        fixed = [
+            name
+            for name, before, after in [
+                ("store.path", old.store_path, new.store_path),
+                ("daemon.socket", old.socket_path, new.socket_path),
+                ("daemon.state_dir", old.state_dir, new.state_dir),
+            ]
+            if before != after
+        ]
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
+        changed = [
+            f"{section}.{key}"
+            for section in config.Config.__struct_fields__
+            for key in getattr(new, section).__struct_fields__
+            if getattr(getattr(new, section), key) != getattr(getattr(old, section), key)
+        ]
+        ctx.config = new
+        ctx.store.topic, ctx.store.source = new.events.topic, new.events.source
+        if isinstance(ctx.so, LoopbackSO):
+            ctx.so.simulated_duration_s = new.so.simulated_duration_s
+        log.set_level(new.daemon.log_level)
+        for bell in ctx.bells.all():
+            bell.ring()
+        log.info("config.reloaded", changed=",".join(changed) or "nothing")
+        return changed
+
+    return reload
+
+
+async def status_line(ctx: Context) -> str:
+    counts = await ctx.store.read(views.status_counts)
+    active = sum(
+        n for status, n in counts["schedules"].items()
+        if status in ("Pending Schedule", "Optimization In Progress", "Pending Approval",
+                      "Accepted", "Scheduled", "Notifications Initiated")
+    )
+    elements = counts["elements"]
+    return (
+        f"STATUS={active} active schedules, {elements.get('Scheduled', 0) + elements.get('Scheduled Immediate', 0)}"
+        f" elements waiting, {elements.get('Triggered', 0)} running, {counts['eventsPending']} events pending"
+    )
+
+
+async def run(
+    ctx: Context, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The daemon's life inside trio: returns after a clean stop."""
+    cfg = ctx.config
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        await ctx.store.open()
+        log.info(
+            "store.opened", path=str(cfg.store_path),
+            migrated=",".join(map(str, ctx.store.migrations_applied)) or None,
+        )
+        try:
+            async with trio.open_nursery() as root:
+                for name, actor in ACTORS:
+                    await root.start(supervisor.supervise, name, actor, ctx)
+                path = await root.start(server.serve, ctx)
+                systemd.notify("READY=1", await status_line(ctx))
+                log.info("daemon.ready", socket=str(path), version=__version__, pid=os.getpid())
+                task_status.started(path)
+                watchdog_s = systemd.watchdog_interval_s()
+                if watchdog_s:
+                    root.start_soon(supervisor.watchdog, ctx, watchdog_s, STALL_S)
+                root.start_soon(_status_updates, ctx)
+                await _handle_signals(ctx, signals, root.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await ctx.store.close()
+            log.info("daemon.stopped")
+
+
+async def _status_updates(ctx: Context) -> None:
+    while True:
+        await trio.sleep(10)
+        systemd.notify(await status_line(ctx))
+
+
+async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            systemd.notify("RELOADING=1", f"MONOTONIC_USEC={int(trio.current_time() * 1e6)}")
+            try:
+                assert ctx.reload is not None
+                ctx.reload()
+                systemd.notify("READY=1", "STATUS=configuration reloaded")
+            except ConfigError as exc:
+                log.error("config.reload_failed", reason=str(exc))
+                systemd.notify("READY=1", f"STATUS=reload failed, old configuration kept: {exc}")
+            continue
+        systemd.notify("STOPPING=1")
+        grace = ctx.config.daemon.shutdown_grace_s
+        log.info("daemon.stopping", signal=signal.Signals(signum).name, grace_s=grace)
+        ctx.stopping.set()
+        ctx.bells.dispatcher.ring()
+        with trio.move_on_after(grace):
+            await ctx.drained.wait()
+        root_scope.cancel()
+        return
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cmsod", description="Change-management schedule optimizer daemon.")
+    parser.add_argument("--config", type=Path, help="TOML configuration file (default: $CONFIGURATION_DIRECTORY/cmsod.toml or /etc/cmsod/cmsod.toml if present)")
+    parser.add_argument("--state-dir", help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given")
+    parser.add_argument("--check-config", action="store_true", help="only validate the configuration; exit 0 if good, 78 if not")
+    parser.add_argument("--version", action="version", version=f"cmsod {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config_path = args.config if args.config else (None if args.state_dir else config.default_config_path())
+    try:
+        cfg = config.load(config_path, state_dir=args.state_dir)
+    except ConfigError as exc:
+        print(f"cmsod: invalid config {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
+        return 0
+    log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
+    log.info("daemon.started", version=__version__, config=str(config_path or "embedded defaults"), state_dir=str(cfg.state_dir))
+
+    async def start() -> None:
+        ctx = build_context(cfg, WallClock())
+        ctx.reload = make_reload(ctx, config_path, args.state_dir)
+        await run(ctx)
+
+    try:
+        trio.run(start)
+    except Exception:
+        log.error("daemon.failed", exc_info=True)
+        systemd.notify("STATUS=failed, see the log")
+        return 1
+    return 0

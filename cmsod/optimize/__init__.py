@@ -1,0 +1,1 @@
+"""Pure scheduling code: no trio, no I/O."""

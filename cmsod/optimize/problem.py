@@ -1,0 +1,68 @@
+"""What the optimizer is asked and what it answers.
+
+Slots: one grid per schedule, origin = the earliest change-window start, step D = normal +
+additional duration. A window offers the grid slots that lie wholly inside it (and start no
+earlier than `not_before_ms`). With windows that start on the grid, as CMSO's do, these are
+exactly CMSO's slots ("start at the window start, repeat every D"); one shared grid is what
+lets the concurrency limit hold across groups whose windows overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+
+
+class ProblemGroup(msgspec.Struct):
+    group_id: str
+    windows: list[tuple[int, int]]  # [start_ms, end_ms)
+    elements: list[str]
+
+
+class Problem(msgspec.Struct):
+    key: int
+    schedule_id: str
+    duration_ms: int
+    concurrency: int
+    policy_id: str | None
+    not_before_ms: int
+    groups: list[ProblemGroup]
+
+    @property
+    def origin_ms(self) -> int:
+        return min(start for g in self.groups for start, _ in g.windows)
+
+    def slots(self, windows: list[tuple[int, int]]) -> Iterator[int]:
+        """Grid indices of the slots wholly inside these windows, ascending, lazily: a window
+        of years holds millions of slots and a plan usually needs few of them."""
+        origin, step = self.origin_ms, self.duration_ms
+        last = -1
+        for start, end in merge(windows):
+            first = max(start, self.not_before_ms)
+            k = max(last + 1, -(-(first - origin) // step))  # ceil division
+            while origin + (k + 1) * step <= end:
+                yield k
+                last = k
+                k += 1
+
+    def slot_start(self, index: int) -> int:
+        return self.origin_ms + index * self.duration_ms
+
+
+class Plan(msgspec.Struct):
+    placed: dict[str, int]  # element -> start_ms
+    unplaced: dict[str, tuple[str, str]]  # element -> (reason, message)
+    duration_ms: int
+    summary: str = ""
+
+
+def merge(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching windows as one, in order."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(windows):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

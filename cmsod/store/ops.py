@@ -1,0 +1,518 @@
+"""The write transactions. Each is a synchronous `fn(tx, ...)` run whole by `Store.tx`.
+
+They re-read the rows they change, so a message that arrives late (an optimizer result for a
+schedule deleted meanwhile, a poll answer for an element already ended) changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+
+from cmsod import cmevents, lifecycle
+from cmsod.errors import RequestError
+from cmsod.model import (
+    APPROVAL_DOMAIN,
+    APPROVAL_TYPE,
+    APPROVALS_REQUIRED,
+    ELEMENT_DISPATCHABLE,
+    NewSchedule,
+    PollOutcome,
+)
+from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from cmsod.optimize.problem import Plan, Problem, ProblemGroup
+from cmsod.store.store import Tx
+from cmsod.wire.cmso import Approval
+
+# -- create ---------------------------------------------------------------------------------
+
+
+def create_schedule(tx: Tx, new: NewSchedule) -> S:
+    if tx.execute("SELECT 1 FROM schedules WHERE schedule_id = ?", (new.schedule_id,)).fetchone():
+        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", APPROVAL_DOMAIN, new.schedule_id)
+    status = S.PENDING_APPROVAL if new.immediate else S.PENDING_SCHEDULE
+    element_status = E.PENDING_APPROVAL if new.immediate else E.PENDING_SCHEDULE
+    lifecycle.check_schedule(None, status)
+    lifecycle.check_element(None, element_status)
+    (schedule,) = tx.execute(
+        "INSERT INTO schedules (schedule_id, domain, user_id, status, immediate, normal_s,"
+        " additional_s, concurrency, policy_id, schedule_info, create_ms, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (
+            new.schedule_id,
+            new.domain,
+            new.user_id,
+            status.value,
+            int(new.immediate),
+            new.normal_duration_s,
+            new.additional_duration_s,
+            new.concurrency_limit,
+            new.policy_id,
+            new.schedule_info,
+            tx.now_ms,
+            tx.now_ms,
+        ),
+    ).fetchone()
+    tx.conn.executemany(
+        "INSERT INTO domain_data (schedule, name, value) VALUES (?, ?, ?)",
+        [(schedule, k, v) for k, v in new.domain_data],
+    )
+    vnfs: list[dict[str, str]] = []
+    for group in new.groups:
+        (grp,) = tx.execute(
+            "INSERT INTO cm_groups (schedule, group_id) VALUES (?, ?) RETURNING id",
+            (schedule, group.group_id),
+        ).fetchone()
+        tx.conn.executemany(
+            "INSERT INTO windows (grp, start_ms, end_ms) VALUES (?, ?, ?)",
+            [(grp, w.start_ms, w.end_ms) for w in group.windows],
+        )
+        tx.conn.executemany(
+            "INSERT INTO elements (schedule, grp, name, status, request) VALUES (?, ?, ?, ?, ?)",
+            [(schedule, grp, e.name, element_status.value, e.request) for e in group.elements],
+        )
+        vnfs.extend(
+            {"vnf-name": e.name, "group-id": group.group_id, "status": element_status.value}
+            for e in group.elements
+        )
+    tx.edit(
+        schedule,
+        new.schedule_id,
+        cmevents.schedule_edit(
+            new.schedule_id,
+            "create",
+            {
+                "schedule-id": new.schedule_id,
+                "status": status.value,
+                "user-id": new.user_id,
+                "change-windows": [
+                    {
+                        "group-id": g.group_id,
+                        "start-time": lifecycle.format_time(w.start_ms),
+                        "end-time": lifecycle.format_time(w.end_ms),
+                    }
+                    for g in new.groups
+                    for w in g.windows
+                ],
+                "vnf": vnfs,
+            },
+        ),
+    )
+    if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
+        _record_approval(tx, schedule, new.user_id, "Accepted")
+        tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
+        return S.ACCEPTED
+    return status
+
+
+# -- approvals ------------------------------------------------------------------------------
+
+
+def _schedule_row(tx: Tx, schedule_id: str) -> tuple[int, S]:
+    row = tx.execute("SELECT id, status FROM schedules WHERE schedule_id = ?", (schedule_id,)).fetchone()
+    if row is None:
+        raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, schedule_id)
+    return row[0], S(row[1])
+
+
+def _record_approval(tx: Tx, schedule: int, user_id: str, status: str) -> None:
+    tx.execute(
+        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
+        " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms",
+        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms),
+    )
+
+
+def approve(tx: Tx, schedule_id: str, approval: Approval) -> S:
+    """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400)."""
+    if approval.approvalStatus not in ("Accepted", "Rejected"):
+        raise RequestError(400, "INVALID_ATTRIBUTE", "approvalStatus", approval.approvalStatus or "")
+    if approval.approvalType != APPROVAL_TYPE:
+        raise RequestError(400, "INVALID_ATTRIBUTE", "approvalType", approval.approvalType or "")
+    schedule, status = _schedule_row(tx, schedule_id)
+    if status is not S.PENDING_APPROVAL:
+        raise RequestError(412, "NOT_PENDING_APPROVAL", APPROVAL_DOMAIN, schedule_id, status.value)
+    if not approval.approvalUserId:
+        raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
+    _record_approval(tx, schedule, approval.approvalUserId, approval.approvalStatus)
+    if approval.approvalStatus == "Rejected":
+        tx.schedule_to(schedule, schedule_id, status, S.REJECTED)
+        for element, name, old in tx.execute(
+            "SELECT id, name, status FROM elements WHERE schedule = ? AND status IN (?, ?)",
+            (schedule, E.PENDING_APPROVAL.value, E.NOT_SCHEDULED.value),
+        ).fetchall():
+            tx.element_to(element, schedule, schedule_id, name, E(old), E.APPROVAL_REJECTED)
+        return S.REJECTED
+    (accepted,) = tx.execute(
+        "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?",
+        (schedule, APPROVAL_TYPE, "Accepted"),
+    ).fetchone()
+    if accepted < APPROVALS_REQUIRED:
+        return status
+    tx.schedule_to(schedule, schedule_id, status, S.ACCEPTED)
+    return S.ACCEPTED
+
+
+# -- optimizer ------------------------------------------------------------------------------
+
+
+def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
+    """Schedules to plan: new ones go to `Optimization In Progress`; ones already there (the
+    daemon stopped mid-plan) are planned again."""
+    problems = []
+    rows = tx.execute(
+        "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id"
+        " FROM schedules WHERE status IN (?, ?) ORDER BY id LIMIT ?",
+        (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, limit),
+    ).fetchall()
+    for schedule, schedule_id, status, normal_s, additional_s, concurrency, policy_id in rows:
+        if status == S.PENDING_SCHEDULE:
+            (attempts,) = tx.execute(
+                "SELECT optimizer_attempts FROM schedules WHERE id = ?", (schedule,)
+            ).fetchone()
+            tx.schedule_to(
+                schedule,
+                schedule_id,
+                S.PENDING_SCHEDULE,
+                S.OPTIMIZATION_IN_PROGRESS,
+                optimizer_ms=tx.now_ms,
+                optimizer_attempts=attempts + 1,
+            )
+        groups = []
+        for grp, group_id in tx.execute(
+            "SELECT id, group_id FROM cm_groups WHERE schedule = ? ORDER BY id", (schedule,)
+        ).fetchall():
+            windows = tx.execute(
+                "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms", (grp,)
+            ).fetchall()
+            names = [n for (n,) in tx.execute("SELECT name FROM elements WHERE grp = ? ORDER BY id", (grp,))]
+            groups.append(ProblemGroup(group_id, [(s, e) for s, e in windows], names))
+        problems.append(
+            Problem(
+                key=schedule,
+                schedule_id=schedule_id,
+                duration_ms=(normal_s + additional_s) * 1000,
+                concurrency=concurrency or 1,
+                policy_id=policy_id,
+                not_before_ms=tx.now_ms,
+                groups=groups,
+            )
+        )
+    return problems
+
+
+def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | None:
+    row = tx.execute("SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)).fetchone()
+    if row is None or row[1] != S.OPTIMIZATION_IN_PROGRESS:
+        return None  # deleted while it was being planned
+    schedule_id = row[0]
+    elements = {
+        name: (element, grp)
+        for element, grp, name in tx.execute(
+            "SELECT id, grp, name FROM elements WHERE schedule = ? AND status = ?",
+            (schedule, E.PENDING_SCHEDULE.value),
+        )
+    }
+    for name, (reason, message) in plan.unplaced.items():
+        element, _ = elements[name]
+        tx.element_to(
+            element, schedule, schedule_id, name, E.PENDING_SCHEDULE, E.NOT_SCHEDULED,
+            status_message=f"{reason}: {message}",
+        )
+    figures = dict(optimizer_return_ms=tx.now_ms)
+    if not plan.placed or (plan.unplaced and not allow_partial):
+        why = (
+            "No elements scheduled"
+            if not plan.placed
+            else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled"
+        )
+        tx.schedule_to(
+            schedule, schedule_id, S.OPTIMIZATION_IN_PROGRESS, S.OPTIMIZATION_FAILED,
+            optimizer_status="FAILED", optimizer_message=f"{why}; {plan.summary}", **figures,
+        )
+        return S.OPTIMIZATION_FAILED
+    duration_ms = plan.duration_ms
+    spans: dict[int, list[int]] = {}
+    for name, start_ms in plan.placed.items():
+        element, grp = elements[name]
+        tx.element_to(
+            element, schedule, schedule_id, name, E.PENDING_SCHEDULE, E.PENDING_APPROVAL,
+            start_ms=start_ms, finish_ms=start_ms + duration_ms,
+        )
+        spans.setdefault(grp, []).append(start_ms)
+    for grp, starts in spans.items():
+        tx.execute(
+            "UPDATE cm_groups SET start_ms = ?, finish_ms = ?, last_instance_ms = ? WHERE id = ?",
+            (min(starts), max(starts) + duration_ms, max(starts), grp),
+        )
+    tx.schedule_to(
+        schedule, schedule_id, S.OPTIMIZATION_IN_PROGRESS, S.PENDING_APPROVAL,
+        optimizer_status="COMPLETED", optimizer_message=plan.summary, **figures,
+    )
+    return S.PENDING_APPROVAL
+
+
+# -- tickets --------------------------------------------------------------------------------
+
+
+class TicketWork(msgspec.Struct):
+    schedule: int
+    schedule_id: str
+    user_id: str
+    # (group id, [(element row, name, start_ms, finish_ms)])
+    groups: list[tuple[str, list[tuple[int, str, int | None, int | None]]]]
+
+
+def accepted_schedules(conn: Any, limit: int) -> list[TicketWork]:
+    work = []
+    for schedule, schedule_id, user_id in conn.execute(
+        "SELECT id, schedule_id, user_id FROM schedules WHERE status = ? ORDER BY id LIMIT ?",
+        (S.ACCEPTED.value, limit),
+    ).fetchall():
+        groups = []
+        for grp, group_id in conn.execute(
+            "SELECT id, group_id FROM cm_groups WHERE schedule = ? ORDER BY id", (schedule,)
+        ).fetchall():
+            rows = conn.execute(
+                "SELECT id, name, start_ms, finish_ms FROM elements"
+                " WHERE grp = ? AND status = ? ORDER BY id",
+                (grp, E.PENDING_APPROVAL.value),
+            ).fetchall()
+            groups.append((group_id, [tuple(r) for r in rows]))
+        work.append(TicketWork(schedule, schedule_id, user_id, groups))  # type: ignore[arg-type]
+    return work
+
+
+def record_tickets(tx: Tx, schedule: int, change_ids: dict[int, str]) -> bool:
+    """The change tickets exist: elements become `Scheduled` (or `Scheduled Immediate` when they
+    have no start time), the schedule `Scheduled`. Elements the optimizer left out stay out."""
+    row = tx.execute("SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)).fetchone()
+    if row is None or row[1] != S.ACCEPTED:
+        return False
+    schedule_id = row[0]
+    for element, name, start_ms in tx.execute(
+        "SELECT id, name, start_ms FROM elements WHERE schedule = ? AND status = ?",
+        (schedule, E.PENDING_APPROVAL.value),
+    ).fetchall():
+        tx.element_to(
+            element, schedule, schedule_id, name, E.PENDING_APPROVAL,
+            E.SCHEDULED if start_ms is not None else E.SCHEDULED_IMMEDIATE,
+            tm_change_id=change_ids.get(element), tm_approval_status="Approved",
+        )
+    tx.schedule_to(schedule, schedule_id, S.ACCEPTED, S.SCHEDULED)
+    return True
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+
+class DispatchJob(msgspec.Struct):
+    element: int
+    schedule: int
+    schedule_id: str
+    name: str
+    request: bytes
+    key: str
+    attempt: int
+
+
+def begin_dispatch(
+    tx: Tx, element: int, misfire_grace_ms: int, dispatch_immediate: bool
+) -> DispatchJob | None:
+    """Commit the intent to dispatch before the orchestrator is called (at most once)."""
+    row = tx.execute(
+        "SELECT e.schedule, s.schedule_id, s.status, e.name, e.status, e.start_ms, e.request,"
+        " e.dispatch_key, e.dispatch_started_ms, e.dispatch_attempts"
+        " FROM elements e JOIN schedules s ON s.id = e.schedule WHERE e.id = ?",
+        (element,),
+    ).fetchone()
+    if row is None:
+        return None
+    schedule, schedule_id, schedule_status, name, status, start_ms, request, key, started, attempts = row
+    if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
+        return None
+    if schedule_status == S.SCHEDULED:  # the first dispatch attempt, even if then refused
+        tx.schedule_to(schedule, schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
+    if status == E.SCHEDULED_IMMEDIATE and not dispatch_immediate:
+        tx.element_to(
+            element, schedule, schedule_id, name, E(status), E.SCHEDULING_FAILED,
+            status_message="immediate dispatch is disabled (dispatcher.dispatch_immediate = false)",
+        )
+        return None
+    if start_ms is not None and tx.now_ms > start_ms + misfire_grace_ms:
+        late_s = (tx.now_ms - start_ms) / 1000
+        tx.element_to(
+            element, schedule, schedule_id, name, E(status), E.PAST_DUE,
+            status_message=(
+                f"not dispatched: {late_s:.0f} s after its start time "
+                f"{lifecycle.format_time(start_ms)}, beyond the misfire grace of "
+                f"{misfire_grace_ms / 1000:.0f} s"
+            ),
+        )
+        return None
+    key = key or str(uuid.uuid4())
+    tx.execute(
+        "UPDATE elements SET dispatch_key = ?, dispatch_started_ms = ?,"
+        " dispatch_attempts = dispatch_attempts + 1 WHERE id = ?",
+        (key, tx.now_ms, element),
+    )
+    return DispatchJob(element, schedule, schedule_id, name, request, key, attempts + 1)
+
+
+def next_due_ms(conn: Any) -> int | None:
+    """When the next element falls due (immediates: now), None when nothing waits."""
+    if conn.execute(
+        "SELECT 1 FROM elements WHERE status = ? AND dispatch_started_ms IS NULL LIMIT 1",
+        (E.SCHEDULED_IMMEDIATE.value,),
+    ).fetchone():
+        return 0
+    (due,) = conn.execute(
+        "SELECT min(start_ms) FROM elements WHERE status = ? AND dispatch_started_ms IS NULL",
+        (E.SCHEDULED.value,),
+    ).fetchone()
+    return due
+
+
+def due_elements(conn: Any, until_ms: int, limit: int) -> list[int]:
+    """Elements to dispatch now, earliest first: immediates, then those starting by `until_ms`."""
+    return [
+        element
+        for (element,) in conn.execute(
+            "SELECT id FROM elements WHERE dispatch_started_ms IS NULL AND"
+            " (status = ? OR (status = ? AND start_ms <= ?))"
+            " ORDER BY coalesce(start_ms, 0), id LIMIT ?",
+            (E.SCHEDULED_IMMEDIATE.value, E.SCHEDULED.value, until_ms, limit),
+        )
+    ]
+
+
+def _dispatching(tx: Tx, element: int) -> tuple[int, str, str, E] | None:
+    row = tx.execute(
+        "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule WHERE e.id = ? AND e.dispatch_started_ms IS NOT NULL",
+        (element,),
+    ).fetchone()
+    if row is None or E(row[3]) not in ELEMENT_DISPATCHABLE:
+        return None
+    return row[0], row[1], row[2], E(row[3])
+
+
+def record_dispatched(tx: Tx, element: int, so_request_id: str) -> bool:
+    found = _dispatching(tx, element)
+    if found is None:
+        return False
+    schedule, schedule_id, name, status = found
+    tx.element_to(
+        element, schedule, schedule_id, name, status, E.TRIGGERED,
+        dispatch_ms=tx.now_ms, so_request_id=so_request_id, so_status="Accepted",
+    )
+    return True
+
+
+def record_dispatch_failed(tx: Tx, element: int, message: str) -> bool:
+    found = _dispatching(tx, element)
+    if found is None:
+        return False
+    schedule, schedule_id, name, status = found
+    tx.element_to(
+        element, schedule, schedule_id, name, status, E.SCHEDULING_FAILED,
+        status_message=message[:4000],
+    )
+    return True
+
+
+def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
+    """After a restart: elements whose dispatch intent was committed but whose answer was not.
+    The orchestrator may or may not have the work flow; never send it blindly again."""
+    caught = tx.execute(
+        "SELECT e.id, e.schedule, s.schedule_id, e.name, e.status, e.dispatch_key FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule"
+        " WHERE e.status IN (?, ?) AND e.dispatch_started_ms IS NOT NULL",
+        (E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
+    ).fetchall()
+    names = []
+    for element, schedule, schedule_id, name, status, key in caught:
+        names.append(name)
+        if resend:  # the orchestrator de-duplicates on X-TransactionId: same key again
+            tx.execute("UPDATE elements SET dispatch_started_ms = NULL WHERE id = ?", (element,))
+            continue
+        tx.element_to(
+            element, schedule, schedule_id, name, E(status), E.ERROR,
+            status_message=(
+                "dispatch outcome unknown: cmsod stopped after sending the work flow "
+                f"(X-TransactionId {key}) and before recording the orchestrator's answer; "
+                "not re-sent (so.resend_unconfirmed = false). Check the orchestrator for it."
+            ),
+        )
+    return names
+
+
+# -- polling --------------------------------------------------------------------------------
+
+
+def in_flight(conn: Any) -> list[tuple[int, str, str]]:
+    """(element, name, SO request id) of every triggered element."""
+    return conn.execute(
+        "SELECT id, name, so_request_id FROM elements WHERE status = ? ORDER BY dispatch_ms",
+        (E.TRIGGERED.value,),
+    ).fetchall()
+
+
+def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
+    row = tx.execute(
+        "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule WHERE e.id = ?",
+        (element,),
+    ).fetchone()
+    if row is None or row[3] != E.TRIGGERED:
+        return None
+    schedule, schedule_id, name, _ = row
+    if outcome.status is None:
+        tx.execute(
+            "UPDATE elements SET so_status = ?, so_message = ?, so_ms = ?,"
+            " poll_errors = poll_errors + ? WHERE id = ?",
+            (outcome.so_status, outcome.so_message, tx.now_ms, int(outcome.connection_error), element),
+        )
+        return None
+    tx.element_to(
+        element, schedule, schedule_id, name, E.TRIGGERED, outcome.status,
+        so_status=outcome.so_status, so_message=outcome.so_message, so_ms=tx.now_ms,
+        completed_ms=outcome.completed_ms or tx.now_ms,
+    )
+    return outcome.status
+
+
+# -- delete ---------------------------------------------------------------------------------
+
+
+def delete_schedule(tx: Tx, schedule_id: str) -> S:
+    schedule, status = _schedule_row(tx, schedule_id)
+    if status in (S.DELETED, S.CANCELLED):
+        return status  # already gone: deleting again changes nothing
+    rows = tx.execute("SELECT id, name, status FROM elements WHERE schedule = ?", (schedule,)).fetchall()
+    new_status, changes = lifecycle.delete_plan(status, (E(s) for _, _, s in rows))
+    for element, name, old in rows:
+        if E(old) in changes:
+            tx.element_to(element, schedule, schedule_id, name, E(old), changes[E(old)])
+    tx.schedule_to(schedule, schedule_id, status, new_status, delete_ms=tx.now_ms)
+    return new_status
+
+
+# -- event outbox ---------------------------------------------------------------------------
+
+
+def pending_events(conn: Any, limit: int) -> list[tuple[int, str, str, bytes]]:
+    return conn.execute(
+        "SELECT seq, schedule_id, topic, body FROM events WHERE sent_ms IS NULL ORDER BY seq LIMIT ?",
+        (limit,),
+    ).fetchall()
+
+
+def mark_events_sent(tx: Tx, seqs: list[int]) -> None:
+    tx.conn.executemany(
+        "UPDATE events SET sent_ms = ? WHERE seq = ?", [(tx.now_ms, seq) for seq in seqs]
+    )

@@ -1,0 +1,127 @@
+"""The schema, versioned with PRAGMA user_version. Each migration runs once, in order, in one
+transaction; a database newer than this code is refused rather than misread."""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # 1: schedules, groups, windows, elements, approvals, the event outbox.
+    """
+    CREATE TABLE schedules (
+        id INTEGER PRIMARY KEY,
+        schedule_id TEXT NOT NULL UNIQUE,
+        domain TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        immediate INTEGER NOT NULL,
+        normal_s INTEGER NOT NULL,
+        additional_s INTEGER NOT NULL,
+        concurrency INTEGER,
+        policy_id TEXT,
+        schedule_info BLOB NOT NULL,
+        create_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        optimizer_status TEXT,
+        optimizer_message TEXT,
+        optimizer_ms INTEGER,
+        optimizer_return_ms INTEGER,
+        optimizer_attempts INTEGER NOT NULL DEFAULT 0,
+        delete_ms INTEGER,
+        event_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX schedules_status ON schedules(status);
+    CREATE TABLE domain_data (
+        schedule INTEGER NOT NULL REFERENCES schedules(id),
+        name TEXT NOT NULL,
+        value TEXT NOT NULL
+    );
+    CREATE INDEX domain_data_schedule ON domain_data(schedule);
+    CREATE TABLE cm_groups (
+        id INTEGER PRIMARY KEY,
+        schedule INTEGER NOT NULL REFERENCES schedules(id),
+        group_id TEXT NOT NULL,
+        start_ms INTEGER,
+        finish_ms INTEGER,
+        last_instance_ms INTEGER,
+        UNIQUE (schedule, group_id)
+    );
+    CREATE TABLE windows (
+        grp INTEGER NOT NULL REFERENCES cm_groups(id),
+        start_ms INTEGER NOT NULL,
+        end_ms INTEGER NOT NULL
+    );
+    CREATE INDEX windows_grp ON windows(grp);
+    CREATE TABLE elements (
+        id INTEGER PRIMARY KEY,
+        schedule INTEGER NOT NULL REFERENCES schedules(id),
+        grp INTEGER NOT NULL REFERENCES cm_groups(id),
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        request BLOB NOT NULL,
+        start_ms INTEGER,
+        finish_ms INTEGER,
+        status_message TEXT,
+        tm_change_id TEXT,
+        tm_status TEXT,
+        tm_approval_status TEXT,
+        dispatch_key TEXT,
+        dispatch_attempts INTEGER NOT NULL DEFAULT 0,
+        dispatch_started_ms INTEGER,
+        dispatch_ms INTEGER,
+        completed_ms INTEGER,
+        so_request_id TEXT,
+        so_status TEXT,
+        so_message TEXT,
+        so_ms INTEGER,
+        poll_errors INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (schedule, name)
+    );
+    CREATE INDEX elements_status_start ON elements(status, start_ms);
+    CREATE INDEX elements_name ON elements(name);
+    CREATE TABLE approvals (
+        schedule INTEGER NOT NULL REFERENCES schedules(id),
+        user_id TEXT NOT NULL,
+        approval_type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        approval_ms INTEGER NOT NULL,
+        UNIQUE (schedule, user_id, approval_type)
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        schedule_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_ms INTEGER NOT NULL,
+        sent_ms INTEGER
+    );
+    CREATE INDEX events_unsent ON events(seq) WHERE sent_ms IS NULL;
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    pass
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Bring the database to SCHEMA_VERSION; returns the versions applied."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(f"database schema {version} is newer than this cmsod ({SCHEMA_VERSION})")
+    applied = []
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")  # an int we own, not input
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(number)
+    return applied

@@ -1,0 +1,241 @@
+"""The Store: one SQLite connection driven from one worker thread.
+
+Every transaction is one plain synchronous function `fn(tx, ...)` run whole in the worker, so
+no `await` can ever split a transaction and a cancel can never leave one half open.
+
+Durability: WAL with `synchronous=FULL`. NORMAL would already survive `kill -9` (the process
+dies, the OS keeps the WAL), but after a power loss or kernel crash it may roll back the last
+commits; a rolled-back dispatch intent could let a restarted daemon send a work flow twice.
+FULL syncs the WAL on every commit, which costs ~0.2 ms here: far below what change management
+needs (reference/reliability.md A2, B2).
+
+(aiosqlite is asyncio-only; under trio we hop to a thread ourselves with a limiter of 1.)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cmsod import cmevents, lifecycle
+from cmsod.clock import WallClock
+from cmsod.executor import Executor, ThreadExecutor
+from cmsod.cmevents import MAX_EDITS_PER_EVENT
+from cmsod.model import ELEMENT_FINAL
+from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from cmsod.store.schema import migrate
+
+T = TypeVar("T")
+
+
+# Columns a transaction may set by name. SQL identifiers cannot be parameters, so they are
+# checked against these lists; values always go as parameters.
+SCHEDULE_COLUMNS = frozenset(
+    {
+        "optimizer_status",
+        "optimizer_message",
+        "optimizer_ms",
+        "optimizer_return_ms",
+        "optimizer_attempts",
+        "delete_ms",
+    }
+)
+ELEMENT_COLUMNS = frozenset(
+    {
+        "start_ms",
+        "finish_ms",
+        "status_message",
+        "tm_change_id",
+        "tm_status",
+        "tm_approval_status",
+        "dispatch_key",
+        "dispatch_started_ms",
+        "dispatch_ms",
+        "completed_ms",
+        "so_request_id",
+        "so_status",
+        "so_message",
+        "so_ms",
+    }
+)
+
+
+def _assignments(columns: dict[str, Any], allowed: frozenset[str]) -> tuple[str, list[Any]]:
+    unknown = set(columns) - allowed
+    if unknown:
+        raise ValueError(f"not a settable column: {sorted(unknown)}")
+    return "".join(f", {name} = ?" for name in columns), list(columns.values())
+
+
+class Tx:
+    """One open transaction. Status changes go through `schedule_to` / `element_to`, which check
+    the state machine and collect the CM event edits that `finish` writes to the outbox."""
+
+    def __init__(self, conn: sqlite3.Connection, now_ms: int, topic: str, source: str) -> None:
+        self.conn = conn
+        self.now_ms = now_ms
+        self.topic = topic
+        self.source = source
+        self._edits: dict[int, list[tuple[str, str, dict]]] = {}
+        self._schedule_ids: dict[int, str] = {}
+        self._check_verdict: set[int] = set()
+
+    def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def edit(self, schedule: int, schedule_id: str, edit: tuple[str, str, dict]) -> None:
+        self._schedule_ids[schedule] = schedule_id
+        self._edits.setdefault(schedule, []).append(edit)
+
+    def schedule_to(
+        self, schedule: int, schedule_id: str, old: S | None, new: S, **columns: Any
+    ) -> None:
+        lifecycle.check_schedule(old, new)
+        sets, values = _assignments(columns, SCHEDULE_COLUMNS)
+        self.execute(
+            f"UPDATE schedules SET status = ?, updated_ms = ?{sets} WHERE id = ?",
+            [new.value, self.now_ms, *values, schedule],
+        )
+        value: dict[str, Any] = {"schedule-id": schedule_id, "status": new.value}
+        value.update({k.replace("_", "-"): v for k, v in columns.items() if v is not None})
+        self.edit(schedule, schedule_id, cmevents.schedule_edit(schedule_id, "patch", value))
+
+    def element_to(
+        self,
+        element: int,
+        schedule: int,
+        schedule_id: str,
+        name: str,
+        old: E | None,
+        new: E,
+        **columns: Any,
+    ) -> None:
+        lifecycle.check_element(old, new)
+        sets, values = _assignments(columns, ELEMENT_COLUMNS)
+        self.execute(
+            f"UPDATE elements SET status = ?{sets} WHERE id = ?", [new.value, *values, element]
+        )
+        value: dict[str, Any] = {"vnf-name": name, "status": new.value}
+        for key, item in columns.items():
+            if item is not None and key != "dispatch_key":
+                value[key.replace("_", "-")] = (
+                    lifecycle.format_time(item) if key.endswith("_ms") else item
+                )
+        self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
+        if new in ELEMENT_FINAL:
+            self._check_verdict.add(schedule)
+
+    def finish(self) -> None:
+        """Close executing schedules whose last element just ended, then write the events."""
+        for schedule in sorted(self._check_verdict):
+            status, schedule_id = self.execute(
+                "SELECT status, schedule_id FROM schedules WHERE id = ?", (schedule,)
+            ).fetchone()
+            if status != S.NOTIFICATIONS_INITIATED:
+                continue
+            rows = self.execute("SELECT status FROM elements WHERE schedule = ?", (schedule,))
+            verdict = lifecycle.completion_verdict(E(s) for (s,) in rows)
+            if verdict is not None:
+                self.schedule_to(schedule, schedule_id, S.NOTIFICATIONS_INITIATED, verdict)
+        for schedule, edits in self._edits.items():
+            schedule_id = self._schedule_ids[schedule]
+            chunks = [
+                edits[i : i + MAX_EDITS_PER_EVENT] for i in range(0, len(edits), MAX_EDITS_PER_EVENT)
+            ]
+            (seq,) = self.execute(
+                "UPDATE schedules SET event_seq = event_seq + ? WHERE id = ? RETURNING event_seq",
+                (len(chunks), schedule),
+            ).fetchone()
+            for n, chunk in enumerate(chunks):
+                event = cmevents.build(schedule_id, seq - len(chunks) + n + 1, chunk, self.now_ms, self.source)
+                self.execute(
+                    "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)",
+                    (schedule_id, self.topic, cmevents.encode(event), self.now_ms),
+                )
+
+
+class Store:
+    def __init__(
+        self,
+        path: Path | str,
+        executor: Executor | None = None,
+        clock: WallClock | None = None,
+        topic: str = "cm-events",
+        source: str = "urn:onap:cmsod",
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.executor = executor or ThreadExecutor()
+        self.clock = clock or WallClock()
+        self.topic = topic
+        self.source = source
+        self.on_commit = on_commit  # rings the event emitter: every commit may carry events
+        self.conn: sqlite3.Connection | None = None
+        self.migrations_applied: list[int] = []
+
+    # -- life ------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        self.migrations_applied = migrate(conn)
+        self.conn = conn
+
+    async def open(self) -> None:
+        await self.executor(self._open)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await self.executor(conn.close)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(tx, *args)` as one write transaction; its events are written with it."""
+        now_ms = self.clock.now_ms()
+        topic, source = self.topic, self.source
+
+        def work() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                tx = Tx(conn, now_ms, topic, source)
+                result = fn(tx, *args)
+                tx.finish()
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                # After SQLITE_FULL the transaction may already be gone (reliability.md A2).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        result = await self.executor(work)
+        if self.on_commit is not None:
+            self.on_commit()
+        return result
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` on one consistent snapshot."""
+
+        def work() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN")
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.execute("COMMIT")
+
+        return await self.executor(work)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self.conn is None:
+            raise RuntimeError("store is not open")
+        return self.conn

@@ -1,0 +1,284 @@
+"""Read-only queries: CMSO's schedule view, the paged list, the scheduleDetails search.
+
+The search builds its WHERE clause from a fixed table of filters; values are always bound as
+parameters (CMSO concatenated them into the SQL: bug 3).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from cmsod.errors import RequestError
+from cmsod.lifecycle import format_time, parse_time_ms
+from cmsod.model import APPROVAL_DOMAIN
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+SCHEDULE_COLUMNS = (
+    "s.id, s.schedule_id, s.domain, s.user_id, s.status, s.create_ms, s.optimizer_status,"
+    " s.optimizer_message, s.optimizer_ms, s.optimizer_return_ms, s.delete_ms, s.schedule_info"
+)
+
+
+def _schedule_view(conn: sqlite3.Connection, row: tuple, with_info: bool = True) -> dict[str, Any]:
+    (schedule, schedule_id, domain, user_id, status, create_ms, opt_status, opt_message, opt_ms,
+     opt_return_ms, delete_ms, info) = row
+    view = {
+        "scheduleId": schedule_id,  # CMSO never serialised it (bug 18); we do
+        "scheduleName": schedule_id,  # CMSO forces the name to the id
+        "domain": domain,
+        "userId": user_id,
+        "status": status,
+        "createDateTime": format_time(create_ms),
+        "optimizerDateTime": format_time(opt_ms),
+        "optimizerStatus": opt_status,
+        "optimizerMessage": opt_message,
+        "optimizerReturnDateTime": format_time(opt_return_ms),
+        "optimizerTransactionId": schedule_id if opt_ms is not None else None,
+        "deleteDateTime": format_time(delete_ms),
+        "scheduleInfo": bytes(info).decode() if with_info else None,
+        "domainData": [
+            {"name": n, "value": v}
+            for n, v in conn.execute(
+                "SELECT name, value FROM domain_data WHERE schedule = ? ORDER BY rowid", (schedule,)
+            )
+        ],
+        "scheduleApprovals": [
+            {"approvalDateTime": format_time(ms), "status": st, "userId": u, "approvalType": t}
+            for u, t, st, ms in conn.execute(
+                "SELECT user_id, approval_type, status, approval_ms FROM approvals"
+                " WHERE schedule = ? ORDER BY approval_ms",
+                (schedule,),
+            )
+        ],
+    }
+    return _clean(view)
+
+
+ELEMENT_COLUMNS = (
+    "e.name, e.status, e.start_ms, e.finish_ms, e.tm_change_id, e.tm_status, e.tm_approval_status,"
+    " e.dispatch_ms, e.completed_ms, e.so_request_id, e.so_status, e.so_message, e.so_ms,"
+    " e.status_message"
+)
+
+
+def _element_view(row: tuple) -> dict[str, Any]:
+    (name, status, start, finish, tm_id, tm_status, tm_approval, dispatch, completed, so_id,
+     so_status, so_message, so_ms, message) = row[:14]
+    return _clean(
+        {
+            "vnfName": name,
+            "status": status,
+            "startTime": format_time(start),
+            "finishTime": format_time(finish),
+            "tmChangeId": tm_id,
+            "tmStatus": tm_status,
+            "tmApprovalStatus": tm_approval,
+            "dispatchTime": format_time(dispatch),
+            "executionCompletedTime": format_time(completed),
+            "msoRequestId": so_id,
+            "msoStatus": so_status,
+            "msoMessage": so_message,
+            "msoTime": format_time(so_ms),
+            "statusMessage": message,
+        }
+    )
+
+
+def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
+    row = conn.execute(
+        f"SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.schedule_id = ?", (schedule_id,)
+    ).fetchone()
+    if row is None:
+        raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, schedule_id)
+    view = _schedule_view(conn, row)
+    normal_s, additional_s, concurrency, policy_id = conn.execute(
+        "SELECT normal_s, additional_s, concurrency, policy_id FROM schedules WHERE id = ?", (row[0],)
+    ).fetchone()
+    groups = []
+    for grp, group_id, start, finish, last in conn.execute(
+        "SELECT id, group_id, start_ms, finish_ms, last_instance_ms FROM cm_groups"
+        " WHERE schedule = ? ORDER BY id",
+        (row[0],),
+    ).fetchall():
+        items = []
+        for element_row in conn.execute(
+            f"SELECT {ELEMENT_COLUMNS}, e.request FROM elements e WHERE e.grp = ? ORDER BY e.id", (grp,)
+        ):
+            item = _element_view(element_row)
+            item["request"] = bytes(element_row[14]).decode()
+            items.append(item)
+        groups.append(
+            _clean(
+                {
+                    "groupId": group_id,
+                    "startTime": format_time(start),
+                    "finishTime": format_time(finish),
+                    "lastInstanceStartTime": format_time(last),
+                    "normalDurationInSecs": normal_s,
+                    "additionalDurationInSecs": additional_s,
+                    "concurrencyLimit": concurrency,
+                    "policyId": policy_id,
+                    "changeWindows": [
+                        {"startTime": format_time(s), "endTime": format_time(e)}
+                        for s, e in conn.execute(
+                            "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms", (grp,)
+                        )
+                    ],
+                    "changeManagementSchedules": items,
+                }
+            )
+        )
+    view["groups"] = groups
+    return view
+
+
+def list_schedules(
+    conn: sqlite3.Connection, statuses: list[str] | None, limit: int, after: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Schedules ordered by id, `limit` at a time; `after` is the last id of the previous page."""
+    where, params = ["s.schedule_id > ?"], [after or ""]
+    if statuses:
+        where.append(f"s.status IN ({', '.join('?' * len(statuses))})")
+        params.extend(statuses)
+    rows = conn.execute(
+        "SELECT s.schedule_id, s.status, s.user_id, s.create_ms,"
+        " (SELECT count(*) FROM elements e WHERE e.schedule = s.id)"
+        f" FROM schedules s WHERE {' AND '.join(where)} ORDER BY s.schedule_id LIMIT ?",
+        [*params, limit + 1],
+    ).fetchall()
+    page = [
+        {"scheduleId": sid, "status": st, "userId": u, "createDateTime": format_time(ms), "elements": n}
+        for sid, st, u, ms, n in rows[:limit]
+    ]
+    return page, (page[-1]["scheduleId"] if len(rows) > limit else None)
+
+
+# -- scheduleDetails (reference/cmso.md 2.7, every filter working) --------------------------
+
+_TEXT, _DATE = "text", "date"
+FILTERS: dict[str, tuple[str, str]] = {
+    "request.scheduleId": ("s.schedule_id", _TEXT),
+    "request.scheduleName": ("s.schedule_id", _TEXT),
+    "request.userId": ("s.user_id", _TEXT),
+    "request.status": ("s.status", _TEXT),
+    "request.optimizerStatus": ("s.optimizer_status", _TEXT),
+    "request.createDateTime": ("s.create_ms", _DATE),
+    "request.concurrencyLimit": ("CAST(s.concurrency AS TEXT)", _TEXT),
+    "request.approvalUserId": ("a.user_id", _TEXT),
+    "request.approvalStatus": ("a.status", _TEXT),
+    "request.approvalType": ("a.approval_type", _TEXT),
+    "WorkflowName": ("d.value", _TEXT),
+    "vnfName": ("e.name", _TEXT),
+    "vnfId": ("e.name", _TEXT),
+    "vnfStatus": ("e.status", _TEXT),
+    "tmChangeId": ("e.tm_change_id", _TEXT),
+    "startTime": ("e.start_ms", _DATE),
+    "finishTime": ("e.finish_ms", _DATE),
+    "lastInstanceTime": ("g.last_instance_ms", _DATE),
+}
+PAGING = {"maxSchedules", "lastScheduleId"}
+MAX_DETAIL_ROWS = 100_000
+
+
+def _condition(name: str, values: list[str]) -> tuple[str, list[Any]]:
+    column, kind = FILTERS[name]
+    parts: list[str] = []
+    params: list[Any] = []
+    if kind == _DATE:
+        for value in values:
+            low_text, _, high_text = value.partition(",")
+            try:
+                low = parse_time_ms(low_text)
+                high = parse_time_ms(high_text) if high_text else None
+            except ValueError:
+                raise RequestError(400, "INVALID_DATE_FILTER", name, value) from None
+            if high is None:
+                parts.append(f"{column} >= ?")
+                params.append(low)
+            else:
+                parts.append(f"{column} BETWEEN ? AND ?")
+                params.extend([low, high])
+    else:
+        exact = [v for v in values if "%" not in v]
+        if exact:
+            parts.append(f"{column} IN ({', '.join('?' * len(exact))})")
+            params.extend(exact)
+        for pattern in (v for v in values if "%" in v):
+            parts.append(f"{column} LIKE ?")
+            params.append(pattern)
+    sql = "(" + " OR ".join(parts) + ")"
+    if name.startswith("request.approval"):
+        sql = f"EXISTS (SELECT 1 FROM approvals a WHERE a.schedule = s.id AND {sql})"
+    elif name == "WorkflowName":
+        sql = f"EXISTS (SELECT 1 FROM domain_data d WHERE d.schedule = s.id AND d.name = 'WorkflowName' AND {sql})"
+    return sql, params
+
+
+def details(conn: sqlite3.Connection, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+    for name in filters:
+        if name not in FILTERS and name not in PAGING:
+            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name)
+    where: list[str] = []
+    params: list[Any] = []
+    for name, values in filters.items():
+        if name in FILTERS and values:
+            sql, more = _condition(name, values)
+            where.append(sql)
+            params.extend(more)
+    if filters.get("lastScheduleId"):
+        where.append("s.schedule_id > ?")
+        params.append(filters["lastScheduleId"][0])
+    max_schedules = None
+    if filters.get("maxSchedules"):
+        value = filters["maxSchedules"][0]
+        if not value.isdigit() or int(value) < 1:
+            raise RequestError(400, "INVALID_ATTRIBUTE", "maxSchedules", value)
+        max_schedules = int(value)
+    rows = conn.execute(
+        f"SELECT {ELEMENT_COLUMNS}, g.group_id, g.last_instance_ms, s.policy_id, {SCHEDULE_COLUMNS}"
+        " FROM elements e JOIN cm_groups g ON g.id = e.grp JOIN schedules s ON s.id = e.schedule"
+        f" WHERE {' AND '.join(where) or '1'} ORDER BY s.schedule_id, e.id LIMIT ?",
+        [*params, MAX_DETAIL_ROWS],
+    ).fetchall()
+    result: list[dict[str, Any]] = []
+    parents: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        schedule_row = row[17:]
+        schedule_id = schedule_row[1]
+        if schedule_id not in parents:
+            if max_schedules is not None and len(parents) >= max_schedules:
+                break
+            parents[schedule_id] = _schedule_view(conn, schedule_row, with_info=False)
+        item = _element_view(row)
+        item.update(
+            _clean(
+                {
+                    "groupId": row[14],
+                    "lastInstanceStartTime": format_time(row[15]),
+                    "policyId": row[16],
+                    "scheduleRequest": parents[schedule_id],
+                }
+            )
+        )
+        result.append(item)
+    if not result:
+        raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, "")
+    return result
+
+
+def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    return {
+        "schedules": dict(conn.execute("SELECT status, count(*) FROM schedules GROUP BY status").fetchall()),
+        "elements": dict(
+            conn.execute(
+                "SELECT status, count(*) FROM elements WHERE status IN"
+                " ('Scheduled', 'Scheduled Immediate', 'Triggered') GROUP BY status"
+            ).fetchall()
+        ),
+        "eventsPending": conn.execute("SELECT count(*) FROM events WHERE sent_ms IS NULL").fetchone()[0],
+    }

@@ -1,0 +1,1 @@
+"""msgspec Structs of every external format. No I/O here."""

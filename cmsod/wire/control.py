@@ -1,0 +1,48 @@
+"""The control socket's messages (varlink-shaped): the call envelope and each method's parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from cmsod.wire.cmso import Approval, Name, ScheduleRequest
+
+MethodName = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class Call(msgspec.Struct, forbid_unknown_fields=True):
+    method: MethodName
+    parameters: msgspec.Raw = msgspec.Raw(b"{}")
+    more: bool = False
+    oneway: bool = False
+
+
+class NoParameters(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class CreateParameters(msgspec.Struct, forbid_unknown_fields=True):
+    schedule: ScheduleRequest
+
+
+class ScheduleIdParameters(msgspec.Struct, forbid_unknown_fields=True):
+    scheduleId: Name
+
+
+class ListParameters(msgspec.Struct, forbid_unknown_fields=True):
+    status: Annotated[list[Name], msgspec.Meta(max_length=32)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    after: Name | None = None
+
+
+class DetailsParameters(msgspec.Struct, forbid_unknown_fields=True):
+    filters: Annotated[
+        dict[Name, Annotated[list[Name], msgspec.Meta(max_length=1000)]],
+        msgspec.Meta(max_length=64),
+    ] = {}
+
+
+class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):
+    scheduleId: Name
+    approval: Approval
