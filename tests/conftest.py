@@ -1,0 +1,126 @@
+"""Fixtures: an in-process daemon on a real SQLite file and a real Unix socket.
+
+Under `autojump_clock` (MockClock, autojump_threshold=0) the daemon's wall clock follows trio
+time and the store runs inline (a worker thread would let virtual time race ahead, trio issue
+456), so hours of schedule pass in milliseconds of real time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from cmsod import config, daemon
+from cmsod.actors.context import Context
+from cmsod.clock import TrioWallClock
+from cmsod.executor import InlineExecutor
+
+EPOCH = datetime(2026, 12, 1, 8, 0, 0, tzinfo=UTC)
+# Virtual seconds between looks at a schedule in `wait_for` (costs no real time under MockClock).
+LOOK_EVERY_S = 1.0
+
+
+class ControlClient:
+    """A trio client of the control socket: one connection, requests one after another."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_raw(self) -> bytes | None:
+        """The next NUL-terminated message, or None if the daemon closed the connection."""
+        while b"\0" not in self.buffer:
+            data = await self.stream.receive_some(1 << 20)
+            if not data:
+                return None
+            self.buffer += data
+        end = self.buffer.index(b"\0")
+        message = bytes(self.buffer[:end])
+        del self.buffer[: end + 1]
+        return message
+
+    async def call(self, method: str, **parameters: Any) -> dict[str, Any]:
+        await self.send_raw(msgspec.json.encode({"method": method, "parameters": parameters}) + b"\0")
+        reply = await self.receive_raw()
+        assert reply is not None, "daemon closed the connection"
+        return msgspec.json.decode(reply)
+
+    async def ok(self, method: str, **parameters: Any) -> dict[str, Any]:
+        reply = await self.call(method, **parameters)
+        assert "error" not in reply, reply
+        return reply["parameters"]
+
+    async def schedule(self, schedule_id: str) -> dict[str, Any]:
+        return (await self.ok("io.cmsod.Schedules.Get", scheduleId=schedule_id))["schedule"]
+
+    async def wait_for(self, schedule_id: str, *statuses: str, within_s: float = 7 * 86400) -> dict[str, Any]:
+        deadline = trio.current_time() + within_s
+        while True:
+            view = await self.schedule(schedule_id)
+            if view["status"] in statuses:
+                return view
+            assert trio.current_time() < deadline, f"{schedule_id} still {view['status']}"
+            await trio.sleep(LOOK_EVERY_S)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@dataclass
+class Daemon:
+    ctx: Context
+    socket: Path
+    cancel: trio.CancelScope
+
+    async def connect(self) -> ControlClient:
+        return ControlClient(await trio.open_unix_socket(str(self.socket)))
+
+    def element_statuses(self, view: dict[str, Any]) -> dict[str, str]:
+        return {e["vnfName"]: e["status"] for g in view["groups"] for e in g["changeManagementSchedules"]}
+
+
+def daemon_config(state_dir: Path, **overrides: Any) -> config.Config:
+    env = {
+        "CMSOD_POLLER__INTERVAL_S": "30",
+        "CMSOD_SO__SIMULATED_DURATION_S": "120",
+        "CMSOD_CONTROL__IDLE_TIMEOUT_S": "60",
+    }
+    env.update({f"CMSOD_{k.upper()}": str(v) for k, v in overrides.items()})
+    return config.load(None, env=env, state_dir=str(state_dir))
+
+
+async def start_daemon(nursery: trio.Nursery, state_dir: Path, **overrides: Any) -> Daemon:
+    cfg = daemon_config(state_dir, **overrides)
+    ctx = daemon.build_context(cfg, TrioWallClock(EPOCH.timestamp()), InlineExecutor())
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await daemon.run(ctx, task_status=task_status)
+
+    path = await nursery.start(run)
+    return Daemon(ctx, path, scope)
+
+
+@pytest.fixture
+async def cmsod(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Daemon]:
+    d = await start_daemon(nursery, tmp_path)
+    yield d
+    d.cancel.cancel()
+
+
+@pytest.fixture
+async def client(cmsod: Daemon) -> AsyncIterator[ControlClient]:
+    c = await cmsod.connect()
+    yield c
+    await c.aclose()

@@ -1,0 +1,75 @@
+"""Configuration: the shipped file documents every key, mistakes name the key path, the
+environment overrides the file, and `cmsod --check-config` exits 78 on a bad file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cmsod import config
+from cmsod.errors import ConfigError
+
+SHIPPED = Path(__file__).parent.parent / "etc" / "cmsod" / "cmsod.toml"
+
+
+def test_shipped_file_lists_every_key_with_its_default() -> None:
+    data = tomllib.loads(SHIPPED.read_text())
+    defaults = config.Config()
+    for section in config.Config.__struct_fields__:
+        keys = getattr(defaults, section).__struct_fields__
+        assert set(data[section]) == set(keys), section
+    assert config.load(SHIPPED, env={}) == defaults
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("[poller]\ninterval_s = 'often'\n", "Expected `float`, got `str` - at `$.poller.interval_s`"),
+        ("[poller]\nintervall_s = 5\n", "unknown field `intervall_s` - at `$.poller`"),
+        ("[polller]\n", "unknown field `polller`"),
+        ("[poller]\ninterval_s = -1\n", "Expected `float` > 0.0 - at `$.poller.interval_s`"),
+        ("[so]\nmode = 'carrier-pigeon'\n", "at `$.so.mode`"),
+        ("[control]\nsocket_mode = '0999'\n", "at `$.control.socket_mode`"),
+        ("[daemon\n", "not valid TOML"),
+        ("poller = 3\n", "at `$.poller`"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, env={})
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[poller]\ninterval_s = 7\n")
+    cfg = config.load(path, env={"CMSOD_POLLER__INTERVAL_S": "2.5", "CMSOD_OPTIMIZER__ALLOW_PARTIAL": "true"})
+    assert cfg.poller.interval_s == 2.5
+    assert cfg.optimizer.allow_partial is True
+    with pytest.raises(ConfigError) as info:
+        config.load(path, env={"CMSOD_POLLER__INTERVAL_S": "soon"})
+    assert "CMSOD_POLLER__INTERVAL_S" in str(info.value) and "$.poller.interval_s" in str(info.value)
+
+
+def test_state_dir_places_everything_under_it(tmp_path: Path) -> None:
+    cfg = config.load(None, env={}, state_dir=str(tmp_path))
+    assert cfg.store_path == tmp_path / "cmsod.sqlite3"
+    assert cfg.socket_path == tmp_path / "control.sock"
+    assert cfg.events_dir == tmp_path / "events"
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    good = subprocess.run([sys.executable, "-m", "cmsod", "--check-config", "--config", str(SHIPPED)], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dispatcher]\nlead_time_s = 'x'\n")
+    result = subprocess.run([sys.executable, "-m", "cmsod", "--check-config", "--config", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 78
+    assert "$.dispatcher.lead_time_s" in result.stderr
