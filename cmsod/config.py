@@ -25,7 +25,7 @@ class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class DaemonConfig(Section):
+class DaemonConfig(Section, frozen=True):
     state_dir: str = ""  # "" = $STATE_DIRECTORY, else /var/lib/cmsod
     socket: str = ""  # "" = $RUNTIME_DIRECTORY/control.sock, else <state_dir>/control.sock
     log_format: Literal["logfmt", "json"] = "logfmt"
@@ -33,47 +33,49 @@ class DaemonConfig(Section):
     shutdown_grace_s: Seconds = 10.0
 
 
-class StoreConfig(Section):
+class StoreConfig(Section, frozen=True):
     path: str = ""  # "" = <state_dir>/cmsod.sqlite3
 
 
-class OptimizerConfig(Section):
+class OptimizerConfig(Section, frozen=True):
     interval_s: Positive = 10.0  # sweep period; a new schedule wakes the optimizer at once
     allow_partial: bool = False
 
 
-class DispatcherConfig(Section):
+class DispatcherConfig(Section, frozen=True):
     lead_time_s: Seconds = 1.0  # the SO call is made this long before the element's start
     misfire_grace_s: Seconds = 300.0  # later than start + grace is `Past due`, never dispatched
     dispatch_immediate: bool = True  # CMSO's cmso.cm.dispatch.immediate.enabled
     max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
 
 
-class PollerConfig(Section):
+class PollerConfig(Section, frozen=True):
     interval_s: Positive = 10.0
 
 
-class SoConfig(Section):
+class SoConfig(Section, frozen=True):
     mode: Literal["loopback"] = "loopback"
     simulated_duration_s: Seconds = 5.0  # loop-back: how long a work flow "runs"
     resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch after a crash (SO dedupes)
 
 
-class TicketsConfig(Section):
+class TicketsConfig(Section, frozen=True):
     mode: Literal["loopback"] = "loopback"
     vnfs_per_ticket: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1
 
 
-class EventsConfig(Section):
+class EventsConfig(Section, frozen=True):
     sink: Literal["file"] = "file"
     path: str = ""  # "" = <state_dir>/events; one <topic>.jsonl file per topic
     topic: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,200}$")] = "cm-events"
     source: str = "urn:onap:cmsod"
 
 
-class ControlConfig(Section):
+class ControlConfig(Section, frozen=True):
     socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
-    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = (
+        16 * 1024 * 1024
+    )
     idle_timeout_s: Positive = 60.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 64
     # Who may change state. root and the daemon's own user always may; members of
@@ -82,13 +84,13 @@ class ControlConfig(Section):
     others: Literal["read-only", "operator"] = "read-only"
 
 
-class SupervisorConfig(Section):
+class SupervisorConfig(Section, frozen=True):
     max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
     window_s: Positive = 60.0
     backoff_max_s: Positive = 10.0
 
 
-class Config(Section):
+class Config(Section, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
     store: StoreConfig = StoreConfig()
     optimizer: OptimizerConfig = OptimizerConfig()

@@ -42,7 +42,9 @@ def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> 
     try:
         sock.connect(path)
     except FileNotFoundError:
-        raise CtlError(EX_UNAVAILABLE, f"no cmsod socket at {path} (is the daemon running?)") from None
+        raise CtlError(
+            EX_UNAVAILABLE, f"no cmsod socket at {path} (is the daemon running?)"
+        ) from None
     except PermissionError:
         raise CtlError(EX_NOPERM, f"permission denied on {path}") from None
     except ConnectionRefusedError:
@@ -79,7 +81,9 @@ def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> 
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
 
 
 def show_schedule(s: dict[str, Any]) -> str:
@@ -91,16 +95,30 @@ def show_schedule(s: dict[str, Any]) -> str:
     if "optimizerStatus" in s:
         lines.append(f"optimizer  {s['optimizerStatus']}: {s.get('optimizerMessage', '')}")
     for a in s.get("scheduleApprovals", []):
-        lines.append(f"approval   {a['status']} by {a['userId']} ({a['approvalType']}) at {a['approvalDateTime']}")
+        lines.append(
+            f"approval   {a['status']} by {a['userId']} ({a['approvalType']}) at {a['approvalDateTime']}"
+        )
     rows = []
     for g in s.get("groups", []):
         for e in g.get("changeManagementSchedules", []):
-            rows.append([
-                g["groupId"], e["vnfName"], e["status"], e.get("startTime"), e.get("finishTime"),
-                e.get("tmChangeId"), e.get("msoRequestId"), e.get("statusMessage"),
-            ])
+            rows.append(
+                [
+                    g["groupId"],
+                    e["vnfName"],
+                    e["status"],
+                    e.get("startTime"),
+                    e.get("finishTime"),
+                    e.get("tmChangeId"),
+                    e.get("msoRequestId"),
+                    e.get("statusMessage"),
+                ]
+            )
     lines.append("")
-    lines.append(table(rows, ["GROUP", "VNF", "STATUS", "START", "FINISH", "TICKET", "SO REQUEST", "MESSAGE"]))
+    lines.append(
+        table(
+            rows, ["GROUP", "VNF", "STATUS", "START", "FINISH", "TICKET", "SO REQUEST", "MESSAGE"]
+        )
+    )
     return "\n".join(lines)
 
 
@@ -109,30 +127,73 @@ def human(command: str, p: dict[str, Any]) -> str:
         return show_schedule(p["schedule"])
     if command == "list":
         out = table(
-            [[s["scheduleId"], s["status"], s["userId"], s["createDateTime"], s["elements"]] for s in p["schedules"]],
+            [
+                [s["scheduleId"], s["status"], s["userId"], s["createDateTime"], s["elements"]]
+                for s in p["schedules"]
+            ],
             ["SCHEDULE", "STATUS", "USER", "CREATED", "ELEMENTS"],
         )
         return out + (f"\n(more: --after {p['next']})" if p.get("next") else "")
     if command == "details":
         return table(
-            [[d["scheduleRequest"]["scheduleId"], d.get("groupId"), d["vnfName"], d["status"], d.get("startTime"), d.get("finishTime")] for d in p["details"]],
+            [
+                [
+                    d["scheduleRequest"]["scheduleId"],
+                    d.get("groupId"),
+                    d["vnfName"],
+                    d["status"],
+                    d.get("startTime"),
+                    d.get("finishTime"),
+                ]
+                for d in p["details"]
+            ],
             ["SCHEDULE", "GROUP", "VNF", "STATUS", "START", "FINISH"],
         )
     if command == "status":
-        lines = [f"healthy    {'yes' if p['healthy'] else 'NO'}", f"build      {p['buildInfo']}", f"time       {p['currentTime']}"]
+        lines = [
+            f"healthy    {'yes' if p['healthy'] else 'NO'}",
+            f"build      {p['buildInfo']}",
+            f"time       {p['currentTime']}",
+        ]
         lines += [f"component  {c['name']}: {c['status']} ({c['url']})" for c in p["components"]]
         counts = p.get("counts", {})
-        lines.append("schedules  " + (", ".join(f"{k}: {v}" for k, v in sorted(counts.get("schedules", {}).items())) or "none"))
-        lines.append("elements   " + (", ".join(f"{k}: {v}" for k, v in sorted(counts.get("elements", {}).items())) or "none waiting or running"))
+        lines.append(
+            "schedules  "
+            + (
+                ", ".join(f"{k}: {v}" for k, v in sorted(counts.get("schedules", {}).items()))
+                or "none"
+            )
+        )
+        lines.append(
+            "elements   "
+            + (
+                ", ".join(f"{k}: {v}" for k, v in sorted(counts.get("elements", {}).items()))
+                or "none waiting or running"
+            )
+        )
         lines.append(f"events     {counts.get('eventsPending', 0)} pending")
         lines.append("")
-        lines.append(table(
-            [[n, a["heartbeatAgeS"], a["done"], a["errors"], a["restarts"], a.get("lastError")] for n, a in p["actors"].items()],
-            ["ACTOR", "HEARTBEAT AGE S", "DONE", "ERRORS", "RESTARTS", "LAST ERROR"],
-        ))
+        lines.append(
+            table(
+                [
+                    [
+                        n,
+                        a["heartbeatAgeS"],
+                        a["done"],
+                        a["errors"],
+                        a["restarts"],
+                        a.get("lastError"),
+                    ]
+                    for n, a in p["actors"].items()
+                ],
+                ["ACTOR", "HEARTBEAT AGE S", "DONE", "ERRORS", "RESTARTS", "LAST ERROR"],
+            )
+        )
         return "\n".join(lines)
     if command == "reload":
-        return "configuration reloaded" + (f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)")
+        return "configuration reloaded" + (
+            f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
+        )
     return f"{p['scheduleId']}: {p['status']}"
 
 
@@ -207,15 +268,32 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 69 daemon unreachable, "
         "75 timeout, 76 protocol error, 77 permission denied",
     )
-    top.add_argument("--socket", default=os.environ.get("CMSOD_SOCKET", DEFAULT_SOCKET), help="control socket (env CMSOD_SOCKET; default %(default)s)")
-    top.add_argument("--json", action="store_true", help="print exactly one JSON document on stdout")
-    top.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default %(default)s)")
+    top.add_argument(
+        "--socket",
+        default=os.environ.get("CMSOD_SOCKET", DEFAULT_SOCKET),
+        help="control socket (env CMSOD_SOCKET; default %(default)s)",
+    )
+    top.add_argument(
+        "--json", action="store_true", help="print exactly one JSON document on stdout"
+    )
+    top.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the daemon (default %(default)s)",
+    )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("submit", help="submit a CMSO v1 schedule request (FILE or - for stdin)")
     p.add_argument("file", metavar="FILE|-")
-    for name, text in [("show", "show a schedule and its elements"), ("delete", "cancel or delete a schedule")]:
+    for name, text in [
+        ("show", "show a schedule and its elements"),
+        ("delete", "cancel or delete a schedule"),
+    ]:
         sub.add_parser(name, help=text).add_argument("id")
-    for name, text in [("approve", "accept a schedule pending approval"), ("reject", "reject a schedule pending approval")]:
+    for name, text in [
+        ("approve", "accept a schedule pending approval"),
+        ("reject", "reject a schedule pending approval"),
+    ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("id")
         p.add_argument("--user", default=getpass.getuser(), help="approving user id (default: you)")
@@ -224,7 +302,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--after", help="page after this schedule id")
     p = sub.add_parser("details", help="search elements (CMSO scheduleDetails filters)")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="e.g. vnfName=node%% (repeatable; repeats of a key are OR-ed)")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. vnfName=node%% (repeatable; repeats of a key are OR-ed)",
+    )
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
     return top
@@ -237,12 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         reply = call(args.socket, method, parameters, args.timeout)
     except CtlError as exc:
         if args.json:
-            print(msgspec.json.encode({"error": "cmsoctl", "parameters": {"message": str(exc), "exit": exc.code}}).decode())
+            print(
+                msgspec.json.encode(
+                    {"error": "cmsoctl", "parameters": {"message": str(exc), "exit": exc.code}}
+                ).decode()
+            )
         print(f"cmsoctl: {exc}", file=sys.stderr)
         return exc.code
     if reply.error:
         if args.json:
-            print(msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode())
+            print(
+                msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode()
+            )
         print(f"cmsoctl: {describe_error(reply)}", file=sys.stderr)
         return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
     if args.json:

@@ -38,7 +38,9 @@ ACTORS = [  # dependency order: what others wake comes up first
 STALL_S = 120.0
 
 
-def build_context(cfg: config.Config, clock: WallClock, executor: Executor | None = None) -> Context:
+def build_context(
+    cfg: config.Config, clock: WallClock, executor: Executor | None = None
+) -> Context:
     """The store, peers and doorbells for one daemon (tests build theirs the same way)."""
     executor = executor or ThreadExecutor()
     # The sink gets its own worker thread in production (not the store's); inline in tests.
@@ -93,9 +95,17 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
 async def status_line(ctx: Context) -> str:
     counts = await ctx.store.read(views.status_counts)
     active = sum(
-        n for status, n in counts["schedules"].items()
-        if status in ("Pending Schedule", "Optimization In Progress", "Pending Approval",
-                      "Accepted", "Scheduled", "Notifications Initiated")
+        n
+        for status, n in counts["schedules"].items()
+        if status
+        in (
+            "Pending Schedule",
+            "Optimization In Progress",
+            "Pending Approval",
+            "Accepted",
+            "Scheduled",
+            "Notifications Initiated",
+        )
     )
     elements = counts["elements"]
     return (
@@ -113,7 +123,8 @@ async def run(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         await ctx.store.open()
         log.info(
-            "store.opened", path=str(cfg.store_path),
+            "store.opened",
+            path=str(cfg.store_path),
             migrated=",".join(map(str, ctx.store.migrations_applied)) or None,
         )
         try:
@@ -165,17 +176,32 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cmsod", description="Change-management schedule optimizer daemon.")
-    parser.add_argument("--config", type=Path, help="TOML configuration file (default: $CONFIGURATION_DIRECTORY/cmsod.toml or /etc/cmsod/cmsod.toml if present)")
-    parser.add_argument("--state-dir", help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given")
-    parser.add_argument("--check-config", action="store_true", help="only validate the configuration; exit 0 if good, 78 if not")
+    parser = argparse.ArgumentParser(
+        prog="cmsod", description="Change-management schedule optimizer daemon."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML configuration file (default: $CONFIGURATION_DIRECTORY/cmsod.toml or /etc/cmsod/cmsod.toml if present)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="only validate the configuration; exit 0 if good, 78 if not",
+    )
     parser.add_argument("--version", action="version", version=f"cmsod {__version__}")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config_path = args.config if args.config else (None if args.state_dir else config.default_config_path())
+    config_path = (
+        args.config if args.config else (None if args.state_dir else config.default_config_path())
+    )
     try:
         cfg = config.load(config_path, state_dir=args.state_dir)
     except ConfigError as exc:
@@ -185,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    log.info("daemon.started", version=__version__, config=str(config_path or "embedded defaults"), state_dir=str(cfg.state_dir))
+    log.info(
+        "daemon.started",
+        version=__version__,
+        config=str(config_path or "embedded defaults"),
+        state_dir=str(cfg.state_dir),
+    )
 
     async def start() -> None:
         ctx = build_context(cfg, WallClock())

@@ -1,14 +1,14 @@
 """The error tree of cmsod. Every exception we raise on purpose is one of these.
 
-    CmsodError
-    ├── RequestError          a CMSO request error: HTTP-like status + messageId, text, variables
-    ├── ControlError          a control-socket error with a varlink-style name
-    │   ├── InvalidParameter  (org.varlink.service.InvalidParameter)
-    │   ├── MethodNotFound    (org.varlink.service.MethodNotFound)
-    │   └── PermissionDenied  (io.cmsod.PermissionDenied)
-    ├── ConfigError           a configuration file or override that does not decode
-    ├── TransitionError       a state change the state machine does not allow (a bug if seen)
-    └── PeerError             a peer (SO, ticket system, event sink) failed or answered badly
+CmsodError
+├── RequestError          a CMSO request error: HTTP-like status + messageId, text, variables
+├── ControlError          a control-socket error with a varlink-style name
+│   ├── InvalidParameter  (org.varlink.service.InvalidParameter)
+│   ├── MethodNotFound    (org.varlink.service.MethodNotFound)
+│   └── PermissionDenied  (io.cmsod.PermissionDenied)
+├── ConfigError           a configuration file or override that does not decode
+├── TransitionError       a state change the state machine does not allow (a bug if seen)
+└── PeerError             a peer (SO, ticket system, event sink) failed or answered badly
 """
 
 from __future__ import annotations

@@ -35,7 +35,13 @@ SCHEDULE_TRANSITIONS: dict[S | None, frozenset[S]] = {
     None: frozenset({S.PENDING_SCHEDULE, S.PENDING_APPROVAL}),
     S.PENDING_SCHEDULE: frozenset({S.OPTIMIZATION_IN_PROGRESS, S.OPTIMIZATION_FAILED, S.DELETED}),
     S.OPTIMIZATION_IN_PROGRESS: frozenset(
-        {S.PENDING_APPROVAL, S.OPTIMIZATION_FAILED, S.SCHEDULE_FAILED, S.PENDING_SCHEDULE, S.DELETED}
+        {
+            S.PENDING_APPROVAL,
+            S.OPTIMIZATION_FAILED,
+            S.SCHEDULE_FAILED,
+            S.PENDING_SCHEDULE,
+            S.DELETED,
+        }
     ),
     S.PENDING_APPROVAL: frozenset({S.ACCEPTED, S.REJECTED, S.DELETED}),
     S.ACCEPTED: frozenset({S.SCHEDULED, S.CANCELLED}),
@@ -57,9 +63,7 @@ ELEMENT_TRANSITIONS: dict[E | None, frozenset[E]] = {
         {E.SCHEDULED, E.SCHEDULED_IMMEDIATE, E.APPROVAL_REJECTED, E.DELETED, E.CANCELLED}
     ),
     E.NOT_SCHEDULED: frozenset({E.APPROVAL_REJECTED, E.DELETED}),
-    E.SCHEDULED: frozenset(
-        {E.TRIGGERED, E.PAST_DUE, E.SCHEDULING_FAILED, E.ERROR, E.CANCELLED}
-    ),
+    E.SCHEDULED: frozenset({E.TRIGGERED, E.PAST_DUE, E.SCHEDULING_FAILED, E.ERROR, E.CANCELLED}),
     E.SCHEDULED_IMMEDIATE: frozenset({E.TRIGGERED, E.SCHEDULING_FAILED, E.ERROR, E.CANCELLED}),
     E.TRIGGERED: frozenset({E.COMPLETED, E.FAILED, E.ERROR}),
     E.APPROVAL_REJECTED: frozenset({E.DELETED}),
@@ -174,8 +178,8 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
 
     any_window = any(windows_of)
     for details, windows in zip(info.vnfDetails, windows_of, strict=True):
-        for raw, window in zip(details.changeWindow or [], windows, strict=True):
-            if window.end_ms <= window.start_ms:
+        for raw, parsed in zip(details.changeWindow or [], windows, strict=True):
+            if parsed.end_ms <= parsed.start_ms:
                 raise RequestError(
                     400, "INVALID_CHANGE_WINDOW", raw.startTime or "", raw.endTime or ""
                 )
@@ -264,7 +268,12 @@ def delete_plan(schedule: S, elements: Iterable[E]) -> tuple[S, dict[E, E]]:
     for status in set(elements):
         if status in (E.SCHEDULED, E.SCHEDULED_IMMEDIATE):
             changes[status] = E.CANCELLED
-        elif status in (E.PENDING_SCHEDULE, E.PENDING_APPROVAL, E.NOT_SCHEDULED, E.APPROVAL_REJECTED):
+        elif status in (
+            E.PENDING_SCHEDULE,
+            E.PENDING_APPROVAL,
+            E.NOT_SCHEDULED,
+            E.APPROVAL_REJECTED,
+        ):
             changes[status] = E.DELETED
     return new_schedule, changes
 

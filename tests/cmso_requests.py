@@ -23,7 +23,11 @@ def callback_data(nodes: list[str]) -> str:
                     "vnfInstanceId": f"instance-{n}",
                     "modelInfo": {"modelType": "vnf", "modelName": "vSAMP12"},
                     "cloudConfiguration": {"lcpCloudRegionId": "mdt1", "tenantId": "88a6"},
-                    "requestInfo": {"source": "VID", "suppressRollback": False, "requestorId": "jf9860"},
+                    "requestInfo": {
+                        "source": "VID",
+                        "suppressRollback": False,
+                        "requestorId": "jf9860",
+                    },
                     "requestParameters": {"usePreload": True},
                 }
                 for n in NODES + [f"n{i}" for i in range(1000)]
@@ -56,7 +60,9 @@ def request(
     if minutes_from_now is not None:
         for i in range(windows):
             start = now + timedelta(minutes=i * 1440 + minutes_from_now)
-            change_windows.append({"startTime": iso(start), "endTime": iso(start + timedelta(minutes=1440))})
+            change_windows.append(
+                {"startTime": iso(start), "endTime": iso(start + timedelta(minutes=1440))}
+            )
     details: dict[str, Any] = {"node": nodes}
     if group_id is not None:
         details["groupId"] = group_id
@@ -71,7 +77,11 @@ def request(
     ]:
         if value is not None:
             info[key] = value
-    domain_data = {"CallbackUrl": "http://localhost:8080/callback", "CallbackData": callback_data(nodes), "WorkflowName": workflow}
+    domain_data = {
+        "CallbackUrl": "http://localhost:8080/callback",
+        "CallbackData": callback_data(nodes),
+        "WorkflowName": workflow,
+    }
     domain_data.update(extra_domain_data or {})
     return {
         "domain": domain,
@@ -83,5 +93,7 @@ def request(
     }
 
 
-def approval(status: str = "Accepted", user: str = "jf9860", kind: str = "Tier 2") -> dict[str, str]:
+def approval(
+    status: str = "Accepted", user: str = "jf9860", kind: str = "Tier 2"
+) -> dict[str, str]:
     return {"approvalUserId": user, "approvalType": kind, "approvalStatus": status}

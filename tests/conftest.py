@@ -7,7 +7,7 @@ time and the store runs inline (a worker thread would let virtual time race ahea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +21,23 @@ from cmsod import config, daemon
 from cmsod.actors.context import Context
 from cmsod.clock import TrioWallClock
 from cmsod.executor import InlineExecutor
+from cmsod.peers.so import Orchestrator
 
 EPOCH = datetime(2026, 12, 1, 8, 0, 0, tzinfo=UTC)
 # Virtual seconds between looks at a schedule in `wait_for` (costs no real time under MockClock).
 LOOK_EVERY_S = 1.0
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], what: str, within_s: float = 7 * 86400
+) -> None:
+    """Look at `condition` every LOOK_EVERY_S of virtual time until it holds (a week at most)."""
+    deadline = trio.current_time() + within_s
+    while True:
+        if await condition():
+            return
+        assert trio.current_time() < deadline, f"never: {what}"
+        await trio.sleep(LOOK_EVERY_S)
 
 
 class ControlClient:
@@ -50,7 +63,9 @@ class ControlClient:
         return message
 
     async def call(self, method: str, **parameters: Any) -> dict[str, Any]:
-        await self.send_raw(msgspec.json.encode({"method": method, "parameters": parameters}) + b"\0")
+        await self.send_raw(
+            msgspec.json.encode({"method": method, "parameters": parameters}) + b"\0"
+        )
         reply = await self.receive_raw()
         assert reply is not None, "daemon closed the connection"
         return msgspec.json.decode(reply)
@@ -63,14 +78,16 @@ class ControlClient:
     async def schedule(self, schedule_id: str) -> dict[str, Any]:
         return (await self.ok("io.cmsod.Schedules.Get", scheduleId=schedule_id))["schedule"]
 
-    async def wait_for(self, schedule_id: str, *statuses: str, within_s: float = 7 * 86400) -> dict[str, Any]:
-        deadline = trio.current_time() + within_s
-        while True:
-            view = await self.schedule(schedule_id)
-            if view["status"] in statuses:
-                return view
-            assert trio.current_time() < deadline, f"{schedule_id} still {view['status']}"
-            await trio.sleep(LOOK_EVERY_S)
+    async def wait_for(self, schedule_id: str, *statuses: str) -> dict[str, Any]:
+        """The schedule's view once it is in one of `statuses`."""
+        views: list[dict[str, Any]] = []
+
+        async def reached() -> bool:
+            views.append(await self.schedule(schedule_id))
+            return views[-1]["status"] in statuses
+
+        await wait_until(reached, f"{schedule_id} in {statuses}")
+        return views[-1]
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -86,7 +103,11 @@ class Daemon:
         return ControlClient(await trio.open_unix_socket(str(self.socket)))
 
     def element_statuses(self, view: dict[str, Any]) -> dict[str, str]:
-        return {e["vnfName"]: e["status"] for g in view["groups"] for e in g["changeManagementSchedules"]}
+        return {
+            e["vnfName"]: e["status"]
+            for g in view["groups"]
+            for e in g["changeManagementSchedules"]
+        }
 
 
 def daemon_config(state_dir: Path, **overrides: Any) -> config.Config:
@@ -99,9 +120,14 @@ def daemon_config(state_dir: Path, **overrides: Any) -> config.Config:
     return config.load(None, env=env, state_dir=str(state_dir))
 
 
-async def start_daemon(nursery: trio.Nursery, state_dir: Path, **overrides: Any) -> Daemon:
+async def start_daemon(
+    nursery: trio.Nursery, state_dir: Path, so: Orchestrator | None = None, **overrides: Any
+) -> Daemon:
+    """A daemon on `state_dir`; config keys as `section__key=value`, e.g. `poller__interval_s=5`."""
     cfg = daemon_config(state_dir, **overrides)
     ctx = daemon.build_context(cfg, TrioWallClock(EPOCH.timestamp()), InlineExecutor())
+    if so is not None:
+        ctx.so = so
     scope = trio.CancelScope()
 
     async def run(task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:

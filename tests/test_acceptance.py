@@ -17,18 +17,26 @@ DETAILS = "io.cmsod.Schedules.Details"
 
 FUTURE_CASES = {
     "one-vnf-one-window": dict(nodes=["node1"], normal=3600, additional=0),
-    "multiple-vnfs-one-window": dict(nodes=["node1", "node2", "node3"], normal=3600, additional=0, concurrency=10),
-    "multiple-vnfs-two-windows": dict(nodes=NODES, normal=3000, additional=600, group_id="Group1", windows=2),
+    "multiple-vnfs-one-window": dict(
+        nodes=["node1", "node2", "node3"], normal=3600, additional=0, concurrency=10
+    ),
+    "multiple-vnfs-two-windows": dict(
+        nodes=NODES, normal=3000, additional=600, group_id="Group1", windows=2
+    ),
     "one-vnf-one-window-update": dict(nodes=["node1"], workflow="Update"),
 }
 
 
 def statuses(view: dict) -> dict[str, str]:
-    return {e["vnfName"]: e["status"] for g in view["groups"] for e in g["changeManagementSchedules"]}
+    return {
+        e["vnfName"]: e["status"] for g in view["groups"] for e in g["changeManagementSchedules"]
+    }
 
 
 @pytest.mark.parametrize("case", FUTURE_CASES)
-async def test_future_schedule_is_approved_and_completes(autojump_clock, client: ControlClient, case: str) -> None:
+async def test_future_schedule_is_approved_and_completes(
+    autojump_clock, client: ControlClient, case: str
+) -> None:
     body = request(case, now=EPOCH, **FUTURE_CASES[case])
     created = await client.ok(CREATE, schedule=body)
     assert created == {"scheduleId": case, "status": S.PENDING_SCHEDULE}
@@ -55,15 +63,26 @@ IMMEDIATE_CASES = {
     "immediate-config-update": dict(workflow="VNF Config Update"),
     "immediate-software-in-place": dict(workflow="VNF Update Software In Place"),
     "immediate-update": dict(workflow="Update"),
-    "immediate-multiple": dict(nodes=["node1", "node2", "node3"], normal=3000, additional=600, concurrency=None),
+    "immediate-multiple": dict(
+        nodes=["node1", "node2", "node3"], normal=3000, additional=600, concurrency=None
+    ),
 }
 
 
 @pytest.mark.parametrize("case", IMMEDIATE_CASES)
-async def test_immediate_schedule_is_auto_approved_and_completes(autojump_clock, client: ControlClient, case: str) -> None:
-    options = dict(normal=100, additional=10, group_id="group1", extra_domain_data={"plans": "x", "question.000000000000001": "y"})
+async def test_immediate_schedule_is_auto_approved_and_completes(
+    autojump_clock, client: ControlClient, case: str
+) -> None:
+    options = dict(
+        normal=100,
+        additional=10,
+        group_id="group1",
+        extra_domain_data={"plans": "x", "question.000000000000001": "y"},
+    )
     options.update(IMMEDIATE_CASES[case])
-    created = await client.ok(CREATE, schedule=request(case, now=EPOCH, minutes_from_now=None, **options))
+    created = await client.ok(
+        CREATE, schedule=request(case, now=EPOCH, minutes_from_now=None, **options)
+    )
     assert created["status"] == S.ACCEPTED  # auto-approved (Tier 2) by the requesting user
     view = await client.wait_for(case, S.COMPLETED, S.COMPLETED_WITH_ERRORS)
     assert view["status"] == S.COMPLETED
@@ -74,7 +93,9 @@ async def test_immediate_schedule_is_auto_approved_and_completes(autojump_clock,
 
 @pytest.mark.parametrize("case", FUTURE_CASES)
 async def test_cancel_after_approval(autojump_clock, client: ControlClient, case: str) -> None:
-    await client.ok(CREATE, schedule=request(case, now=EPOCH, minutes_from_now=20, **FUTURE_CASES[case]))
+    await client.ok(
+        CREATE, schedule=request(case, now=EPOCH, minutes_from_now=20, **FUTURE_CASES[case])
+    )
     await client.wait_for(case, S.PENDING_APPROVAL)
     await client.ok(APPROVE, scheduleId=case, approval=approval())
     await client.wait_for(case, S.SCHEDULED)
@@ -88,7 +109,9 @@ async def test_rejection(autojump_clock, client: ControlClient) -> None:
     body = request("reject-me", now=EPOCH, normal=100, additional=10)
     await client.ok(CREATE, schedule=body)
     await client.wait_for("reject-me", S.PENDING_APPROVAL)
-    assert (await client.ok(APPROVE, scheduleId="reject-me", approval=approval("Rejected")))["status"] == S.REJECTED
+    assert (await client.ok(APPROVE, scheduleId="reject-me", approval=approval("Rejected")))[
+        "status"
+    ] == S.REJECTED
     view = await client.schedule("reject-me")
     assert view["status"] == S.REJECTED
     assert set(statuses(view).values()) == {E.APPROVAL_REJECTED}
@@ -134,28 +157,122 @@ def drop_durations(body: dict) -> dict:
 # (name, request options, edit, expected messageId, expected variables)
 FAILURES = [
     ("empty-domain", failure(domain=""), None, "Scheduler.INVALID_ATTRIBUTE", ["domain", ""]),
-    ("empty-schedule-id", failure(), set_key(["scheduleId"], ""), "Scheduler.INVALID_ATTRIBUTE", ["scheduleId", ""]),
-    ("empty-user-id", failure(user=""), None, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["userId", ""]),
-    ("negative-normal-duration", failure(normal=-5), None, "Scheduler.INVALID_ATTRIBUTE", ["normalDurationInSeconds", "-5"]),
-    ("no-end-time", failure(), blank_window("endTime"), "Scheduler.INVALID_ATTRIBUTE", ["endTime", ""]),
-    ("no-start-time", failure(), blank_window("startTime"), "Scheduler.INVALID_ATTRIBUTE", ["startTime", ""]),
-    ("no-node-name", failure(), set_key(["schedulingInfo", "vnfDetails", 0, "node"], [""]), "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["CallbackData", ""]),
+    (
+        "empty-schedule-id",
+        failure(),
+        set_key(["scheduleId"], ""),
+        "Scheduler.INVALID_ATTRIBUTE",
+        ["scheduleId", ""],
+    ),
+    (
+        "empty-user-id",
+        failure(user=""),
+        None,
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["userId", ""],
+    ),
+    (
+        "negative-normal-duration",
+        failure(normal=-5),
+        None,
+        "Scheduler.INVALID_ATTRIBUTE",
+        ["normalDurationInSeconds", "-5"],
+    ),
+    (
+        "no-end-time",
+        failure(),
+        blank_window("endTime"),
+        "Scheduler.INVALID_ATTRIBUTE",
+        ["endTime", ""],
+    ),
+    (
+        "no-start-time",
+        failure(),
+        blank_window("startTime"),
+        "Scheduler.INVALID_ATTRIBUTE",
+        ["startTime", ""],
+    ),
+    (
+        "no-node-name",
+        failure(),
+        set_key(["schedulingInfo", "vnfDetails", 0, "node"], [""]),
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["CallbackData", ""],
+    ),
     ("switched-time", failure(), swapped, "Scheduler.INVALID_CHANGE_WINDOW", None),
     # ChangeManagementImmediateFailure
-    ("immediate-empty-id-no-durations", failure(minutes_from_now=None), lambda b: drop_durations(set_key(["scheduleId"], "")(b)), "Scheduler.INVALID_ATTRIBUTE", ["scheduleId", ""]),
-    ("immediate-no-durations", failure(minutes_from_now=None), drop_durations, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["additionalDurationInSeconds"]),
-    ("immediate-empty-scheduling-info", failure(minutes_from_now=None), set_key(["schedulingInfo"], {}), "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["vnfDetails"]),
-    ("immediate-empty-user-and-info", failure(minutes_from_now=None, user=""), set_key(["schedulingInfo"], {}), "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["vnfDetails"]),
-    ("immediate-multi-no-durations", failure(minutes_from_now=None, nodes=["node1", "node2", "node3"]), drop_durations, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["additionalDurationInSeconds"]),
-    ("immediate-multi-empty-user", failure(minutes_from_now=None, nodes=["node1", "node2"], user=""), drop_durations, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["additionalDurationInSeconds"]),
-    ("no-scheduling-info", failure(), lambda b: {k: v for k, v in b.items() if k != "schedulingInfo"}, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["schedulingInfo"]),
-    ("no-concurrency-limit", failure(concurrency=None), None, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["concurrencyLimit"]),
-    ("no-domain-data", failure(), lambda b: {k: v for k, v in b.items() if k != "domainData"}, "Scheduler.MISSING_REQUIRED_ATTRIBUTE", ["domainData"]),
+    (
+        "immediate-empty-id-no-durations",
+        failure(minutes_from_now=None),
+        lambda b: drop_durations(set_key(["scheduleId"], "")(b)),
+        "Scheduler.INVALID_ATTRIBUTE",
+        ["scheduleId", ""],
+    ),
+    (
+        "immediate-no-durations",
+        failure(minutes_from_now=None),
+        drop_durations,
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["additionalDurationInSeconds"],
+    ),
+    (
+        "immediate-empty-scheduling-info",
+        failure(minutes_from_now=None),
+        set_key(["schedulingInfo"], {}),
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["vnfDetails"],
+    ),
+    (
+        "immediate-empty-user-and-info",
+        failure(minutes_from_now=None, user=""),
+        set_key(["schedulingInfo"], {}),
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["vnfDetails"],
+    ),
+    (
+        "immediate-multi-no-durations",
+        failure(minutes_from_now=None, nodes=["node1", "node2", "node3"]),
+        drop_durations,
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["additionalDurationInSeconds"],
+    ),
+    (
+        "immediate-multi-empty-user",
+        failure(minutes_from_now=None, nodes=["node1", "node2"], user=""),
+        drop_durations,
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["additionalDurationInSeconds"],
+    ),
+    (
+        "no-scheduling-info",
+        failure(),
+        lambda b: {k: v for k, v in b.items() if k != "schedulingInfo"},
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["schedulingInfo"],
+    ),
+    (
+        "no-concurrency-limit",
+        failure(concurrency=None),
+        None,
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["concurrencyLimit"],
+    ),
+    (
+        "no-domain-data",
+        failure(),
+        lambda b: {k: v for k, v in b.items() if k != "domainData"},
+        "Scheduler.MISSING_REQUIRED_ATTRIBUTE",
+        ["domainData"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,options,edit,message_id,variables", FAILURES, ids=[f[0] for f in FAILURES])
-async def test_create_failures_answer_cmso_errors(client: ControlClient, cmsod: Daemon, name, options, edit, message_id, variables) -> None:
+@pytest.mark.parametrize(
+    "name,options,edit,message_id,variables", FAILURES, ids=[f[0] for f in FAILURES]
+)
+async def test_create_failures_answer_cmso_errors(
+    client: ControlClient, cmsod: Daemon, name, options, edit, message_id, variables
+) -> None:
     body = request(name, now=EPOCH, **options)
     if edit:
         body = edit(body)
@@ -174,12 +291,20 @@ async def test_create_failures_answer_cmso_errors(client: ControlClient, cmsod: 
 ACCEPTED_ODDITIES = [
     ("empty-schedule-name", dict(group_id=""), set_key(["scheduleName"], "")),
     ("incorrect-workflow", dict(group_id="", workflow="Not A Workflow"), None),
-    ("immediate-empty-name-no-group", dict(group_id=None, minutes_from_now=None, normal=100, additional=10), set_key(["scheduleName"], "")),
+    (
+        "immediate-empty-name-no-group",
+        dict(group_id=None, minutes_from_now=None, normal=100, additional=10),
+        set_key(["scheduleName"], ""),
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,options,edit", ACCEPTED_ODDITIES, ids=[a[0] for a in ACCEPTED_ODDITIES])
-async def test_cmso_accepted_oddities_are_accepted(client: ControlClient, name, options, edit) -> None:
+@pytest.mark.parametrize(
+    "name,options,edit", ACCEPTED_ODDITIES, ids=[a[0] for a in ACCEPTED_ODDITIES]
+)
+async def test_cmso_accepted_oddities_are_accepted(
+    client: ControlClient, name, options, edit
+) -> None:
     body = request(name, now=EPOCH, **options)
     if edit:
         body = edit(body)
@@ -213,14 +338,31 @@ async def test_query_cases(autojump_clock, client: ControlClient) -> None:
 
     assert await count() == 3
     assert await count(vnfName=["node1", "node3"], WorkflowName=["Replace"]) == 2
-    assert await count(**{"vnfName": ["node%"], "request.createDateTime": ["2018-01-01T00:00:00Z"]}) == 3
-    missing = await count(**{"vnfName": ["NoNode"], "request.createDateTime": ["2018-01-01T00:00:00Z,2018-01-01T01:00:00Z"]})
-    assert missing["status"] == 404 and missing["requestError"]["messageId"] == "Scheduler.SCHEDULE_NOT_FOUND"
+    assert (
+        await count(**{"vnfName": ["node%"], "request.createDateTime": ["2018-01-01T00:00:00Z"]})
+        == 3
+    )
+    missing = await count(
+        **{
+            "vnfName": ["NoNode"],
+            "request.createDateTime": ["2018-01-01T00:00:00Z,2018-01-01T01:00:00Z"],
+        }
+    )
+    assert (
+        missing["status"] == 404
+        and missing["requestError"]["messageId"] == "Scheduler.SCHEDULE_NOT_FOUND"
+    )
     bad = await count(bad=["NoNode"])
-    assert bad["status"] == 400 and bad["requestError"]["messageId"] == "Scheduler.UNDEFINED_FILTER_ATTRIBUTE"
+    assert (
+        bad["status"] == 400
+        and bad["requestError"]["messageId"] == "Scheduler.UNDEFINED_FILTER_ATTRIBUTE"
+    )
     assert bad["requestError"]["variables"] == ["bad"]
     date = await count(**{"request.createDateTime": ["2018-01-010"]})
-    assert date["status"] == 400 and date["requestError"]["messageId"] == "Scheduler.INVALID_DATE_FILTER"
+    assert (
+        date["status"] == 400
+        and date["requestError"]["messageId"] == "Scheduler.INVALID_DATE_FILTER"
+    )
     # the filters CMSO broke (bug 3) work here
     assert await count(vnfStatus=["Pending Approval"]) == 3
     assert await count(finishTime=["2026-12-01T00:00:00Z,2026-12-03T00:00:00Z"]) == 3
@@ -229,7 +371,12 @@ async def test_query_cases(autojump_clock, client: ControlClient) -> None:
     nobody = await count(**{"request.approvalUserId": ["nobody"]})
     assert nobody["status"] == 404
     await client.ok(APPROVE, scheduleId="query", approval=approval(user="approver1"))
-    assert await count(**{"request.approvalUserId": ["approver1"], "request.approvalStatus": ["Accepted"]}) == 3
+    assert (
+        await count(
+            **{"request.approvalUserId": ["approver1"], "request.approvalStatus": ["Accepted"]}
+        )
+        == 3
+    )
 
 
 async def test_misc_not_found_and_bad_approval(client: ControlClient) -> None:

@@ -28,7 +28,10 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("[poller]\ninterval_s = 'often'\n", "Expected `float`, got `str` - at `$.poller.interval_s`"),
+        (
+            "[poller]\ninterval_s = 'often'\n",
+            "Expected `float`, got `str` - at `$.poller.interval_s`",
+        ),
         ("[poller]\nintervall_s = 5\n", "unknown field `intervall_s` - at `$.poller`"),
         ("[polller]\n", "unknown field `polller`"),
         ("[poller]\ninterval_s = -1\n", "Expected `float` > 0.0 - at `$.poller.interval_s`"),
@@ -50,12 +53,16 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, expected: str) -> None
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[poller]\ninterval_s = 7\n")
-    cfg = config.load(path, env={"CMSOD_POLLER__INTERVAL_S": "2.5", "CMSOD_OPTIMIZER__ALLOW_PARTIAL": "true"})
+    cfg = config.load(
+        path, env={"CMSOD_POLLER__INTERVAL_S": "2.5", "CMSOD_OPTIMIZER__ALLOW_PARTIAL": "true"}
+    )
     assert cfg.poller.interval_s == 2.5
     assert cfg.optimizer.allow_partial is True
     with pytest.raises(ConfigError) as info:
         config.load(path, env={"CMSOD_POLLER__INTERVAL_S": "soon"})
-    assert "CMSOD_POLLER__INTERVAL_S" in str(info.value) and "$.poller.interval_s" in str(info.value)
+    assert "CMSOD_POLLER__INTERVAL_S" in str(info.value) and "$.poller.interval_s" in str(
+        info.value
+    )
 
 
 def test_state_dir_places_everything_under_it(tmp_path: Path) -> None:
@@ -66,10 +73,18 @@ def test_state_dir_places_everything_under_it(tmp_path: Path) -> None:
 
 
 def test_check_config_exit_codes(tmp_path: Path) -> None:
-    good = subprocess.run([sys.executable, "-m", "cmsod", "--check-config", "--config", str(SHIPPED)], capture_output=True, text=True)
+    good = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(SHIPPED)],
+        capture_output=True,
+        text=True,
+    )
     assert good.returncode == 0, good.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[dispatcher]\nlead_time_s = 'x'\n")
-    result = subprocess.run([sys.executable, "-m", "cmsod", "--check-config", "--config", str(bad)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 78
     assert "$.dispatcher.lead_time_s" in result.stderr

@@ -19,7 +19,9 @@ async def still_serving(cmsod: Daemon) -> None:
     await other.aclose()
 
 
-async def test_malformed_json_gets_an_error_and_the_connection_stays(client: ControlClient, cmsod: Daemon) -> None:
+async def test_malformed_json_gets_an_error_and_the_connection_stays(
+    client: ControlClient, cmsod: Daemon
+) -> None:
     await client.send_raw(b"{not json\0")
     reply = msgspec.json.decode(await client.receive_raw())
     assert reply["error"] == "io.cmsod.InvalidMessage"
@@ -62,9 +64,15 @@ async def test_envelope_errors(client: ControlClient) -> None:
     assert reply["error"] == "org.varlink.service.InvalidParameter"
     assert reply["parameters"]["parameter"] == "method"
     await client.send_raw(b'{"method":"io.cmsod.Manager.Status","extra":true}\0')
-    assert msgspec.json.decode(await client.receive_raw())["error"] == "org.varlink.service.InvalidParameter"
+    assert (
+        msgspec.json.decode(await client.receive_raw())["error"]
+        == "org.varlink.service.InvalidParameter"
+    )
     await client.send_raw(b"[1, 2, 3]\0")
-    assert msgspec.json.decode(await client.receive_raw())["error"] == "org.varlink.service.InvalidParameter"
+    assert (
+        msgspec.json.decode(await client.receive_raw())["error"]
+        == "org.varlink.service.InvalidParameter"
+    )
 
 
 async def test_message_over_the_cap_closes_the_connection(nursery, tmp_path) -> None:
@@ -80,7 +88,9 @@ async def test_message_over_the_cap_closes_the_connection(nursery, tmp_path) -> 
     cmsod.cancel.cancel()
 
 
-async def test_a_nul_less_stream_held_open_is_closed_at_the_idle_timeout(autojump_clock, client: ControlClient, cmsod: Daemon) -> None:
+async def test_a_nul_less_stream_held_open_is_closed_at_the_idle_timeout(
+    autojump_clock, client: ControlClient, cmsod: Daemon
+) -> None:
     await client.send_raw(b'{"method":"io.cmsod.Manager.Status"')  # no NUL, ever
     began = trio.current_time()
     assert await client.receive_raw() is None
@@ -115,7 +125,9 @@ async def test_several_requests_on_one_connection_in_order(client: ControlClient
     assert second["parameters"] == {"schedules": [], "next": None}
 
 
-async def test_state_changing_calls_are_logged_with_peer_credentials(client: ControlClient, caplog) -> None:
+async def test_state_changing_calls_are_logged_with_peer_credentials(
+    client: ControlClient, caplog
+) -> None:
     import logging
     import os
 

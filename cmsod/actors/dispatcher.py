@@ -17,11 +17,14 @@ from cmsod.store import ops
 BATCH = 500
 
 
-async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     caught = await ctx.store.tx(ops.reconcile_dispatches, ctx.config.so.resend_unconfirmed)
     for name in caught:
         log.warning(
-            "element.reconciled", vnf=name,
+            "element.reconciled",
+            vnf=name,
             action="resend" if ctx.config.so.resend_unconfirmed else "marked Error",
         )
     limiter = trio.CapacityLimiter(ctx.config.dispatcher.max_concurrent)
@@ -35,7 +38,10 @@ async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_ST
             due = await ctx.store.read(ops.due_elements, ctx.clock.now_ms() + lead_ms, BATCH)
             for element in due:
                 job = await ctx.store.tx(
-                    ops.begin_dispatch, element, int(cfg.misfire_grace_s * 1000), cfg.dispatch_immediate
+                    ops.begin_dispatch,
+                    element,
+                    int(cfg.misfire_grace_s * 1000),
+                    cfg.dispatch_immediate,
                 )
                 if job is not None:
                     calls.start_soon(send, ctx, job, limiter, figures)
@@ -57,12 +63,21 @@ async def send(ctx: Context, job: ops.DispatchJob, limiter: trio.CapacityLimiter
             figures.errors += 1
             figures.last_error = str(exc)
             await ctx.store.tx(ops.record_dispatch_failed, job.element, str(exc))
-            log.warning("element.dispatch_failed", schedule_id=job.schedule_id, vnf=job.name, reason=str(exc))
+            log.warning(
+                "element.dispatch_failed",
+                schedule_id=job.schedule_id,
+                vnf=job.name,
+                reason=str(exc),
+            )
             return
     await ctx.store.tx(ops.record_dispatched, job.element, request_id)
     figures.done += 1
     log.info(
-        "element.dispatched", schedule_id=job.schedule_id, vnf=job.name,
-        so_request_id=request_id, key=job.key, attempt=job.attempt,
+        "element.dispatched",
+        schedule_id=job.schedule_id,
+        vnf=job.name,
+        so_request_id=request_id,
+        key=job.key,
+        attempt=job.attempt,
     )
     ctx.bells.poller.ring()

@@ -16,7 +16,9 @@ BATCH = 500
 BACKOFF_MAX_S = 60.0
 
 
-async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     task_status.started()
     backoff = 0.5
     while True:

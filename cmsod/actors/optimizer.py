@@ -15,7 +15,9 @@ from cmsod.store import ops
 BATCH = 16
 
 
-async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     task_status.started()
     while True:
         figures = ctx.beat("optimizer")

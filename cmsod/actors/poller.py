@@ -14,7 +14,9 @@ from cmsod.store import ops
 CONCURRENT_POLLS = 20
 
 
-async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     task_status.started()
     limiter = trio.CapacityLimiter(CONCURRENT_POLLS)
     while True:
@@ -28,7 +30,9 @@ async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_ST
         await ctx.bells.poller.wait(interval - (trio.current_time() - started))
 
 
-async def poll_one(ctx: Context, limiter, figures, element: int, name: str, request_id: str) -> None:
+async def poll_one(
+    ctx: Context, limiter, figures, element: int, name: str, request_id: str
+) -> None:
     async with limiter:
         try:
             answer = await ctx.so.status(request_id)

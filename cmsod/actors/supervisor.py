@@ -20,7 +20,11 @@ Actor = Callable[..., Awaitable[None]]
 
 
 async def supervise(
-    name: str, actor: Actor, ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    name: str,
+    actor: Actor,
+    ctx: Context,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     crashes: deque[float] = deque()
     started = False
@@ -45,9 +49,13 @@ async def supervise(
             while crashes and crashes[0] < now - sup.window_s:
                 crashes.popleft()
             if len(crashes) > sup.max_restarts:
-                log.error("supervisor.giving_up", actor=name, crashes=len(crashes), window_s=sup.window_s)
+                log.error(
+                    "supervisor.giving_up", actor=name, crashes=len(crashes), window_s=sup.window_s
+                )
                 raise
-            backoff = min(sup.backoff_max_s, 0.1 * 2 ** (len(crashes) - 1)) * random.uniform(0.8, 1.2)
+            backoff = min(sup.backoff_max_s, 0.1 * 2 ** (len(crashes) - 1)) * random.uniform(
+                0.8, 1.2
+            )
             log.error("actor.crashed", exc_info=True, actor=name, restart_in_s=round(backoff, 2))
             await trio.sleep(backoff)
             log.warning("actor.restarted", actor=name, restarts=figures.restarts)

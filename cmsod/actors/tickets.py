@@ -14,7 +14,9 @@ BATCH = 16
 RETRY_S = 5.0
 
 
-async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     task_status.started()
     while True:
         figures = ctx.beat("tickets")
@@ -31,7 +33,11 @@ async def run(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_ST
                 continue
             if await ctx.store.tx(ops.record_tickets, item.schedule, change_ids):
                 figures.done += 1
-                log.info("schedule.scheduled", schedule_id=item.schedule_id, tickets=len(set(change_ids.values())))
+                log.info(
+                    "schedule.scheduled",
+                    schedule_id=item.schedule_id,
+                    tickets=len(set(change_ids.values())),
+                )
                 ctx.bells.dispatcher.ring()
         if failed:
             await trio.sleep(RETRY_S)
@@ -48,9 +54,15 @@ async def open_tickets(ctx: Context, item: ops.TicketWork) -> dict[int, str]:
             starts = [e[2] for e in chunk if e[2] is not None]
             ends = [e[3] for e in chunk if e[3] is not None]
             change_id = await ctx.tm.create(
-                item.schedule_id, group_id, [e[1] for e in chunk], item.user_id,
-                min(starts) if starts else None, max(ends) if ends else None,
+                item.schedule_id,
+                group_id,
+                [e[1] for e in chunk],
+                item.user_id,
+                min(starts) if starts else None,
+                max(ends) if ends else None,
             )
-            log.info("ticket.created", schedule_id=item.schedule_id, change_id=change_id, vnfs=len(chunk))
+            log.info(
+                "ticket.created", schedule_id=item.schedule_id, change_id=change_id, vnfs=len(chunk)
+            )
             change_ids.update({e[0]: change_id for e in chunk})
     return change_ids

@@ -74,8 +74,11 @@ async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
     new = lifecycle.validate_request(p.schedule)
     status = await ctx.store.tx(ops.create_schedule, new)
     log.info(
-        "schedule.created", schedule_id=new.schedule_id, status=status.value,
-        elements=sum(len(g.elements) for g in new.groups), immediate=new.immediate,
+        "schedule.created",
+        schedule_id=new.schedule_id,
+        status=status.value,
+        elements=sum(len(g.elements) for g in new.groups),
+        immediate=new.immediate,
     )
     (ctx.bells.tickets if new.immediate else ctx.bells.optimizer).ring()
     return {"scheduleId": new.schedule_id, "status": status.value}
@@ -97,8 +100,11 @@ async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
 async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
     status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval)
     log.info(
-        "schedule.approval", schedule_id=p.scheduleId, approval=p.approval.approvalStatus,
-        by=p.approval.approvalUserId, status=status.value,
+        "schedule.approval",
+        schedule_id=p.scheduleId,
+        approval=p.approval.approvalStatus,
+        by=p.approval.approvalUserId,
+        status=status.value,
     )
     ctx.bells.tickets.ring()
     return {"scheduleId": p.scheduleId, "status": status.value}
@@ -119,7 +125,10 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
         counts, db_ok = {"error": str(exc)}, False
     stalled = stalled_actors(ctx, now, 120.0)
     component = lambda name, url, ok: {  # noqa: E731
-        "name": name, "url": url, "status": "OK" if ok else "FAILED", "healthy": ok,
+        "name": name,
+        "url": url,
+        "status": "OK" if ok else "FAILED",
+        "healthy": ok,
     }
     return {
         "healthy": db_ok and not stalled,
@@ -212,6 +221,7 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncItera
             raise MethodNotFound(call.method)
         if call.more:
             raise InvalidParameter("more", f"{call.method} does not stream replies")
+        parameters: Any
         try:
             parameters = msgspec.json.decode(call.parameters, type=method.parameters)
         except msgspec.ValidationError as exc:

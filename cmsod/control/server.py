@@ -38,27 +38,28 @@ def _error(name: str, message: str) -> bytes:
     return msgspec.json.encode({"error": name, "parameters": {"message": message}}) + b"\0"
 
 
-async def _claim_path(path: Path) -> None:
-    """Remove a stale socket file; refuse to start beside a live daemon."""
+def _claim_path(path: Path) -> None:
+    """Remove a stale socket file; refuse to start beside a live daemon. (Start-up only, so
+    plain blocking calls on a local file are fine here.)"""
     if not path.exists() and not path.is_symlink():
         return
-    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
-            raise
-        path.unlink(missing_ok=True)
-    else:
-        raise RuntimeError(f"another cmsod is listening on {path}")
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                raise
+            path.unlink(missing_ok=True)
+            return
+    raise RuntimeError(f"another cmsod is listening on {path}")
 
 
-async def serve(ctx: Context, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    ctx: Context, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+) -> None:
     path = ctx.config.socket_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    await _claim_path(path)
+    _claim_path(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
     os.chmod(path, int(ctx.config.control.socket_mode, 8))
@@ -77,7 +78,9 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus[Path] = trio.TASK_
 
     async def refuse(stream: trio.SocketStream) -> None:
         with trio.move_on_after(1.0):
-            await stream.send_all(_error("io.cmsod.TooManyConnections", "too many control connections"))
+            await stream.send_all(
+                _error("io.cmsod.TooManyConnections", "too many control connections")
+            )
         await trio.aclose_forcefully(stream)
 
     try:

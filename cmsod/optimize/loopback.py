@@ -35,7 +35,6 @@ def place_earliest(problem: Problem) -> Plan:
                     f"{group.group_id!r} are full (concurrencyLimit {problem.concurrency})",
                 )
     summary = (
-        f"loopback: {len(placed)} scheduled, {len(unplaced)} not scheduled, "
-        f"{len(load)} slots used"
+        f"loopback: {len(placed)} scheduled, {len(unplaced)} not scheduled, {len(load)} slots used"
     )
     return Plan(placed, unplaced, problem.duration_ms, summary)

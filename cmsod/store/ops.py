@@ -112,7 +112,9 @@ def create_schedule(tx: Tx, new: NewSchedule) -> S:
 
 
 def _schedule_row(tx: Tx, schedule_id: str) -> tuple[int, S]:
-    row = tx.execute("SELECT id, status FROM schedules WHERE schedule_id = ?", (schedule_id,)).fetchone()
+    row = tx.execute(
+        "SELECT id, status FROM schedules WHERE schedule_id = ?", (schedule_id,)
+    ).fetchone()
     if row is None:
         raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, schedule_id)
     return row[0], S(row[1])
@@ -130,7 +132,9 @@ def _record_approval(tx: Tx, schedule: int, user_id: str, status: str) -> None:
 def approve(tx: Tx, schedule_id: str, approval: Approval) -> S:
     """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400)."""
     if approval.approvalStatus not in ("Accepted", "Rejected"):
-        raise RequestError(400, "INVALID_ATTRIBUTE", "approvalStatus", approval.approvalStatus or "")
+        raise RequestError(
+            400, "INVALID_ATTRIBUTE", "approvalStatus", approval.approvalStatus or ""
+        )
     if approval.approvalType != APPROVAL_TYPE:
         raise RequestError(400, "INVALID_ATTRIBUTE", "approvalType", approval.approvalType or "")
     schedule, status = _schedule_row(tx, schedule_id)
@@ -189,7 +193,12 @@ def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
             windows = tx.execute(
                 "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms", (grp,)
             ).fetchall()
-            names = [n for (n,) in tx.execute("SELECT name FROM elements WHERE grp = ? ORDER BY id", (grp,))]
+            names = [
+                n
+                for (n,) in tx.execute(
+                    "SELECT name FROM elements WHERE grp = ? ORDER BY id", (grp,)
+                )
+            ]
             groups.append(ProblemGroup(group_id, [(s, e) for s, e in windows], names))
         problems.append(
             Problem(
@@ -206,7 +215,9 @@ def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
 
 
 def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | None:
-    row = tx.execute("SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)).fetchone()
+    row = tx.execute(
+        "SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)
+    ).fetchone()
     if row is None or row[1] != S.OPTIMIZATION_IN_PROGRESS:
         return None  # deleted while it was being planned
     schedule_id = row[0]
@@ -220,7 +231,12 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
     for name, (reason, message) in plan.unplaced.items():
         element, _ = elements[name]
         tx.element_to(
-            element, schedule, schedule_id, name, E.PENDING_SCHEDULE, E.NOT_SCHEDULED,
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_SCHEDULE,
+            E.NOT_SCHEDULED,
             status_message=f"{reason}: {message}",
         )
     figures = dict(optimizer_return_ms=tx.now_ms)
@@ -231,8 +247,13 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
             else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled"
         )
         tx.schedule_to(
-            schedule, schedule_id, S.OPTIMIZATION_IN_PROGRESS, S.OPTIMIZATION_FAILED,
-            optimizer_status="FAILED", optimizer_message=f"{why}; {plan.summary}", **figures,
+            schedule,
+            schedule_id,
+            S.OPTIMIZATION_IN_PROGRESS,
+            S.OPTIMIZATION_FAILED,
+            optimizer_status="FAILED",
+            optimizer_message=f"{why}; {plan.summary}",
+            **figures,
         )
         return S.OPTIMIZATION_FAILED
     duration_ms = plan.duration_ms
@@ -240,8 +261,14 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
     for name, start_ms in plan.placed.items():
         element, grp = elements[name]
         tx.element_to(
-            element, schedule, schedule_id, name, E.PENDING_SCHEDULE, E.PENDING_APPROVAL,
-            start_ms=start_ms, finish_ms=start_ms + duration_ms,
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_SCHEDULE,
+            E.PENDING_APPROVAL,
+            start_ms=start_ms,
+            finish_ms=start_ms + duration_ms,
         )
         spans.setdefault(grp, []).append(start_ms)
     for grp, starts in spans.items():
@@ -250,8 +277,13 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
             (min(starts), max(starts) + duration_ms, max(starts), grp),
         )
     tx.schedule_to(
-        schedule, schedule_id, S.OPTIMIZATION_IN_PROGRESS, S.PENDING_APPROVAL,
-        optimizer_status="COMPLETED", optimizer_message=plan.summary, **figures,
+        schedule,
+        schedule_id,
+        S.OPTIMIZATION_IN_PROGRESS,
+        S.PENDING_APPROVAL,
+        optimizer_status="COMPLETED",
+        optimizer_message=plan.summary,
+        **figures,
     )
     return S.PENDING_APPROVAL
 
@@ -290,7 +322,9 @@ def accepted_schedules(conn: Any, limit: int) -> list[TicketWork]:
 def record_tickets(tx: Tx, schedule: int, change_ids: dict[int, str]) -> bool:
     """The change tickets exist: elements become `Scheduled` (or `Scheduled Immediate` when they
     have no start time), the schedule `Scheduled`. Elements the optimizer left out stay out."""
-    row = tx.execute("SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)).fetchone()
+    row = tx.execute(
+        "SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)
+    ).fetchone()
     if row is None or row[1] != S.ACCEPTED:
         return False
     schedule_id = row[0]
@@ -299,9 +333,14 @@ def record_tickets(tx: Tx, schedule: int, change_ids: dict[int, str]) -> bool:
         (schedule, E.PENDING_APPROVAL.value),
     ).fetchall():
         tx.element_to(
-            element, schedule, schedule_id, name, E.PENDING_APPROVAL,
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_APPROVAL,
             E.SCHEDULED if start_ms is not None else E.SCHEDULED_IMMEDIATE,
-            tm_change_id=change_ids.get(element), tm_approval_status="Approved",
+            tm_change_id=change_ids.get(element),
+            tm_approval_status="Approved",
         )
     tx.schedule_to(schedule, schedule_id, S.ACCEPTED, S.SCHEDULED)
     return True
@@ -332,21 +371,42 @@ def begin_dispatch(
     ).fetchone()
     if row is None:
         return None
-    schedule, schedule_id, schedule_status, name, status, start_ms, request, key, started, attempts = row
+    (
+        schedule,
+        schedule_id,
+        schedule_status,
+        name,
+        status,
+        start_ms,
+        request,
+        key,
+        started,
+        attempts,
+    ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
     if schedule_status == S.SCHEDULED:  # the first dispatch attempt, even if then refused
         tx.schedule_to(schedule, schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
     if status == E.SCHEDULED_IMMEDIATE and not dispatch_immediate:
         tx.element_to(
-            element, schedule, schedule_id, name, E(status), E.SCHEDULING_FAILED,
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E(status),
+            E.SCHEDULING_FAILED,
             status_message="immediate dispatch is disabled (dispatcher.dispatch_immediate = false)",
         )
         return None
     if start_ms is not None and tx.now_ms > start_ms + misfire_grace_ms:
         late_s = (tx.now_ms - start_ms) / 1000
         tx.element_to(
-            element, schedule, schedule_id, name, E(status), E.PAST_DUE,
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E(status),
+            E.PAST_DUE,
             status_message=(
                 f"not dispatched: {late_s:.0f} s after its start time "
                 f"{lifecycle.format_time(start_ms)}, beyond the misfire grace of "
@@ -407,8 +467,15 @@ def record_dispatched(tx: Tx, element: int, so_request_id: str) -> bool:
         return False
     schedule, schedule_id, name, status = found
     tx.element_to(
-        element, schedule, schedule_id, name, status, E.TRIGGERED,
-        dispatch_ms=tx.now_ms, so_request_id=so_request_id, so_status="Accepted",
+        element,
+        schedule,
+        schedule_id,
+        name,
+        status,
+        E.TRIGGERED,
+        dispatch_ms=tx.now_ms,
+        so_request_id=so_request_id,
+        so_status="Accepted",
     )
     return True
 
@@ -419,7 +486,12 @@ def record_dispatch_failed(tx: Tx, element: int, message: str) -> bool:
         return False
     schedule, schedule_id, name, status = found
     tx.element_to(
-        element, schedule, schedule_id, name, status, E.SCHEDULING_FAILED,
+        element,
+        schedule,
+        schedule_id,
+        name,
+        status,
+        E.SCHEDULING_FAILED,
         status_message=message[:4000],
     )
     return True
@@ -441,7 +513,12 @@ def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
             tx.execute("UPDATE elements SET dispatch_started_ms = NULL WHERE id = ?", (element,))
             continue
         tx.element_to(
-            element, schedule, schedule_id, name, E(status), E.ERROR,
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E(status),
+            E.ERROR,
             status_message=(
                 "dispatch outcome unknown: cmsod stopped after sending the work flow "
                 f"(X-TransactionId {key}) and before recording the orchestrator's answer; "
@@ -475,12 +552,25 @@ def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
         tx.execute(
             "UPDATE elements SET so_status = ?, so_message = ?, so_ms = ?,"
             " poll_errors = poll_errors + ? WHERE id = ?",
-            (outcome.so_status, outcome.so_message, tx.now_ms, int(outcome.connection_error), element),
+            (
+                outcome.so_status,
+                outcome.so_message,
+                tx.now_ms,
+                int(outcome.connection_error),
+                element,
+            ),
         )
         return None
     tx.element_to(
-        element, schedule, schedule_id, name, E.TRIGGERED, outcome.status,
-        so_status=outcome.so_status, so_message=outcome.so_message, so_ms=tx.now_ms,
+        element,
+        schedule,
+        schedule_id,
+        name,
+        E.TRIGGERED,
+        outcome.status,
+        so_status=outcome.so_status,
+        so_message=outcome.so_message,
+        so_ms=tx.now_ms,
         completed_ms=outcome.completed_ms or tx.now_ms,
     )
     return outcome.status
@@ -493,7 +583,9 @@ def delete_schedule(tx: Tx, schedule_id: str) -> S:
     schedule, status = _schedule_row(tx, schedule_id)
     if status in (S.DELETED, S.CANCELLED):
         return status  # already gone: deleting again changes nothing
-    rows = tx.execute("SELECT id, name, status FROM elements WHERE schedule = ?", (schedule,)).fetchall()
+    rows = tx.execute(
+        "SELECT id, name, status FROM elements WHERE schedule = ?", (schedule,)
+    ).fetchall()
     new_status, changes = lifecycle.delete_plan(status, (E(s) for _, _, s in rows))
     for element, name, old in rows:
         if E(old) in changes:

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cmsod import cmevents, lifecycle
+from cmsod import cmevents, lifecycle, log
 from cmsod.clock import WallClock
-from cmsod.executor import Executor, ThreadExecutor
 from cmsod.cmevents import MAX_EDITS_PER_EVENT
+from cmsod.executor import Executor, ThreadExecutor
 from cmsod.model import ELEMENT_FINAL
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
@@ -82,6 +82,7 @@ class Tx:
         self._edits: dict[int, list[tuple[str, str, dict]]] = {}
         self._schedule_ids: dict[int, str] = {}
         self._check_verdict: set[int] = set()
+        self.verdicts: list[tuple[str, S]] = []  # schedules this transaction closed
 
     def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -140,17 +141,21 @@ class Tx:
             verdict = lifecycle.completion_verdict(E(s) for (s,) in rows)
             if verdict is not None:
                 self.schedule_to(schedule, schedule_id, S.NOTIFICATIONS_INITIATED, verdict)
+                self.verdicts.append((schedule_id, verdict))
         for schedule, edits in self._edits.items():
             schedule_id = self._schedule_ids[schedule]
             chunks = [
-                edits[i : i + MAX_EDITS_PER_EVENT] for i in range(0, len(edits), MAX_EDITS_PER_EVENT)
+                edits[i : i + MAX_EDITS_PER_EVENT]
+                for i in range(0, len(edits), MAX_EDITS_PER_EVENT)
             ]
             (seq,) = self.execute(
                 "UPDATE schedules SET event_seq = event_seq + ? WHERE id = ? RETURNING event_seq",
                 (len(chunks), schedule),
             ).fetchone()
             for n, chunk in enumerate(chunks):
-                event = cmevents.build(schedule_id, seq - len(chunks) + n + 1, chunk, self.now_ms, self.source)
+                event = cmevents.build(
+                    schedule_id, seq - len(chunks) + n + 1, chunk, self.now_ms, self.source
+                )
                 self.execute(
                     "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)",
                     (schedule_id, self.topic, cmevents.encode(event), self.now_ms),
@@ -202,7 +207,7 @@ class Store:
         now_ms = self.clock.now_ms()
         topic, source = self.topic, self.source
 
-        def work() -> T:
+        def work() -> tuple[T, Tx]:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -210,14 +215,16 @@ class Store:
                 result = fn(tx, *args)
                 tx.finish()
                 conn.execute("COMMIT")
-                return result
+                return result, tx
             except BaseException:
                 # After SQLITE_FULL the transaction may already be gone (reliability.md A2).
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
 
-        result = await self.executor(work)
+        result, tx = await self.executor(work)
+        for schedule_id, verdict in tx.verdicts:
+            log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         if self.on_commit is not None:
             self.on_commit()
         return result

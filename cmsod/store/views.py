@@ -25,8 +25,20 @@ SCHEDULE_COLUMNS = (
 
 
 def _schedule_view(conn: sqlite3.Connection, row: tuple, with_info: bool = True) -> dict[str, Any]:
-    (schedule, schedule_id, domain, user_id, status, create_ms, opt_status, opt_message, opt_ms,
-     opt_return_ms, delete_ms, info) = row
+    (
+        schedule,
+        schedule_id,
+        domain,
+        user_id,
+        status,
+        create_ms,
+        opt_status,
+        opt_message,
+        opt_ms,
+        opt_return_ms,
+        delete_ms,
+        info,
+    ) = row
     view = {
         "scheduleId": schedule_id,  # CMSO never serialised it (bug 18); we do
         "scheduleName": schedule_id,  # CMSO forces the name to the id
@@ -67,8 +79,22 @@ ELEMENT_COLUMNS = (
 
 
 def _element_view(row: tuple) -> dict[str, Any]:
-    (name, status, start, finish, tm_id, tm_status, tm_approval, dispatch, completed, so_id,
-     so_status, so_message, so_ms, message) = row[:14]
+    (
+        name,
+        status,
+        start,
+        finish,
+        tm_id,
+        tm_status,
+        tm_approval,
+        dispatch,
+        completed,
+        so_id,
+        so_status,
+        so_message,
+        so_ms,
+        message,
+    ) = row[:14]
     return _clean(
         {
             "vnfName": name,
@@ -97,7 +123,8 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
         raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, schedule_id)
     view = _schedule_view(conn, row)
     normal_s, additional_s, concurrency, policy_id = conn.execute(
-        "SELECT normal_s, additional_s, concurrency, policy_id FROM schedules WHERE id = ?", (row[0],)
+        "SELECT normal_s, additional_s, concurrency, policy_id FROM schedules WHERE id = ?",
+        (row[0],),
     ).fetchone()
     groups = []
     for grp, group_id, start, finish, last in conn.execute(
@@ -107,7 +134,8 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
     ).fetchall():
         items = []
         for element_row in conn.execute(
-            f"SELECT {ELEMENT_COLUMNS}, e.request FROM elements e WHERE e.grp = ? ORDER BY e.id", (grp,)
+            f"SELECT {ELEMENT_COLUMNS}, e.request FROM elements e WHERE e.grp = ? ORDER BY e.id",
+            (grp,),
         ):
             item = _element_view(element_row)
             item["request"] = bytes(element_row[14]).decode()
@@ -126,7 +154,8 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
                     "changeWindows": [
                         {"startTime": format_time(s), "endTime": format_time(e)}
                         for s, e in conn.execute(
-                            "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms", (grp,)
+                            "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms",
+                            (grp,),
                         )
                     ],
                     "changeManagementSchedules": items,
@@ -152,7 +181,13 @@ def list_schedules(
         [*params, limit + 1],
     ).fetchall()
     page = [
-        {"scheduleId": sid, "status": st, "userId": u, "createDateTime": format_time(ms), "elements": n}
+        {
+            "scheduleId": sid,
+            "status": st,
+            "userId": u,
+            "createDateTime": format_time(ms),
+            "elements": n,
+        }
         for sid, st, u, ms, n in rows[:limit]
     ]
     return page, (page[-1]["scheduleId"] if len(rows) > limit else None)
@@ -273,12 +308,16 @@ def details(conn: sqlite3.Connection, filters: dict[str, list[str]]) -> list[dic
 
 def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
     return {
-        "schedules": dict(conn.execute("SELECT status, count(*) FROM schedules GROUP BY status").fetchall()),
+        "schedules": dict(
+            conn.execute("SELECT status, count(*) FROM schedules GROUP BY status").fetchall()
+        ),
         "elements": dict(
             conn.execute(
                 "SELECT status, count(*) FROM elements WHERE status IN"
                 " ('Scheduled', 'Scheduled Immediate', 'Triggered') GROUP BY status"
             ).fetchall()
         ),
-        "eventsPending": conn.execute("SELECT count(*) FROM events WHERE sent_ms IS NULL").fetchone()[0],
+        "eventsPending": conn.execute(
+            "SELECT count(*) FROM events WHERE sent_ms IS NULL"
+        ).fetchone()[0],
     }

@@ -50,7 +50,9 @@ class ScheduleRequest(msgspec.Struct, omit_defaults=True):
 class CallbackData(msgspec.Struct):
     """The JSON string in `domainData[].CallbackData`: one SO request per element."""
 
-    requestDetails: Annotated[list[dict[str, msgspec.Raw]], msgspec.Meta(max_length=MAX_ELEMENTS)] = []
+    requestDetails: Annotated[
+        list[dict[str, msgspec.Raw]], msgspec.Meta(max_length=MAX_ELEMENTS)
+    ] = []
     requestType: Name | None = None
 
 

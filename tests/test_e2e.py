@@ -1,0 +1,165 @@
+"""End to end: the real `cmsod` process in a temporary state dir, driven by the real `cmsoctl`,
+killed with SIGKILL mid-schedule and restarted. Waits read the daemon's own log, never a sleep."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tests.cmso_requests import iso, request
+
+ENV = {
+    "CMSOD_POLLER__INTERVAL_S": "0.2",
+    "CMSOD_SO__SIMULATED_DURATION_S": "0.5",
+    "CMSOD_DISPATCHER__LEAD_TIME_S": "0",
+    "CMSOD_OPTIMIZER__INTERVAL_S": "0.5",
+}
+
+
+class Daemon:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cmsod", "--state-dir", str(state_dir)],
+            stderr=subprocess.PIPE,
+            env={**os.environ, **ENV},
+        )
+        self._partial = b""
+        self.wait_log(r"event=daemon\.ready")
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 60.0) -> list[str]:
+        """Read the daemon's log until `count` lines match `pattern` (from its start)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stderr is not None
+        while len(found := [line for line in self.lines if regex.search(line)]) < count:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {count}x {pattern!r} in log:\n" + "\n".join(self.lines[-30:])
+            ready, _, _ = select.select([self.proc.stderr], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stderr.fileno(), 65536)
+                assert chunk, "daemon exited:\n" + "\n".join(self.lines[-30:])
+                *complete, self._partial = (self._partial + chunk).split(b"\n")
+                self.lines.extend(c.decode() for c in complete)
+        return found
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.wait_log(r"event=daemon\.stopped", timeout=20)
+        finally:
+            code = self.proc.wait(20)
+        return code
+
+
+def cmsoctl(state_dir: Path, *args: str, stdin: str | None = None) -> tuple[int, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod.ctl", "--socket", str(state_dir / "control.sock"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_kill_9_mid_schedule_loses_nothing_and_dispatches_nothing_twice(tmp_path: Path) -> None:
+    nodes = [f"n{i}" for i in range(30)]
+    now = datetime.now(UTC)
+    body = request("e2e", now=now, nodes=nodes, normal=1, additional=0, concurrency=3)
+    window = body["schedulingInfo"]["vnfDetails"][0]["changeWindow"][0]
+    window["startTime"] = iso(now + timedelta(seconds=3))
+
+    daemon = Daemon(tmp_path)
+    code, out = cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))
+    assert code == 0, out
+    assert out.strip() == "e2e: Pending Schedule"
+    daemon.wait_log(r"event=schedule\.optimized schedule_id=e2e")
+    code, out = cmsoctl(tmp_path, "approve", "e2e", "--user", "jf9860")
+    assert (code, out.strip()) == (0, "e2e: Accepted")
+
+    daemon.wait_log(r"event=element\.dispatched", count=7)
+    daemon.kill()  # mid-schedule: some done, some running, most still to come
+    first_run = daemon.lines
+
+    daemon = Daemon(tmp_path)
+    daemon.wait_log(r"event=schedule\.finished schedule_id=e2e", timeout=90)
+    code, out = cmsoctl(tmp_path, "--json", "show", "e2e")
+    assert code == 0, out
+    view = json.loads(out)["schedule"]
+    assert view["status"] in ("Completed", "Completed with error(s)")
+    items = view["groups"][0]["changeManagementSchedules"]
+    assert sorted(i["vnfName"] for i in items) == sorted(nodes)  # nothing lost
+    for item in items:
+        # every element ran to the end, or was reconciled after the kill with a message
+        assert item["status"] == "Completed" or (
+            item["status"] == "Error" and "dispatch outcome unknown" in item["statusMessage"]
+        ), item
+
+    dispatched = collections.Counter(
+        re.search(r" vnf=(\S+)", line).group(1)
+        for line in first_run + daemon.lines
+        if "event=element.dispatched" in line
+    )
+    assert max(dispatched.values()) == 1  # no element dispatched twice across the kill
+    completed = {i["vnfName"] for i in items if i["status"] == "Completed"}
+    reconciled = {i["vnfName"] for i in items if i["status"] == "Error"}
+    # A logged dispatch was recorded, so it ran to the end; a reconciled one never was.
+    # (A kill between a record's commit and its log line makes completed a superset.)
+    assert set(dispatched) <= completed and not set(dispatched) & reconciled
+    print(
+        f"1 kill, {len(completed) + len(reconciled)} dispatched, 0 duplicated, 0 lost "
+        f"({len(reconciled)} reconciled as Error)"
+    )
+
+    assert daemon.stop() == 0
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT max(dispatch_attempts) FROM elements").fetchone() == (1,)
+        unsent = db.execute("SELECT count(*) FROM events WHERE sent_ms IS NULL").fetchone()
+    assert unsent == (0,)
+    # every event reached the file, at least once, in order per schedule
+    patch_ids = [
+        json.loads(line)["event"]["push-change-update"]["datastore-changes"][
+            "ietf-yang-patch:yang-patch"
+        ]["patch-id"]
+        for line in (tmp_path / "events" / "cm-events.jsonl").read_text().splitlines()
+    ]
+    seqs = [int(p.split(":")[1]) for p in patch_ids]
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1))
+    first_seen = list(dict.fromkeys(seqs))
+    assert first_seen == sorted(first_seen)
+
+
+def test_first_run_commands_and_exit_codes(tmp_path: Path) -> None:
+    code, out = cmsoctl(tmp_path, "status")
+    assert code == 69 and "no cmsod socket" in out
+    daemon = Daemon(tmp_path)
+    try:
+        code, out = cmsoctl(tmp_path, "status")
+        assert code == 0 and "healthy    yes" in out
+        code, out = cmsoctl(tmp_path, "show", "nope")
+        assert code == 1 and "404 Scheduler.SCHEDULE_NOT_FOUND" in out
+        code, out = cmsoctl(tmp_path, "--json", "show", "nope")
+        assert code == 1 and json.loads(out.splitlines()[0])["error"] == "io.cmsod.RequestError"
+        code, out = cmsoctl(tmp_path, "submit", str(tmp_path / "missing.json"))
+        assert code == 2
+        code, out = cmsoctl(tmp_path, "reload")
+        assert code == 0 and "configuration reloaded" in out
+    finally:
+        assert daemon.stop() == 0
