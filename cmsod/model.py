@@ -66,10 +66,10 @@ ELEMENT_DONE_OK = frozenset({E.COMPLETED})
 ELEMENT_DONE_FAILED = frozenset(
     {E.FAILED, E.PAST_DUE, E.ERROR, E.SCHEDULING_FAILED, E.CANCELLED, E.DELETED}
 )
-# `Not scheduled by optimizer` elements are never dispatched (CMSO bug 5 fixed); they neither
-# block nor spoil a schedule's verdict.
-ELEMENT_NOT_PART = frozenset({E.NOT_SCHEDULED})
-ELEMENT_FINAL = ELEMENT_DONE_OK | ELEMENT_DONE_FAILED | ELEMENT_NOT_PART | {E.APPROVAL_REJECTED}
+# Elements that take no part in execution: `Not scheduled by optimizer` ones are never
+# dispatched (CMSO bug 5 fixed). They neither block nor spoil a schedule's verdict.
+ELEMENT_NOT_PART = frozenset({E.NOT_SCHEDULED, E.APPROVAL_REJECTED})
+ELEMENT_FINAL = ELEMENT_DONE_OK | ELEMENT_DONE_FAILED | ELEMENT_NOT_PART
 
 APPROVAL_DOMAIN = "ChangeManagement"
 APPROVAL_TYPE = "Tier 2"
