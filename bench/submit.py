@@ -52,14 +52,26 @@ def main() -> None:
             submit_s, ready_s = [], []
             nodes = [f"n{i}" for i in range(args.elements)]
             for run in range(args.runs):
-                body = request(f"bench-{run}", now=datetime.now(UTC) + timedelta(minutes=5), nodes=nodes, concurrency=10)
+                body = request(
+                    f"bench-{run}",
+                    now=datetime.now(UTC) + timedelta(minutes=5),
+                    nodes=nodes,
+                    concurrency=10,
+                )
                 began = time.perf_counter()
                 subprocess.run(
                     [sys.executable, "-m", "cmsod.ctl", "--socket", sock, "submit", "-"],
-                    input=json.dumps(body).encode(), check=True, capture_output=True,
+                    input=json.dumps(body).encode(),
+                    check=True,
+                    capture_output=True,
                 )
                 submitted = time.perf_counter()
-                while ask(sock, "io.cmsod.Schedules.Get", scheduleId=f"bench-{run}")["parameters"]["schedule"]["status"] != "Pending Approval":
+                while (
+                    ask(sock, "io.cmsod.Schedules.Get", scheduleId=f"bench-{run}")["parameters"][
+                        "schedule"
+                    ]["status"]
+                    != "Pending Approval"
+                ):
                     time.sleep(0.001)
                 submit_s.append(submitted - began)
                 ready_s.append(time.perf_counter() - began)
@@ -67,9 +79,15 @@ def main() -> None:
             daemon.terminate()
             daemon.wait(10)
     print(describe())
-    print(f"{args.elements}-element schedule, {args.runs} runs, real daemon on the embedded defaults")
-    print(f"  cmsoctl submit returned:        median {statistics.median(submit_s) * 1000:7.1f} ms  max {max(submit_s) * 1000:7.1f} ms")
-    print(f"  submit -> Pending Approval:     median {statistics.median(ready_s) * 1000:7.1f} ms  max {max(ready_s) * 1000:7.1f} ms")
+    print(
+        f"{args.elements}-element schedule, {args.runs} runs, real daemon on the embedded defaults"
+    )
+    print(
+        f"  cmsoctl submit returned:        median {statistics.median(submit_s) * 1000:7.1f} ms  max {max(submit_s) * 1000:7.1f} ms"
+    )
+    print(
+        f"  submit -> Pending Approval:     median {statistics.median(ready_s) * 1000:7.1f} ms  max {max(ready_s) * 1000:7.1f} ms"
+    )
     print("  (includes starting the cmsoctl Python process, about 60-100 ms of it)")
 
 
