@@ -18,9 +18,19 @@ from cmsod.optimize.problem import Problem, ProblemGroup, merge
 
 def test_status_texts_are_cmsos() -> None:
     assert [s.value for s in S] == [
-        "Pending Schedule", "Optimization In Progress", "Optimization Failed", "Schedule Failed",
-        "Pending Approval", "Accepted", "Rejected", "Scheduled", "Notifications Initiated",
-        "Completed", "Completed with error(s)", "Cancelled", "Deleted",
+        "Pending Schedule",
+        "Optimization In Progress",
+        "Optimization Failed",
+        "Schedule Failed",
+        "Pending Approval",
+        "Accepted",
+        "Rejected",
+        "Scheduled",
+        "Notifications Initiated",
+        "Completed",
+        "Completed with error(s)",
+        "Cancelled",
+        "Deleted",
     ]
     assert E.NOT_SCHEDULED.value == "Not scheduled by optimizer"
     assert E.PAST_DUE.value == "Past due"
@@ -54,9 +64,13 @@ def test_illegal_transitions_raise() -> None:
 
 
 def test_delete_plan() -> None:
-    assert lifecycle.delete_plan(S.SCHEDULED, [E.SCHEDULED]) == (S.CANCELLED, {E.SCHEDULED: E.CANCELLED})
+    assert lifecycle.delete_plan(S.SCHEDULED, [E.SCHEDULED]) == (
+        S.CANCELLED,
+        {E.SCHEDULED: E.CANCELLED},
+    )
     assert lifecycle.delete_plan(S.PENDING_APPROVAL, [E.PENDING_APPROVAL, E.NOT_SCHEDULED]) == (
-        S.DELETED, {E.PENDING_APPROVAL: E.DELETED, E.NOT_SCHEDULED: E.DELETED},
+        S.DELETED,
+        {E.PENDING_APPROVAL: E.DELETED, E.NOT_SCHEDULED: E.DELETED},
     )
     assert lifecycle.delete_plan(S.COMPLETED, [E.COMPLETED, E.FAILED]) == (S.DELETED, {})
     with pytest.raises(RequestError) as info:
@@ -76,17 +90,27 @@ def test_verdict_only_when_nothing_is_left_to_run(elements: list[E]) -> None:
 
 
 def test_one_failed_group_spoils_the_whole_schedule() -> None:  # bug 14
-    assert lifecycle.completion_verdict([E.COMPLETED, E.COMPLETED, E.FAILED]) == S.COMPLETED_WITH_ERRORS
+    assert (
+        lifecycle.completion_verdict([E.COMPLETED, E.COMPLETED, E.FAILED])
+        == S.COMPLETED_WITH_ERRORS
+    )
 
 
 @pytest.mark.parametrize(
     "http,state,status",
     [
-        (200, "COMPLETE", E.COMPLETED), (200, "COMPLETED", E.COMPLETED),
-        (200, "FAILED", E.FAILED), (200, "ABORTED", E.FAILED), (200, "TIMEOUT", E.FAILED),
-        (200, "ROLLED_BACK_TO_ASSIGNED", E.FAILED), (200, "UNLOCKED", E.FAILED),
-        (200, "IN_PROGRESS", None), (200, None, E.ERROR),
-        (404, None, E.FAILED), (400, None, E.ERROR), (500, None, E.ERROR),
+        (200, "COMPLETE", E.COMPLETED),
+        (200, "COMPLETED", E.COMPLETED),
+        (200, "FAILED", E.FAILED),
+        (200, "ABORTED", E.FAILED),
+        (200, "TIMEOUT", E.FAILED),
+        (200, "ROLLED_BACK_TO_ASSIGNED", E.FAILED),
+        (200, "UNLOCKED", E.FAILED),
+        (200, "IN_PROGRESS", None),
+        (200, None, E.ERROR),
+        (404, None, E.FAILED),
+        (400, None, E.ERROR),
+        (500, None, E.ERROR),
     ],
 )
 def test_so_answers(http: int, state: str | None, status: E | None) -> None:
@@ -118,13 +142,21 @@ def problems(draw) -> Problem:
     for g in range(draw(st.integers(1, 3))):
         windows = [
             (start * H // 4, (start + length) * H // 4)
-            for start, length in draw(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 16)), min_size=1, max_size=3))
+            for start, length in draw(
+                st.lists(st.tuples(st.integers(0, 40), st.integers(1, 16)), min_size=1, max_size=3)
+            )
         ]
-        groups.append(ProblemGroup(f"g{g}", windows, [f"g{g}e{i}" for i in range(draw(st.integers(0, 12)))]))
+        groups.append(
+            ProblemGroup(f"g{g}", windows, [f"g{g}e{i}" for i in range(draw(st.integers(0, 12)))])
+        )
     return Problem(
-        key=1, schedule_id="p", duration_ms=draw(st.sampled_from([H // 4, H // 2, H])),
-        concurrency=draw(st.integers(1, 4)), policy_id=None,
-        not_before_ms=draw(st.integers(0, 8)) * H // 4, groups=groups,
+        key=1,
+        schedule_id="p",
+        duration_ms=draw(st.sampled_from([H // 4, H // 2, H])),
+        concurrency=draw(st.integers(1, 4)),
+        policy_id=None,
+        not_before_ms=draw(st.integers(0, 8)) * H // 4,
+        groups=groups,
     )
 
 
@@ -133,7 +165,9 @@ def problems(draw) -> Problem:
 def test_loopback_placement_honours_windows_and_the_limit(problem: Problem) -> None:
     plan = place_earliest(problem)
     names = [n for g in problem.groups for n in g.elements]
-    assert sorted(plan.placed) + sorted(plan.unplaced) == sorted(plan.placed) + sorted(set(names) - set(plan.placed))
+    assert sorted(plan.placed) + sorted(plan.unplaced) == sorted(plan.placed) + sorted(
+        set(names) - set(plan.placed)
+    )
     load: dict[int, int] = {}
     for group in problem.groups:
         slots = set(problem.slots(group.windows))
@@ -143,13 +177,18 @@ def test_loopback_placement_honours_windows_and_the_limit(problem: Problem) -> N
                 slot = (start - problem.origin_ms) // problem.duration_ms
                 assert slot in slots and start >= problem.not_before_ms
                 # inside its windows; back-to-back windows count as one
-                assert any(s <= start and start + problem.duration_ms <= e for s, e in merge(group.windows))
+                assert any(
+                    s <= start and start + problem.duration_ms <= e for s, e in merge(group.windows)
+                )
                 load[slot] = load.get(slot, 0) + 1
             else:
                 # left out only when every slot of its windows is full
                 assert all(load.get(s, 0) >= problem.concurrency for s in slots) or not slots
                 reason, message = plan.unplaced[name]
-                assert reason in ("ConcurrencyConstraint", "AvailabilityConstraint") and group.group_id in message
+                assert (
+                    reason in ("ConcurrencyConstraint", "AvailabilityConstraint")
+                    and group.group_id in message
+                )
     assert all(n <= problem.concurrency for n in load.values())
 
 
