@@ -60,7 +60,13 @@ def build_context(
 
 def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
     def reload() -> list[str]:
-        new = config.load(config_path, state_dir=state_dir)
+        try:
+            return apply(config.load(config_path, state_dir=state_dir))
+        except ConfigError as exc:
+            log.error("config.reload_failed", reason=str(exc))
+            raise
+
+    def apply(new: config.Config) -> list[str]:
         old = ctx.config
         fixed = [
             name
@@ -161,7 +167,6 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
                 ctx.reload()
                 systemd.notify("READY=1", "STATUS=configuration reloaded")
             except ConfigError as exc:
-                log.error("config.reload_failed", reason=str(exc))
                 systemd.notify("READY=1", f"STATUS=reload failed, old configuration kept: {exc}")
             continue
         systemd.notify("STOPPING=1")

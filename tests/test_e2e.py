@@ -9,6 +9,7 @@ import os
 import re
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,13 +28,16 @@ ENV = {
 
 
 class Daemon:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path, config: Path | None = None, extra_env: dict | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.lines: list[str] = []
+        where = ["--config", str(config)] if config else ["--state-dir", str(state_dir)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cmsod", "--state-dir", str(state_dir)],
+            [sys.executable, "-m", "cmsod", *where],
             stderr=subprocess.PIPE,
-            env={**os.environ, **ENV},
+            env={**os.environ, **ENV, **(extra_env or {})},
         )
         self._partial = b""
         self.wait_log(r"event=daemon\.ready")
@@ -163,3 +167,39 @@ def test_first_run_commands_and_exit_codes(tmp_path: Path) -> None:
         assert code == 0 and "configuration reloaded" in out
     finally:
         assert daemon.stop() == 0
+
+
+def test_reload_keeps_the_old_config_when_the_new_one_is_bad(tmp_path: Path) -> None:
+    conf = tmp_path / "cmsod.toml"
+    conf.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[dispatcher]\nmisfire_grace_s = 3\n')
+    daemon = Daemon(tmp_path, config=conf)
+    try:
+        conf.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[dispatcher]\nmisfire_grace_s = 4\n')
+        code, out = cmsoctl(tmp_path, "reload")
+        assert (code, out.strip()) == (0, "configuration reloaded: dispatcher.misfire_grace_s")
+        conf.write_text(
+            f'[daemon]\nstate_dir = "{tmp_path}"\n[dispatcher]\nmisfire_grace_s = "often"\n'
+        )
+        code, out = cmsoctl(tmp_path, "reload")
+        assert code == 1 and "$.dispatcher.misfire_grace_s" in out
+        daemon.proc.send_signal(signal.SIGHUP)  # the same through SIGHUP: logged, old kept
+        daemon.wait_log(r"event=config\.reload_failed .*\$\.dispatcher\.misfire_grace_s")
+        code, out = cmsoctl(tmp_path, "status")
+        assert code == 0 and "healthy    yes" in out
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sd_notify_ready_status_and_stopping(tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    daemon = Daemon(tmp_path, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    ready = notify.recv(4096).decode().split("\n")
+    assert ready[0] == "READY=1"
+    assert ready[1].startswith("STATUS=0 active schedules")
+    assert (tmp_path / "control.sock").exists()  # READY only once the socket listens
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert notify.recv(4096) == b"STOPPING=1"
+    assert daemon.proc.wait(20) == 0
+    notify.close()

@@ -42,7 +42,7 @@ async def supervise(
                 raise  # failed before it was ever ready: the daemon cannot start
             figures = ctx.beat(name)
             figures.restarts += 1
-            figures.last_error = repr(exc)[:500]
+            figures.last_error = repr(_cause(exc))[:500]
             now = trio.current_time()
             crashes.append(now)
             sup = ctx.config.supervisor
@@ -59,6 +59,13 @@ async def supervise(
             log.error("actor.crashed", exc_info=True, actor=name, restart_in_s=round(backoff, 2))
             await trio.sleep(backoff)
             log.warning("actor.restarted", actor=name, restarts=figures.restarts)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The one exception inside the nursery's ExceptionGroup wrapping, for the operator."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def stalled_actors(ctx: Context, now: float, stall_s: float) -> list[str]:
