@@ -8,6 +8,7 @@ the key (`_s`). The defaults here are the embedded defaults: loop-back peers, ev
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,10 @@ from typing import Annotated, Literal
 import msgspec
 
 from cmsod.errors import ConfigError
+from cmsod.optimize.policies import BUILTIN as BUILTIN_POLICIES
+from cmsod.optimize.policies import Policy
+
+POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400)]
 Positive = Annotated[float, msgspec.Meta(gt=0, le=86400)]
@@ -40,6 +45,10 @@ class StoreConfig(Section, frozen=True):
 class OptimizerConfig(Section, frozen=True):
     interval_s: Positive = 10.0  # sweep period; a new schedule wakes the optimizer at once
     allow_partial: bool = False
+    policies: str = ""  # folder of <name>.toml policies, added to the built-in four
+    inventory: str = ""  # TOML file of element data (time zone, attributes); "" = none
+    attribute: str = ""  # an element attribute to limit, e.g. "site"
+    attribute_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0  # 0 = no limit
 
 
 class DispatcherConfig(Section, frozen=True):
@@ -122,6 +131,59 @@ class Config(Section, frozen=True):
     @property
     def events_dir(self) -> Path:
         return self.state_dir / (self.events.path or "events")
+
+    @property
+    def policies_dir(self) -> Path | None:
+        if self.optimizer.policies:
+            return Path(self.optimizer.policies)
+        conf_dir = os.environ.get("CONFIGURATION_DIRECTORY")
+        candidate = Path(conf_dir or "/etc/cmsod") / "policies"
+        return candidate if candidate.is_dir() else None
+
+
+def load_policies(directory: Path | None) -> dict[str, Policy]:
+    """The built-in policies, then every <name>.toml in the folder (which may replace one);
+    a bad file is a ConfigError naming the file and the key."""
+    policies: dict[str, Policy] = dict(BUILTIN_POLICIES)
+    if directory is None:
+        return policies
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such policy folder")
+    for path in sorted(directory.glob("*.toml")):
+        if not POLICY_NAME.match(path.stem):
+            raise ConfigError(f"{path}: a policy file name must be a plain name")
+        try:
+            policy = msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), Policy)
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        policies[path.stem] = msgspec.structs.replace(policy, name=path.stem)
+    return policies
+
+
+class Inventory(msgspec.Struct, forbid_unknown_fields=True):
+    elements: dict[
+        Annotated[str, msgspec.Meta(max_length=1024)],
+        dict[
+            Annotated[str, msgspec.Meta(max_length=256)],
+            Annotated[str, msgspec.Meta(max_length=1024)],
+        ],
+    ] = {}
+
+
+def load_inventory(path: str) -> dict[str, dict[str, str]]:
+    """Element data by element name: `[elements."node1"]` tables of `timezone = ...`, `site = ...`."""
+    if not path:
+        return {}
+    try:
+        return msgspec.convert(
+            tomllib.loads(Path(path).read_text(encoding="utf-8")), Inventory
+        ).elements
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 ENV_PREFIX = "CMSOD_"

@@ -22,6 +22,7 @@ from cmsod.clock import WallClock
 from cmsod.control import server
 from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
+from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import FileSink
 from cmsod.peers.so import LoopbackSO
 from cmsod.peers.tm import LoopbackTM
@@ -38,13 +39,27 @@ ACTORS = [  # dependency order: what others wake comes up first
 STALL_S = 120.0
 
 
+def planning_for(cfg: config.Config) -> Planning:
+    """Policies, inventory and options from the configuration; raises ConfigError."""
+    options = Options(cfg.optimizer.attribute or None, cfg.optimizer.attribute_limit or None)
+    return Planning(
+        config.load_policies(cfg.policies_dir),
+        config.load_inventory(cfg.optimizer.inventory),
+        options,
+    )
+
+
 def build_context(
     cfg: config.Config, clock: WallClock, executor: Executor | None = None
 ) -> Context:
-    """The store, peers and doorbells for one daemon (tests build theirs the same way)."""
+    """The store, peers and doorbells for one daemon (tests build theirs the same way, with an
+    InlineExecutor so that nothing runs in a thread under MockClock)."""
+    threaded = executor is None
     executor = executor or ThreadExecutor()
-    # The sink gets its own worker thread in production (not the store's); inline in tests.
-    sink_executor = ThreadExecutor() if isinstance(executor, ThreadExecutor) else executor
+
+    def own_thread() -> Executor:  # the sink and the solver each get theirs, not the store's
+        return ThreadExecutor() if threaded else executor
+
     store = Store(cfg.store_path, executor, clock, cfg.events.topic, cfg.events.source)
     ctx = Context(
         config=cfg,
@@ -52,7 +67,9 @@ def build_context(
         clock=clock,
         so=LoopbackSO(clock, cfg.so.simulated_duration_s),
         tm=LoopbackTM(),
-        sink=FileSink(cfg.events_dir, sink_executor),
+        sink=FileSink(cfg.events_dir, own_thread()),
+        planning=planning_for(cfg),
+        compute=own_thread(),
     )
     store.on_commit = ctx.bells.emitter.ring
     return ctx
@@ -61,12 +78,13 @@ def build_context(
 def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
     def reload() -> list[str]:
         try:
-            return apply(config.load(config_path, state_dir=state_dir))
+            new = config.load(config_path, state_dir=state_dir)
+            return apply(new, planning_for(new))
         except ConfigError as exc:
             log.error("config.reload_failed", reason=str(exc))
             raise
 
-    def apply(new: config.Config) -> list[str]:
+    def apply(new: config.Config, planning: Planning) -> list[str]:
         old = ctx.config
         fixed = [
             name
@@ -86,6 +104,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
             if getattr(getattr(new, section), key) != getattr(getattr(old, section), key)
         ]
         ctx.config = new
+        ctx.planning = planning
         ctx.store.topic, ctx.store.source = new.events.topic, new.events.source
         if isinstance(ctx.so, LoopbackSO):
             ctx.so.simulated_duration_s = new.so.simulated_duration_s
@@ -209,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = config.load(config_path, state_dir=args.state_dir)
+        planning_for(cfg)  # policy and inventory files are configuration too
     except ConfigError as exc:
         print(f"cmsod: invalid config {exc}", file=sys.stderr)
         return EX_CONFIG

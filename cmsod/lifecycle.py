@@ -197,6 +197,12 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
     if not req.userId:
         raise _missing("userId", "")
 
+    element_data: dict[str, dict[str, str]] = {}
+    for item in info.elements or []:
+        if item.elementId not in seen:
+            raise _invalid("elementId", item.elementId)
+        element_data[item.elementId] = {d.name: d.value for d in item.elementData}
+
     groups: list[NewGroup] = []
     group_ids: set[str] = set()
     for index, (details, windows) in enumerate(zip(info.vnfDetails, windows_of, strict=True)):
@@ -204,7 +210,10 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
         if group_id in group_ids:
             raise _invalid("groupId", group_id)
         group_ids.add(group_id)
-        elements = [NewElement(name, requests[name]) for name in details.node or []]
+        elements = [
+            NewElement(name, requests[name], element_data.get(name, {}))
+            for name in details.node or []
+        ]
         groups.append(NewGroup(group_id, sorted(windows, key=lambda w: w.start_ms), elements))
 
     domain_data = [

@@ -89,6 +89,7 @@ class Window(msgspec.Struct, frozen=True):
 class NewElement(msgspec.Struct):
     name: str
     request: bytes  # the SO request JSON, exactly as the client sent it
+    data: dict[str, str] = {}  # time zone, attributes (site, region, ...)
 
 
 class NewGroup(msgspec.Struct):

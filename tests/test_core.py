@@ -4,7 +4,7 @@ formats, and the loop-back placement (hypothesis property tests)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cmsod import lifecycle
@@ -12,8 +12,7 @@ from cmsod.errors import RequestError, TransitionError
 from cmsod.model import ELEMENT_FINAL, ELEMENT_NOT_PART, SCHEDULE_FINAL
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.optimize.loopback import place_earliest
-from cmsod.optimize.problem import Problem, ProblemGroup, merge
+from cmsod.optimize.problem import merge
 
 
 def test_status_texts_are_cmsos() -> None:
@@ -131,64 +130,6 @@ def test_times() -> None:
     for bad in ["", "2019-13-01T00:00:00Z", "tomorrow", "x" * 100]:
         with pytest.raises(ValueError):
             lifecycle.parse_time_ms(bad)
-
-
-H = 3_600_000
-
-
-@st.composite
-def problems(draw) -> Problem:
-    groups = []
-    for g in range(draw(st.integers(1, 3))):
-        windows = [
-            (start * H // 4, (start + length) * H // 4)
-            for start, length in draw(
-                st.lists(st.tuples(st.integers(0, 40), st.integers(1, 16)), min_size=1, max_size=3)
-            )
-        ]
-        groups.append(
-            ProblemGroup(f"g{g}", windows, [f"g{g}e{i}" for i in range(draw(st.integers(0, 12)))])
-        )
-    return Problem(
-        key=1,
-        schedule_id="p",
-        duration_ms=draw(st.sampled_from([H // 4, H // 2, H])),
-        concurrency=draw(st.integers(1, 4)),
-        policy_id=None,
-        not_before_ms=draw(st.integers(0, 8)) * H // 4,
-        groups=groups,
-    )
-
-
-@settings(max_examples=300, deadline=None)
-@given(problems())
-def test_loopback_placement_honours_windows_and_the_limit(problem: Problem) -> None:
-    plan = place_earliest(problem)
-    names = [n for g in problem.groups for n in g.elements]
-    assert set(plan.placed) | set(plan.unplaced) == set(names)
-    assert not set(plan.placed) & set(plan.unplaced)
-    load: dict[int, int] = {}
-    for group in problem.groups:
-        slots = set(problem.slots(group.windows))
-        for name in group.elements:
-            if name in plan.placed:
-                start = plan.placed[name]
-                slot = (start - problem.origin_ms) // problem.duration_ms
-                assert slot in slots and start >= problem.not_before_ms
-                # inside its windows; back-to-back windows count as one
-                assert any(
-                    s <= start and start + problem.duration_ms <= e for s, e in merge(group.windows)
-                )
-                load[slot] = load.get(slot, 0) + 1
-            else:
-                # left out only when every slot of its windows is full
-                assert all(load.get(s, 0) >= problem.concurrency for s in slots) or not slots
-                reason, message = plan.unplaced[name]
-                assert (
-                    reason in ("ConcurrencyConstraint", "AvailabilityConstraint")
-                    and group.group_id in message
-                )
-    assert all(n <= problem.concurrency for n in load.values())
 
 
 def test_merge_windows() -> None:

@@ -10,6 +10,8 @@ import trio
 
 from cmsod.clock import MAX_STEP_S, WallClock
 from cmsod.config import Config
+from cmsod.executor import Executor, InlineExecutor
+from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import EventSink
 from cmsod.peers.so import Orchestrator
 from cmsod.peers.tm import TicketSystem
@@ -63,6 +65,8 @@ class Context:
     so: Orchestrator
     tm: TicketSystem
     sink: EventSink
+    planning: Planning = field(default_factory=lambda: Planning({}, {}, Options()))
+    compute: Executor = field(default_factory=InlineExecutor)  # where plans are solved
     bells: Bells = field(default_factory=Bells)
     figures: dict[str, ActorFigures] = field(default_factory=dict)
     stopping: trio.Event = field(default_factory=trio.Event)  # SIGTERM: take no new work

@@ -20,6 +20,14 @@ class ProblemGroup(msgspec.Struct):
     elements: list[str]
 
 
+class Busy(msgspec.Struct, frozen=True):
+    """A time an element is unavailable: a ticket, a blackout, another schedule's work."""
+
+    start_ms: int
+    end_ms: int
+    what: str  # said in the reason when it blocks the element, e.g. "ticket CHG123"
+
+
 class Problem(msgspec.Struct):
     key: int
     schedule_id: str
@@ -28,6 +36,9 @@ class Problem(msgspec.Struct):
     policy_id: str | None
     not_before_ms: int
     groups: list[ProblemGroup]
+    # per element: its data (time zone, attributes) and when it is unavailable
+    element_data: dict[str, dict[str, str]] = {}
+    busy: dict[str, list[Busy]] = {}
 
     @property
     def origin_ms(self) -> int:
@@ -55,6 +66,8 @@ class Plan(msgspec.Struct):
     unplaced: dict[str, tuple[str, str]]  # element -> (reason, message)
     duration_ms: int
     summary: str = ""
+    objective: int = 0  # sum of the placed elements' slot numbers (1-based), CMSO's measure
+    solve_ms: float = 0.0
 
 
 def merge(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:

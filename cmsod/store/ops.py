@@ -23,7 +23,7 @@ from cmsod.model import (
 )
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.optimize.problem import Plan, Problem, ProblemGroup
+from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup
 from cmsod.store.store import Tx
 from cmsod.wire.cmso import Approval
 
@@ -71,8 +71,19 @@ def create_schedule(tx: Tx, new: NewSchedule) -> S:
             [(grp, w.start_ms, w.end_ms) for w in group.windows],
         )
         tx.conn.executemany(
-            "INSERT INTO elements (schedule, grp, name, status, request) VALUES (?, ?, ?, ?, ?)",
-            [(schedule, grp, e.name, element_status.value, e.request) for e in group.elements],
+            "INSERT INTO elements (schedule, grp, name, status, request, data)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    schedule,
+                    grp,
+                    e.name,
+                    element_status.value,
+                    e.request,
+                    msgspec.json.encode(e.data) if e.data else None,
+                )
+                for e in group.elements
+            ],
         )
         vnfs.extend(
             {"vnf-name": e.name, "group-id": group.group_id, "status": element_status.value}
@@ -169,15 +180,21 @@ def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
     daemon stopped mid-plan) are planned again."""
     problems = []
     rows = tx.execute(
-        "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id"
-        " FROM schedules WHERE status IN (?, ?) ORDER BY id LIMIT ?",
+        "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id,"
+        " optimizer_attempts FROM schedules WHERE status IN (?, ?) ORDER BY id LIMIT ?",
         (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, limit),
     ).fetchall()
-    for schedule, schedule_id, status, normal_s, additional_s, concurrency, policy_id in rows:
+    for (
+        schedule,
+        schedule_id,
+        status,
+        normal_s,
+        additional_s,
+        concurrency,
+        policy_id,
+        attempts,
+    ) in rows:
         if status == S.PENDING_SCHEDULE:
-            (attempts,) = tx.execute(
-                "SELECT optimizer_attempts FROM schedules WHERE id = ?", (schedule,)
-            ).fetchone()
             tx.schedule_to(
                 schedule,
                 schedule_id,
@@ -187,18 +204,20 @@ def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
                 optimizer_attempts=attempts + 1,
             )
         groups = []
+        element_data: dict[str, dict[str, str]] = {}
         for grp, group_id in tx.execute(
             "SELECT id, group_id FROM cm_groups WHERE schedule = ? ORDER BY id", (schedule,)
         ).fetchall():
             windows = tx.execute(
                 "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms", (grp,)
             ).fetchall()
-            names = [
-                n
-                for (n,) in tx.execute(
-                    "SELECT name FROM elements WHERE grp = ? ORDER BY id", (grp,)
-                )
-            ]
+            names = []
+            for name, data in tx.execute(
+                "SELECT name, data FROM elements WHERE grp = ? ORDER BY id", (grp,)
+            ):
+                names.append(name)
+                if data:
+                    element_data[name] = msgspec.json.decode(data, type=dict[str, str])
             groups.append(ProblemGroup(group_id, [(s, e) for s, e in windows], names))
         problems.append(
             Problem(
@@ -209,9 +228,41 @@ def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
                 policy_id=policy_id,
                 not_before_ms=tx.now_ms,
                 groups=groups,
+                element_data=element_data,
+                busy=other_work(tx.conn, schedule),
             )
         )
     return problems
+
+
+ACTIVE_WORK = (E.PENDING_APPROVAL.value, E.SCHEDULED.value, E.TRIGGERED.value)
+
+
+def other_work(
+    conn: Any, schedule: int | None, names: list[str] | None = None
+) -> dict[str, list[Busy]]:
+    """The planned or running work of every other active schedule on these elements: those of
+    stored `schedule`, or `names` for a schedule that is only being planned."""
+    if names is not None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_names (name TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM plan_names")
+        conn.executemany("INSERT OR IGNORE INTO plan_names VALUES (?)", [(n,) for n in names])
+        mine, params = "SELECT name FROM plan_names", ()
+    else:
+        mine, params = "SELECT name FROM elements WHERE schedule = ?", (schedule,)
+    busy: dict[str, list[Busy]] = {}
+    for name, start, finish, dispatched, duration_s, other_id in conn.execute(
+        "SELECT o.name, o.start_ms, o.finish_ms, o.dispatch_ms, s.normal_s + s.additional_s,"
+        " s.schedule_id FROM elements o JOIN schedules s ON s.id = o.schedule"
+        f" WHERE o.name IN ({mine}) AND o.schedule IS NOT ? AND o.status IN (?, ?, ?)",
+        (*params, schedule, *ACTIVE_WORK),
+    ):
+        begin = start if start is not None else dispatched
+        if begin is None:
+            continue  # an immediate element not yet dispatched: no time to avoid yet
+        end = finish if finish is not None else begin + duration_s * 1000
+        busy.setdefault(name, []).append(Busy(begin, end, f"schedule {other_id}"))
+    return busy
 
 
 def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | None:

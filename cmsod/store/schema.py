@@ -97,6 +97,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_unsent ON events(seq) WHERE sent_ms IS NULL;
     """,
+    # 2: per-element data (time zone, attributes such as the site) for the optimizer.
+    """
+    ALTER TABLE elements ADD COLUMN data BLOB;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

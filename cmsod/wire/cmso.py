@@ -30,12 +30,25 @@ class VnfDetails(msgspec.Struct, omit_defaults=True):
     changeWindow: Annotated[list[ChangeWindow], msgspec.Meta(max_length=MAX_WINDOWS)] | None = None
 
 
+class NameValue(msgspec.Struct):
+    name: Name
+    value: Name
+
+
+class ElementInfo(msgspec.Struct, omit_defaults=True):
+    """Data about one element (CMSO v2's `elements[]`): `timezone` and attributes like `site`."""
+
+    elementId: Name
+    elementData: Annotated[list[NameValue], msgspec.Meta(max_length=64)] = []
+
+
 class SchedulingInfo(msgspec.Struct, omit_defaults=True):
     normalDurationInSeconds: Count | None = None
     additionalDurationInSeconds: Count | None = None
     concurrencyLimit: Count | None = None
     policyId: Name | None = None
     vnfDetails: Annotated[list[VnfDetails], msgspec.Meta(max_length=MAX_ELEMENTS)] | None = None
+    elements: Annotated[list[ElementInfo], msgspec.Meta(max_length=MAX_ELEMENTS)] | None = None
 
 
 class ScheduleRequest(msgspec.Struct, omit_defaults=True):
