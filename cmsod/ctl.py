@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from cmsod import gantt
+
 EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
 EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 75, 76, 77
 DEFAULT_SOCKET = "/run/cmsod/control.sock"
@@ -122,9 +124,48 @@ def show_schedule(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def human(command: str, p: dict[str, Any]) -> str:
+def show_plan(response: dict[str, Any]) -> str:
+    solution = response["schedules"][0]
+    lines = [
+        table(
+            [
+                [e["elementId"], e["groupId"], e["startTime"], e["endTime"]]
+                for e in solution["scheduledElements"]
+            ],
+            ["ELEMENT", "GROUP", "START", "END"],
+        )
+    ]
+    if solution["unScheduledElements"]:
+        lines.append("")
+        lines.append(
+            table(
+                [
+                    [
+                        e["elementId"],
+                        e["groupId"],
+                        e["notScheduledReaons"][0],
+                        e["notScheduledMessages"][0],
+                    ]
+                    for e in solution["unScheduledElements"]
+                ],
+                ["NOT SCHEDULED", "GROUP", "REASON", "MESSAGE"],
+            )
+        )
+    lines.append(f"{response['status']}: {response['summary']}")
+    return "\n".join(lines)
+
+
+def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     if command == "show":
         return show_schedule(p["schedule"])
+    if command == "plan":
+        return show_plan(p["optimizer"])
+    if command == "gantt":
+        assert args is not None
+        if args.svg:
+            Path(args.svg).write_text(gantt.svg(p["schedule"]))
+            return f"wrote {args.svg}"
+        return gantt.terminal(p["schedule"], args.width)
     if command == "list":
         out = table(
             [
@@ -226,8 +267,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     c = args.command
     if c == "submit":
         return "io.cmsod.Schedules.Create", {"schedule": read_document(args.file)}
-    if c == "show":
+    if c in ("show", "gantt"):
         return "io.cmsod.Schedules.Get", {"scheduleId": args.id}
+    if c == "plan":
+        return "io.cmsod.Schedules.Plan", {"schedule": read_document(args.file)}
     if c == "list":
         p: dict[str, Any] = {"limit": args.limit}
         if args.status:
@@ -309,6 +352,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="e.g. vnfName=node%% (repeatable; repeats of a key are OR-ed)",
     )
+    p = sub.add_parser(
+        "plan", help="plan a CMSO v1 request now, counting scheduled work; stores nothing"
+    )
+    p.add_argument("file", metavar="FILE|-")
+    p = sub.add_parser("gantt", help="draw a schedule's plan (terminal, or --svg FILE)")
+    p.add_argument("id")
+    p.add_argument("--svg", metavar="FILE", help="write an SVG picture instead")
+    p.add_argument("--width", type=int, default=72, help="terminal columns for the time axis")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
     return top
@@ -338,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(msgspec.json.encode(reply.parameters).decode())
     else:
-        print(human(args.command, reply.parameters))
+        print(human(args.command, reply.parameters, args))
     return EX_OK
 
 

@@ -201,7 +201,9 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="cmsod", description="Change-management schedule optimizer daemon."
+        prog="cmsod",
+        description="Change-management schedule optimizer daemon.",
+        epilog="cmsod plan REQUEST.json [--unavailability FILE] [--json]: plan offline (see cmsod plan -h)",
     )
     parser.add_argument(
         "--config",
@@ -222,6 +224,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        from cmsod import plan_cli
+
+        return plan_cli.main(argv[1:])
     args = parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())

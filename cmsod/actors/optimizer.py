@@ -5,6 +5,8 @@ control socket or a dispatch."""
 
 from __future__ import annotations
 
+import functools
+
 import trio
 
 from cmsod import log
@@ -22,8 +24,7 @@ async def run(
         figures = ctx.beat("optimizer")
         problems = await ctx.store.tx(ops.claim_for_optimization, BATCH)
         for problem in problems:
-            planning = ctx.planning
-            plan = await ctx.compute(lambda p=problem: planning.plan(p))
+            plan = await ctx.compute(functools.partial(ctx.planning.plan, problem))
             status = await ctx.store.tx(
                 ops.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial
             )

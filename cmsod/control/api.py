@@ -7,6 +7,7 @@ naming the field; an unknown method `org.varlink.service.MethodNotFound`.
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -29,6 +30,8 @@ from cmsod.errors import (
     PermissionDenied,
     RequestError,
 )
+from cmsod.optimize.planner import optimizer_response
+from cmsod.optimize.problem import problem_for
 from cmsod.store import ops, views
 from cmsod.wire import control as w
 
@@ -95,6 +98,18 @@ async def list_(ctx: Context, p: w.ListParameters) -> dict[str, Any]:
 
 async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
     return {"details": await ctx.store.read(views.details, p.filters)}
+
+
+async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
+    """Plan a request as the optimizer would now, counting work already scheduled; store nothing."""
+    new = lifecycle.validate_request(p.schedule)
+    if new.immediate:
+        raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
+    names = [e.name for g in new.groups for e in g.elements]
+    busy = await ctx.store.read(ops.other_work, None, names)
+    problem = problem_for(new, ctx.clock.now_ms(), busy)
+    result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
+    return {"optimizer": optimizer_response(problem, result)}
 
 
 async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
@@ -182,6 +197,7 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False),
     "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
+    "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
     "org.varlink.service.GetInfo": Method(w.NoParameters, get_info, False),

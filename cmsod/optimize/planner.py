@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cmsod.optimize.policies import Policy, allowed_windows, contains, zone
 from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup
@@ -54,9 +55,10 @@ class Planning:
 class _Class:
     group: ProblemGroup
     names: list[str]
-    slots: list[int]  # grid indices
-    why_none: str  # when `slots` is empty: what left it without any
+    slots: list[int]  # grid indices (emptied once handed to the solver)
+    why_none: str  # when it has no usable slot: what left it without any
     attribute: str | None
+    usable: int = 0  # how many slots it could use
 
 
 def _overlaps(busy: list[Busy], start: int, end: int) -> Busy | None:
@@ -94,6 +96,8 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
         attributes=[value_index[c.attribute or ""] for c in classes],
         attribute_limit=options.attribute_limit if options.attribute else None,
     )
+    for cls in classes:
+        cls.usable, cls.slots = len(cls.slots), []  # the instance holds them now
     solution = solve(instance)
 
     placed: dict[str, int] = {}
@@ -204,12 +208,56 @@ def _usable(
 
 
 def _reason(problem: Problem, cls: _Class, options: Options) -> tuple[str, str]:
-    if not cls.slots:
+    if not cls.usable:
         return "AvailabilityConstraint", cls.why_none
     limit = f"concurrencyLimit {problem.concurrency}"
     if options.attribute and options.attribute_limit and cls.attribute is not None:
         limit += f", at most {options.attribute_limit} with {options.attribute}={cls.attribute}"
     return (
         "ConcurrencyConstraint",
-        f"all {len(cls.slots)} slots it could use in group {cls.group.group_id!r} are full ({limit})",
+        f"all {cls.usable} slots it could use in group {cls.group.group_id!r} are full ({limit})",
     )
+
+
+def _iso_ms(ms: int) -> str:
+    """CMSO's optimizer time format: 2019-04-05T12:00:00.000+0000."""
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        + f"{ms % 1000:03d}+0000"
+    )
+
+
+def optimizer_response(problem: Problem, result: Plan) -> dict:
+    """The plan as CMSO's OptimizerResponse (reference/cmso.md 4.1), keeping its field names
+    (`notScheduledReaons` is CMSO's spelling); `objective` and `solveMs` are ours."""
+    group_of = {n: g.group_id for g in problem.groups for n in g.elements}
+    duration_s = problem.duration_ms // 1000
+    scheduled = [
+        {
+            "elementId": name,
+            "groupId": group_of[name],
+            "scheduleType": "INDIVIDUAL",
+            "startTime": _iso_ms(start),
+            "endTime": _iso_ms(start + problem.duration_ms),
+            "durationSeconds": duration_s,
+        }
+        for name, start in sorted(result.placed.items(), key=lambda item: (item[1], item[0]))
+    ]
+    unscheduled = [
+        {
+            "elementId": name,
+            "groupId": group_of[name],
+            "notScheduledReaons": [reason],
+            "notScheduledMessages": [message],
+        }
+        for name, (reason, message) in result.unplaced.items()
+    ]
+    return {
+        "requestId": problem.schedule_id,
+        "status": "COMPLETED" if result.placed else "FAILED",
+        "errorMessage": "" if result.placed else result.summary,
+        "schedules": [{"scheduledElements": scheduled, "unScheduledElements": unscheduled}],
+        "objective": result.objective,
+        "solveMs": round(result.solve_ms, 1),
+        "summary": result.summary,
+    }

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import msgspec
 
+from cmsod.model import NewSchedule
+
 
 class ProblemGroup(msgspec.Struct):
     group_id: str
@@ -79,3 +81,27 @@ def merge(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
+
+
+def problem_for(
+    new: NewSchedule, not_before_ms: int, busy: dict[str, list[Busy]], key: int = 0
+) -> Problem:
+    """The problem of a validated request that is not stored (plan only)."""
+    return Problem(
+        key=key,
+        schedule_id=new.schedule_id,
+        duration_ms=new.duration_s * 1000,
+        concurrency=new.concurrency_limit or 1,
+        policy_id=new.policy_id,
+        not_before_ms=not_before_ms,
+        groups=[
+            ProblemGroup(
+                g.group_id,
+                [(w.start_ms, w.end_ms) for w in g.windows],
+                [e.name for e in g.elements],
+            )
+            for g in new.groups
+        ],
+        element_data={e.name: e.data for g in new.groups for e in g.elements if e.data},
+        busy=busy,
+    )

@@ -25,8 +25,12 @@ with the fewest slots), which makes searches rare.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
+
+SLOT, BIN = 0, 1
+Node = tuple[int, int, int]
 
 
 @dataclass
@@ -70,7 +74,6 @@ class _Solver:
         self.load = [0] * inst.slots
         self.bin_load: list[dict[int, int]] = [{} for _ in range(inst.slots)]
         self.in_slot: list[dict[int, int]] = [{} for _ in range(inst.slots)]  # slot -> class -> n
-        self.usable = [set(a) for a in inst.available]
         # unplaced_at[a][s]: unplaced elements of attribute a usable in slot s
         self.unplaced_at = [[0] * inst.slots for _ in range(n_attr)]
         # movable[a][s][k]: elements of attribute a placed in slot k that could run in slot s
@@ -157,53 +160,57 @@ class _Solver:
     def _augment(self, target: int) -> bool:
         """One more element into slot `target`, every other slot's count unchanged, if any
         assignment allows it. Breadth-first search backwards along residual edges from the
-        target slot; nodes are ('slot', k) and ('bin', k, a)."""
+        target slot; a node is (SLOT, k, 0) or (BIN, k, a)."""
         bin_limit = self.bin_limit
-        start = ("slot", target)
-        parent: dict[tuple, tuple | None] = {start: None}
+        start: Node = (SLOT, target, 0)
+        parent: dict[Node, Node | None] = {start: None}
         queue = deque([start])
         while queue:
             node = queue.popleft()
-            if node[0] == "slot":
-                k = node[1]
-                for a in self.attrs_at[k]:  # a unit can enter slot k through a bin with room
-                    child = ("bin", k, a)
-                    if child not in parent and self.bin_load[k].get(a, 0) < bin_limit:
+            kind, k, a = node
+            if kind == SLOT:
+                for b in self.attrs_at[k]:  # a unit can enter slot k through a bin with room
+                    child = (BIN, k, b)
+                    if child not in parent and self.bin_load[k].get(b, 0) < bin_limit:
                         parent[child] = node
                         queue.append(child)
                 continue
-            _, k, a = node
             if self.unplaced_at[a][k] > 0:
                 self._apply(node, parent)
                 return True
             for k2 in self.movable[a][k]:  # an element of attribute a in slot k2 could move to k
-                child = ("bin", k2, a)
+                child = (BIN, k2, a)
                 if child not in parent:
                     parent[child] = node
                     queue.append(child)
-            slot_node = ("slot", k)  # bin (k, a) may give up an element, slot k refilled
+            slot_node = (SLOT, k, 0)  # bin (k, a) may give up an element, slot k refilled
             if slot_node not in parent and self.bin_load[k].get(a, 0) > 0:
                 parent[slot_node] = node
                 queue.append(slot_node)
         return False
 
-    def _apply(self, end: tuple, parent: dict[tuple, tuple | None]) -> None:
+    def _apply(self, end: Node, parent: dict[Node, Node | None]) -> None:
         _, k, a = end
         c = next(c for c in self.by_slot[k] if self.unplaced[c] and self.inst.attributes[c] == a)
         self._place_new(c, k, 1)
         node = end
         while (up := parent[node]) is not None:
-            if node[0] == "bin" and up[0] == "bin":  # an element of attribute a moves k2 -> k
+            if node[0] == BIN and up[0] == BIN:  # an element of attribute a moves k2 -> k
                 _, k2, a = node
                 k = up[1]
                 c = next(
                     c
                     for c in self.in_slot[k2]
-                    if self.inst.attributes[c] == a and k in self.usable[c]
+                    if self.inst.attributes[c] == a and _has(self.inst.available[c], k)
                 )
                 self._take(c, k2)
                 self._put(c, k, 1)
             node = up
+
+
+def _has(sorted_slots: list[int], slot: int) -> bool:
+    i = bisect_left(sorted_slots, slot)
+    return i < len(sorted_slots) and sorted_slots[i] == slot
 
 
 def solve(inst: Instance) -> Solution:

@@ -243,6 +243,7 @@ def other_work(
 ) -> dict[str, list[Busy]]:
     """The planned or running work of every other active schedule on these elements: those of
     stored `schedule`, or `names` for a schedule that is only being planned."""
+    params: tuple[int | None, ...]
     if names is not None:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_names (name TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM plan_names")

@@ -69,6 +69,21 @@ class CallbackData(msgspec.Struct):
     requestType: Name | None = None
 
 
+class TicketData(msgspec.Struct, omit_defaults=True):
+    """CMSO's ActiveTicketsResponse entry: a time the listed elements are unavailable."""
+
+    id: Name
+    startTime: Name
+    endTime: Name
+    elementIds: Annotated[list[Name], msgspec.Meta(max_length=MAX_ELEMENTS)]
+    availability: Name | None = None
+    changeDetails: Text | None = None
+
+
+class ActiveTickets(msgspec.Struct, omit_defaults=True):
+    elements: Annotated[list[TicketData], msgspec.Meta(max_length=1_000_000)] = []
+
+
 class Approval(msgspec.Struct, omit_defaults=True):
     approvalUserId: Name | None = None
     approvalType: Name | None = None

@@ -26,6 +26,10 @@ class CreateParameters(msgspec.Struct, forbid_unknown_fields=True):
     schedule: ScheduleRequest
 
 
+class PlanParameters(msgspec.Struct, forbid_unknown_fields=True):
+    schedule: ScheduleRequest
+
+
 class ScheduleIdParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name
 

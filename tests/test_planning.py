@@ -1,0 +1,170 @@
+"""Planning through the daemon and the command line: work already scheduled on an element
+moves the next plan; `io.cmsod.Schedules.Plan`, `cmsod plan`, `cmsoctl plan` and
+`cmsoctl gantt` (terminal and SVG)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from cmsod.model import ScheduleStatus as S
+from tests.cmso_requests import approval, request
+from tests.conftest import EPOCH, ControlClient
+from tests.test_e2e import Daemon, cmsoctl
+
+CREATE = "io.cmsod.Schedules.Create"
+
+
+def starts(view: dict) -> dict[str, str]:
+    return {
+        e["vnfName"]: e["startTime"] for g in view["groups"] for e in g["changeManagementSchedules"]
+    }
+
+
+async def test_scheduled_work_on_an_element_moves_the_next_plan(
+    autojump_clock, client: ControlClient
+) -> None:
+    await client.ok(
+        CREATE, schedule=request("first", now=EPOCH, nodes=["node1", "node2"], concurrency=2)
+    )
+    first = starts(await client.wait_for("first", S.PENDING_APPROVAL))
+    assert first == {"node1": "2026-12-01T08:01:00Z", "node2": "2026-12-01T08:01:00Z"}
+    await client.ok("io.cmsod.Schedules.Approve", scheduleId="first", approval=approval())
+
+    # node2 is busy 08:01-09:01 with the first schedule: the second puts it after that
+    second_body = request("second", now=EPOCH, nodes=["node2", "node3"], concurrency=2)
+    planned = (await client.ok("io.cmsod.Schedules.Plan", schedule=second_body))["optimizer"]
+    placed = {e["elementId"]: e["startTime"] for e in planned["schedules"][0]["scheduledElements"]}
+    assert placed == {
+        "node3": "2026-12-01T08:01:00.000+0000",
+        "node2": "2026-12-01T09:01:00.000+0000",
+    }
+    assert planned["status"] == "COMPLETED" and planned["objective"] == 1 + 2
+    listed = await client.ok("io.cmsod.Schedules.List")
+    assert [s["scheduleId"] for s in listed["schedules"]] == ["first"]  # Plan stores nothing
+
+    await client.ok(CREATE, schedule=second_body)
+    second = await client.wait_for("second", S.PENDING_APPROVAL)
+    assert starts(second) == {"node2": "2026-12-01T09:01:00Z", "node3": "2026-12-01T08:01:00Z"}
+    assert second["optimizerMessage"].startswith(
+        "optimal: 2 scheduled, 0 not scheduled, objective 3"
+    )
+
+
+async def test_plan_rejects_what_create_rejects(client: ControlClient) -> None:
+    body = request("bad", now=EPOCH, normal=-5)
+    reply = await client.call("io.cmsod.Schedules.Plan", schedule=body)
+    assert reply["parameters"]["requestError"]["messageId"] == "Scheduler.INVALID_ATTRIBUTE"
+    immediate = request("now", now=EPOCH, minutes_from_now=None)
+    reply = await client.call("io.cmsod.Schedules.Plan", schedule=immediate)
+    assert reply["parameters"]["requestError"]["variables"] == ["changeWindow"]
+
+
+def test_cmsod_plan_offline(tmp_path: Path) -> None:
+    body = request(
+        "offline",
+        now=EPOCH,
+        nodes=["node1", "node2", "node3"],
+        concurrency=1,
+        policy="Weekday_00_06",
+    )
+    body["schedulingInfo"]["elements"] = [
+        {"elementId": "node3", "elementData": [{"name": "timezone", "value": "Asia/Tokyo"}]}
+    ]
+    (tmp_path / "r.json").write_text(json.dumps(body))
+    (tmp_path / "t.json").write_text(
+        json.dumps(
+            {
+                "elements": [
+                    {
+                        "id": "CHG7",
+                        "startTime": "2026-12-01T00:00:00Z",
+                        "endTime": "2026-12-03T00:00:00Z",
+                        "elementIds": ["node1"],
+                    }
+                ]
+            }
+        )
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmsod",
+            "plan",
+            str(tmp_path / "r.json"),
+            "--unavailability",
+            str(tmp_path / "t.json"),
+            "--at",
+            "2026-12-01T08:00:00Z",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    response = json.loads(run.stdout)
+    solution = response["schedules"][0]
+    # the window is 08:01 on Tue 1 Dec to 08:01 on Wed 2 Dec, UTC; Weekday_00_06 in UTC
+    # leaves Wed 00:01..05:01 starts; Tokyo (UTC+9) leaves Tue 15:01..20:01 (00:01..05:01 local)
+    placed = {e["elementId"]: e["startTime"] for e in solution["scheduledElements"]}
+    assert placed == {
+        "node3": "2026-12-01T15:01:00.000+0000",
+        "node2": "2026-12-02T00:01:00.000+0000",
+    }
+    (unplaced,) = solution["unScheduledElements"]
+    assert unplaced["elementId"] == "node1"
+    assert unplaced["notScheduledReaons"] == ["AvailabilityConstraint"]
+    assert "ticket CHG7" in unplaced["notScheduledMessages"][0]
+    assert "objective" in run.stderr and "solved in" in run.stderr
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "cmsod", "plan", str(tmp_path / "missing.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 66 and "missing.json" in bad.stderr
+
+
+def test_cmsoctl_plan_and_gantt(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    try:
+        body = request(
+            "drawn",
+            now=EPOCH,
+            nodes=[f"n{i}" for i in range(5)],
+            concurrency=2,
+            minutes_from_now=60 * 24 * 365,
+        )
+        (tmp_path / "r.json").write_text(json.dumps(body))
+        code, out = cmsoctl(tmp_path, "plan", str(tmp_path / "r.json"))
+        assert code == 0, out
+        assert out.splitlines()[0].split() == ["ELEMENT", "GROUP", "START", "END"]
+        assert "COMPLETED: optimal: 5 scheduled, 0 not scheduled" in out
+        assert cmsoctl(tmp_path, "submit", str(tmp_path / "r.json"))[0] == 0
+        daemon.wait_log(r"event=schedule\.optimized schedule_id=drawn")
+        code, out = cmsoctl(tmp_path, "gantt", "drawn", "--width", "30")
+        assert code == 0, out
+        lines = out.splitlines()
+        assert lines[0].startswith("drawn  Pending Approval  5 elements")
+        assert sum("█" in line for line in lines) == 5
+        assert lines[-2].startswith("running") and "peak 2 at once" in lines[-1]
+        code, out = cmsoctl(tmp_path, "gantt", "drawn", "--svg", str(tmp_path / "plan.svg"))
+        assert code == 0, out
+        picture = ET.parse(tmp_path / "plan.svg").getroot()
+        assert len(picture.findall("{http://www.w3.org/2000/svg}rect")) == 5
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_concurrency_profile_counts_instants_not_columns() -> None:
+    from cmsod.gantt import profile
+
+    m = 60_000
+    waves = [(0, 40 * m)] * 3 + [(40 * m, 80 * m)] * 3 + [(80 * m, 120 * m)]
+    peaks = profile(waves, 0, 3 * m, 40)
+    assert max(peaks) == 3  # the column where one wave ends and the next starts holds 3, not 6
+    assert peaks[:13] == [3] * 13 and peaks[-1] == 1
