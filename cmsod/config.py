@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -134,11 +134,20 @@ class Config(Section, frozen=True):
 
     @property
     def policies_dir(self) -> Path | None:
-        if self.optimizer.policies:
-            return Path(self.optimizer.policies)
-        conf_dir = os.environ.get("CONFIGURATION_DIRECTORY")
-        candidate = Path(conf_dir or "/etc/cmsod") / "policies"
-        return candidate if candidate.is_dir() else None
+        return _configured(self.optimizer.policies, "policies", Path.is_dir)
+
+    @property
+    def inventory_path(self) -> Path | None:
+        return _configured(self.optimizer.inventory, "inventory.toml", Path.is_file)
+
+
+def _configured(value: str, default_name: str, exists: Callable[[Path], bool]) -> Path | None:
+    """A configured path, else <$CONFIGURATION_DIRECTORY or /etc/cmsod>/<default_name> if it
+    exists, else None."""
+    if value:
+        return Path(value)
+    candidate = Path(os.environ.get("CONFIGURATION_DIRECTORY") or "/etc/cmsod") / default_name
+    return candidate if exists(candidate) else None
 
 
 def load_policies(directory: Path | None) -> dict[str, Policy]:
@@ -172,14 +181,13 @@ class Inventory(msgspec.Struct, forbid_unknown_fields=True):
     ] = {}
 
 
-def load_inventory(path: str) -> dict[str, dict[str, str]]:
+def load_inventory(path: Path | None) -> dict[str, dict[str, str]]:
     """Element data by element name: `[elements."node1"]` tables of `timezone = ...`, `site = ...`."""
-    if not path:
+    if path is None:
         return {}
     try:
-        return msgspec.convert(
-            tomllib.loads(Path(path).read_text(encoding="utf-8")), Inventory
-        ).elements
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return msgspec.convert(data, Inventory).elements
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except msgspec.ValidationError as exc:

@@ -44,7 +44,7 @@ def planning_for(cfg: config.Config) -> Planning:
     options = Options(cfg.optimizer.attribute or None, cfg.optimizer.attribute_limit or None)
     return Planning(
         config.load_policies(cfg.policies_dir),
-        config.load_inventory(cfg.optimizer.inventory),
+        config.load_inventory(cfg.inventory_path),
         options,
     )
 

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         cfg = config.load(args.config)
         planning = Planning(
             config.load_policies(cfg.policies_dir),
-            config.load_inventory(cfg.optimizer.inventory),
+            config.load_inventory(cfg.inventory_path),
             Options(cfg.optimizer.attribute or None, cfg.optimizer.attribute_limit or None),
         )
     except ConfigError as exc:

@@ -168,3 +168,30 @@ def test_concurrency_profile_counts_instants_not_columns() -> None:
     peaks = profile(waves, 0, 3 * m, 40)
     assert max(peaks) == 3  # the column where one wave ends and the next starts holds 3, not 6
     assert peaks[:13] == [3] * 13 and peaks[-1] == 1
+
+
+async def test_inventory_time_zones_and_the_site_limit(autojump_clock, nursery, tmp_path: Path) -> None:
+    from tests.conftest import start_daemon
+
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        '[elements."node1"]\ntimezone = "Asia/Tokyo"\nsite = "kista"\n'
+        '[elements."node2"]\nsite = "kista"\n[elements."node3"]\nsite = "kista"\n'
+    )
+    cmsod = await start_daemon(
+        nursery, tmp_path, optimizer__inventory=inventory, optimizer__attribute="site", optimizer__attribute_limit=1
+    )
+    client = await cmsod.connect()
+    body = request("sited", now=EPOCH, nodes=["node1", "node2", "node3"], concurrency=3, policy="EveryDay_00_06")
+    body["schedulingInfo"]["elements"] = [  # the request's own data wins over the inventory
+        {"elementId": "node3", "elementData": [{"name": "site", "value": "solna"}]}
+    ]
+    await client.ok(CREATE, schedule=body)
+    view = await client.wait_for("sited", S.PENDING_APPROVAL)
+    # node1 in Tokyo: 00:00-06:00 JST is 15:00-21:00Z; node2 (kista) and node3 (solna) in UTC
+    # may share a slot, node2 and node1 (both kista) may not run at once (limit 1 per site)
+    assert starts(view) == {
+        "node1": "2026-12-01T15:01:00Z",
+        "node2": "2026-12-02T00:01:00Z",
+        "node3": "2026-12-02T00:01:00Z",
+    }
