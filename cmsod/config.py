@@ -59,13 +59,33 @@ class DispatcherConfig(Section, frozen=True):
 
 
 class PollerConfig(Section, frozen=True):
-    interval_s: Positive = 10.0
+    interval_s: Positive = 10.0  # each running work flow's status is asked this often
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.1  # +/- this fraction, spreads load
+    error_backoff_max_s: Positive = 300.0  # connection errors: interval doubling up to this
+    execution_timeout_s: Seconds = (
+        86400.0  # no end state this long after dispatch: Failed; 0 = never
+    )
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 50
+
+
+PathTemplate = Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*$", max_length=500)]
 
 
 class SoConfig(Section, frozen=True):
-    mode: Literal["loopback"] = "loopback"
+    mode: Literal["loopback", "http"] = "loopback"
     simulated_duration_s: Seconds = 5.0  # loop-back: how long a work flow "runs"
-    resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch after a crash (SO dedupes)
+    url: str = ""  # http: e.g. http://so:8080/onap/so/infra/orchestrationRequests/v7
+    dispatch_path: PathTemplate = "/schedule/{vnfName}"
+    status_path: PathTemplate = "/{requestId}"
+    credentials_file: str = ""  # one line user:password for basic auth; "" = none
+    connect_timeout_s: Positive = 5.0
+    read_timeout_s: Positive = 30.0
+    connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # nothing sent yet: safe
+    resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch (the SO de-duplicates)
+
+    def __post_init__(self) -> None:
+        if self.mode == "http" and not self.url.startswith(("http://", "https://")):
+            raise ValueError("so.url must be an http:// or https:// URL when so.mode = 'http'")
 
 
 class TicketsConfig(Section, frozen=True):

@@ -24,7 +24,7 @@ from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import FileSink
-from cmsod.peers.so import LoopbackSO
+from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import LoopbackTM
 from cmsod.store import Store, views
 
@@ -65,7 +65,11 @@ def build_context(
         config=cfg,
         store=store,
         clock=clock,
-        so=LoopbackSO(clock, cfg.so.simulated_duration_s),
+        so=(
+            HttpSO.from_config(cfg.so, cfg.dispatcher.max_concurrent + cfg.poller.max_concurrent)
+            if cfg.so.mode == "http"
+            else LoopbackSO(clock, cfg.so.simulated_duration_s)
+        ),
         tm=LoopbackTM(),
         sink=FileSink(cfg.events_dir, own_thread()),
         planning=planning_for(cfg),
@@ -167,6 +171,8 @@ async def run(
                 await _handle_signals(ctx, signals, root.cancel_scope)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
+                if isinstance(ctx.so, HttpSO):
+                    await ctx.so.aclose()
                 await ctx.store.close()
             log.info("daemon.stopped")
 
@@ -235,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = config.load(config_path, state_dir=args.state_dir)
-        planning_for(cfg)  # policy and inventory files are configuration too
+        planning_for(cfg)  # policy, inventory and credentials files are configuration too
+        if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
+            raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
     except ConfigError as exc:
         print(f"cmsod: invalid config {exc}", file=sys.stderr)
         return EX_CONFIG

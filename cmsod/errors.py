@@ -9,6 +9,8 @@ CmsodError
 ├── ConfigError           a configuration file or override that does not decode
 ├── TransitionError       a state change the state machine does not allow (a bug if seen)
 └── PeerError             a peer (SO, ticket system, event sink) failed or answered badly
+    ├── NotDelivered      the request never reached the peer: safe to send again
+    └── Unconfirmed       sent, but no answer came: the peer may have acted on it
 """
 
 from __future__ import annotations
@@ -100,4 +102,12 @@ class TransitionError(CmsodError):
 
 
 class PeerError(CmsodError):
+    pass
+
+
+class NotDelivered(PeerError):
+    pass
+
+
+class Unconfirmed(PeerError):
     pass

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from cmsod import config, daemon
 from cmsod.actors.context import Context
@@ -134,7 +135,14 @@ async def start_daemon(
         with scope:
             await daemon.run(ctx, task_status=task_status)
 
+    began = trio.current_time()
     path = await nursery.start(run)
+    if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        # Start-up must not wait on a worker thread: under autojump that lets virtual time
+        # race ahead (trio issue 456) and every "now" in the test shifts.
+        assert trio.current_time() == began, (
+            f"start-up took {trio.current_time() - began} virtual s"
+        )
     return Daemon(ctx, path, scope)
 
 

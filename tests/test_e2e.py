@@ -5,81 +5,15 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
-import select
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tests.cmso_requests import iso, request
-
-ENV = {
-    "CMSOD_POLLER__INTERVAL_S": "0.2",
-    "CMSOD_SO__SIMULATED_DURATION_S": "0.5",
-    "CMSOD_DISPATCHER__LEAD_TIME_S": "0",
-    "CMSOD_OPTIMIZER__INTERVAL_S": "0.5",
-}
-
-
-class Daemon:
-    def __init__(
-        self, state_dir: Path, config: Path | None = None, extra_env: dict | None = None
-    ) -> None:
-        self.state_dir = state_dir
-        self.lines: list[str] = []
-        where = ["--config", str(config)] if config else ["--state-dir", str(state_dir)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cmsod", *where],
-            stderr=subprocess.PIPE,
-            env={**os.environ, **ENV, **(extra_env or {})},
-        )
-        self._partial = b""
-        self.wait_log(r"event=daemon\.ready")
-
-    def wait_log(self, pattern: str, count: int = 1, timeout: float = 60.0) -> list[str]:
-        """Read the daemon's log until `count` lines match `pattern` (from its start)."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        assert self.proc.stderr is not None
-        while len(found := [line for line in self.lines if regex.search(line)]) < count:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {count}x {pattern!r} in log:\n" + "\n".join(self.lines[-30:])
-            ready, _, _ = select.select([self.proc.stderr], [], [], left)
-            if ready:
-                chunk = os.read(self.proc.stderr.fileno(), 65536)
-                assert chunk, "daemon exited:\n" + "\n".join(self.lines[-30:])
-                *complete, self._partial = (self._partial + chunk).split(b"\n")
-                self.lines.extend(c.decode() for c in complete)
-        return found
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.wait_log(r"event=daemon\.stopped", timeout=20)
-        finally:
-            code = self.proc.wait(20)
-        return code
-
-
-def cmsoctl(state_dir: Path, *args: str, stdin: str | None = None) -> tuple[int, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "cmsod.ctl", "--socket", str(state_dir / "control.sock"), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return result.returncode, result.stdout + result.stderr
+from tests.procs import Daemon, cmsoctl
 
 
 def test_kill_9_mid_schedule_loses_nothing_and_dispatches_nothing_twice(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cmsod.model import ScheduleStatus as S
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, ControlClient
-from tests.test_e2e import Daemon, cmsoctl
+from tests.procs import Daemon, cmsoctl
 
 CREATE = "io.cmsod.Schedules.Create"
 
@@ -170,7 +170,9 @@ def test_concurrency_profile_counts_instants_not_columns() -> None:
     assert peaks[:13] == [3] * 13 and peaks[-1] == 1
 
 
-async def test_inventory_time_zones_and_the_site_limit(autojump_clock, nursery, tmp_path: Path) -> None:
+async def test_inventory_time_zones_and_the_site_limit(
+    autojump_clock, nursery, tmp_path: Path
+) -> None:
     from tests.conftest import start_daemon
 
     inventory = tmp_path / "inventory.toml"
@@ -179,10 +181,20 @@ async def test_inventory_time_zones_and_the_site_limit(autojump_clock, nursery, 
         '[elements."node2"]\nsite = "kista"\n[elements."node3"]\nsite = "kista"\n'
     )
     cmsod = await start_daemon(
-        nursery, tmp_path, optimizer__inventory=inventory, optimizer__attribute="site", optimizer__attribute_limit=1
+        nursery,
+        tmp_path,
+        optimizer__inventory=inventory,
+        optimizer__attribute="site",
+        optimizer__attribute_limit=1,
     )
     client = await cmsod.connect()
-    body = request("sited", now=EPOCH, nodes=["node1", "node2", "node3"], concurrency=3, policy="EveryDay_00_06")
+    body = request(
+        "sited",
+        now=EPOCH,
+        nodes=["node1", "node2", "node3"],
+        concurrency=3,
+        policy="EveryDay_00_06",
+    )
     body["schedulingInfo"]["elements"] = [  # the request's own data wins over the inventory
         {"elementId": "node3", "elementData": [{"name": "site", "value": "solna"}]}
     ]

@@ -30,10 +30,13 @@ class Doorbell:
         except trio.WouldBlock:
             pass
 
-    async def wait(self, timeout_s: float) -> None:
-        """Until rung or `timeout_s` passed (capped, so actors heartbeat and see clock steps)."""
+    async def wait(self, timeout_s: float) -> bool:
+        """Until rung (True) or `timeout_s` passed (capped, so actors heartbeat and see clock
+        steps)."""
         with trio.move_on_after(max(0.0, min(timeout_s, MAX_STEP_S))):
             await self._receive.receive()
+            return True
+        return False
 
 
 @dataclass

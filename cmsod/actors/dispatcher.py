@@ -1,8 +1,12 @@
 """The dispatcher: sends each element's work flow to the orchestrator at `start - lead_time`.
 
-At most once: the intent (with its X-TransactionId key) is committed before the call and the
-orchestrator's request id after it. On start-up, elements caught between the two are
-reconciled (`ops.reconcile_dispatches`), never blindly re-sent.
+At most once: the intents of a due batch (each with its X-TransactionId key) are committed in
+one transaction before any call, and the answers are committed after, in batches, by the
+recorder task. On start-up, elements caught between the two are reconciled
+(`ops.reconcile_dispatches`), never blindly re-sent. A call that never reached the
+orchestrator (`NotDelivered`) is retried; one that was sent but got no answer
+(`Unconfirmed`) is re-sent with the same key only where the configuration says the
+orchestrator de-duplicates, else it fails with a message saying the work may have started.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import trio
 
 from cmsod import log
-from cmsod.actors.context import Context
-from cmsod.errors import PeerError
+from cmsod.actors.context import ActorFigures, Context
+from cmsod.errors import NotDelivered, PeerError, Unconfirmed
 from cmsod.store import ops
 
-BATCH = 500
+BATCH = 1000
+RETRY_BASE_S = 0.25
+Result = tuple[int, str | None, str | None]  # element, SO request id, failure message
 
 
 async def run(
@@ -28,56 +34,108 @@ async def run(
             action="resend" if ctx.config.so.resend_unconfirmed else "marked Error",
         )
     limiter = trio.CapacityLimiter(ctx.config.dispatcher.max_concurrent)
+    figures = ctx.beat("dispatcher")
+    results_in, results_out = trio.open_memory_channel[tuple[ops.DispatchJob, Result]](BATCH)
     task_status.started()
-    async with trio.open_nursery() as calls:
-        while not ctx.stopping.is_set():
-            figures = ctx.beat("dispatcher")
-            cfg = ctx.config.dispatcher
-            limiter.total_tokens = cfg.max_concurrent
-            lead_ms = int(cfg.lead_time_s * 1000)
-            due = await ctx.store.read(ops.due_elements, ctx.clock.now_ms() + lead_ms, BATCH)
-            for element in due:
-                job = await ctx.store.tx(
-                    ops.begin_dispatch,
-                    element,
-                    int(cfg.misfire_grace_s * 1000),
-                    cfg.dispatch_immediate,
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(record, ctx, results_out, figures)
+        async with results_in, trio.open_nursery() as calls:
+            while not ctx.stopping.is_set():
+                figures = ctx.beat("dispatcher")
+                cfg = ctx.config.dispatcher
+                limiter.total_tokens = cfg.max_concurrent
+                lead_ms = int(cfg.lead_time_s * 1000)
+                due = await ctx.store.read(ops.due_elements, ctx.clock.now_ms() + lead_ms, BATCH)
+                if due:
+                    jobs = await ctx.store.tx(
+                        ops.begin_dispatches,
+                        due,
+                        int(cfg.misfire_grace_s * 1000),
+                        cfg.dispatch_immediate,
+                    )
+                    for job in jobs:
+                        calls.start_soon(send, ctx, job, limiter, results_in.clone())
+                if len(due) == BATCH:
+                    continue
+                next_ms = await ctx.store.read(ops.next_due_ms)
+                wait_s = (
+                    3600.0 if next_ms is None else (next_ms - lead_ms - ctx.clock.now_ms()) / 1000
                 )
-                if job is not None:
-                    calls.start_soon(send, ctx, job, limiter, figures)
-            if len(due) == BATCH:
-                continue
-            next_ms = await ctx.store.read(ops.next_due_ms)
-            wait_s = 3600.0 if next_ms is None else (next_ms - lead_ms - ctx.clock.now_ms()) / 1000
-            await ctx.bells.dispatcher.wait(wait_s)
-        log.info("dispatcher.draining", in_flight=len(calls.child_tasks))
+                await ctx.bells.dispatcher.wait(wait_s)
+            log.info("dispatcher.draining", in_flight=len(calls.child_tasks))
     ctx.drained.set()
     await trio.sleep_forever()  # stopped, not crashed: wait to be cancelled with the rest
 
 
-async def send(ctx: Context, job: ops.DispatchJob, limiter: trio.CapacityLimiter, figures) -> None:
-    async with limiter:
-        try:
-            request_id = await ctx.so.dispatch(job.name, job.request, job.key)
-        except PeerError as exc:
-            figures.errors += 1
-            figures.last_error = str(exc)
-            await ctx.store.tx(ops.record_dispatch_failed, job.element, str(exc))
-            log.warning(
-                "element.dispatch_failed",
-                schedule_id=job.schedule_id,
-                vnf=job.name,
-                reason=str(exc),
-            )
+async def send(
+    ctx: Context,
+    job: ops.DispatchJob,
+    limiter: trio.CapacityLimiter,
+    results: trio.MemorySendChannel[tuple[ops.DispatchJob, Result]],
+) -> None:
+    async with results, limiter:
+        so_cfg = ctx.config.so
+        attempt = 0
+        while True:
+            try:
+                request_id = await ctx.so.dispatch(job.name, job.request, job.key)
+            except NotDelivered as exc:
+                attempt += 1
+                if attempt > so_cfg.connect_retries:
+                    failure = f"could not reach the orchestrator ({attempt} attempts): {exc}"
+                    break
+                await trio.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
+                continue
+            except Unconfirmed as exc:
+                attempt += 1
+                if so_cfg.resend_unconfirmed and attempt <= so_cfg.connect_retries:
+                    continue  # same X-TransactionId: the orchestrator de-duplicates
+                failure = (
+                    f"{exc}; it may have started the work flow (X-TransactionId {job.key}), "
+                    "not re-sent (so.resend_unconfirmed = false): check the orchestrator"
+                )
+                break
+            except PeerError as exc:
+                failure = str(exc)
+                break
+            await results.send((job, (job.element, request_id, None)))
             return
-    await ctx.store.tx(ops.record_dispatched, job.element, request_id)
-    figures.done += 1
-    log.info(
-        "element.dispatched",
-        schedule_id=job.schedule_id,
-        vnf=job.name,
-        so_request_id=request_id,
-        key=job.key,
-        attempt=job.attempt,
-    )
-    ctx.bells.poller.ring()
+        await results.send((job, (job.element, None, failure)))
+
+
+async def record(
+    ctx: Context,
+    results: trio.MemoryReceiveChannel[tuple[ops.DispatchJob, Result]],
+    figures: ActorFigures,
+) -> None:
+    """Commit the answers in batches: whatever has arrived goes in one transaction."""
+    async with results:
+        async for first in results:
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(results.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await ctx.store.tx(ops.record_dispatch_results, [result for _, result in batch])
+            for job, (_, request_id, failure) in batch:
+                if request_id is not None:
+                    figures.done += 1
+                    log.info(
+                        "element.dispatched",
+                        schedule_id=job.schedule_id,
+                        vnf=job.name,
+                        so_request_id=request_id,
+                        key=job.key,
+                        attempt=job.attempt,
+                    )
+                else:
+                    figures.errors += 1
+                    figures.last_error = failure
+                    log.warning(
+                        "element.dispatch_failed",
+                        schedule_id=job.schedule_id,
+                        vnf=job.name,
+                        reason=failure,
+                    )
+            ctx.bells.poller.ring()

@@ -1,41 +1,86 @@
-"""The poller: asks the orchestrator about every triggered element each `interval_s` and
-records what changed; the transaction that ends the last element also closes the schedule."""
+"""The poller: asks the orchestrator about every triggered element every `interval_s` (with
+jitter, so thousands do not poll in step), backs off per element on connection errors (state
+unchanged, errors counted and shown), ends a work flow that runs past `execution_timeout_s` as
+`Failed`, and records only what changed. The transaction that ends a schedule's last element
+also closes the schedule."""
 
 from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass
 
 import trio
 
 from cmsod import lifecycle, log
-from cmsod.actors.context import Context
+from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import PeerError
+from cmsod.model import ElementStatus as E
 from cmsod.model import PollOutcome
 from cmsod.store import ops
 
-CONCURRENT_POLLS = 20
+
+@dataclass
+class Watch:
+    name: str
+    request_id: str
+    dispatch_ms: int | None
+    errors: int = 0
+    last_state: str | None = None
 
 
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     task_status.started()
-    limiter = trio.CapacityLimiter(CONCURRENT_POLLS)
+    watches: dict[int, Watch] = {}
+    due: list[tuple[float, int]] = []  # (trio time of the next poll, element)
+    refresh = True
     while True:
         figures = ctx.beat("poller")
-        started = trio.current_time()
-        elements = await ctx.store.read(ops.in_flight)
-        async with trio.open_nursery() as polls:
-            for element, name, request_id in elements:
-                polls.start_soon(poll_one, ctx, limiter, figures, element, name, request_id)
-        interval = ctx.config.poller.interval_s
-        await ctx.bells.poller.wait(interval - (trio.current_time() - started))
+        cfg = ctx.config.poller
+        limiter = trio.CapacityLimiter(cfg.max_concurrent)
+        if refresh:  # a dispatch was recorded (or first turn): learn the new ones
+            now = trio.current_time()
+            current = {e: (n, r, d) for e, n, r, d in await ctx.store.read(ops.in_flight)}
+            for element in list(watches):
+                if element not in current:
+                    del watches[element]
+            for element, (name, request_id, dispatched) in current.items():
+                if element not in watches:
+                    watches[element] = Watch(name, request_id, dispatched)
+                    heapq.heappush(due, (now + _jittered(cfg.interval_s, cfg.jitter), element))
+        now = trio.current_time()
+        ready = []
+        while due and due[0][0] <= now:
+            _, element = heapq.heappop(due)
+            if element in watches:
+                ready.append(element)
+        if ready:
+            async with trio.open_nursery() as polls:
+                for element in ready:
+                    polls.start_soon(poll_one, ctx, limiter, figures, element, watches, due)
+        wait_s = (due[0][0] - trio.current_time()) if due else 3600.0
+        refresh = await ctx.bells.poller.wait(wait_s)
+
+
+def _jittered(interval: float, jitter: float) -> float:
+    return interval * (1 + random.uniform(-jitter, jitter))
 
 
 async def poll_one(
-    ctx: Context, limiter, figures, element: int, name: str, request_id: str
+    ctx: Context,
+    limiter: trio.CapacityLimiter,
+    figures: ActorFigures,
+    element: int,
+    watches: dict[int, Watch],
+    due: list[tuple[float, int]],
 ) -> None:
+    watch = watches[element]
+    cfg = ctx.config.poller
     async with limiter:
         try:
-            answer = await ctx.so.status(request_id)
+            answer = await ctx.so.status(watch.request_id)
         except PeerError as exc:  # connection trouble: counted and shown, state unchanged
             figures.errors += 1
             figures.last_error = str(exc)
@@ -44,7 +89,35 @@ async def poll_one(
             outcome = lifecycle.poll_outcome(
                 answer.http_status, answer.request_state, answer.message, answer.finish_time
             )
-    status = await ctx.store.tx(ops.record_poll, element, outcome)
-    if status is not None:
-        figures.done += 1
-        log.info("element.finished", vnf=name, status=status.value, so_status=outcome.so_status)
+    timeout_ms = int(cfg.execution_timeout_s * 1000)
+    if (
+        outcome.status is None
+        and timeout_ms
+        and watch.dispatch_ms is not None
+        and ctx.clock.now_ms() - watch.dispatch_ms > timeout_ms
+    ):
+        outcome = PollOutcome(
+            "Timeout",
+            f"no end state from the orchestrator within {cfg.execution_timeout_s:g} s of dispatch "
+            f"(last state: {outcome.so_status})",
+            E.FAILED,
+        )
+    changed = outcome.status is not None or outcome.so_status != watch.last_state
+    if changed or outcome.connection_error:
+        status = await ctx.store.tx(ops.record_poll, element, outcome)
+        if status is not None:
+            figures.done += 1
+            log.info(
+                "element.finished", vnf=watch.name, status=status.value, so_status=outcome.so_status
+            )
+    if outcome.status is not None:
+        del watches[element]
+        return
+    watch.last_state = outcome.so_status
+    if outcome.connection_error:
+        watch.errors += 1
+        delay = min(cfg.interval_s * 2**watch.errors, cfg.error_backoff_max_s)
+    else:
+        watch.errors = 0
+        delay = _jittered(cfg.interval_s, cfg.jitter)
+    heapq.heappush(due, (trio.current_time() + delay, element))

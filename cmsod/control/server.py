@@ -60,11 +60,13 @@ async def serve(
     path = ctx.config.socket_path
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim_path(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(str(path))
+    # Bound with the plain socket: trio binds a Unix path in a worker thread, which would let
+    # a test's MockClock race ahead (trio issue 456); a one-off local bind needs no thread.
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.bind(str(path))
     os.chmod(path, int(ctx.config.control.socket_mode, 8))
-    sock.listen(128)
-    listener = trio.SocketListener(sock)
+    raw.listen(128)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
     active = 0
 
     async def connection(stream: trio.SocketStream) -> None:

@@ -502,6 +502,25 @@ def due_elements(conn: Any, until_ms: int, limit: int) -> list[int]:
     ]
 
 
+def begin_dispatches(
+    tx: Tx, elements: list[int], misfire_grace_ms: int, dispatch_immediate: bool
+) -> list[DispatchJob]:
+    """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds)."""
+    jobs = [begin_dispatch(tx, e, misfire_grace_ms, dispatch_immediate) for e in elements]
+    return [job for job in jobs if job is not None]
+
+
+def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | None]]) -> int:
+    """(element, SO request id or None, failure message or None) for a batch of answers."""
+    recorded = 0
+    for element, request_id, failure in results:
+        if request_id is not None:
+            recorded += record_dispatched(tx, element, request_id)
+        else:
+            recorded += record_dispatch_failed(tx, element, failure or "dispatch failed")
+    return recorded
+
+
 def _dispatching(tx: Tx, element: int) -> tuple[int, str, str, E] | None:
     row = tx.execute(
         "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
@@ -583,10 +602,11 @@ def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
 # -- polling --------------------------------------------------------------------------------
 
 
-def in_flight(conn: Any) -> list[tuple[int, str, str]]:
-    """(element, name, SO request id) of every triggered element."""
+def in_flight(conn: Any) -> list[tuple[int, str, str, int | None]]:
+    """(element, name, SO request id, dispatch time) of every triggered element."""
     return conn.execute(
-        "SELECT id, name, so_request_id FROM elements WHERE status = ? ORDER BY dispatch_ms",
+        "SELECT id, name, so_request_id, dispatch_ms FROM elements WHERE status = ?"
+        " ORDER BY dispatch_ms",
         (E.TRIGGERED.value,),
     ).fetchall()
 

@@ -1,0 +1,232 @@
+"""A small real HTTP/1.1 server on loopback for tests, with fault injection.
+
+`FakeHTTP(handler)` calls `handler(request)` for every request and acts on what it returns:
+a `Reply` (status, body, optional delay), `Drop` (the request was taken, the connection is
+closed without an answer: "executed, reply lost"), or `Reset` (the connection is reset before
+anything is read). Every request is recorded. Serve it inside a trio test with
+`nursery.start(server.serve)`, or in its own thread for a daemon process with `in_thread()`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | dict | list = b""
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        body = self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
+        head = [
+            f"HTTP/1.1 {self.status} X",
+            f"Content-Length: {len(body)}",
+            "Content-Type: application/json",
+        ]
+        head += [f"{k}: {v}" for k, v in self.headers.items()]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class Drop:
+    """Take the request (the handler ran), then close the connection without answering."""
+
+
+class Reset:
+    """Reset the connection before reading the request."""
+
+
+Handler = Callable[[Request], "Reply | Drop | Reset"]
+
+
+class FakeHTTP:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[Request] = []
+        self.port = 0
+        self.reset_next = 0  # reset this many coming connections at once
+        self._lock = threading.Lock()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._connection, listeners)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        if self.reset_next:
+            self.reset_next -= 1
+            await _reset(stream)
+            return
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:])
+                }
+                length = int(headers.get("content-length", "0"))
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                body, buffer = buffer[:length], buffer[length:]
+                request = Request(method, path, headers, body)
+                with self._lock:
+                    self.requests.append(request)
+                    reply = self.handler(request)
+                if isinstance(reply, Reset):
+                    await _reset(stream)
+                    return
+                if isinstance(reply, Drop):
+                    await stream.aclose()
+                    return
+                if reply.delay_s:
+                    await trio.sleep(reply.delay_s)
+                await stream.send_all(reply.encode())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    def in_thread(self) -> Callable[[], None]:
+        """Serve from a thread of its own (for a daemon in another process); returns stop()."""
+        started = threading.Event()
+        state: dict[str, Any] = {}
+
+        async def main() -> None:
+            with trio.CancelScope() as scope:
+                state["scope"], state["token"] = scope, trio.lowlevel.current_trio_token()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.serve)
+                    started.set()
+
+        thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+        thread.start()
+        started.wait(10)
+
+        def stop() -> None:
+            trio.from_thread.run_sync(state["scope"].cancel, trio_token=state["token"])
+            thread.join(10)
+
+        return stop
+
+
+async def _reset(stream: trio.SocketStream) -> None:
+    # SO_LINGER with a zero timeout: close() sends RST instead of FIN
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+class FakeSO(FakeHTTP):
+    """The orchestrator: POST /schedule/{vnf} starts a work flow, GET /{id} tells its state.
+
+    `states` are what successive polls of one work flow answer (the last one repeats).
+    `dispatch_faults[n]` / `status_faults[n]` replace the n-th (1-based) dispatch / poll.
+    With `dedupe`, a repeated X-TransactionId returns the first request's id and starts nothing.
+    """
+
+    def __init__(self, states: list[str] | None = None, answer: str = "201") -> None:
+        super().__init__(self.handle)
+        self.states = states or ["IN_PROGRESS", "COMPLETE"]
+        self.answer = answer
+        self.dispatch_faults: dict[int, Reply | Drop | Reset] = {}
+        self.status_faults: dict[int, Reply | Drop | Reset] = {}
+        self.dedupe = False
+        self.started: list[tuple[str, str]] = []  # (X-TransactionId, vnf) of work flows started
+        self.polls: dict[str, int] = {}
+        self.by_key: dict[str, str] = {}
+        self.dispatch_calls = 0
+        self.status_calls = 0
+
+    def handle(self, request: Request) -> Reply | Drop | Reset:
+        if request.method == "POST" and request.path.startswith("/schedule/"):
+            self.dispatch_calls += 1
+            key = request.headers.get("x-transactionid", "")
+            vnf = request.path.removeprefix("/schedule/")
+            if self.dedupe and key in self.by_key:
+                return self._accepted(vnf, self.by_key[key])
+            fault = self.dispatch_faults.get(self.dispatch_calls)
+            if isinstance(fault, Reset | Reply):
+                return fault
+            request_id = f"req-{len(self.started) + 1}"
+            self.started.append((key, vnf))
+            self.by_key[key] = request_id
+            self.polls[request_id] = 0
+            return fault if isinstance(fault, Drop) else self._accepted(vnf, request_id)
+        if request.method == "GET":
+            self.status_calls += 1
+            fault = self.status_faults.get(self.status_calls)
+            if fault is not None:
+                return fault
+            request_id = request.path.lstrip("/")
+            if request_id not in self.polls:
+                return Reply(404, {"requestError": {"serviceException": {"text": "not found"}}})
+            self.polls[request_id] += 1
+            state = self.states[min(self.polls[request_id], len(self.states)) - 1]
+            return Reply(
+                200,
+                {
+                    "request": {
+                        "requestStatus": {
+                            "requestState": state,
+                            "statusMessage": f"{state.lower()}",
+                            "percentProgress": 50,
+                            "finishTime": "Tue, 01 Dec 2026 09:00:00 GMT",
+                        }
+                    }
+                },
+            )
+        return Reply(405, b"")
+
+    def _accepted(self, vnf: str, request_id: str) -> Reply:
+        if self.answer == "201":
+            return Reply(
+                201,
+                {
+                    "cmResponses": [
+                        {
+                            "orchestratorRequestId": request_id,
+                            "vnfName": vnf,
+                            "serviceInstanceId": "s",
+                            "vnfInstanceId": "v",
+                        }
+                    ]
+                },
+            )
+        return Reply(
+            200,
+            {
+                "status": "202",
+                "entity": {"requestReferences": {"requestId": request_id, "instanceId": "i"}},
+            },
+        )
