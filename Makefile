@@ -20,6 +20,9 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/submit.py
+	$(BIN)/python bench/optimizer.py
+	$(BIN)/python bench/crash.py
+	$(BIN)/python bench/dispatch.py
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \

@@ -13,6 +13,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # wall-clock time it was read (for benchmarks)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -102,7 +104,7 @@ class FakeHTTP:
                 while len(buffer) < length:
                     buffer += await stream.receive_some(65536)
                 body, buffer = buffer[:length], buffer[length:]
-                request = Request(method, path, headers, body)
+                request = Request(method, path, headers, body, time.time())
                 with self._lock:
                     self.requests.append(request)
                     reply = self.handler(request)

@@ -61,7 +61,7 @@ async def open_tickets(ctx: Context, item: ops.TicketWork) -> dict[int, str]:
                 min(starts) if starts else None,
                 max(ends) if ends else None,
             )
-            log.info(
+            log.debug(  # per ticket: chatter; schedule.scheduled gives the count
                 "ticket.created", schedule_id=item.schedule_id, change_id=change_id, vnfs=len(chunk)
             )
             change_ids.update({e[0]: change_id for e in chunk})

@@ -1,0 +1,158 @@
+"""Dispatch and polling against an HTTP orchestrator on loopback.
+
+The real daemon runs as its own process (so.mode = http); the orchestrator is the tests'
+fake SO in a thread of this process, which records when each POST arrives. Lateness is that
+time minus the element's due time (start - lead_time). Then, with 10,000 work flows in
+flight (the fake SO answers IN_PROGRESS for ever) polled every second, the daemon process's
+CPU and memory are read from /proc.
+Usage: python bench/dispatch.py [--skip-polling]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import describe  # noqa: E402
+from tests.cmso_requests import iso, request  # noqa: E402
+from tests.fake_http import FakeSO  # noqa: E402
+from tests.procs import Daemon, cmsoctl  # noqa: E402
+
+LEAD_S = 1.0
+
+
+def due_times(state: Path, schedule_id: str) -> dict[str, float]:
+    code, out = cmsoctl(state, "--json", "show", schedule_id)
+    assert code == 0, out
+    items = json.loads(out)["schedule"]["groups"][0]["changeManagementSchedules"]
+    return {
+        i["vnfName"]: datetime.fromisoformat(i["startTime"].replace("Z", "+00:00")).timestamp()
+        - LEAD_S
+        for i in items
+    }
+
+
+def approve_when_pending(state: Path, schedule_id: str) -> None:
+    for _ in range(600):
+        code, out = cmsoctl(state, "--json", "show", schedule_id)
+        if json.loads(out)["schedule"]["status"] == "Pending Approval":
+            assert cmsoctl(state, "approve", schedule_id)[0] == 0
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{schedule_id} never reached Pending Approval")
+
+
+def figures(name: str, lateness: list[float]) -> str:
+    ordered = sorted(lateness)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (
+        f"{name:<34} n={len(ordered):>6}  p50 {statistics.median(ordered):7.1f} ms  "
+        f"p99 {p99:7.1f} ms  max {ordered[-1]:7.1f} ms"
+    )
+
+
+def proc_cpu_and_rss(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = 100.0
+    cpu_s = (int(fields[11]) + int(fields[12])) / ticks
+    rss_mb = int(fields[21]) * 4096 / 2**20
+    return cpu_s, rss_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-polling", action="store_true")
+    parser.add_argument("--in-flight", type=int, default=10_000)
+    args = parser.parse_args()
+    print(describe())
+    so = FakeSO(["IN_PROGRESS"])
+    stop = so.in_thread()
+    env = {
+        "CMSOD_SO__MODE": "http",
+        "CMSOD_SO__URL": so.url,
+        "CMSOD_DISPATCHER__LEAD_TIME_S": str(LEAD_S),
+        "CMSOD_DISPATCHER__MAX_CONCURRENT": os.environ.get("BENCH_DISPATCH_CONCURRENCY", "100"),
+        "CMSOD_POLLER__MAX_CONCURRENT": os.environ.get("BENCH_POLL_CONCURRENCY", "50"),
+        "CMSOD_POLLER__INTERVAL_S": "3600",
+        "CMSOD_CONTROL__IDLE_TIMEOUT_S": "600",
+    }
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp)
+            daemon = Daemon(state, extra_env=env)
+            try:
+                for schedule_id, n, per_slot, lead_in in [
+                    ("burst100", 100, 100, 4),
+                    ("burst1000", 1000, 1000, 6),
+                    ("spread10k", 10_000, 167, 20),
+                ]:
+                    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=lead_in)
+                    nodes = [f"{schedule_id}-{i}" for i in range(n)]
+                    body = request(
+                        schedule_id,
+                        now=start,
+                        nodes=nodes,
+                        normal=1,
+                        additional=0,
+                        concurrency=per_slot,
+                    )
+                    body["schedulingInfo"]["vnfDetails"][0]["changeWindow"][0]["startTime"] = iso(
+                        start
+                    )
+                    body_file = state / f"{schedule_id}.json"
+                    body_file.write_text(json.dumps(body))
+                    assert cmsoctl(state, "submit", str(body_file))[0] == 0
+                    approve_when_pending(state, schedule_id)
+                    due = due_times(state, schedule_id)
+                    deadline = time.time() + lead_in + n / per_slot + 60
+                    while time.time() < deadline:
+                        arrived = {
+                            r.path.removeprefix("/schedule/"): r.at
+                            for r in list(so.requests)
+                            if r.method == "POST"
+                        }
+                        if all(name in arrived for name in due):
+                            break
+                        time.sleep(0.2)
+                    lateness = [(arrived[name] - due[name]) * 1000 for name in due]
+                    label = {
+                        "burst100": "100 due at one instant",
+                        "burst1000": "1,000 due at one instant",
+                        "spread10k": "10,000 spread over a minute",
+                    }[schedule_id]
+                    print(figures(label, lateness))
+                    if schedule_id == "burst1000":
+                        print(
+                            f"{'':34} all 1,000 dispatched {max(arrived[n] for n in due) - min(due.values()):.3f} s after they fell due"
+                        )
+                if not args.skip_polling:
+                    in_flight = len([r for r in so.requests if r.method == "POST"])
+                    daemon.stop()
+                    env["CMSOD_POLLER__INTERVAL_S"] = "1"
+                    daemon = Daemon(state, extra_env=env)
+                    time.sleep(5)  # let the poller spread out
+                    cpu0, _ = proc_cpu_and_rss(daemon.proc.pid)
+                    polls0, t0 = so.status_calls, time.time()
+                    time.sleep(20)
+                    cpu1, rss = proc_cpu_and_rss(daemon.proc.pid)
+                    polls, elapsed = so.status_calls - polls0, time.time() - t0
+                    print(
+                        f"{in_flight:,} work flows in flight polled every 1 s: {polls / elapsed:,.0f} polls/s, "
+                        f"daemon CPU {(cpu1 - cpu0) / elapsed:.2f} cores, RSS {rss:.0f} MB"
+                    )
+            finally:
+                daemon.stop()
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    main()
