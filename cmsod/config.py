@@ -94,10 +94,22 @@ class TicketsConfig(Section, frozen=True):
 
 
 class EventsConfig(Section, frozen=True):
-    sink: Literal["file"] = "file"
-    path: str = ""  # "" = <state_dir>/events; one <topic>.jsonl file per topic
+    sink: Literal["file", "http", "cloudevents"] = "file"
+    path: str = ""  # file: "" = <state_dir>/events; one <topic>.jsonl file per topic
     topic: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,200}$")] = "cm-events"
     source: str = "urn:onap:cmsod"
+    route_by: str = ""  # a schedule domain-data name: its value v sends to <topic>-<v>
+    url: str = ""  # http: Message Router base URL; cloudevents: the receiver's URL
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    timeout_s: Positive = 10.0
+    max_file_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
+    keep_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+
+    def __post_init__(self) -> None:
+        if self.sink != "file" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"events.url must be an http(s):// URL when events.sink = '{self.sink}'"
+            )
 
 
 class ControlConfig(Section, frozen=True):

@@ -38,7 +38,7 @@ class CtlError(Exception):
         self.code = code
 
 
-def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> Reply:
+def connect(path: str, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -56,6 +56,11 @@ def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> 
     except OSError as exc:
         code = EX_UNAVAILABLE if exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED) else EX_ERROR
         raise CtlError(code, f"cannot connect to {path}: {exc.strerror}") from None
+    return sock
+
+
+def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> Reply:
+    sock = connect(path, timeout)
     try:
         with sock:
             sock.sendall(msgspec.json.encode({"method": method, "parameters": parameters}) + b"\0")
@@ -249,6 +254,51 @@ def describe_error(reply: Reply) -> str:
     return f"{reply.error}: {detail}"
 
 
+def watch(args: argparse.Namespace) -> int:
+    """Print CM events as they happen until the daemon closes the stream (or Ctrl-C)."""
+    parameters = {k: v for k, v in (("scheduleId", args.id), ("eventType", args.type)) if v}
+    sock = connect(args.socket, args.timeout)
+    sock.settimeout(None)  # events come when they come
+    message = {"method": "io.cmsod.Events.Watch", "parameters": parameters, "more": True}
+    buffer = bytearray()
+    try:
+        with sock:
+            sock.sendall(msgspec.json.encode(message) + b"\0")
+            while True:
+                while b"\0" not in buffer:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        return EX_OK
+                    buffer += chunk
+                end = buffer.index(b"\0")
+                reply = msgspec.json.decode(bytes(buffer[:end]), type=Reply)
+                del buffer[: end + 1]
+                if reply.error:
+                    print(f"cmsoctl: {describe_error(reply)}", file=sys.stderr)
+                    return EX_ERROR
+                event = reply.parameters["event"]
+                if args.json:
+                    print(msgspec.json.encode(event).decode(), flush=True)
+                else:
+                    print(describe_event(event), flush=True)
+    except KeyboardInterrupt:
+        return EX_OK
+    except msgspec.DecodeError as exc:
+        raise CtlError(EX_PROTOCOL, f"malformed event: {exc}") from None
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    patch = event["event"]["push-change-update"]["datastore-changes"]["ietf-yang-patch:yang-patch"]
+    lines = []
+    for edit in patch["edit"]:
+        value: dict[str, Any] = next(iter(edit.get("value", {}).values()), [{}])[0]
+        what = edit["target"].rsplit("/", 1)[-1] if "/vnf=" in edit["target"] else "schedule"
+        lines.append(
+            f"{event['eventTime']}  {patch['patch-id']:<24} {what:<20} {value.get('status', edit['operation'])}"
+        )
+    return "\n".join(lines)
+
+
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -360,6 +410,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--svg", metavar="FILE", help="write an SVG picture instead")
     p.add_argument("--width", type=int, default=72, help="terminal columns for the time axis")
+    p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--type", help="only this eventType")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
     return top
@@ -368,6 +421,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command == "watch":
+            return watch(args)
         method, parameters = request_for(args)
         reply = call(args.socket, method, parameters, args.timeout)
     except CtlError as exc:

@@ -23,7 +23,7 @@ from cmsod.control import server
 from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
-from cmsod.peers.sinks import FileSink
+from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import LoopbackTM
 from cmsod.store import Store, views
@@ -60,7 +60,9 @@ def build_context(
     def own_thread() -> Executor:  # the sink and the solver each get theirs, not the store's
         return ThreadExecutor() if threaded else executor
 
-    store = Store(cfg.store_path, executor, clock, cfg.events.topic, cfg.events.source)
+    store = Store(
+        cfg.store_path, executor, clock, cfg.events.topic, cfg.events.source, cfg.events.route_by
+    )
     ctx = Context(
         config=cfg,
         store=store,
@@ -71,7 +73,7 @@ def build_context(
             else LoopbackSO(clock, cfg.so.simulated_duration_s)
         ),
         tm=LoopbackTM(),
-        sink=FileSink(cfg.events_dir, own_thread()),
+        sink=sink_for(cfg, cfg.events_dir, own_thread()),
         planning=planning_for(cfg),
         compute=own_thread(),
     )
@@ -110,6 +112,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
         ctx.config = new
         ctx.planning = planning
         ctx.store.topic, ctx.store.source = new.events.topic, new.events.source
+        ctx.store.route_by = new.events.route_by
         if isinstance(ctx.so, LoopbackSO):
             ctx.so.simulated_duration_s = new.so.simulated_duration_s
         log.set_level(new.daemon.log_level)
@@ -171,8 +174,9 @@ async def run(
                 await _handle_signals(ctx, signals, root.cancel_scope)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                if isinstance(ctx.so, HttpSO):
-                    await ctx.so.aclose()
+                for peer in (ctx.so, ctx.sink):
+                    if hasattr(peer, "aclose"):
+                        await peer.aclose()
                 await ctx.store.close()
             log.info("daemon.stopped")
 

@@ -70,8 +70,10 @@ class RequestError(CmsodError):
 class ControlError(CmsodError):
     name = "io.cmsod.Error"
 
-    def __init__(self, message: str, **parameters: Any) -> None:
+    def __init__(self, message: str, name: str | None = None, **parameters: Any) -> None:
         super().__init__(message)
+        if name:
+            self.name = name
         self.parameters = {"message": message, **parameters}
 
 

@@ -7,12 +7,14 @@ time and the store runs inline (a worker thread would let virtual time race ahea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import msgspec
 import pytest
 import trio
@@ -158,3 +160,32 @@ async def client(cmsod: Daemon) -> AsyncIterator[ControlClient]:
     c = await cmsod.connect()
     yield c
     await c.aclose()
+
+
+# -- every CM event the suite causes must follow the shipped schema -------------------------
+
+SCHEMA_PATH = Path(__file__).parent.parent / "docs" / "schemas" / "cm-event-1.0.schema.json"
+EVENT_SCHEMA = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+validated = {"events": 0}
+
+
+def validate_event(event: dict[str, Any]) -> None:
+    EVENT_SCHEMA.validate(event)
+    validated["events"] += 1
+
+
+@pytest.fixture(autouse=True)
+def events_follow_the_schema(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is None:
+        return
+    for path in sorted(Path(tmp).rglob("*.jsonl*")):
+        for line in path.read_text().splitlines():
+            validate_event(json.loads(line))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(
+        f"{validated['events']} CM events validated against {SCHEMA_PATH.name}"
+    )

@@ -137,3 +137,42 @@ def test_sd_notify_ready_status_and_stopping(tmp_path: Path) -> None:
     assert notify.recv(4096) == b"STOPPING=1"
     assert daemon.proc.wait(20) == 0
     notify.close()
+
+
+def test_kill_9_mid_stream_loses_no_event(tmp_path: Path) -> None:
+    from tests.test_events import Bus, in_order_and_complete
+
+    bus = Bus()
+    stop = bus.in_thread()
+    env = {
+        "CMSOD_EVENTS__SINK": "http",
+        "CMSOD_EVENTS__URL": bus.url,
+        "CMSOD_EVENTS__BATCH_SIZE": "2",
+    }
+    try:
+        daemon = Daemon(tmp_path, extra_env=env)
+        now = datetime.now(UTC)
+        for i in range(5):
+            body = request(f"ev{i}", now=now, nodes=[f"ev{i}-a", f"ev{i}-b"], minutes_from_now=None)
+            assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+        daemon.wait_log(r"event=element\.dispatched", count=4)
+        daemon.kill()  # events are streaming out to the bus right now
+        daemon = Daemon(tmp_path, extra_env=env)
+        for i in range(5):
+            code, out = cmsoctl(tmp_path, "--json", "show", f"ev{i}")
+            if json.loads(out)["schedule"]["status"] not in (
+                "Completed",
+                "Completed with error(s)",
+            ):
+                daemon.wait_log(rf"event=schedule\.finished schedule_id=ev{i}", timeout=60)
+        assert daemon.stop() == 0
+    finally:
+        stop()
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        stored = dict(
+            db.execute("SELECT schedule_id, count(*) FROM events GROUP BY schedule_id").fetchall()
+        )
+        unsent = db.execute("SELECT count(*) FROM events WHERE sent_ms IS NULL").fetchone()[0]
+    per_schedule = in_order_and_complete(bus.received["cm-events"])
+    assert unsent == 0
+    assert {s: len(seqs) for s, seqs in per_schedule.items()} == stored  # every event, in order

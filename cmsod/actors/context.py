@@ -51,6 +51,23 @@ class Bells:
         return [self.optimizer, self.tickets, self.dispatcher, self.poller, self.emitter]
 
 
+WATCH_QUEUE = 256
+
+
+class Watcher:
+    """One `cmsoctl watch`: a bounded queue the emitter fills without ever waiting. A watcher
+    that falls WATCH_QUEUE events behind is dropped (counted and logged), never waited for."""
+
+    def __init__(self, schedule_id: str | None, event_type: str | None) -> None:
+        self.schedule_id = schedule_id
+        self.event_type = event_type
+        self.send, self.receive = trio.open_memory_channel[bytes](WATCH_QUEUE)
+        self.dropped = False
+
+    def wants(self, schedule_id: str, event_type: str) -> bool:
+        return (self.schedule_id in (None, schedule_id)) and (self.event_type in (None, event_type))
+
+
 @dataclass
 class ActorFigures:
     heartbeat: float = 0.0  # trio time of the last turn of the actor's loop
@@ -75,6 +92,8 @@ class Context:
     stopping: trio.Event = field(default_factory=trio.Event)  # SIGTERM: take no new work
     drained: trio.Event = field(default_factory=trio.Event)  # no dispatch call in flight any more
     reload: Callable[[], list[str]] | None = None  # set by the daemon; returns what changed
+    watchers: set[Watcher] = field(default_factory=set)
+    watchers_dropped: int = 0
 
     def beat(self, actor: str) -> ActorFigures:
         figures = self.figures.setdefault(actor, ActorFigures())

@@ -7,12 +7,13 @@ naming the field; an unknown method `org.varlink.service.MethodNotFound`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import os
 import pwd
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import msgspec
 import trio
 
 from cmsod import __version__, lifecycle, log
-from cmsod.actors.context import Context
+from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import stalled_actors
 from cmsod.errors import (
     ConfigError,
@@ -66,8 +67,9 @@ Handler = Callable[[Context, Any], Awaitable[dict[str, Any]]]
 @dataclass(frozen=True)
 class Method:
     parameters: type
-    handler: Handler
+    handler: Callable[[Context, Any], Any]  # a coroutine, or an async iterator when it streams
     changes_state: bool
+    streams: bool = False
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -180,6 +182,22 @@ async def reload(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     return {"reloaded": True, "changed": changed}
 
 
+async def watch(ctx: Context, p: w.WatchParameters) -> AsyncIterator[dict[str, Any]]:
+    """Every CM event from now on (of one schedule, of one eventType), as it is read."""
+    watcher = Watcher(p.scheduleId, p.eventType)
+    ctx.watchers.add(watcher)
+    try:
+        async with watcher.receive:
+            async for body in watcher.receive:
+                yield {"event": msgspec.Raw(body)}
+    finally:
+        ctx.watchers.discard(watcher)
+    if watcher.dropped:
+        raise ControlError(
+            f"dropped: fell {WATCH_QUEUE} events behind", name="io.cmsod.WatchDropped"
+        )
+
+
 async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     return {
         "vendor": "cmsod",
@@ -200,6 +218,7 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
+    "io.cmsod.Events.Watch": Method(w.WatchParameters, watch, False, streams=True),
     "org.varlink.service.GetInfo": Method(w.NoParameters, get_info, False),
 }
 
@@ -222,7 +241,7 @@ def _field_path(exc: msgspec.ValidationError) -> str:
     return path.rstrip("`").lstrip(".") if path else ""
 
 
-async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncIterator[bytes]:
+async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGenerator[bytes, None]:
     try:
         call = msgspec.json.decode(message, type=w.Call)
     except msgspec.ValidationError as exc:
@@ -235,8 +254,12 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncItera
     try:
         if method is None:
             raise MethodNotFound(call.method)
-        if call.more:
+        if call.more and not method.streams:
             raise InvalidParameter("more", f"{call.method} does not stream replies")
+        if method.streams and not call.more:
+            raise InvalidParameter(
+                "more", f"{call.method} streams replies: call it with more: true"
+            )
         parameters: Any
         try:
             parameters = msgspec.json.decode(call.parameters, type=method.parameters)
@@ -249,6 +272,11 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncItera
                 log.warning("control.denied", method=call.method, uid=peer.uid, pid=peer.pid)
                 raise PermissionDenied(f"uid {peer.uid} may not call {call.method}")
             log.info("control.call", method=call.method, uid=peer.uid, pid=peer.pid)
+        if method.streams:
+            async with contextlib.aclosing(method.handler(ctx, parameters)) as stream:
+                async for item in stream:
+                    yield _encoder.encode({"parameters": item, "continues": True})
+            return
         result = await method.handler(ctx, parameters)
     except RequestError as exc:
         yield _error("io.cmsod.RequestError", exc.to_parameters())

@@ -9,6 +9,7 @@ error and the connection is closed (the framing is lost); no complete message wi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -74,6 +75,8 @@ async def serve(
         active += 1
         try:
             await handle_connection(ctx, stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-conversation: nothing to answer
         finally:
             active -= 1
             await trio.aclose_forcefully(stream)
@@ -117,13 +120,13 @@ async def handle_connection(ctx: Context, stream: trio.SocketStream) -> None:
         while (end := buffer.find(b"\0")) >= 0:
             message = bytes(buffer[:end])
             del buffer[: end + 1]
-            replies = handle_message(ctx, peer, message)
-            async for reply in replies:
-                with trio.move_on_after(REPLY_TIMEOUT_S) as scope:
-                    await stream.send_all(reply + b"\0")
-                if scope.cancelled_caught:
-                    log.warning("control.client_stalled", uid=peer.uid, pid=peer.pid)
-                    return
+            async with contextlib.aclosing(handle_message(ctx, peer, message)) as replies:
+                async for reply in replies:
+                    with trio.move_on_after(REPLY_TIMEOUT_S) as scope:
+                        await stream.send_all(reply + b"\0")
+                    if scope.cancelled_caught:
+                        log.warning("control.client_stalled", uid=peer.uid, pid=peer.pid)
+                        return
             deadline = trio.current_time() + ctx.config.control.idle_timeout_s
         if len(buffer) > ctx.config.control.max_message_bytes:
             log.warning("control.message_too_large", uid=peer.uid, pid=peer.pid, size=len(buffer))

@@ -671,9 +671,18 @@ def delete_schedule(tx: Tx, schedule_id: str) -> S:
 
 def pending_events(conn: Any, limit: int) -> list[tuple[int, str, str, bytes]]:
     return conn.execute(
-        "SELECT seq, schedule_id, topic, body FROM events WHERE sent_ms IS NULL ORDER BY seq LIMIT ?",
+        "SELECT seq, schedule_id, topic, body FROM events"
+        " WHERE sent_ms IS NULL AND refused IS NULL ORDER BY seq LIMIT ?",
         (limit,),
     ).fetchall()
+
+
+def last_event_seq(conn: Any) -> int:
+    return conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+
+
+def refuse_event(tx: Tx, seq: int, reason: str) -> None:
+    tx.execute("UPDATE events SET refused = ? WHERE seq = ?", (reason[:1000], seq))
 
 
 def mark_events_sent(tx: Tx, seqs: list[int]) -> None:

@@ -101,6 +101,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE elements ADD COLUMN data BLOB;
     """,
+    # 3: events the emitter refused to publish (unknown schema) are kept, with the reason.
+    """
+    ALTER TABLE events ADD COLUMN refused TEXT;
+    DROP INDEX events_unsent;
+    CREATE INDEX events_unsent ON events(seq) WHERE sent_ms IS NULL AND refused IS NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

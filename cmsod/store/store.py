@@ -14,6 +14,7 @@ needs (reference/reliability.md A2, B2).
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -70,15 +71,32 @@ def _assignments(columns: dict[str, Any], allowed: frozenset[str]) -> tuple[str,
     return "".join(f", {name} = ?" for name in columns), list(columns.values())
 
 
+def _event_fields(columns: dict[str, Any]) -> dict[str, Any]:
+    """Column values as event fields: start_ms -> "start-time" (ISO-8601), so_status ->
+    "so-status"; the dispatch key stays internal."""
+    fields = {}
+    for key, item in columns.items():
+        if item is None or key == "dispatch_key":
+            continue
+        if key.endswith("_ms"):
+            fields[key[:-3].replace("_", "-") + "-time"] = lifecycle.format_time(item)
+        else:
+            fields[key.replace("_", "-")] = item
+    return fields
+
+
 class Tx:
     """One open transaction. Status changes go through `schedule_to` / `element_to`, which check
     the state machine and collect the CM event edits that `finish` writes to the outbox."""
 
-    def __init__(self, conn: sqlite3.Connection, now_ms: int, topic: str, source: str) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, now_ms: int, topic: str, source: str, route_by: str = ""
+    ) -> None:
         self.conn = conn
         self.now_ms = now_ms
         self.topic = topic
         self.source = source
+        self.route_by = route_by
         self._edits: dict[int, list[tuple[str, str, dict]]] = {}
         self._schedule_ids: dict[int, str] = {}
         self._check_verdict: set[int] = set()
@@ -101,7 +119,7 @@ class Tx:
             [new.value, self.now_ms, *values, schedule],
         )
         value: dict[str, Any] = {"schedule-id": schedule_id, "status": new.value}
-        value.update({k.replace("_", "-"): v for k, v in columns.items() if v is not None})
+        value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.schedule_edit(schedule_id, "patch", value))
 
     def element_to(
@@ -120,11 +138,7 @@ class Tx:
             f"UPDATE elements SET status = ?{sets} WHERE id = ?", [new.value, *values, element]
         )
         value: dict[str, Any] = {"vnf-name": name, "status": new.value}
-        for key, item in columns.items():
-            if item is not None and key != "dispatch_key":
-                value[key.replace("_", "-")] = (
-                    lifecycle.format_time(item) if key.endswith("_ms") else item
-                )
+        value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
         if new in ELEMENT_FINAL:
             self._check_verdict.add(schedule)
@@ -144,6 +158,7 @@ class Tx:
                 self.verdicts.append((schedule_id, verdict))
         for schedule, edits in self._edits.items():
             schedule_id = self._schedule_ids[schedule]
+            topic = self._topic_for(schedule)
             chunks = [
                 edits[i : i + MAX_EDITS_PER_EVENT]
                 for i in range(0, len(edits), MAX_EDITS_PER_EVENT)
@@ -158,8 +173,22 @@ class Tx:
                 )
                 self.execute(
                     "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)",
-                    (schedule_id, self.topic, cmevents.encode(event), self.now_ms),
+                    (schedule_id, topic, cmevents.encode(event), self.now_ms),
                 )
+
+    def _topic_for(self, schedule: int) -> str:
+        """<topic>-<target group> when events are routed by a schedule's domain data."""
+        if not self.route_by:
+            return self.topic
+        row = self.execute(
+            "SELECT value FROM domain_data WHERE schedule = ? AND name = ?",
+            (schedule, self.route_by),
+        ).fetchone()
+        group = TOPIC_UNSAFE.sub("_", row[0])[:40] if row and row[0] else ""
+        return f"{self.topic}-{group}" if group else self.topic
+
+
+TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class Store:
@@ -170,6 +199,7 @@ class Store:
         clock: WallClock | None = None,
         topic: str = "cm-events",
         source: str = "urn:onap:cmsod",
+        route_by: str = "",
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.path = str(path)
@@ -177,6 +207,7 @@ class Store:
         self.clock = clock or WallClock()
         self.topic = topic
         self.source = source
+        self.route_by = route_by
         self.on_commit = on_commit  # rings the event emitter: every commit may carry events
         self.conn: sqlite3.Connection | None = None
         self.migrations_applied: list[int] = []
@@ -205,13 +236,13 @@ class Store:
     async def tx(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(tx, *args)` as one write transaction; its events are written with it."""
         now_ms = self.clock.now_ms()
-        topic, source = self.topic, self.source
+        topic, source, route_by = self.topic, self.source, self.route_by
 
         def work() -> tuple[T, Tx]:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = Tx(conn, now_ms, topic, source)
+                tx = Tx(conn, now_ms, topic, source, route_by)
                 result = fn(tx, *args)
                 tx.finish()
                 conn.execute("COMMIT")

@@ -318,6 +318,9 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
             ).fetchall()
         ),
         "eventsPending": conn.execute(
-            "SELECT count(*) FROM events WHERE sent_ms IS NULL"
+            "SELECT count(*) FROM events WHERE sent_ms IS NULL AND refused IS NULL"
+        ).fetchone()[0],
+        "eventsRefused": conn.execute(
+            "SELECT count(*) FROM events WHERE refused IS NOT NULL"
         ).fetchone()[0],
     }

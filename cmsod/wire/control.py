@@ -47,6 +47,11 @@ class DetailsParameters(msgspec.Struct, forbid_unknown_fields=True):
     ] = {}
 
 
+class WatchParameters(msgspec.Struct, forbid_unknown_fields=True):
+    scheduleId: Name | None = None
+    eventType: Name | None = None
+
+
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name
     approval: Approval

@@ -1,0 +1,359 @@
+"""CM events: the schema (positive and negative), the Message Router and CloudEvents sinks
+against real HTTP servers on loopback that fail and come back, routing, rotation, unknown
+schemas refused and kept, live watching, and a watcher too slow to keep."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sqlite3
+from collections import defaultdict
+
+import jsonschema
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+import cmsod.actors.context
+from cmsod import cmevents
+from cmsod.model import ScheduleStatus as S
+from tests.cmso_requests import approval, request
+from tests.conftest import EPOCH, start_daemon, validate_event, wait_until
+from tests.fake_http import FakeHTTP, Reply, Request, Reset
+
+DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
+
+
+def sample_event() -> dict:
+    return json.loads(
+        cmevents.encode(
+            cmevents.build(
+                "s1",
+                1,
+                [
+                    cmevents.element_edit(
+                        "s1", "node1", {"vnf-name": "node1", "status": "Triggered"}
+                    )
+                ],
+                1796112284003,
+                "urn:onap:cmsod",
+            )
+        )
+    )
+
+
+def mutate(path: list, value=None, delete=False):
+    def apply(event: dict) -> dict:
+        event = copy.deepcopy(event)
+        target = event
+        for key in path[:-1]:
+            target = target[key]
+        if delete:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+        return event
+
+    return apply
+
+
+PATCH = ["event", "push-change-update", "datastore-changes", "ietf-yang-patch:yang-patch"]
+
+
+def test_the_schema_accepts_our_events_and_rejects_near_misses() -> None:
+    validate_event(sample_event())
+    bad = [
+        mutate(["id"], "x"),  # an extra envelope member
+        mutate([*PATCH, "edit", 0, "value"], "Triggered"),  # a string value
+        mutate([*PATCH, "patch-id"], delete=True),
+        mutate([*PATCH, "edit", 0, "operation"], "replace"),
+        mutate([*PATCH, "edit", 0, "target"], "/somewhere/else"),
+        mutate(["eventSchemaVersion"], "2.0"),
+        mutate(["eventTime"], "2026-12-01T08:00:00Z"),
+        mutate([*PATCH, "edit"], []),
+    ]
+    for change in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            validate_event(change(sample_event()))
+
+
+class Bus(FakeHTTP):
+    """A Message Router: POST /events/{topic}?partitionKey=... with a JSON array."""
+
+    def __init__(self, validate: bool = True) -> None:
+        super().__init__(self.handle)
+        self.faults: list = []  # consumed one per publish call
+        self.received: dict[str, list[dict]] = defaultdict(list)
+        self.validate = validate  # (benchmarks measure the daemon, not the schema check)
+
+    def handle(self, request: Request):
+        topic = request.path.split("?")[0].removeprefix("/events/")
+        fault = self.faults.pop(0) if self.faults else None
+        if isinstance(fault, Reset | Reply):
+            return fault
+        events = request.json()
+        taken = events if fault is None else events[:fault]  # fault = n: a partial publish
+        for event in taken if self.validate else ():
+            validate_event(event)
+            assert f"partitionKey={event['eventCorrelationId']}" in request.path
+        self.received[topic].extend(taken)
+        if fault is None:
+            return Reply(200, {"count": len(events), "serverTimeMs": 1})
+        return Reply(
+            500,
+            {
+                "status": 500,
+                "mrstatus": 3007,
+                "message": f"Partial publish: {fault} messages published before the failure",
+            },
+        )
+
+
+def in_order_and_complete(events: list[dict]) -> dict[str, list[int]]:
+    """Per schedule, the sequence numbers of the distinct events, in arrival order."""
+    seen: set[str] = set()
+    per_schedule: dict[str, list[int]] = defaultdict(list)
+    for event in events:
+        if event["eventId"] in seen:
+            continue
+        seen.add(event["eventId"])
+        patch_id = event["event"]["push-change-update"]["datastore-changes"][
+            "ietf-yang-patch:yang-patch"
+        ]["patch-id"]
+        schedule, _, n = patch_id.rpartition(":")
+        per_schedule[schedule].append(int(n))
+    for seqs in per_schedule.values():
+        assert seqs == list(range(1, len(seqs) + 1)), seqs
+    return per_schedule
+
+
+async def run_schedules(cmsod, ids: list[str]) -> None:
+    client = await cmsod.connect()
+    for schedule_id in ids:
+        nodes = [f"{schedule_id}-n1", f"{schedule_id}-n2"]  # its own: no schedule waits for another
+        await client.ok(
+            "io.cmsod.Schedules.Create", schedule=request(schedule_id, now=EPOCH, nodes=nodes)
+        )
+    for schedule_id in ids:
+        await client.wait_for(schedule_id, S.PENDING_APPROVAL)
+        await client.ok("io.cmsod.Schedules.Approve", scheduleId=schedule_id, approval=approval())
+    for schedule_id in ids:
+        await client.wait_for(schedule_id, *DONE)
+
+    async def outbox_empty() -> bool:
+        return (await client.ok("io.cmsod.Manager.Status"))["counts"]["eventsPending"] == 0
+
+    await wait_until(outbox_empty, "every event delivered")
+
+
+async def test_message_router_down_500_partial_and_back(autojump_clock, nursery, tmp_path) -> None:
+    bus = Bus()
+    await nursery.start(bus.serve)
+    bus.faults = [
+        Reset(),
+        Reset(),
+        Reply(500, {"status": 500, "mrstatus": 3002, "message": "unable"}),
+        1,
+        2,
+        Reset(),
+    ]
+    cmsod = await start_daemon(
+        nursery, tmp_path, events__sink="http", events__url=bus.url, events__batch_size=3
+    )
+    await run_schedules(cmsod, ["a", "b", "c"])
+    stream = bus.received["cm-events"]
+    per_schedule = in_order_and_complete(stream)
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        stored = dict(
+            db.execute("SELECT schedule_id, count(*) FROM events GROUP BY schedule_id").fetchall()
+        )
+    assert {s: len(seqs) for s, seqs in per_schedule.items()} == stored  # nothing lost
+    assert cmsod.ctx.figures["emitter"].errors >= 6
+
+
+async def test_a_partial_publish_is_not_resent_whole(autojump_clock, nursery, tmp_path) -> None:
+    bus = Bus()
+    await nursery.start(bus.serve)
+    bus.faults = [2]  # of the first batch only two are taken
+    cmsod = await start_daemon(
+        nursery, tmp_path, events__sink="http", events__url=bus.url, events__batch_size=10
+    )
+    await run_schedules(cmsod, ["p"])
+    ids = [e["eventId"] for e in bus.received["cm-events"]]
+    assert len(ids) == len(set(ids))  # the two taken were not sent again
+    in_order_and_complete(bus.received["cm-events"])
+
+
+class Receiver(FakeHTTP):
+    """A CloudEvents HTTP receiver (binary mode)."""
+
+    def __init__(self) -> None:
+        super().__init__(self.handle)
+        self.faults: list = []
+        self.received: list[dict] = []
+
+    def handle(self, request: Request):
+        fault = self.faults.pop(0) if self.faults else None
+        if fault is not None:
+            return fault
+        h = request.headers
+        assert h["ce-specversion"] == "1.0" and h["content-type"] == "application/json"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", h["ce-time"])
+        assert h["ce-dataschema"] == "urn:org.onap.ncmp:cm-network-avc-event.rfc8641:1.0"
+        assert h["ce-partitionkey"] == h["ce-correlationid"]
+        data = request.json()
+        assert list(data) == ["push-change-update"]
+        self.received.append(
+            {  # the legacy envelope again, to check it whole
+                "eventId": h["ce-id"],
+                "eventCorrelationId": h["ce-correlationid"],
+                "eventSource": h["ce-source"],
+                "eventType": h["ce-type"],
+                "eventSchema": "org.onap.ncmp:cm-network-avc-event.rfc8641",
+                "eventSchemaVersion": "1.0",
+                "eventTime": h["ce-time"].replace("Z", "+0000"),
+                "event": data,
+            }
+        )
+        validate_event(self.received[-1])
+        return Reply(202, b"")
+
+
+async def test_cloudevents_binary_mode_with_failures(autojump_clock, nursery, tmp_path) -> None:
+    receiver = Receiver()
+    await nursery.start(receiver.serve)
+    receiver.faults = [Reset(), Reply(503, b"later"), None, Reply(500, b"oops")]
+    cmsod = await start_daemon(
+        nursery, tmp_path, events__sink="cloudevents", events__url=receiver.url
+    )
+    await run_schedules(cmsod, ["ce1", "ce2"])
+    per_schedule = in_order_and_complete(receiver.received)
+    assert set(per_schedule) == {"ce1", "ce2"}
+
+
+async def test_routing_by_target_group(autojump_clock, nursery, tmp_path) -> None:
+    cmsod = await start_daemon(nursery, tmp_path, events__route_by="targetGroup")
+    client = await cmsod.connect()
+    body = request("routed", now=EPOCH, extra_domain_data={"targetGroup": "east"})
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("plain", now=EPOCH))
+    await client.wait_for("routed", S.PENDING_APPROVAL)
+    await client.wait_for("plain", S.PENDING_APPROVAL)
+
+    async def written() -> bool:
+        return (await client.ok("io.cmsod.Manager.Status"))["counts"]["eventsPending"] == 0
+
+    await wait_until(written, "events written")
+    east = [
+        json.loads(line)
+        for line in (tmp_path / "events" / "cm-events-east.jsonl").read_text().splitlines()
+    ]
+    plain = [
+        json.loads(line)
+        for line in (tmp_path / "events" / "cm-events.jsonl").read_text().splitlines()
+    ]
+    assert {e["eventCorrelationId"] for e in east} == {"routed"}
+    assert {e["eventCorrelationId"] for e in plain} == {"plain"}
+
+
+async def test_the_event_file_rotates_by_size(autojump_clock, nursery, tmp_path) -> None:
+    cmsod = await start_daemon(nursery, tmp_path, events__max_file_bytes=4096, events__keep_files=3)
+    await run_schedules(cmsod, ["r1", "r2", "r3"])
+    files = sorted(p.name for p in (tmp_path / "events").iterdir())
+    assert files == [
+        "cm-events.jsonl",
+        "cm-events.jsonl.1",
+        "cm-events.jsonl.2",
+        "cm-events.jsonl.3",
+    ]
+    assert all((tmp_path / "events" / f).stat().st_size <= 4096 for f in files)
+
+
+async def test_an_unknown_schema_is_refused_logged_and_kept(
+    autojump_clock, nursery, tmp_path, caplog
+) -> None:
+    import logging
+
+    cmsod = await start_daemon(nursery, tmp_path)
+    alien = sample_event()
+    alien["eventSchemaVersion"] = "9.9"
+
+    def insert(tx) -> None:
+        tx.execute(
+            "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)",
+            ("s1", "cm-events", json.dumps(alien).encode(), 0),
+        )
+
+    caplog.set_level(logging.ERROR, logger="cmsod")
+    logging.getLogger("cmsod").propagate = True
+    try:
+        await cmsod.ctx.store.tx(insert)
+        await run_schedules(cmsod, ["after"])
+    finally:
+        logging.getLogger("cmsod").propagate = False
+    refused = [r for r in caplog.records if getattr(r, "event", "") == "events.refused"]
+    assert refused and alien["eventId"] in refused[0].fields["reason"]
+    assert (
+        "UnknownEventSchema" not in refused[0].fields["reason"]
+        and "9.9" in refused[0].fields["reason"]
+    )
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        (reason,) = db.execute("SELECT refused FROM events WHERE refused IS NOT NULL").fetchone()
+    assert "unknown eventSchema" in reason
+    status = await (await cmsod.connect()).ok("io.cmsod.Manager.Status")
+    assert status["counts"]["eventsRefused"] == 1
+    lines = (tmp_path / "events" / "cm-events.jsonl").read_text()
+    assert alien["eventId"] not in lines and '"after"' in lines  # the rest went on
+
+
+async def test_building_an_event_of_an_unknown_schema_raises() -> None:
+    with pytest.raises(cmevents.UnknownEventSchema):
+        cmevents.build("s", 1, [], 0, "src", schema="org.example:other", version="1.0")
+
+
+async def watch(cmsod, **filters):
+    client = await cmsod.connect()
+    await client.send_raw(
+        msgspec.json.encode(
+            {"method": "io.cmsod.Events.Watch", "parameters": filters, "more": True}
+        )
+        + b"\0"
+    )
+    return client
+
+
+async def test_watching_events_live_with_filters(autojump_clock, nursery, tmp_path) -> None:
+    cmsod = await start_daemon(nursery, tmp_path)
+    everything = await watch(cmsod)
+    only_w2 = await watch(cmsod, scheduleId="w2")
+    await trio.testing.wait_all_tasks_blocked()
+    await run_schedules(cmsod, ["w1", "w2"])
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        total = db.execute("SELECT count(*) FROM events").fetchone()[0]
+        for_w2 = db.execute("SELECT count(*) FROM events WHERE schedule_id = 'w2'").fetchone()[0]
+    got_all = [msgspec.json.decode(await everything.receive_raw()) for _ in range(total)]
+    got_w2 = [msgspec.json.decode(await only_w2.receive_raw()) for _ in range(for_w2)]
+    assert all(r["continues"] is True for r in got_all)
+    assert {r["parameters"]["event"]["eventCorrelationId"] for r in got_w2} == {"w2"}
+    in_order_and_complete([r["parameters"]["event"] for r in got_all])
+    reply = await (await cmsod.connect()).call("io.cmsod.Events.Watch")
+    assert (
+        reply["error"] == "org.varlink.service.InvalidParameter"
+        and reply["parameters"]["parameter"] == "more"
+    )
+
+
+async def test_a_slow_watcher_is_dropped_and_the_daemon_goes_on(
+    autojump_clock, nursery, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(cmsod.actors.context, "WATCH_QUEUE", 4)
+    daemon = await start_daemon(nursery, tmp_path)
+    sleepy = await watch(daemon)  # never reads
+    await trio.testing.wait_all_tasks_blocked()
+    await run_schedules(
+        daemon, [f"busy{i}" for i in range(60)]
+    )  # far more than socket + queue hold
+    assert daemon.ctx.watchers_dropped == 1 and not daemon.ctx.watchers
+    await sleepy.aclose()
