@@ -118,7 +118,8 @@ class ControlConfig(Section, frozen=True):
         16 * 1024 * 1024
     )
     idle_timeout_s: Positive = 60.0
-    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 64
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+    socket_group: str = ""  # chgrp the socket to this group; "" = the daemon's own group
     # Who may change state. root and the daemon's own user always may; members of
     # `operator_group` may too; everyone else who can open the socket gets `others`.
     operator_group: str = ""

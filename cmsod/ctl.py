@@ -13,6 +13,7 @@ import getpass
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,22 @@ class CtlError(Exception):
 
 
 def connect(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            return _connect(sock, path)
+        except BlockingIOError:  # the daemon's accept queue is full for now: wait a little
+            sock.close()
+            if time.monotonic() > deadline:
+                raise CtlError(
+                    EX_TEMPFAIL, f"cmsod at {path} is not accepting connections in time"
+                ) from None
+            time.sleep(0.01)
+
+
+def _connect(sock: socket.socket, path: str) -> socket.socket:
     try:
         sock.connect(path)
     except FileNotFoundError:
@@ -55,6 +70,8 @@ def connect(path: str, timeout: float) -> socket.socket:
         raise CtlError(EX_TEMPFAIL, f"timed out connecting to {path}") from None
     except OSError as exc:
         code = EX_UNAVAILABLE if exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED) else EX_ERROR
+        if exc.errno == errno.EAGAIN:
+            raise BlockingIOError from None
         raise CtlError(code, f"cannot connect to {path}: {exc.strerror}") from None
     return sock
 

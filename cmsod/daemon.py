@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -209,6 +210,14 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
         return
 
 
+def _raise_file_limit(wanted: int) -> None:
+    """Enough descriptors for every allowed control connection plus the store and peers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cmsod",
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
+    _raise_file_limit(cfg.control.max_connections + 256)
     log.info(
         "daemon.started",
         version=__version__,

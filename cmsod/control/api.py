@@ -250,6 +250,9 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
     except msgspec.DecodeError as exc:
         yield _error("io.cmsod.InvalidMessage", {"message": f"not a JSON object: {exc}"})
         return
+    except RecursionError:  # msgspec's own depth guard
+        yield _error("io.cmsod.InvalidMessage", {"message": "JSON nested too deeply"})
+        return
     method = METHODS.get(call.method)
     try:
         if method is None:
@@ -267,6 +270,8 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
             raise InvalidParameter(_field_path(exc) or "parameters", str(exc)) from None
         except msgspec.DecodeError as exc:
             raise InvalidParameter("parameters", str(exc)) from None
+        except RecursionError:
+            raise InvalidParameter("parameters", "JSON nested too deeply") from None
         if method.changes_state:
             if not may_change_state(ctx, peer):
                 log.warning("control.denied", method=call.method, uid=peer.uid, pid=peer.pid)

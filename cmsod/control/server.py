@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import socket
 import struct
@@ -66,7 +67,9 @@ async def serve(
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     raw.bind(str(path))
     os.chmod(path, int(ctx.config.control.socket_mode, 8))
-    raw.listen(128)
+    if ctx.config.control.socket_group:
+        os.chown(path, -1, grp.getgrnam(ctx.config.control.socket_group).gr_gid)
+    raw.listen(1024)  # a burst of clients waits in the kernel, not at EAGAIN
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
     active = 0
 
@@ -77,6 +80,8 @@ async def serve(
             await handle_connection(ctx, stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-conversation: nothing to answer
+        except Exception:  # a bug must cost one connection, never the server
+            log.error("control.connection_failed", exc_info=True, uid=-1)
         finally:
             active -= 1
             await trio.aclose_forcefully(stream)
