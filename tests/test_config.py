@@ -39,11 +39,21 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
         ("[control]\nsocket_mode = '0999'\n", "at `$.control.socket_mode`"),
         ("[daemon\n", "not valid TOML"),
         ("poller = 3\n", "at `$.poller`"),
+        ("[poller]\ninterval_s = 1\ninterval_s = 2\n", "not valid TOML"),
+        ("[dispatcher]\nmax_concurrent = 1.5\n", "at `$.dispatcher.max_concurrent`"),
+        ("[dispatcher]\nmax_concurrent = 0\n", "at `$.dispatcher.max_concurrent`"),
+        ("[optimizer]\nallow_partial = 'yes'\n", "at `$.optimizer.allow_partial`"),
+        ("[control]\nmax_message_bytes = 10\n", "at `$.control.max_message_bytes`"),
+        ("[so]\nmode = 'http'\n", "so.url must be an http:// or https:// URL"),
+        ("[events]\nsink = 'http'\nurl = 'ftp://x'\n", "events.url must be an http(s):// URL"),
+        ("[events]\ntopic = 'has spaces'\n", "at `$.events.topic`"),
+        ("[poller]\njitter = 2\n", "at `$.poller.jitter`"),
+        ("\xff\xfe", "not valid TOML"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
     with pytest.raises(ConfigError) as info:
         config.load(path, env={})
     assert expected in str(info.value)
@@ -88,3 +98,50 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     )
     assert result.returncode == 78
     assert "$.dispatcher.lead_time_s" in result.stderr
+
+
+def test_files_that_are_not_there_or_not_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "missing.toml", env={})
+    assert "missing.toml: cannot read" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path, env={})
+    assert "cannot read" in str(info.value)
+
+
+def test_bad_companion_files_fail_check_config(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "Night.toml").write_text(
+        '[[allowed]]\ndays = ["someday"]\nstart = "00:00"\nend = "06:00"\n'
+    )
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[optimizer]\npolicies = "{policies}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode == 78
+        and "Night.toml" in result.stderr
+        and "$.allowed[0].days[0]" in result.stderr
+    )
+    conf.write_text(
+        '[so]\nmode = "http"\nurl = "http://so"\ncredentials_file = "/nonexistent/secret"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 78 and "credentials_file" in result.stderr
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text('[elements."n1"]\ntimezone = 5\n')
+    conf.write_text(f'[optimizer]\ninventory = "{inventory}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 78 and "inventory.toml" in result.stderr
