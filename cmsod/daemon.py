@@ -37,7 +37,6 @@ ACTORS = [  # dependency order: what others wake comes up first
     ("dispatcher", dispatcher.run),
     ("optimizer", optimizer.run),
 ]
-STALL_S = 120.0
 
 
 def planning_for(cfg: config.Config) -> Planning:
@@ -170,7 +169,7 @@ async def run(
                 task_status.started(path)
                 watchdog_s = systemd.watchdog_interval_s()
                 if watchdog_s:
-                    root.start_soon(supervisor.watchdog, ctx, watchdog_s, STALL_S)
+                    root.start_soon(supervisor.watchdog, ctx, watchdog_s, supervisor.STALL_S)
                 root.start_soon(_status_updates, ctx)
                 await _handle_signals(ctx, signals, root.cancel_scope)
         finally:

@@ -17,6 +17,9 @@ from cmsod import log, systemd
 from cmsod.actors.context import Context
 
 Actor = Callable[..., Awaitable[None]]
+# An actor whose loop has not turned for this long is wedged: the watchdog stops pinging and
+# `cmsoctl status` says unhealthy. Every loop turns at least every clock.MAX_STEP_S.
+STALL_S = 120.0
 
 
 async def supervise(

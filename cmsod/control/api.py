@@ -13,7 +13,7 @@ import grp
 import os
 import pwd
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import trio
 
 from cmsod import __version__, lifecycle, log
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
-from cmsod.actors.supervisor import stalled_actors
+from cmsod.actors.supervisor import STALL_S, stalled_actors
 from cmsod.errors import (
     ConfigError,
     ControlError,
@@ -59,9 +59,6 @@ def may_change_state(ctx: Context, peer: Peer) -> bool:
         except (KeyError, OSError):
             pass
     return ctx.config.control.others == "operator"
-
-
-Handler = Callable[[Context, Any], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,7 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
         db_ok = True
     except Exception as exc:  # the health report must answer even when the store cannot
         counts, db_ok = {"error": str(exc)}, False
-    stalled = stalled_actors(ctx, now, 120.0)
+    stalled = stalled_actors(ctx, now, STALL_S)
     component = lambda name, url, ok: {  # noqa: E731
         "name": name,
         "url": url,

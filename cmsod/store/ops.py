@@ -511,61 +511,43 @@ def begin_dispatches(
 
 
 def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | None]]) -> int:
-    """(element, SO request id or None, failure message or None) for a batch of answers."""
+    """The orchestrator's answers for a batch: (element, SO request id or None, failure
+    message or None). An element no longer waiting for its answer is left alone."""
     recorded = 0
     for element, request_id, failure in results:
+        row = tx.execute(
+            "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
+            " JOIN schedules s ON s.id = e.schedule"
+            " WHERE e.id = ? AND e.dispatch_started_ms IS NOT NULL",
+            (element,),
+        ).fetchone()
+        if row is None or E(row[3]) not in ELEMENT_DISPATCHABLE:
+            continue
+        schedule, schedule_id, name, status = row
         if request_id is not None:
-            recorded += record_dispatched(tx, element, request_id)
+            tx.element_to(
+                element,
+                schedule,
+                schedule_id,
+                name,
+                E(status),
+                E.TRIGGERED,
+                dispatch_ms=tx.now_ms,
+                so_request_id=request_id,
+                so_status="Accepted",
+            )
         else:
-            recorded += record_dispatch_failed(tx, element, failure or "dispatch failed")
+            tx.element_to(
+                element,
+                schedule,
+                schedule_id,
+                name,
+                E(status),
+                E.SCHEDULING_FAILED,
+                status_message=(failure or "dispatch failed")[:4000],
+            )
+        recorded += 1
     return recorded
-
-
-def _dispatching(tx: Tx, element: int) -> tuple[int, str, str, E] | None:
-    row = tx.execute(
-        "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
-        " JOIN schedules s ON s.id = e.schedule WHERE e.id = ? AND e.dispatch_started_ms IS NOT NULL",
-        (element,),
-    ).fetchone()
-    if row is None or E(row[3]) not in ELEMENT_DISPATCHABLE:
-        return None
-    return row[0], row[1], row[2], E(row[3])
-
-
-def record_dispatched(tx: Tx, element: int, so_request_id: str) -> bool:
-    found = _dispatching(tx, element)
-    if found is None:
-        return False
-    schedule, schedule_id, name, status = found
-    tx.element_to(
-        element,
-        schedule,
-        schedule_id,
-        name,
-        status,
-        E.TRIGGERED,
-        dispatch_ms=tx.now_ms,
-        so_request_id=so_request_id,
-        so_status="Accepted",
-    )
-    return True
-
-
-def record_dispatch_failed(tx: Tx, element: int, message: str) -> bool:
-    found = _dispatching(tx, element)
-    if found is None:
-        return False
-    schedule, schedule_id, name, status = found
-    tx.element_to(
-        element,
-        schedule,
-        schedule_id,
-        name,
-        status,
-        E.SCHEDULING_FAILED,
-        status_message=message[:4000],
-    )
-    return True
 
 
 def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
