@@ -253,6 +253,30 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             )
         )
         return "\n".join(lines)
+    if command == "blackout":
+        if "entries" in p:
+            return table(
+                [
+                    [
+                        e["id"],
+                        e["kind"],
+                        e["element"],
+                        e["startTime"],
+                        e["endTime"],
+                        e["reason"],
+                        e["createdBy"],
+                    ]
+                    for e in p["entries"]
+                ],
+                ["ID", "KIND", "ELEMENT", "FROM", "TO", "REASON", "BY"],
+            )
+        if "entry" in p:
+            e = p["entry"]
+            line = f"{e['id']}: {e['element']} unavailable {e['startTime']} .. {e['endTime']} ({e['reason']})"
+            if p["touches"]:
+                line += "\noverlaps the planned or running work of: " + ", ".join(p["touches"])
+            return line
+        return f"{p['id']} removed"
     if command == "reload":
         return "configuration reloaded" + (
             f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
@@ -364,6 +388,18 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         }
     if c == "delete":
         return "io.cmsod.Schedules.Delete", {"scheduleId": args.id}
+    if c == "blackout":
+        if args.action == "add":
+            return "io.cmsod.Availability.Add", {
+                "element": args.element,
+                "startTime": args.start,
+                "endTime": args.end,
+                "reason": args.reason,
+                "by": getpass.getuser(),
+            }
+        if args.action == "list":
+            return "io.cmsod.Availability.List", {"element": args.element} if args.element else {}
+        return "io.cmsod.Availability.Remove", {"id": args.id}
     if c == "status":
         return "io.cmsod.Manager.Status", {}
     if c == "reload":
@@ -427,6 +463,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--svg", metavar="FILE", help="write an SVG picture instead")
     p.add_argument("--width", type=int, default=72, help="terminal columns for the time axis")
+    p = sub.add_parser("blackout", help="times an element must not be changed (the ticket book)")
+    blackout = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = blackout.add_parser("add", help="ELEMENT --from T --to T --reason R")
+    q.add_argument("element")
+    q.add_argument("--from", dest="start", required=True, help="ISO-8601 start")
+    q.add_argument("--to", dest="end", required=True, help="ISO-8601 end")
+    q.add_argument("--reason", default="", help="said to whoever it blocks")
+    q = blackout.add_parser("list", help="[ELEMENT]")
+    q.add_argument("element", nargs="?")
+    blackout.add_parser("rm", help="ID").add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
     p.add_argument("id", nargs="?")
     p.add_argument("--type", help="only this eventType")

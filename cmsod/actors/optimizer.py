@@ -22,7 +22,7 @@ async def run(
     task_status.started()
     while True:
         figures = ctx.beat("optimizer")
-        problems = await ctx.store.tx(ops.claim_for_optimization, BATCH)
+        problems = await ctx.store.tx(ops.claim_for_optimization, BATCH, ctx.planning.inventory)
         for problem in problems:
             plan = await ctx.compute(functools.partial(ctx.planning.plan, problem))
             status = await ctx.store.tx(

@@ -36,7 +36,13 @@ from cmsod.optimize.problem import problem_for
 from cmsod.store import ops, views
 from cmsod.wire import control as w
 
-INTERFACES = ["io.cmsod.Schedules", "io.cmsod.Manager", "org.varlink.service"]
+INTERFACES = [
+    "io.cmsod.Schedules",
+    "io.cmsod.Availability",
+    "io.cmsod.Events",
+    "io.cmsod.Manager",
+    "org.varlink.service",
+]
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,11 @@ async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
     if new.immediate:
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
     names = [e.name for g in new.groups for e in g.elements]
-    busy = await ctx.store.read(ops.other_work, None, names)
+    data = {e.name: e.data for g in new.groups for e in g.elements}
+    busy = ops.merge_busy(
+        await ctx.store.read(ops.other_work, None, names),
+        await ctx.store.read(ops.book_busy, names, {**ctx.planning.inventory, **data}),
+    )
     problem = problem_for(new, ctx.clock.now_ms(), busy)
     result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
     return {"optimizer": optimizer_response(problem, result)}
@@ -195,6 +205,36 @@ async def watch(ctx: Context, p: w.WatchParameters) -> AsyncIterator[dict[str, A
         )
 
 
+async def availability_add(ctx: Context, p: w.AvailabilityAddParameters) -> dict[str, Any]:
+    try:
+        start, end = lifecycle.parse_time_ms(p.startTime), lifecycle.parse_time_ms(p.endTime)
+    except ValueError:
+        raise RequestError(
+            400, "INVALID_ATTRIBUTE", "startTime/endTime", f"{p.startTime},{p.endTime}"
+        ) from None
+    if end <= start:
+        raise RequestError(400, "INVALID_CHANGE_WINDOW", p.startTime, p.endTime)
+    entry, touched = await ctx.store.tx(
+        ops.add_unavailability, p.kind, p.element, start, end, p.reason, p.by, p.id
+    )
+    log.info(
+        "availability.added", id=entry.id, element=p.element, touches=",".join(touched) or None
+    )
+    ctx.bells.optimizer.ring()
+    return {"entry": entry, "touches": touched}
+
+
+async def availability_list(ctx: Context, p: w.AvailabilityListParameters) -> dict[str, Any]:
+    return {"entries": await ctx.store.read(ops.list_unavailability, p.element)}
+
+
+async def availability_remove(ctx: Context, p: w.IdParameters) -> dict[str, Any]:
+    if not await ctx.store.tx(ops.remove_unavailability, p.id):
+        raise ControlError(f"no such entry {p.id!r}", name="io.cmsod.Availability.NoSuchEntry")
+    log.info("availability.removed", id=p.id)
+    return {"id": p.id, "removed": True}
+
+
 async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     return {
         "vendor": "cmsod",
@@ -215,6 +255,9 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
+    "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),
+    "io.cmsod.Availability.List": Method(w.AvailabilityListParameters, availability_list, False),
+    "io.cmsod.Availability.Remove": Method(w.IdParameters, availability_remove, True),
     "io.cmsod.Events.Watch": Method(w.WatchParameters, watch, False, streams=True),
     "org.varlink.service.GetInfo": Method(w.NoParameters, get_info, False),
 }

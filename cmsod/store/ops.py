@@ -175,9 +175,12 @@ def approve(tx: Tx, schedule_id: str, approval: Approval) -> S:
 # -- optimizer ------------------------------------------------------------------------------
 
 
-def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
+def claim_for_optimization(
+    tx: Tx, limit: int, inventory: dict[str, dict[str, str]] | None = None
+) -> list[Problem]:
     """Schedules to plan: new ones go to `Optimization In Progress`; ones already there (the
-    daemon stopped mid-plan) are planned again."""
+    daemon stopped mid-plan) are planned again. (The inventory only tells which elements each
+    requires, for the ticket book; the planner merges it into the element data itself.)"""
     problems = []
     rows = tx.execute(
         "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id,"
@@ -229,7 +232,15 @@ def claim_for_optimization(tx: Tx, limit: int) -> list[Problem]:
                 not_before_ms=tx.now_ms,
                 groups=groups,
                 element_data=element_data,
-                busy=other_work(tx.conn, schedule),
+                busy=merge_busy(
+                    other_work(tx.conn, schedule),
+                    book_busy(
+                        tx.conn,
+                        [n for g in groups for n in g.elements],
+                        {n: {**(inventory or {}).get(n, {}), **d} for n, d in element_data.items()}
+                        | {n: d for n, d in (inventory or {}).items() if n not in element_data},
+                    ),
+                ),
             )
         )
     return problems
@@ -671,3 +682,110 @@ def mark_events_sent(tx: Tx, seqs: list[int]) -> None:
     tx.conn.executemany(
         "UPDATE events SET sent_ms = ? WHERE seq = ?", [(tx.now_ms, seq) for seq in seqs]
     )
+
+
+# -- the ticket book: element unavailability ------------------------------------------------
+
+
+class Unavailability(msgspec.Struct):
+    id: str
+    kind: str
+    element: str
+    startTime: str
+    endTime: str
+    reason: str
+    createdBy: str
+
+
+def _unavailability(row: tuple) -> Unavailability:
+    ref, kind, element, start, end, reason, by = row
+    return Unavailability(
+        ref,
+        kind,
+        element,
+        lifecycle.format_time(start) or "",
+        lifecycle.format_time(end) or "",
+        reason,
+        by,
+    )
+
+
+def add_unavailability(
+    tx: Tx,
+    kind: str,
+    element: str,
+    start_ms: int,
+    end_ms: int,
+    reason: str,
+    by: str,
+    ref: str | None,
+) -> tuple[Unavailability, list[str]]:
+    """Record it; also say which active schedules have work on the element in that time."""
+    if ref is None:
+        (n,) = tx.execute("SELECT coalesce(max(id), 0) + 1 FROM availability").fetchone()
+        ref = f"BO{n:06d}" if kind == "blackout" else f"TK{n:06d}"
+    if tx.execute("SELECT 1 FROM availability WHERE ref = ?", (ref,)).fetchone():
+        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", "availability", ref)
+    tx.execute(
+        "INSERT INTO availability (ref, kind, element, start_ms, end_ms, reason, created_ms, created_by)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (ref, kind, element, start_ms, end_ms, reason, tx.now_ms, by),
+    )
+    touched = [
+        schedule_id
+        for (schedule_id,) in tx.execute(
+            "SELECT DISTINCT s.schedule_id FROM elements e JOIN schedules s ON s.id = e.schedule"
+            " WHERE e.name = ? AND e.status IN (?, ?, ?) AND e.start_ms < ? AND e.finish_ms > ?"
+            " ORDER BY s.schedule_id",
+            (element, *ACTIVE_WORK, end_ms, start_ms),
+        )
+    ]
+    return _unavailability((ref, kind, element, start_ms, end_ms, reason, by)), touched
+
+
+def list_unavailability(conn: Any, element: str | None) -> list[Unavailability]:
+    where, params = ("WHERE element = ?", (element,)) if element else ("", ())
+    rows = conn.execute(
+        "SELECT ref, kind, element, start_ms, end_ms, reason, created_by FROM availability"
+        f" {where} ORDER BY start_ms, ref",
+        params,
+    ).fetchall()
+    return [_unavailability(r) for r in rows]
+
+
+def remove_unavailability(tx: Tx, ref: str) -> bool:
+    return tx.execute("DELETE FROM availability WHERE ref = ?", (ref,)).rowcount > 0
+
+
+def book_busy(
+    conn: Any, names: list[str], element_data: dict[str, dict[str, str]]
+) -> dict[str, list[Busy]]:
+    """Entries of the ticket book that block these elements: those on the element itself and
+    those on any element it requires (its data's `requires`, comma-separated; CMSO bug 7)."""
+    wanted: dict[str, list[str]] = {}
+    for name in names:
+        required = element_data.get(name, {}).get("requires", "")
+        for target in [name, *(r.strip() for r in required.split(",") if r.strip())]:
+            wanted.setdefault(target, []).append(name)
+    busy: dict[str, list[Busy]] = {}
+    if not wanted:
+        return busy
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS book_names (name TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM book_names")
+    conn.executemany("INSERT INTO book_names VALUES (?)", [(n,) for n in wanted])
+    for ref, kind, element, start, end, reason in conn.execute(
+        "SELECT ref, kind, element, start_ms, end_ms, reason FROM availability"
+        " WHERE element IN (SELECT name FROM book_names)"
+    ):
+        for name in wanted[element]:
+            via = "" if element == name else f" on {element}, which it requires"
+            busy.setdefault(name, []).append(Busy(start, end, f"{kind} {ref}{via} ({reason})"))
+    return busy
+
+
+def merge_busy(*sources: dict[str, list[Busy]]) -> dict[str, list[Busy]]:
+    merged: dict[str, list[Busy]] = {}
+    for source in sources:
+        for name, spans in source.items():
+            merged.setdefault(name, []).extend(spans)
+    return merged

@@ -107,6 +107,21 @@ MIGRATIONS: list[str] = [
     DROP INDEX events_unsent;
     CREATE INDEX events_unsent ON events(seq) WHERE sent_ms IS NULL AND refused IS NULL;
     """,
+    # 4: the built-in ticket book: times an element is unavailable (blackouts, outside tickets).
+    """
+    CREATE TABLE availability (
+        id INTEGER PRIMARY KEY,
+        ref TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        element TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        end_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    CREATE INDEX availability_element ON availability(element, start_ms);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

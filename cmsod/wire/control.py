@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -47,9 +47,27 @@ class DetailsParameters(msgspec.Struct, forbid_unknown_fields=True):
     ] = {}
 
 
+class IdParameters(msgspec.Struct, forbid_unknown_fields=True):
+    id: Name
+
+
 class WatchParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name | None = None
     eventType: Name | None = None
+
+
+class AvailabilityAddParameters(msgspec.Struct, forbid_unknown_fields=True):
+    element: Name
+    startTime: Name
+    endTime: Name
+    reason: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    kind: Literal["blackout", "ticket"] = "blackout"
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")] | None = None
+    by: Name = ""
+
+
+class AvailabilityListParameters(msgspec.Struct, forbid_unknown_fields=True):
+    element: Name | None = None
 
 
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,0 +1,147 @@
+"""The built-in ticket book: blackouts and outside tickets make elements unavailable to the
+optimizer, also through an element they require; adding one says which planned work it
+touches; `cmsoctl blackout` drives it end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from tests.cmso_requests import request
+from tests.conftest import EPOCH, ControlClient
+from tests.procs import Daemon, cmsoctl
+
+ADD = "io.cmsod.Availability.Add"
+
+
+def starts(view: dict) -> dict[str, str]:
+    return {
+        e["vnfName"]: e["startTime"]
+        for g in view["groups"]
+        for e in g["changeManagementSchedules"]
+        if "startTime" in e
+    }
+
+
+async def test_a_blackout_moves_the_plan_and_reports_what_it_touches(
+    autojump_clock, client: ControlClient
+) -> None:
+    await client.ok(
+        "io.cmsod.Schedules.Create", schedule=request("planned", now=EPOCH, nodes=["node1"])
+    )
+    await client.wait_for("planned", S.PENDING_APPROVAL)  # node1 at 08:01-09:01
+    added = await client.ok(
+        ADD,
+        element="node1",
+        startTime="2026-12-01T08:30:00Z",
+        endTime="2026-12-01T10:30:00Z",
+        reason="fibre works",
+        by="ops",
+    )
+    assert added["entry"]["id"] == "BO000001" and added["touches"] == ["planned"]
+    second = await client.ok(
+        ADD,
+        element="node2",
+        startTime="2026-12-01T08:00:00Z",
+        endTime="2026-12-01T09:30:00Z",
+        kind="ticket",
+        id="CHG77",
+    )
+    assert second["entry"]["kind"] == "ticket" and second["touches"] == []
+
+    await client.ok(
+        "io.cmsod.Schedules.Create",
+        schedule=request("next", now=EPOCH, nodes=["node1", "node2", "node3"], concurrency=3),
+    )
+    view = await client.wait_for("next", S.PENDING_APPROVAL)
+    # node1: after its blackout and after "planned" (08:01-09:01); node2 after the ticket
+    assert starts(view) == {
+        "node1": "2026-12-01T11:01:00Z",
+        "node2": "2026-12-01T10:01:00Z",
+        "node3": "2026-12-01T08:01:00Z",
+    }
+    listed = (await client.ok("io.cmsod.Availability.List"))["entries"]
+    assert [e["id"] for e in listed] == ["CHG77", "BO000001"]
+    assert (await client.ok("io.cmsod.Availability.List", element="node1"))["entries"][0][
+        "reason"
+    ] == "fibre works"
+    assert (await client.ok("io.cmsod.Availability.Remove", id="CHG77"))["removed"] is True
+    reply = await client.call("io.cmsod.Availability.Remove", id="CHG77")
+    assert reply["error"] == "io.cmsod.Availability.NoSuchEntry"
+    bad = await client.call(
+        ADD, element="node1", startTime="2026-12-01T10:00:00Z", endTime="2026-12-01T09:00:00Z"
+    )
+    assert bad["parameters"]["requestError"]["messageId"] == "Scheduler.INVALID_CHANGE_WINDOW"
+
+
+async def test_a_ticket_on_a_required_element_blocks_the_element(
+    autojump_clock, client: ControlClient
+) -> None:
+    await client.ok(
+        ADD,
+        element="pserver-7",
+        startTime="2026-12-01T00:00:00Z",
+        endTime="2026-12-03T00:00:00Z",
+        kind="ticket",
+        id="CHG9",
+        reason="host maintenance",
+    )
+    body = request("hosted", now=EPOCH, nodes=["node1", "node2"], concurrency=2)
+    body["schedulingInfo"]["elements"] = [
+        {"elementId": "node1", "elementData": [{"name": "requires", "value": "pserver-7"}]}
+    ]
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    view = await client.wait_for("hosted", S.OPTIMIZATION_FAILED)
+    items = {e["vnfName"]: e for e in view["groups"][0]["changeManagementSchedules"]}
+    assert items["node1"]["status"] == E.NOT_SCHEDULED
+    assert (
+        "ticket CHG9 on pserver-7, which it requires (host maintenance)"
+        in items["node1"]["statusMessage"]
+    )
+    plan = await client.ok("io.cmsod.Schedules.Plan", schedule={**body, "scheduleId": "again"})
+    assert plan["optimizer"]["schedules"][0]["unScheduledElements"][0]["elementId"] == "node1"
+
+
+def test_cmsoctl_blackout_moves_the_next_plan_end_to_end(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    try:
+        body = request(
+            "e2e-next",
+            now=EPOCH,
+            nodes=["node1", "node2"],
+            concurrency=2,
+            minutes_from_now=60 * 24 * 400,
+        )
+        start = body["schedulingInfo"]["vnfDetails"][0]["changeWindow"][0]["startTime"]
+        code, out = cmsoctl(tmp_path, "plan", "-", stdin=json.dumps(body))
+        assert code == 0 and out.count(start.replace("Z", ".000+0000")) == 2  # both at the start
+        end = start.replace(start[11:13], f"{int(start[11:13]) + 2:02d}")
+        code, out = cmsoctl(
+            tmp_path,
+            "blackout",
+            "add",
+            "node2",
+            "--from",
+            start,
+            "--to",
+            end,
+            "--reason",
+            "site visit",
+        )
+        assert code == 0, out
+        assert out.startswith("BO000001: node2 unavailable") and "(site visit)" in out
+        code, out = cmsoctl(tmp_path, "blackout", "list")
+        assert code == 0 and "BO000001" in out and "site visit" in out
+        assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+        daemon.wait_log(r"event=schedule\.optimized schedule_id=e2e-next")
+        code, out = cmsoctl(tmp_path, "--json", "show", "e2e-next")
+        planned = starts(json.loads(out)["schedule"])
+        assert (
+            planned["node1"] == start and planned["node2"] >= end
+        )  # after it (half-open: at its end)
+        code, out = cmsoctl(tmp_path, "blackout", "rm", "BO000001")
+        assert (code, out.strip()) == (0, "BO000001 removed")
+    finally:
+        assert daemon.stop() == 0
