@@ -165,12 +165,36 @@ async def test_message_router_down_500_partial_and_back(autojump_clock, nursery,
     await run_schedules(cmsod, ["a", "b", "c"])
     stream = bus.received["cm-events"]
     per_schedule = in_order_and_complete(stream)
+    health = await (await cmsod.connect()).ok("io.cmsod.Manager.Status")
+    assert {c["name"]: c["healthy"] for c in health["components"]}[
+        "Event Sink"
+    ] is True  # recovered
     with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
         stored = dict(
             db.execute("SELECT schedule_id, count(*) FROM events GROUP BY schedule_id").fetchall()
         )
     assert {s: len(seqs) for s, seqs in per_schedule.items()} == stored  # nothing lost
     assert cmsod.ctx.figures["emitter"].errors >= 6
+
+
+async def test_a_sink_that_is_down_shows_in_the_health_report(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    bus = Bus()
+    await nursery.start(bus.serve)
+    bus.faults = [Reset()] * 1000
+    cmsod = await start_daemon(nursery, tmp_path, events__sink="http", events__url=bus.url)
+    client = await cmsod.connect()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("quiet", now=EPOCH))
+
+    async def sink_failing() -> bool:
+        health = await client.ok("io.cmsod.Manager.Status")
+        return {c["name"]: c["status"] for c in health["components"]}["Event Sink"] == "FAILED"
+
+    await wait_until(sink_failing, "the sink reported failing")
+    health = await client.ok("io.cmsod.Manager.Status")
+    assert health["actors"]["emitter"]["lastError"].startswith("message router at")
+    assert health["counts"]["eventsPending"] > 0  # kept, waiting
 
 
 async def test_a_partial_publish_is_not_resent_whole(autojump_clock, nursery, tmp_path) -> None:

@@ -75,6 +75,7 @@ class ActorFigures:
     done: int = 0  # units of work finished (schedules planned, elements dispatched, ...)
     errors: int = 0
     last_error: str | None = None
+    peer_failing: bool = False  # the last call to its peer (SO, TM, sink) failed
 
 
 @dataclass

@@ -121,6 +121,7 @@ async def record(
             for job, (_, request_id, failure) in batch:
                 if request_id is not None:
                     figures.done += 1
+                    figures.peer_failing = False
                     log.info(
                         "element.dispatched",
                         schedule_id=job.schedule_id,
@@ -132,6 +133,7 @@ async def record(
                 else:
                     figures.errors += 1
                     figures.last_error = failure
+                    figures.peer_failing = True
                     log.warning(
                         "element.dispatch_failed",
                         schedule_id=job.schedule_id,

@@ -84,9 +84,11 @@ async def run(
                         raise
                     await ctx.store.tx(ops.mark_events_sent, [r[0] for r in chunk[:delivered]])
                     figures.done += delivered
+                    figures.peer_failing = False
         except PeerError as exc:
             figures.errors += 1
             figures.last_error = str(exc)
+            figures.peer_failing = True
             log.warning("events.publish_failed", reason=str(exc), retry_in_s=backoff)
             await trio.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)

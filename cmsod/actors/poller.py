@@ -84,8 +84,10 @@ async def poll_one(
         except PeerError as exc:  # connection trouble: counted and shown, state unchanged
             figures.errors += 1
             figures.last_error = str(exc)
+            figures.peer_failing = True
             outcome = PollOutcome("ConnectionException", str(exc)[:500], connection_error=True)
         else:
+            figures.peer_failing = False
             outcome = lifecycle.poll_outcome(
                 answer.http_status, answer.request_state, answer.message, answer.finish_time
             )

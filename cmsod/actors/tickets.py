@@ -28,11 +28,13 @@ async def run(
             except PeerError as exc:
                 figures.errors += 1
                 figures.last_error = str(exc)
+                figures.peer_failing = True
                 log.warning("ticket.create_failed", schedule_id=item.schedule_id, reason=str(exc))
                 failed = True
                 continue
             if await ctx.store.tx(ops.record_tickets, item.schedule, change_ids):
                 figures.done += 1
+                figures.peer_failing = False
                 log.info(
                     "schedule.scheduled",
                     schedule_id=item.schedule_id,

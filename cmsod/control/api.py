@@ -148,12 +148,13 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     except Exception as exc:  # the health report must answer even when the store cannot
         counts, db_ok = {"error": str(exc)}, False
     stalled = stalled_actors(ctx, now, STALL_S)
-    component = lambda name, url, ok: {  # noqa: E731
-        "name": name,
-        "url": url,
-        "status": "OK" if ok else "FAILED",
-        "healthy": ok,
-    }
+
+    def component(name: str, url: str, ok: bool) -> dict[str, Any]:
+        return {"name": name, "url": url, "status": "OK" if ok else "FAILED", "healthy": ok}
+
+    def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
+        return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
+
     return {
         "healthy": db_ok and not stalled,
         "buildInfo": f"cmsod {__version__}",
@@ -161,9 +162,15 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "components": [
             component("Scheduler Database", str(ctx.config.store_path), db_ok),
-            component("SO Interface", ctx.config.so.mode, True),
-            component("TM Interface", ctx.config.tickets.mode, True),
-            component("Event Sink", ctx.config.events.sink, True),
+            component(
+                "SO Interface",
+                ctx.config.so.url or ctx.config.so.mode,
+                peer_ok("dispatcher", "poller"),
+            ),
+            component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
+            component(
+                "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
+            ),
         ],
         "actors": {
             name: {
