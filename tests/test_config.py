@@ -145,3 +145,17 @@ def test_bad_companion_files_fail_check_config(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 78 and "inventory.toml" in result.stderr
+
+
+def test_directories_from_systemd(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path / "etc"))
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "cmsod.toml").write_text("[poller]\ninterval_s = 3\n")
+    assert config.default_config_path() == tmp_path / "etc" / "cmsod.toml"
+    cfg = config.load(config.default_config_path(), env={})
+    assert cfg.poller.interval_s == 3
+    assert cfg.store_path == tmp_path / "state" / "cmsod.sqlite3"
+    assert cfg.socket_path == tmp_path / "run" / "control.sock"
+    assert cfg.events_dir == tmp_path / "state" / "events"

@@ -9,6 +9,8 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -176,3 +178,49 @@ def test_kill_9_mid_stream_loses_no_event(tmp_path: Path) -> None:
     per_schedule = in_order_and_complete(bus.received["cm-events"])
     assert unsent == 0
     assert {s: len(seqs) for s, seqs in per_schedule.items()} == stored  # every event, in order
+
+
+def test_cmsoctl_watch_prints_events_as_they_happen(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cmsod.ctl",
+            "--socket",
+            str(tmp_path / "control.sock"),
+            "--json",
+            "watch",
+            "watched",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        daemon.wait_log(r"event=watch\.started schedule_id=watched")  # registered before the submit
+        body = request("watched", now=datetime.now(UTC), nodes=["w1"], minutes_from_now=None)
+        assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+        cmsoctl(
+            tmp_path,
+            "submit",
+            "-",
+            stdin=json.dumps(request("other", now=datetime.now(UTC), minutes_from_now=None)),
+        )
+        daemon.wait_log(r"event=schedule\.finished schedule_id=watched")
+        assert watcher.stdout is not None
+        statuses = []
+        while "Completed" not in statuses:
+            event = json.loads(watcher.stdout.readline())
+            assert event["eventCorrelationId"] == "watched"  # filtered to the one schedule
+            patch = event["event"]["push-change-update"]["datastore-changes"][
+                "ietf-yang-patch:yang-patch"
+            ]
+            statuses += [
+                e["value"]["cm-schedule:schedule"][0]["status"]
+                for e in patch["edit"]
+                if "cm-schedule:schedule" in e["value"]
+            ]
+        assert statuses[:3] == ["Pending Approval", "Accepted", "Scheduled"]
+    finally:
+        watcher.kill()
+        assert daemon.stop() == 0

@@ -381,3 +381,36 @@ async def test_a_slow_watcher_is_dropped_and_the_daemon_goes_on(
     )  # far more than socket + queue hold
     assert daemon.ctx.watchers_dropped == 1 and not daemon.ctx.watchers
     await sleepy.aclose()
+
+
+async def test_a_sink_down_for_an_hour_loses_nothing_and_slows_nothing(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    bus = Bus()
+    await nursery.start(bus.serve)
+    bus.faults = [Reset()] * 10_000  # down
+    cmsod = await start_daemon(nursery, tmp_path, events__sink="http", events__url=bus.url)
+    client = await cmsod.connect()
+    began = trio.current_time()
+    for schedule_id in ("h1", "h2"):
+        body = request(schedule_id, now=EPOCH, nodes=[f"{schedule_id}-a"], minutes_from_now=None)
+        await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    for schedule_id in ("h1", "h2"):  # the work goes on while the sink is down
+        await client.wait_for(schedule_id, *DONE)
+    assert trio.current_time() - began < 600
+    await trio.sleep(3600 - (trio.current_time() - began))
+    assert not bus.received["cm-events"]
+    bus.faults = []  # back after an hour
+    client = await cmsod.connect()
+
+    async def drained() -> bool:
+        return (await client.ok("io.cmsod.Manager.Status"))["counts"]["eventsPending"] == 0
+
+    await wait_until(drained, "the backlog delivered")
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        stored = dict(
+            db.execute("SELECT schedule_id, count(*) FROM events GROUP BY schedule_id").fetchall()
+        )
+    assert {
+        s: len(n) for s, n in in_order_and_complete(bus.received["cm-events"]).items()
+    } == stored

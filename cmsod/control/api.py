@@ -200,6 +200,12 @@ async def watch(ctx: Context, p: w.WatchParameters) -> AsyncIterator[dict[str, A
     """Every CM event from now on (of one schedule, of one eventType), as it is read."""
     watcher = Watcher(p.scheduleId, p.eventType)
     ctx.watchers.add(watcher)
+    log.info(
+        "watch.started",
+        schedule_id=p.scheduleId,
+        event_type=p.eventType,
+        watchers=len(ctx.watchers),
+    )
     try:
         async with watcher.receive:
             async for body in watcher.receive:
