@@ -1,6 +1,9 @@
 """Running as a service: sd_notify (READY, STATUS, WATCHDOG, STOPPING) on a real notify
 socket and a wedged actor stopping the watchdog pings; permissions with two real users; a
-disk that fills up mid-transaction; slow senders; a thousand idle connections."""
+disk that fills up mid-transaction; slow senders; a thousand idle connections.
+
+The `trio.sleep(...)` calls here run under `autojump_clock`: they move virtual time so that
+the watchdog and a slow sender can act for minutes, and cost no real time."""
 
 from __future__ import annotations
 
