@@ -1,8 +1,9 @@
 """`cmsod`: the daemon. Loads the config, opens the store, starts the actors in dependency
 order under one root nursery, then the control socket, then says READY=1.
 
-Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches, in-flight calls get
-`shutdown_grace_s`, then a clean exit); SIGHUP reloads the config like `cmsoctl reload`.
+Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches; in-flight calls, then
+publishing the events already committed, get `shutdown_grace_s`; then a clean exit); SIGHUP
+reloads the config like `cmsoctl reload`.
 """
 
 from __future__ import annotations
@@ -207,7 +208,12 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
         ctx.stopping.set()
         ctx.bells.dispatcher.ring()
         with trio.move_on_after(grace):
+            # no dispatch call in flight and their answers committed; then their events
+            # published (a sink that is down leaves them for the next start: grace ends it)
             await ctx.drained.wait()
+            ctx.flush_asked_at = trio.current_time()
+            ctx.bells.emitter.ring()
+            await ctx.flushed.wait()
         root_scope.cancel()
         return
 

@@ -92,6 +92,10 @@ class Context:
     figures: dict[str, ActorFigures] = field(default_factory=dict)
     stopping: trio.Event = field(default_factory=trio.Event)  # SIGTERM: take no new work
     drained: trio.Event = field(default_factory=trio.Event)  # no dispatch call in flight any more
+    # Stopping: when the daemon asked for the outbox to be flushed (trio time), and that an
+    # emitter pass begun after the ask found it empty.
+    flush_asked_at: float | None = None
+    flushed: trio.Event = field(default_factory=trio.Event)
     reload: Callable[[], list[str]] | None = None  # set by the daemon; returns what changed
     watchers: set[Watcher] = field(default_factory=set)
     watchers_dropped: int = 0

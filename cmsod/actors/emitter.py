@@ -52,7 +52,10 @@ async def run(
     while True:
         figures = ctx.beat("emitter")
         batch = ctx.config.events.batch_size
+        pass_began = trio.current_time()
         rows = await ctx.store.read(ops.pending_events, batch * 10)
+        if not rows and ctx.flush_asked_at is not None and pass_began >= ctx.flush_asked_at:
+            ctx.flushed.set()  # stopping, and everything committed before the ask is out
         heads = {}
         for seq, _, _, body in rows:
             try:
