@@ -2,8 +2,8 @@
 socket and a wedged actor stopping the watchdog pings; permissions with two real users; a
 disk that fills up mid-transaction; slow senders; a thousand idle connections.
 
-The `trio.sleep(...)` calls here run under `autojump_clock`: they move virtual time so that
-the watchdog and a slow sender can act for minutes, and cost no real time."""
+Times here are virtual (`autojump_clock`): the tests wait on conditions, or run to a virtual
+deadline while the watchdog or a slow sender acts for minutes, at no real cost."""
 
 from __future__ import annotations
 
@@ -44,7 +44,12 @@ async def test_notify_ready_status_watchdog_and_a_wedged_actor(
 
     nursery.start_soon(listen)
     cmsod = await start_daemon(nursery, tmp_path)
-    await trio.sleep(60)
+
+    async def pinged_and_reported() -> bool:
+        kinds = [m.split("\n")[0].split("=")[0] for _, m in messages]
+        return kinds.count("WATCHDOG") >= 5 and kinds.count("STATUS") >= 1
+
+    await wait_until(pinged_and_reported, "watchdog pings and a STATUS line")
     kinds = [m.split("\n")[0].split("=")[0] for _, m in messages]
     assert kinds[0] == "READY" and messages[0][1].split("\n")[1].startswith("STATUS=")
     assert kinds.count("WATCHDOG") >= 5
@@ -57,7 +62,7 @@ async def test_notify_ready_status_watchdog_and_a_wedged_actor(
     client = await cmsod.connect()
     await client.ok("io.cmsod.Schedules.Create", schedule=request("wedge", now=EPOCH))
     wedged_at = trio.current_time()
-    await trio.sleep(400)
+    await trio.sleep_until(wedged_at + 400)  # past STALL_S: the watchdog must have gone quiet
     pings_after = [t for t, m in messages if m == "WATCHDOG=1" and t > wedged_at + 130]
     assert pings_after == []  # systemd would now kill and restart the daemon
     assert [t for t, m in messages if m == "WATCHDOG=1" and t > wedged_at]  # until it stalled
@@ -98,13 +103,13 @@ async def test_a_slow_sender_is_closed_at_the_idle_timeout(
     stream = await trio.open_unix_socket(str(cmsod.socket))
     began = trio.current_time()
     closed = False
-    for byte in b'{"method":"io.cmsod.Manager.Status"' * 10:  # a byte every 5 s, never a NUL
+    for n, byte in enumerate(b'{"method":"io.cmsod.Manager.Status"' * 10):  # a byte / 5 s, no NUL
         try:
             await stream.send_all(bytes([byte]))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             closed = True
             break
-        await trio.sleep(5)
+        await trio.sleep_until(began + 5 * (n + 1))
     assert closed
     assert cmsod.ctx.config.control.idle_timeout_s <= trio.current_time() - began <= 80
     other = await cmsod.connect()
