@@ -19,6 +19,7 @@ import msgspec
 from cmsod.errors import ConfigError
 from cmsod.optimize.policies import BUILTIN as BUILTIN_POLICIES
 from cmsod.optimize.policies import Policy
+from cmsod.ticketing import DEFAULT_DISPATCH_ALLOWED, DEFAULT_TEMPLATE
 
 POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -88,9 +89,42 @@ class SoConfig(Section, frozen=True):
             raise ValueError("so.url must be an http:// or https:// URL when so.mode = 'http'")
 
 
+TicketState = Annotated[str, msgspec.Meta(pattern=r"^[^|]*\|[^|]*$", max_length=200)]
+
+
 class TicketsConfig(Section, frozen=True):
-    mode: Literal["loopback"] = "loopback"
+    # builtin: cmsod is the ticket system (tickets in SQLite, checked there); http: CMSO's TM
+    # contract; loopback: approve everything, check nothing (for tests).
+    mode: Literal["builtin", "http", "loopback"] = "builtin"
     vnfs_per_ticket: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1
+    # `approvalStatus|status` pairs that let an element be dispatched
+    dispatch_allowed: tuple[TicketState, ...] = DEFAULT_DISPATCH_ALLOWED
+    # ticket fields (category, type, summary, reason, description); domain data overrides
+    template: dict[str, Annotated[str, msgspec.Meta(max_length=4096)]] = {}
+    url: str = ""  # http: the ticket system's base URL
+    create_path: PathTemplate = "/tm/create"
+    get_path: PathTemplate = "/tm/get"
+    update_path: PathTemplate = "/tm/update"
+    close_path: PathTemplate = "/tm/close"  # cancel goes here too, as in CMSO
+    active_path: PathTemplate = "/ticketmgt/v1/activetickets"
+    credentials_file: str = ""  # one line user:password for basic auth; "" = none
+    connect_timeout_s: Positive = 5.0
+    read_timeout_s: Positive = 30.0
+    connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 8
+    create_timeout_s: Positive = 60.0  # an approval waits this long for its tickets at most
+    retry_base_s: Positive = 1.0  # a failed ticket operation is retried after this, doubling
+    retry_max_s: Positive = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode == "http" and not self.url.startswith(("http://", "https://")):
+            raise ValueError("tickets.url must be an http(s):// URL when tickets.mode = 'http'")
+        unknown = set(self.template) - set(DEFAULT_TEMPLATE)
+        if unknown:
+            raise ValueError(
+                f"tickets.template: unknown field(s) {sorted(unknown)}; "
+                f"known: {sorted(DEFAULT_TEMPLATE)}"
+            )
 
 
 class EventsConfig(Section, frozen=True):

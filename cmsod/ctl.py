@@ -177,6 +177,35 @@ def show_plan(response: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_ticket(t: dict[str, Any]) -> str:
+    lines = [
+        f"ticket     {t['changeId']}  {t['approvalStatus']}|{t['status']}"
+        + (f"  closed {t['closureCode']}" if t.get("closureCode") else ""),
+        f"schedule   {t['scheduleId']} group {t['groupId']}",
+        f"planned    {t['plannedStartDate']} .. {t['plannedEndDate']}",
+    ]
+    if t.get("actualStartDate"):
+        lines.append(f"actual     {t['actualStartDate']} .. {t['actualEndDate']}")
+    lines += ["", table([[e["vnfName"], e["status"]] for e in t["elements"]], ["VNF", "STATUS"])]
+    lines += [
+        "",
+        table(
+            [
+                [
+                    o["operation"],
+                    o["createDateTime"],
+                    o.get("sentDateTime") or f"waiting, next {o.get('nextAttemptDateTime')}",
+                    o["attempts"],
+                    o.get("lastError"),
+                ]
+                for o in t["operations"]
+            ],
+            ["OPERATION", "QUEUED", "SENT", "ATTEMPTS", "LAST ERROR"],
+        ),
+    ]
+    return "\n".join(lines)
+
+
 def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     if command == "show":
         return show_schedule(p["schedule"])
@@ -277,6 +306,25 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
                 line += "\noverlaps the planned or running work of: " + ", ".join(p["touches"])
             return line
         return f"{p['id']} removed"
+    if command == "tickets":
+        out = table(
+            [
+                [
+                    t["changeId"],
+                    t["scheduleId"],
+                    t["groupId"],
+                    ",".join(t["vnfs"]),
+                    f"{t['approvalStatus']}|{t['status']}",
+                    t.get("closureCode"),
+                    t["pendingOperations"] or None,
+                ]
+                for t in p["tickets"]
+            ],
+            ["TICKET", "SCHEDULE", "GROUP", "VNFS", "APPROVAL|STATUS", "CLOSURE", "PENDING OPS"],
+        )
+        return out + (f"\n(more: --after {p['next']})" if p.get("next") else "")
+    if command == "ticket":
+        return show_ticket(p["ticket"])
     if command == "reload":
         return "configuration reloaded" + (
             f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
@@ -400,6 +448,14 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if args.action == "list":
             return "io.cmsod.Availability.List", {"element": args.element} if args.element else {}
         return "io.cmsod.Availability.Remove", {"id": args.id}
+    if c == "tickets":
+        p = {"limit": args.limit}
+        for key, value in (("scheduleId", args.schedule), ("after", args.after)):
+            if value:
+                p[key] = value
+        return "io.cmsod.Tickets.List", p
+    if c == "ticket":
+        return "io.cmsod.Tickets.Get", {"id": args.id}
     if c == "status":
         return "io.cmsod.Manager.Status", {}
     if c == "reload":
@@ -473,6 +529,12 @@ def parser() -> argparse.ArgumentParser:
     q = blackout.add_parser("list", help="[ELEMENT]")
     q.add_argument("element", nargs="?")
     blackout.add_parser("rm", help="ID").add_argument("id")
+    p = sub.add_parser("tickets", help="the change tickets of all schedules (or --schedule ID)")
+    p.add_argument("--schedule", help="only this schedule's")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--after", help="page after this ticket id")
+    p = sub.add_parser("ticket", help="one change ticket: its elements and its TM operations")
+    p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
     p.add_argument("id", nargs="?")
     p.add_argument("--type", help="only this eventType")

@@ -28,7 +28,7 @@ from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
-from cmsod.peers.tm import LoopbackTM
+from cmsod.peers.tm import tm_for
 from cmsod.store import Store, views
 
 EX_CONFIG = 78
@@ -74,12 +74,13 @@ def build_context(
             if cfg.so.mode == "http"
             else LoopbackSO(clock, cfg.so.simulated_duration_s)
         ),
-        tm=LoopbackTM(),
+        tm=tm_for(cfg.tickets),
         sink=sink_for(cfg, cfg.events_dir, own_thread()),
         planning=planning_for(cfg),
         compute=own_thread(),
     )
     store.on_commit = ctx.bells.emitter.ring
+    store.on_ticket_ops = ctx.bells.tickets.ring
     return ctx
 
 
@@ -176,7 +177,7 @@ async def run(
                 await _handle_signals(ctx, signals, root.cancel_scope)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for peer in (ctx.so, ctx.sink):
+                for peer in (ctx.so, ctx.tm, ctx.sink):
                     if hasattr(peer, "aclose"):
                         await peer.aclose()
                 await ctx.store.close()

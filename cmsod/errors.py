@@ -42,6 +42,9 @@ class RequestError(CmsodError):
         "UNABLE_TO_CREATE_CHANGE_TICKET": (
             "Unable to create change ticket in TM: Schedule ID: {0} : Reason : {1}"
         ),
+        "SCHEDULE_CHANGED": (
+            "Schedule {0} changed while its change tickets were being opened; try again"
+        ),
     }
 
     def __init__(self, status: int, code: str, *variables: Any) -> None:

@@ -47,7 +47,8 @@ async def test_future_schedule_is_approved_and_completes(
         for item in group["changeManagementSchedules"]:
             assert item["startTime"] >= group["changeWindows"][0]["startTime"]
 
-    assert (await client.ok(APPROVE, scheduleId=case, approval=approval()))["status"] == S.ACCEPTED
+    # accepted, and its change tickets opened, in one transaction
+    assert (await client.ok(APPROVE, scheduleId=case, approval=approval()))["status"] == S.SCHEDULED
     view = await client.wait_for(case, S.COMPLETED, S.COMPLETED_WITH_ERRORS)
     assert view["status"] == S.COMPLETED
     assert set(statuses(view).values()) == {E.COMPLETED}
@@ -83,7 +84,7 @@ async def test_immediate_schedule_is_auto_approved_and_completes(
     created = await client.ok(
         CREATE, schedule=request(case, now=EPOCH, minutes_from_now=None, **options)
     )
-    assert created["status"] == S.ACCEPTED  # auto-approved (Tier 2) by the requesting user
+    assert created["status"] == S.SCHEDULED  # auto-approved (Tier 2), tickets opened
     view = await client.wait_for(case, S.COMPLETED, S.COMPLETED_WITH_ERRORS)
     assert view["status"] == S.COMPLETED
     assert set(statuses(view).values()) == {E.COMPLETED}
@@ -311,7 +312,7 @@ async def test_cmso_accepted_oddities_are_accepted(
     created = await client.ok(CREATE, schedule=body)
     view = await client.schedule(name)
     assert view["scheduleName"] == name  # forced to the id, as CMSO does
-    assert created["status"] in (S.PENDING_SCHEDULE, S.ACCEPTED)
+    assert created["status"] in (S.PENDING_SCHEDULE, S.SCHEDULED)
     assert view["groups"][0]["groupId"] == "default-1"  # the group is defaulted, not the element
 
 

@@ -10,12 +10,16 @@ import trio
 
 from cmsod.clock import MAX_STEP_S, WallClock
 from cmsod.config import Config
+from cmsod.errors import PeerError
 from cmsod.executor import Executor, InlineExecutor
 from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import EventSink
 from cmsod.peers.so import Orchestrator
 from cmsod.peers.tm import TicketSystem
 from cmsod.store import Store
+from cmsod.ticketing import NewTicket
+
+Opened = list[tuple[str, NewTicket]]  # (changeId, ticket)
 
 
 class Doorbell:
@@ -68,6 +72,29 @@ class Watcher:
         return (self.schedule_id in (None, schedule_id)) and (self.event_type in (None, event_type))
 
 
+class TicketDesk:
+    """Request/reply to the tickets actor: open these change tickets, or say why not. The
+    control socket never calls a peer itself; an approval waits here for its tickets."""
+
+    Request = tuple[str, str, list[NewTicket], trio.MemorySendChannel["Opened | PeerError"]]
+
+    def __init__(self, requests: trio.MemorySendChannel[Request]) -> None:
+        self._requests = requests
+
+    async def open(
+        self, schedule_id: str, user_id: str, tickets: list[NewTicket], timeout_s: float
+    ) -> Opened:
+        reply_send, reply_receive = trio.open_memory_channel["Opened | PeerError"](1)
+        with reply_receive:
+            with trio.move_on_after(timeout_s):
+                await self._requests.send((schedule_id, user_id, tickets, reply_send))
+                answer = await reply_receive.receive()
+                if isinstance(answer, PeerError):
+                    raise answer
+                return answer
+        raise PeerError(f"the ticket system did not open the tickets within {timeout_s:g} s")
+
+
 @dataclass
 class ActorFigures:
     heartbeat: float = 0.0  # trio time of the last turn of the actor's loop
@@ -98,6 +125,7 @@ class Context:
     flushed: trio.Event = field(default_factory=trio.Event)
     reload: Callable[[], list[str]] | None = None  # set by the daemon; returns what changed
     watchers: set[Watcher] = field(default_factory=set)
+    ticket_desk: TicketDesk | None = None  # set by the tickets actor when it starts
     watchers_dropped: int = 0
 
     def beat(self, actor: str) -> ActorFigures:

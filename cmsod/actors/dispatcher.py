@@ -1,4 +1,5 @@
-"""The dispatcher: sends each element's work flow to the orchestrator at `start - lead_time`.
+"""The dispatcher: sends each element's work flow to the orchestrator at `start - lead_time`,
+once its change ticket allows it (`tickets.gate_for`).
 
 At most once: the intents of a due batch (each with its X-TransactionId key) are committed in
 one transaction before any call, and the answers are committed after, in batches, by the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import trio
 
 from cmsod import log
+from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
 from cmsod.store import ops
@@ -47,11 +49,13 @@ async def run(
                 lead_ms = int(cfg.lead_time_s * 1000)
                 due = await ctx.store.read(ops.due_elements, ctx.clock.now_ms() + lead_ms, BATCH)
                 if due:
+                    gate = await tickets.gate_for(ctx, {c for _, c in due if c is not None})
                     jobs = await ctx.store.tx(
                         ops.begin_dispatches,
-                        due,
+                        [element for element, _ in due],
                         int(cfg.misfire_grace_s * 1000),
                         cfg.dispatch_immediate,
+                        gate,
                     )
                     for job in jobs:
                         calls.start_soon(send, ctx, job, limiter, results_in.clone())

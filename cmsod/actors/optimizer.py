@@ -10,7 +10,11 @@ import functools
 import trio
 
 from cmsod import log
+from cmsod.actors import tickets
 from cmsod.actors.context import Context
+from cmsod.errors import PeerError
+from cmsod.optimize.problem import Plan
+from cmsod.peers.tm import TicketsFailed
 from cmsod.store import ops
 
 BATCH = 16
@@ -24,6 +28,23 @@ async def run(
         figures = ctx.beat("optimizer")
         problems = await ctx.store.tx(ops.claim_for_optimization, BATCH, ctx.planning.inventory)
         for problem in problems:
+            if ctx.config.tickets.mode == "http":
+                try:  # TM's active tickets block elements too (the ticket book already does)
+                    found = await tickets.unavailability(ctx, problem)
+                except TicketsFailed as exc:
+                    names = [n for g in problem.groups for n in g.elements]
+                    why = ("TICKETS_FAILED", str(exc))
+                    plan = Plan({}, dict.fromkeys(names, why), problem.duration_ms, str(exc))
+                    await ctx.store.tx(ops.record_plan, problem.key, plan, False)
+                    continue
+                except PeerError as exc:
+                    figures.errors += 1
+                    figures.last_error = str(exc)
+                    log.warning(
+                        "schedule.plan_waits", schedule_id=problem.schedule_id, reason=str(exc)
+                    )
+                    continue  # still Optimization In Progress: planned again at the next sweep
+                problem.busy = ops.merge_busy(problem.busy, found)
             plan = await ctx.compute(functools.partial(ctx.planning.plan, problem))
             status = await ctx.store.tx(
                 ops.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial

@@ -1,71 +1,245 @@
-"""The tickets actor: opens the change tickets of accepted schedules (one per group per
-`vnfs_per_ticket` elements, as CMSO), then moves the schedule to `Scheduled`."""
+"""The tickets actor: every call cmsod makes to the change-ticket system (TM).
+
+- Opening: an approval that accepts a schedule, or an immediate request, asks the desk
+  (`Context.ticket_desk`) for its tickets before anything is stored; if TM cannot open them
+  all, the request is refused with CMSO's 417 and the ones it did open are cancelled.
+- Checking: just before dispatch the dispatcher asks `gate_for` what TM says of the due
+  elements' tickets (http mode; builtin mode checks our own record in the same transaction).
+- The outbox: WorkInProgress, close and cancel are queued by the transaction whose change
+  causes them (`Tx._move_tickets`); here they are sent, a ticket's in order, each retried with
+  a growing delay for as long as TM refuses, so a TM outage delays tickets and loses none.
+"""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import trio
 
-from cmsod import log
-from cmsod.actors.context import Context
-from cmsod.errors import PeerError
+from cmsod import lifecycle, log, ticketing
+from cmsod.actors.context import ActorFigures, Context, Opened, TicketDesk
+from cmsod.errors import NotDelivered, PeerError, Unconfirmed
+from cmsod.optimize.problem import Busy, Problem, blocking, requirements
 from cmsod.store import ops
+from cmsod.ticketing import NewTicket
+from cmsod.wire.cmso import ChangeWindow, ElementInfo, NameValue
+from cmsod.wire.tm import ActiveTicketsRequest
 
-BATCH = 16
-RETRY_S = 5.0
-SWEEP_S = 10.0  # a safety net: an approval rings the doorbell at once
+BATCH = 100
+RETRY_BASE_S = 0.25  # between attempts to connect, for a call someone is waiting on
+HOLD_S = 5.0  # an element whose ticket TM did not tell us about is checked again after this
+T = TypeVar("T")
 
 
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    requests_in, requests_out = trio.open_memory_channel[TicketDesk.Request](0)
+    ctx.ticket_desk = TicketDesk(requests_in)
     task_status.started()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_desk, ctx, requests_out)
+        await drain_outbox(ctx)
+
+
+async def with_retries(ctx: Context, call: Callable[[], Awaitable[T]]) -> T:
+    """A call someone waits on: tried again while it did not reach TM (nothing was sent)."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except NotDelivered:
+            attempt += 1
+            if attempt > ctx.config.tickets.connect_retries:
+                raise
+            await trio.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
+
+
+def _peer(ctx: Context, error: PeerError | None) -> None:
+    """Whether TM answered the last call, for `cmsoctl status`."""
+    figures = ctx.figures.setdefault("tickets", ActorFigures())
+    figures.peer_failing = error is not None
+    if error is not None:
+        figures.errors += 1
+        figures.last_error = str(error)
+
+
+# -- opening ----------------------------------------------------------------------------------
+
+
+async def serve_desk(ctx: Context, requests: trio.MemoryReceiveChannel[TicketDesk.Request]) -> None:
+    async with requests, trio.open_nursery() as nursery:
+        async for request in requests:
+            nursery.start_soon(open_tickets, ctx, *request)
+
+
+async def open_tickets(
+    ctx: Context,
+    schedule_id: str,
+    user_id: str,
+    tickets: list[NewTicket],
+    reply: trio.MemorySendChannel[Opened | PeerError],
+) -> None:
+    opened: dict[int, str] = {}
+    failures: list[PeerError] = []
+    limiter = trio.CapacityLimiter(ctx.config.tickets.max_concurrent)
+
+    async def one(index: int, ticket: NewTicket) -> None:
+        async with limiter:
+            if failures:
+                return  # one failed: the request is refused, open no more
+            try:
+                opened[index] = await with_retries(ctx, lambda: ctx.tm.create(ticket.body))
+            except PeerError as exc:
+                failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for index, ticket in enumerate(tickets):
+            nursery.start_soon(one, index, ticket)
+    done = [(opened[i], tickets[i]) for i in sorted(opened)]
+    _peer(ctx, failures[0] if failures else None)
+    answer: Opened | PeerError = failures[0] if failures else done
+    async with reply:
+        try:
+            reply.send_nowait(answer)
+            answer = []  # handed over: the approval records them
+        except (trio.BrokenResourceError, trio.WouldBlock):
+            pass  # the approver gave up waiting
+    if done and answer:  # refused or abandoned: TM must not keep tickets nobody will work
+        await ctx.store.tx(ops.abandon_tickets, done, user_id)
+        log.warning(
+            "tickets.abandoned",
+            schedule_id=schedule_id,
+            tickets=len(done),
+            reason=str(failures[0]) if failures else "the approval gave up waiting",
+        )
+    elif done:
+        log.info("tickets.opened", schedule_id=schedule_id, tickets=len(done))
+
+
+# -- checking before dispatch -----------------------------------------------------------------
+
+
+async def gate_for(ctx: Context, change_ids: set[str]) -> ops.TicketGate:
+    cfg = ctx.config.tickets
+    if cfg.mode == "loopback":
+        return ops.TicketGate(None)
+    if cfg.mode == "builtin" or not change_ids:
+        return ops.TicketGate(cfg.dispatch_allowed)
+    remote: dict[str, str] = {}
+    unknown: dict[str, str] = {}  # TM answered, but not with the ticket
+    unreachable: dict[str, str] = {}  # no answer: the element waits and is checked again
+    limiter = trio.CapacityLimiter(cfg.max_concurrent)
+
+    async def one(change_id: str) -> None:
+        async with limiter:
+            try:
+                state = await with_retries(ctx, lambda: ctx.tm.get(change_id))
+                remote[change_id] = ticketing.state_text(*state)
+            except (NotDelivered, Unconfirmed) as exc:
+                unreachable[change_id] = str(exc)
+            except PeerError as exc:
+                unknown[change_id] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for change_id in sorted(change_ids):
+            nursery.start_soon(one, change_id)
+    failures = list(unreachable.values()) + list(unknown.values())
+    _peer(ctx, PeerError(failures[0]) if failures else None)
+    return ops.TicketGate(cfg.dispatch_allowed, remote, unknown, unreachable, int(HOLD_S * 1000))
+
+
+# -- unavailability (http mode) ----------------------------------------------------------------
+
+
+async def unavailability(ctx: Context, problem: Problem) -> dict[str, list[Busy]]:
+    """CMSO's ActiveTicketsRequest for a schedule's elements and those they require; TM's
+    tickets on them as Busy times (a ticket whose availability is "full" blocks nothing)."""
+    names = [n for g in problem.groups for n in g.elements]
+    inventory = ctx.planning.inventory
+    data = {n: {**inventory.get(n, {}), **problem.element_data.get(n, {})} for n in names}
+    wanted = requirements(names, data)
+    request = ActiveTicketsRequest(
+        requestId=str(uuid.uuid4()),
+        commonData={},
+        changeWindows=[
+            ChangeWindow(lifecycle.format_time(start), lifecycle.format_time(end))
+            for g in problem.groups
+            for start, end in g.windows
+        ],
+        elements=[
+            ElementInfo(e, [NameValue(k, v) for k, v in data.get(e, inventory.get(e, {})).items()])
+            for e in wanted
+        ],
+    )
+    found = await with_retries(ctx, lambda: ctx.tm.active_tickets(request))
+    _peer(ctx, None)
+    entries = []
+    for ticket in found:
+        if ticket.availability == "full":
+            continue
+        try:
+            start = lifecycle.parse_time_ms(ticket.startTime)
+            end = lifecycle.parse_time_ms(ticket.endTime)
+        except ValueError:
+            raise PeerError(
+                f"active tickets: ticket {ticket.id} has a bad startTime/endTime"
+            ) from None
+        entries += [(e, start, end, f"ticket {ticket.id}", "") for e in ticket.elementIds]
+    return blocking(entries, wanted)
+
+
+# -- the outbox -------------------------------------------------------------------------------
+
+
+async def drain_outbox(ctx: Context) -> None:
     while True:
         figures = ctx.beat("tickets")
-        work = await ctx.store.read(ops.accepted_schedules, BATCH)
-        failed = False
-        for item in work:
+        due = await ctx.store.read(ops.due_ticket_ops, ctx.clock.now_ms(), BATCH)
+        sent, failed = await send_ops(ctx, due)
+        if due:
+            await ctx.store.tx(ops.record_ticket_ops, sent, failed)
+            figures.done += len(sent)
+            _peer(ctx, PeerError(failed[-1][1]) if failed else None)
+        if len(due) == BATCH or sent:
+            continue  # a ticket's next operation may be due now that this one went
+        next_ms = await ctx.store.read(ops.next_ticket_op_ms)
+        wait_s = 3600.0 if next_ms is None else (next_ms - ctx.clock.now_ms()) / 1000
+        await ctx.bells.tickets.wait(wait_s)
+
+
+async def send_ops(
+    ctx: Context, due: list[ops.TicketOp]
+) -> tuple[list[ops.TicketOp], list[tuple[ops.TicketOp, str, int]]]:
+    """Send each (concurrently: they are of different tickets); say which TM took, and for
+    the others why not and when to try again."""
+    cfg = ctx.config.tickets
+    sent: list[ops.TicketOp] = []
+    failed: list[tuple[ops.TicketOp, str, int]] = []
+    limiter = trio.CapacityLimiter(cfg.max_concurrent)
+
+    async def one(op: ops.TicketOp) -> None:
+        async with limiter:
             try:
-                change_ids = await open_tickets(ctx, item)
+                await ctx.tm.send(op.op, op.body)
             except PeerError as exc:
-                figures.errors += 1
-                figures.last_error = str(exc)
-                figures.peer_failing = True
-                log.warning("ticket.create_failed", schedule_id=item.schedule_id, reason=str(exc))
-                failed = True
-                continue
-            if await ctx.store.tx(ops.record_tickets, item.schedule, change_ids):
-                figures.done += 1
-                figures.peer_failing = False
-                log.info(
-                    "schedule.scheduled",
-                    schedule_id=item.schedule_id,
-                    tickets=len(set(change_ids.values())),
+                delay_s = min(cfg.retry_max_s, cfg.retry_base_s * 2**op.attempts)
+                failed.append((op, str(exc), ctx.clock.now_ms() + int(delay_s * 1000)))
+                log.warning(
+                    "ticket.retry",
+                    change_id=op.change_id,
+                    op=op.op.value,
+                    attempt=op.attempts + 1,
+                    retry_in_s=delay_s,
+                    reason=str(exc),
                 )
-                ctx.bells.dispatcher.ring()
-        if failed:
-            await trio.sleep(RETRY_S)
-        elif len(work) < BATCH:
-            await ctx.bells.tickets.wait(SWEEP_S)
+                return
+            sent.append(op)
+            log.debug("ticket.sent", change_id=op.change_id, op=op.op.value)
 
-
-async def open_tickets(ctx: Context, item: ops.TicketWork) -> dict[int, str]:
-    per_ticket = ctx.config.tickets.vnfs_per_ticket
-    change_ids: dict[int, str] = {}
-    for group_id, elements in item.groups:
-        for i in range(0, len(elements), per_ticket):
-            chunk = elements[i : i + per_ticket]
-            starts = [e[2] for e in chunk if e[2] is not None]
-            ends = [e[3] for e in chunk if e[3] is not None]
-            change_id = await ctx.tm.create(
-                item.schedule_id,
-                group_id,
-                [e[1] for e in chunk],
-                item.user_id,
-                min(starts) if starts else None,
-                max(ends) if ends else None,
-            )
-            log.debug(  # per ticket: chatter; schedule.scheduled gives the count
-                "ticket.created", schedule_id=item.schedule_id, change_id=change_id, vnfs=len(chunk)
-            )
-            change_ids.update({e[0]: change_id for e in chunk})
-    return change_ids
+    async with trio.open_nursery() as nursery:
+        for op in due:
+            nursery.start_soon(one, op)
+    return sent, failed

@@ -28,17 +28,20 @@ from cmsod.errors import (
     ControlError,
     InvalidParameter,
     MethodNotFound,
+    PeerError,
     PermissionDenied,
     RequestError,
 )
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
 from cmsod.store import ops, views
+from cmsod.ticketing import NewTicket
 from cmsod.wire import control as w
 
 INTERFACES = [
     "io.cmsod.Schedules",
     "io.cmsod.Availability",
+    "io.cmsod.Tickets",
     "io.cmsod.Events",
     "io.cmsod.Manager",
     "org.varlink.service",
@@ -78,9 +81,48 @@ class Method:
 # -- handlers ---------------------------------------------------------------------------------
 
 
+async def open_tickets(
+    ctx: Context, schedule_id: str, user_id: str, tickets: list[NewTicket]
+) -> ops.Opened:
+    """Ask the tickets actor to open them; CMSO's 417 when it cannot."""
+    if ctx.ticket_desk is None:
+        raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, "not started")
+    try:
+        return await ctx.ticket_desk.open(
+            schedule_id, user_id, tickets, ctx.config.tickets.create_timeout_s
+        )
+    except PeerError as exc:
+        log.warning("tickets.refused", schedule_id=schedule_id, reason=str(exc))
+        raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, exc) from None
+
+
+async def store_with_tickets(
+    ctx: Context, schedule_id: str, user_id: str, opened: ops.Opened, fn: Any, *args: Any
+) -> Any:
+    """Store the change that the opened tickets are for; if it no longer applies (the
+    schedule changed meanwhile), cancel them."""
+    try:
+        return await ctx.store.tx(fn, *args, opened)
+    except RequestError:
+        if opened:
+            await ctx.store.tx(ops.abandon_tickets, opened, user_id)
+        raise
+
+
 async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
     new = lifecycle.validate_request(p.schedule)
-    status = await ctx.store.tx(ops.create_schedule, new)
+    if new.immediate:  # accepted as it is stored: its tickets first, nothing kept if refused
+        await ctx.store.read(ops.schedule_exists, new.schedule_id)
+        cfg = ctx.config.tickets
+        tickets = ops.tickets_for_immediate(
+            new, ctx.clock.now_ms(), cfg.vnfs_per_ticket, cfg.template
+        )
+        opened = await open_tickets(ctx, new.schedule_id, new.user_id, tickets)
+        status = await store_with_tickets(
+            ctx, new.schedule_id, new.user_id, opened, ops.create_schedule, new
+        )
+    else:
+        status = await ctx.store.tx(ops.create_schedule, new)
     log.info(
         "schedule.created",
         schedule_id=new.schedule_id,
@@ -88,7 +130,7 @@ async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
         elements=sum(len(g.elements) for g in new.groups),
         immediate=new.immediate,
     )
-    (ctx.bells.tickets if new.immediate else ctx.bells.optimizer).ring()
+    (ctx.bells.dispatcher if new.immediate else ctx.bells.optimizer).ring()
     return {"scheduleId": new.schedule_id, "status": status.value}
 
 
@@ -122,7 +164,18 @@ async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
 
 
 async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
-    status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval)
+    cfg = ctx.config.tickets
+    needed = await ctx.store.read(
+        ops.tickets_for_approval, p.scheduleId, p.approval, cfg.vnfs_per_ticket, cfg.template
+    )
+    if needed is None:  # recorded, but does not accept the schedule (or rejects it)
+        status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval)
+    else:
+        user_id, tickets = needed
+        opened = await open_tickets(ctx, p.scheduleId, user_id, tickets)
+        status = await store_with_tickets(
+            ctx, p.scheduleId, user_id, opened, ops.approve, p.scheduleId, p.approval
+        )
     log.info(
         "schedule.approval",
         schedule_id=p.scheduleId,
@@ -130,7 +183,7 @@ async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
         by=p.approval.approvalUserId,
         status=status.value,
     )
-    ctx.bells.tickets.ring()
+    ctx.bells.dispatcher.ring()
     return {"scheduleId": p.scheduleId, "status": status.value}
 
 
@@ -248,6 +301,18 @@ async def availability_remove(ctx: Context, p: w.IdParameters) -> dict[str, Any]
     return {"id": p.id, "removed": True}
 
 
+async def tickets_list(ctx: Context, p: w.TicketsListParameters) -> dict[str, Any]:
+    page, after = await ctx.store.read(views.list_tickets, p.scheduleId, p.limit, p.after)
+    return {"tickets": page, "next": after}
+
+
+async def tickets_get(ctx: Context, p: w.IdParameters) -> dict[str, Any]:
+    ticket = await ctx.store.read(views.get_ticket, p.id)
+    if ticket is None:
+        raise ControlError(f"no such change ticket {p.id!r}", name="io.cmsod.Tickets.NoSuchTicket")
+    return {"ticket": ticket}
+
+
 async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     return {
         "vendor": "cmsod",
@@ -271,6 +336,8 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),
     "io.cmsod.Availability.List": Method(w.AvailabilityListParameters, availability_list, False),
     "io.cmsod.Availability.Remove": Method(w.IdParameters, availability_remove, True),
+    "io.cmsod.Tickets.List": Method(w.TicketsListParameters, tickets_list, False),
+    "io.cmsod.Tickets.Get": Method(w.IdParameters, tickets_get, False),
     "io.cmsod.Events.Watch": Method(w.WatchParameters, watch, False, streams=True),
     "org.varlink.service.GetInfo": Method(w.NoParameters, get_info, False),
 }

@@ -9,7 +9,7 @@ lets the concurrency limit hold across groups whose windows overlap.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
@@ -28,6 +28,33 @@ class Busy(msgspec.Struct, frozen=True):
     start_ms: int
     end_ms: int
     what: str  # said in the reason when it blocks the element, e.g. "ticket CHG123"
+
+
+def requirements(
+    names: Iterable[str], element_data: dict[str, dict[str, str]]
+) -> dict[str, list[str]]:
+    """Whose unavailability blocks whom: an element's own, and that of every element it
+    requires (its data's `requires`, comma-separated), which CMSO keyed wrongly (bug 7)."""
+    wanted: dict[str, list[str]] = {}
+    for name in names:
+        required = element_data.get(name, {}).get("requires", "")
+        for target in [name, *(r.strip() for r in required.split(",") if r.strip())]:
+            wanted.setdefault(target, []).append(name)
+    return wanted
+
+
+def blocking(
+    entries: Iterable[tuple[str, int, int, str, str]], wanted: dict[str, list[str]]
+) -> dict[str, list[Busy]]:
+    """Unavailability entries (element, start, end, what, why) as the Busy times of the
+    elements they block."""
+    busy: dict[str, list[Busy]] = {}
+    for element, start, end, what, why in entries:
+        for name in wanted.get(element, ()):
+            via = "" if element == name else f" on {element}, which it requires"
+            note = f" ({why})" if why else ""
+            busy.setdefault(name, []).append(Busy(start, end, f"{what}{via}{note}"))
+    return busy
 
 
 class Problem(msgspec.Struct):

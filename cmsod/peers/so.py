@@ -21,6 +21,7 @@ import msgspec
 from cmsod.clock import WallClock
 from cmsod.config import SoConfig
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
+from cmsod.peers import excerpt
 from cmsod.wire.so import Accepted, CmResponses, StatusResponse
 
 
@@ -107,14 +108,14 @@ class HttpSO:
                 for answer in answers:
                     if answer.vnfName == vnf_name and answer.orchestratorRequestId:
                         return answer.orchestratorRequestId
-                raise PeerError(f"Response did not contain vnfName={vnf_name}: {_excerpt(body)}")
+                raise PeerError(f"Response did not contain vnfName={vnf_name}: {excerpt(body)}")
             if response.status_code == 200:
                 accepted = msgspec.json.decode(body, type=Accepted)
                 if str(accepted.status) == "202":
                     return accepted.entity.requestReferences.requestId
         except msgspec.DecodeError:
             pass
-        raise PeerError(f"HTTP {response.status_code}: {_excerpt(body)}")
+        raise PeerError(f"HTTP {response.status_code}: {excerpt(body)}")
 
     async def status(self, request_id: str) -> SoStatus:
         path = self.status_path.replace("{requestId}", quote(request_id, safe=""))
@@ -125,11 +126,11 @@ class HttpSO:
         except Unconfirmed as exc:  # a lost answer to a GET changes nothing: try again later
             raise PeerError(str(exc)) from exc
         if response.status_code != 200:
-            return SoStatus(response.status_code, None, _excerpt(response.content))
+            return SoStatus(response.status_code, None, excerpt(response.content))
         try:
             answer = msgspec.json.decode(response.content, type=StatusResponse)
         except msgspec.DecodeError:
-            return SoStatus(200, None, f"Bad Response: {_excerpt(response.content)}")
+            return SoStatus(200, None, f"Bad Response: {excerpt(response.content)}")
         status = answer.request.requestStatus if answer.request else None
         if status is None:
             return SoStatus(200, None, "Bad Response: no request.requestStatus")
@@ -142,8 +143,3 @@ class HttpSO:
             raise NotDelivered(f"cannot reach the orchestrator at {self.url}: {exc!r}") from exc
         except httpx.HTTPError as exc:  # sent (or partly): the orchestrator may have acted on it
             raise Unconfirmed(f"no answer from the orchestrator at {self.url}: {exc!r}") from exc
-
-
-def _excerpt(body: bytes, limit: int = 500) -> str:
-    text = body[:limit].decode("utf-8", "replace")
-    return text + ("..." if len(body) > limit else "")

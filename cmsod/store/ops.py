@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from cmsod import cmevents, lifecycle
+from cmsod import cmevents, lifecycle, ticketing
 from cmsod.errors import RequestError
 from cmsod.model import (
     APPROVAL_DOMAIN,
@@ -23,16 +23,36 @@ from cmsod.model import (
 )
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup
+from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup, blocking, requirements
 from cmsod.store.store import Tx
+from cmsod.ticketing import NewTicket, TicketGroup
 from cmsod.wire.cmso import Approval
 
 # -- create ---------------------------------------------------------------------------------
 
 
-def create_schedule(tx: Tx, new: NewSchedule) -> S:
-    if tx.execute("SELECT 1 FROM schedules WHERE schedule_id = ?", (new.schedule_id,)).fetchone():
-        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", APPROVAL_DOMAIN, new.schedule_id)
+Opened = list[tuple[str, NewTicket]]  # (changeId, ticket) of tickets the ticket system opened
+
+
+def schedule_exists(conn: Any, schedule_id: str) -> None:
+    if conn.execute("SELECT 1 FROM schedules WHERE schedule_id = ?", (schedule_id,)).fetchone():
+        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", APPROVAL_DOMAIN, schedule_id)
+
+
+def tickets_for_immediate(
+    new: NewSchedule, now_ms: int, per_ticket: int, template: dict[str, str]
+) -> list[NewTicket]:
+    """An immediate request is accepted as it is stored: its tickets are opened first, planned
+    from now over one run of its work flow."""
+    end_ms = now_ms + (new.normal_duration_s + new.additional_duration_s) * 1000
+    groups = [
+        TicketGroup(g.group_id, [e.name for e in g.elements], now_ms, end_ms) for g in new.groups
+    ]
+    return ticketing.plan_tickets(new.user_id, groups, per_ticket, template, dict(new.domain_data))
+
+
+def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S:
+    schedule_exists(tx, new.schedule_id)
     status = S.PENDING_APPROVAL if new.immediate else S.PENDING_SCHEDULE
     element_status = E.PENDING_APPROVAL if new.immediate else E.PENDING_SCHEDULE
     lifecycle.check_schedule(None, status)
@@ -115,7 +135,7 @@ def create_schedule(tx: Tx, new: NewSchedule) -> S:
     if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
         _record_approval(tx, schedule, new.user_id, "Accepted")
         tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
-        return S.ACCEPTED
+        return _schedule_with_tickets(tx, schedule, new.schedule_id, opened or [])
     return status
 
 
@@ -140,20 +160,65 @@ def _record_approval(tx: Tx, schedule: int, user_id: str, status: str) -> None:
     )
 
 
-def approve(tx: Tx, schedule_id: str, approval: Approval) -> S:
-    """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400)."""
+def _approval_outcome(db: Any, schedule_id: str, approval: Approval) -> tuple[int, S, bool]:
+    """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400).
+    Returns the schedule, its status and whether this approval accepts it."""
     if approval.approvalStatus not in ("Accepted", "Rejected"):
         raise RequestError(
             400, "INVALID_ATTRIBUTE", "approvalStatus", approval.approvalStatus or ""
         )
     if approval.approvalType != APPROVAL_TYPE:
         raise RequestError(400, "INVALID_ATTRIBUTE", "approvalType", approval.approvalType or "")
-    schedule, status = _schedule_row(tx, schedule_id)
+    schedule, status = _schedule_row(db, schedule_id)
     if status is not S.PENDING_APPROVAL:
         raise RequestError(412, "NOT_PENDING_APPROVAL", APPROVAL_DOMAIN, schedule_id, status.value)
     if not approval.approvalUserId:
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
-    _record_approval(tx, schedule, approval.approvalUserId, approval.approvalStatus)
+    if approval.approvalStatus != "Accepted":
+        return schedule, status, False
+    (others,) = db.execute(
+        "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?"
+        " AND user_id != ?",
+        (schedule, APPROVAL_TYPE, "Accepted", approval.approvalUserId),
+    ).fetchone()
+    return schedule, status, others + 1 >= APPROVALS_REQUIRED
+
+
+def tickets_for_approval(
+    conn: Any, schedule_id: str, approval: Approval, per_ticket: int, template: dict[str, str]
+) -> tuple[str, list[NewTicket]] | None:
+    """The schedule's user and the tickets to open before this approval is recorded, or None
+    when it does not accept the schedule. Raises the errors `approve` would, so a bad
+    approval opens nothing."""
+    schedule, _, accepts = _approval_outcome(conn, schedule_id, approval)
+    if not accepts:
+        return None
+    (user_id,) = conn.execute("SELECT user_id FROM schedules WHERE id = ?", (schedule,)).fetchone()
+    groups = []
+    for grp, group_id, start_ms, finish_ms in conn.execute(
+        "SELECT id, group_id, start_ms, finish_ms FROM cm_groups WHERE schedule = ? ORDER BY id",
+        (schedule,),
+    ).fetchall():
+        names = [
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM elements WHERE grp = ? AND status = ? ORDER BY id",
+                (grp, E.PENDING_APPROVAL.value),
+            )
+        ]
+        if names:
+            groups.append(TicketGroup(group_id, names, start_ms, finish_ms))
+    domain_data = dict(
+        conn.execute("SELECT name, value FROM domain_data WHERE schedule = ?", (schedule,))
+    )
+    return user_id, ticketing.plan_tickets(user_id, groups, per_ticket, template, domain_data)
+
+
+def approve(tx: Tx, schedule_id: str, approval: Approval, opened: Opened | None = None) -> S:
+    """Record an approval. The one that accepts the schedule brings the change tickets opened
+    for it (`tickets_for_approval`): accepted and scheduled in this one transaction."""
+    schedule, status, accepts = _approval_outcome(tx, schedule_id, approval)
+    _record_approval(tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "")
     if approval.approvalStatus == "Rejected":
         tx.schedule_to(schedule, schedule_id, status, S.REJECTED)
         for element, name, old in tx.execute(
@@ -162,14 +227,62 @@ def approve(tx: Tx, schedule_id: str, approval: Approval) -> S:
         ).fetchall():
             tx.element_to(element, schedule, schedule_id, name, E(old), E.APPROVAL_REJECTED)
         return S.REJECTED
-    (accepted,) = tx.execute(
-        "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?",
-        (schedule, APPROVAL_TYPE, "Accepted"),
-    ).fetchone()
-    if accepted < APPROVALS_REQUIRED:
+    if not accepts:
         return status
+    if opened is None:
+        raise RequestError(409, "SCHEDULE_CHANGED", schedule_id)
     tx.schedule_to(schedule, schedule_id, status, S.ACCEPTED)
-    return S.ACCEPTED
+    return _schedule_with_tickets(tx, schedule, schedule_id, opened)
+
+
+def _schedule_with_tickets(tx: Tx, schedule: int, schedule_id: str, opened: Opened) -> S:
+    """The change tickets exist: record them; elements become `Scheduled` (or `Scheduled
+    Immediate` when they have no start time), the schedule `Scheduled`. Elements the
+    optimizer left out stay out."""
+    change_ids = {}
+    for change_id, ticket in opened:
+        tx.execute(
+            "INSERT INTO change_tickets (change_id, schedule, group_id, vnfs, planned_start_ms,"
+            " planned_end_ms, approval_status, status, created_ms, updated_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                change_id,
+                schedule,
+                ticket.group_id,
+                msgspec.json.encode(ticket.vnfs).decode(),
+                ticket.planned_start_ms,
+                ticket.planned_end_ms,
+                ticketing.APPROVED,
+                ticketing.OPEN,
+                tx.now_ms,
+                tx.now_ms,
+            ),
+        )
+        change_ids.update(dict.fromkeys(ticket.vnfs, change_id))
+    for element, name, start_ms in tx.execute(
+        "SELECT id, name, start_ms FROM elements WHERE schedule = ? AND status = ?",
+        (schedule, E.PENDING_APPROVAL.value),
+    ).fetchall():
+        tx.element_to(
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_APPROVAL,
+            E.SCHEDULED if start_ms is not None else E.SCHEDULED_IMMEDIATE,
+            tm_change_id=change_ids.get(name),
+            tm_approval_status=ticketing.APPROVED if name in change_ids else None,
+        )
+    tx.schedule_to(schedule, schedule_id, S.ACCEPTED, S.SCHEDULED)
+    return S.SCHEDULED
+
+
+def abandon_tickets(tx: Tx, opened: Opened, user_id: str) -> None:
+    """Tickets TM opened for a request that then could not be stored (it changed meanwhile):
+    cancel them, through the outbox like any other ticket operation."""
+    for change_id, _ in opened:
+        body = ticketing.close_body(change_id, user_id, ticketing.Closure.CANCELLED, None, None, 0)
+        tx.queue_ticket_op(change_id, ticketing.Op.CANCEL, body)
 
 
 # -- optimizer ------------------------------------------------------------------------------
@@ -351,64 +464,6 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
     return S.PENDING_APPROVAL
 
 
-# -- tickets --------------------------------------------------------------------------------
-
-
-class TicketWork(msgspec.Struct):
-    schedule: int
-    schedule_id: str
-    user_id: str
-    # (group id, [(element row, name, start_ms, finish_ms)])
-    groups: list[tuple[str, list[tuple[int, str, int | None, int | None]]]]
-
-
-def accepted_schedules(conn: Any, limit: int) -> list[TicketWork]:
-    work = []
-    for schedule, schedule_id, user_id in conn.execute(
-        "SELECT id, schedule_id, user_id FROM schedules WHERE status = ? ORDER BY id LIMIT ?",
-        (S.ACCEPTED.value, limit),
-    ).fetchall():
-        groups = []
-        for grp, group_id in conn.execute(
-            "SELECT id, group_id FROM cm_groups WHERE schedule = ? ORDER BY id", (schedule,)
-        ).fetchall():
-            rows = conn.execute(
-                "SELECT id, name, start_ms, finish_ms FROM elements"
-                " WHERE grp = ? AND status = ? ORDER BY id",
-                (grp, E.PENDING_APPROVAL.value),
-            ).fetchall()
-            groups.append((group_id, [tuple(r) for r in rows]))
-        work.append(TicketWork(schedule, schedule_id, user_id, groups))  # type: ignore[arg-type]
-    return work
-
-
-def record_tickets(tx: Tx, schedule: int, change_ids: dict[int, str]) -> bool:
-    """The change tickets exist: elements become `Scheduled` (or `Scheduled Immediate` when they
-    have no start time), the schedule `Scheduled`. Elements the optimizer left out stay out."""
-    row = tx.execute(
-        "SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)
-    ).fetchone()
-    if row is None or row[1] != S.ACCEPTED:
-        return False
-    schedule_id = row[0]
-    for element, name, start_ms in tx.execute(
-        "SELECT id, name, start_ms FROM elements WHERE schedule = ? AND status = ?",
-        (schedule, E.PENDING_APPROVAL.value),
-    ).fetchall():
-        tx.element_to(
-            element,
-            schedule,
-            schedule_id,
-            name,
-            E.PENDING_APPROVAL,
-            E.SCHEDULED if start_ms is not None else E.SCHEDULED_IMMEDIATE,
-            tm_change_id=change_ids.get(element),
-            tm_approval_status="Approved",
-        )
-    tx.schedule_to(schedule, schedule_id, S.ACCEPTED, S.SCHEDULED)
-    return True
-
-
 # -- dispatch -------------------------------------------------------------------------------
 
 
@@ -422,14 +477,42 @@ class DispatchJob(msgspec.Struct):
     attempt: int
 
 
+class TicketGate(msgspec.Struct):
+    """The change-ticket check before dispatch. `allowed`: the `approvalStatus|status` pairs
+    that pass (None: no check, loopback mode). `remote`: what TM answered per changeId (http
+    mode), with `unknown` saying why a ticket could not be read; without it our own record of
+    the ticket is what is checked (builtin mode)."""
+
+    allowed: tuple[str, ...] | None = None
+    remote: dict[str, str] | None = None
+    unknown: dict[str, str] = {}
+    unreachable: dict[str, str] = {}  # TM did not answer: hold the element, ask again later
+    hold_ms: int = 5000
+
+    def refusal(self, change_id: str | None, local_state: str) -> str | None:
+        if self.allowed is None or change_id is None:
+            return None
+        if change_id in self.unknown:
+            return (
+                f"UNABLE_TO_LOCATE_CHANGE_RECORD: change ticket {change_id}: "
+                f"{self.unknown[change_id]}"
+            )
+        state = local_state if self.remote is None else self.remote.get(change_id, "|")
+        if state in self.allowed:
+            return None
+        return ticketing.refusal(change_id, state, self.allowed)
+
+
 def begin_dispatch(
-    tx: Tx, element: int, misfire_grace_ms: int, dispatch_immediate: bool
+    tx: Tx, element: int, misfire_grace_ms: int, dispatch_immediate: bool, gate: TicketGate
 ) -> DispatchJob | None:
     """Commit the intent to dispatch before the orchestrator is called (at most once)."""
     row = tx.execute(
         "SELECT e.schedule, s.schedule_id, s.status, e.name, e.status, e.start_ms, e.request,"
-        " e.dispatch_key, e.dispatch_started_ms, e.dispatch_attempts"
-        " FROM elements e JOIN schedules s ON s.id = e.schedule WHERE e.id = ?",
+        " e.dispatch_key, e.dispatch_started_ms, e.dispatch_attempts, e.tm_change_id,"
+        " t.approval_status, t.status, s.create_ms"
+        " FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id WHERE e.id = ?",
         (element,),
     ).fetchone()
     if row is None:
@@ -445,11 +528,39 @@ def begin_dispatch(
         key,
         started,
         attempts,
+        change_id,
+        ticket_approval,
+        ticket_status,
+        created_ms,
     ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
     if schedule_status == S.SCHEDULED:  # the first dispatch attempt, even if then refused
         tx.schedule_to(schedule, schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
+    silence = gate.unreachable.get(change_id or "")
+    if silence is None:
+        refused = gate.refusal(change_id, ticketing.state_text(ticket_approval, ticket_status))
+    elif tx.now_ms <= (start_ms if start_ms is not None else created_ms) + misfire_grace_ms:
+        tx.execute(
+            "UPDATE elements SET hold_ms = ? WHERE id = ?", (tx.now_ms + gate.hold_ms, element)
+        )
+        return None  # TM did not answer: ask again in a while, within the misfire grace
+    else:
+        refused = (
+            f"UNABLE_TO_LOCATE_CHANGE_RECORD: change ticket {change_id}: the ticket system "
+            f"did not answer within the misfire grace: {silence}"
+        )
+    if refused is not None:
+        tx.element_to(
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E(status),
+            E.SCHEDULING_FAILED,
+            status_message=refused,
+        )
+        return None
     if status == E.SCHEDULED_IMMEDIATE and not dispatch_immediate:
         tx.element_to(
             element,
@@ -487,37 +598,35 @@ def begin_dispatch(
 
 
 def next_due_ms(conn: Any) -> int | None:
-    """When the next element falls due (immediates: now), None when nothing waits."""
-    if conn.execute(
-        "SELECT 1 FROM elements WHERE status = ? AND dispatch_started_ms IS NULL LIMIT 1",
-        (E.SCHEDULED_IMMEDIATE.value,),
-    ).fetchone():
-        return 0
+    """When the next element falls due (immediates: at once; one whose ticket could not be
+    checked: when it is held to), None when nothing waits."""
     (due,) = conn.execute(
-        "SELECT min(start_ms) FROM elements WHERE status = ? AND dispatch_started_ms IS NULL",
-        (E.SCHEDULED.value,),
+        "SELECT min(max(coalesce(start_ms, 0), coalesce(hold_ms, 0))) FROM elements"
+        " WHERE status IN (?, ?) AND dispatch_started_ms IS NULL",
+        (E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
     ).fetchone()
     return due
 
 
-def due_elements(conn: Any, until_ms: int, limit: int) -> list[int]:
-    """Elements to dispatch now, earliest first: immediates, then those starting by `until_ms`."""
+def due_elements(conn: Any, until_ms: int, limit: int) -> list[tuple[int, str | None]]:
+    """Elements to dispatch now, earliest first: immediates, then those starting by `until_ms`;
+    each with its change ticket."""
     return [
-        element
-        for (element,) in conn.execute(
-            "SELECT id FROM elements WHERE dispatch_started_ms IS NULL AND"
-            " (status = ? OR (status = ? AND start_ms <= ?))"
+        (element, change_id)
+        for (element, change_id) in conn.execute(
+            "SELECT id, tm_change_id FROM elements WHERE dispatch_started_ms IS NULL AND"
+            " (status = ? OR (status = ? AND start_ms <= ?)) AND coalesce(hold_ms, 0) <= ?"
             " ORDER BY coalesce(start_ms, 0), id LIMIT ?",
-            (E.SCHEDULED_IMMEDIATE.value, E.SCHEDULED.value, until_ms, limit),
+            (E.SCHEDULED_IMMEDIATE.value, E.SCHEDULED.value, until_ms, until_ms, limit),
         )
     ]
 
 
 def begin_dispatches(
-    tx: Tx, elements: list[int], misfire_grace_ms: int, dispatch_immediate: bool
+    tx: Tx, elements: list[int], misfire_grace_ms: int, dispatch_immediate: bool, gate: TicketGate
 ) -> list[DispatchJob]:
     """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds)."""
-    jobs = [begin_dispatch(tx, e, misfire_grace_ms, dispatch_immediate) for e in elements]
+    jobs = [begin_dispatch(tx, e, misfire_grace_ms, dispatch_immediate, gate) for e in elements]
     return [job for job in jobs if job is not None]
 
 
@@ -684,6 +793,68 @@ def mark_events_sent(tx: Tx, seqs: list[int]) -> None:
     )
 
 
+# -- ticket outbox --------------------------------------------------------------------------
+
+
+class TicketOp(msgspec.Struct):
+    id: int
+    change_id: str
+    op: ticketing.Op
+    body: bytes
+    attempts: int
+
+
+_TICKET_HEAD = (
+    " o.sent_ms IS NULL AND NOT EXISTS (SELECT 1 FROM ticket_ops p"
+    " WHERE p.change_id = o.change_id AND p.sent_ms IS NULL AND p.id < o.id)"
+)
+
+
+def due_ticket_ops(conn: Any, now_ms: int, limit: int) -> list[TicketOp]:
+    """The first unsent operation of each ticket, if due: a ticket's operations go in order,
+    and one TM keeps refusing holds back only that ticket's."""
+    return [
+        TicketOp(id, change_id, ticketing.Op(op), body, attempts)
+        for id, change_id, op, body, attempts in conn.execute(
+            "SELECT o.id, o.change_id, o.op, o.body, o.attempts FROM ticket_ops o"
+            f" WHERE o.due_ms <= ? AND{_TICKET_HEAD} ORDER BY o.id LIMIT ?",
+            (now_ms, limit),
+        )
+    ]
+
+
+def next_ticket_op_ms(conn: Any) -> int | None:
+    return conn.execute(f"SELECT min(o.due_ms) FROM ticket_ops o WHERE{_TICKET_HEAD}").fetchone()[0]
+
+
+def record_ticket_ops(
+    tx: Tx, sent: list[TicketOp], failed: list[tuple[TicketOp, str, int]]
+) -> None:
+    """TM took these operations (our record of the ticket follows) or refused these (each
+    with why and when to try again)."""
+    for op in sent:
+        tx.execute(
+            "UPDATE ticket_ops SET sent_ms = ?, attempts = attempts + 1 WHERE id = ?",
+            (tx.now_ms, op.id),
+        )
+        status = ticketing.WORK_IN_PROGRESS if op.op is ticketing.Op.UPDATE else ticketing.CLOSED
+        tx.execute(
+            "UPDATE change_tickets SET status = ?, updated_ms = ? WHERE change_id = ?",
+            (status, tx.now_ms, op.change_id),
+        )
+        if status == ticketing.CLOSED:  # CMSO: the elements' tmStatus once closed
+            tx.execute(
+                "UPDATE elements SET tm_status = ? WHERE tm_change_id = ?",
+                (ticketing.CLOSED, op.change_id),
+            )
+    for op, error, due_ms in failed:
+        tx.execute(
+            "UPDATE ticket_ops SET attempts = attempts + 1, last_error = ?, due_ms = ?"
+            " WHERE id = ?",
+            (error[:2000], due_ms, op.id),
+        )
+
+
 # -- the ticket book: element unavailability ------------------------------------------------
 
 
@@ -761,26 +932,18 @@ def book_busy(
     conn: Any, names: list[str], element_data: dict[str, dict[str, str]]
 ) -> dict[str, list[Busy]]:
     """Entries of the ticket book that block these elements: those on the element itself and
-    those on any element it requires (its data's `requires`, comma-separated; CMSO bug 7)."""
-    wanted: dict[str, list[str]] = {}
-    for name in names:
-        required = element_data.get(name, {}).get("requires", "")
-        for target in [name, *(r.strip() for r in required.split(",") if r.strip())]:
-            wanted.setdefault(target, []).append(name)
-    busy: dict[str, list[Busy]] = {}
+    those on any element it requires."""
+    wanted = requirements(names, element_data)
     if not wanted:
-        return busy
+        return {}
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS book_names (name TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM book_names")
     conn.executemany("INSERT INTO book_names VALUES (?)", [(n,) for n in wanted])
-    for ref, kind, element, start, end, reason in conn.execute(
-        "SELECT ref, kind, element, start_ms, end_ms, reason FROM availability"
+    rows = conn.execute(
+        "SELECT element, start_ms, end_ms, kind || ' ' || ref, reason FROM availability"
         " WHERE element IN (SELECT name FROM book_names)"
-    ):
-        for name in wanted[element]:
-            via = "" if element == name else f" on {element}, which it requires"
-            busy.setdefault(name, []).append(Busy(start, end, f"{kind} {ref}{via} ({reason})"))
-    return busy
+    ).fetchall()
+    return blocking(rows, wanted)
 
 
 def merge_busy(*sources: dict[str, list[Busy]]) -> dict[str, list[Busy]]:

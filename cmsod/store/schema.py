@@ -122,6 +122,41 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX availability_element ON availability(element, start_ms);
     """,
+    # 5: the change tickets cmsod opened (in built-in mode, the ticket system itself) and the
+    # outbox of ticket operations, written in the transaction of the change that causes them.
+    """
+    CREATE TABLE change_tickets (
+        change_id TEXT PRIMARY KEY,
+        schedule INTEGER NOT NULL REFERENCES schedules(id),
+        group_id TEXT NOT NULL,
+        vnfs TEXT NOT NULL,
+        planned_start_ms INTEGER NOT NULL,
+        planned_end_ms INTEGER NOT NULL,
+        approval_status TEXT NOT NULL,
+        status TEXT NOT NULL,
+        closure_code TEXT,
+        actual_start_ms INTEGER,
+        actual_end_ms INTEGER,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX change_tickets_schedule ON change_tickets(schedule);
+    ALTER TABLE elements ADD COLUMN hold_ms INTEGER;  -- its ticket could not be checked: retry then
+    CREATE INDEX elements_ticket ON elements(tm_change_id) WHERE tm_change_id IS NOT NULL;
+    CREATE TABLE ticket_ops (
+        id INTEGER PRIMARY KEY,
+        change_id TEXT NOT NULL,  -- no foreign key: a ticket TM opened for a request that
+        --  then failed to be stored has no record here, yet must be cancelled
+        op TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_ms INTEGER NOT NULL,
+        due_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        sent_ms INTEGER
+    );
+    CREATE INDEX ticket_ops_unsent ON ticket_ops(change_id, id) WHERE sent_ms IS NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

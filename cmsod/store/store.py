@@ -14,13 +14,16 @@ needs (reference/reliability.md A2, B2).
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cmsod import cmevents, lifecycle, log
+import msgspec
+
+from cmsod import cmevents, lifecycle, log, ticketing
 from cmsod.clock import WallClock
 from cmsod.cmevents import MAX_EDITS_PER_EVENT
 from cmsod.executor import Executor, ThreadExecutor
@@ -100,7 +103,9 @@ class Tx:
         self._edits: dict[int, list[tuple[str, str, dict]]] = {}
         self._schedule_ids: dict[int, str] = {}
         self._check_verdict: set[int] = set()
+        self._check_tickets: list[int] = []  # elements dispatched or ended: their tickets move
         self.verdicts: list[tuple[str, S]] = []  # schedules this transaction closed
+        self.ticket_ops = 0  # ticket operations this transaction queued
 
     def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -142,9 +147,70 @@ class Tx:
         self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
         if new in ELEMENT_FINAL:
             self._check_verdict.add(schedule)
+        if new in ELEMENT_FINAL or new is E.TRIGGERED:
+            self._check_tickets.append(element)
+
+    def queue_ticket_op(self, change_id: str, op: ticketing.Op, body: dict[str, Any]) -> None:
+        self.execute(
+            "INSERT INTO ticket_ops (change_id, op, body, created_ms, due_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (change_id, op.value, msgspec.json.encode(body), self.now_ms, self.now_ms),
+        )
+        self.ticket_ops += 1
+
+    def _move_tickets(self) -> None:
+        """The ticket operations this transaction's element changes cause, in its commit:
+        WorkInProgress when a ticket's first element is dispatched; close (or cancel) once
+        all of its elements are done."""
+        if not self._check_tickets:
+            return
+        tickets = self.execute(
+            "SELECT t.change_id, s.user_id,"
+            " EXISTS (SELECT 1 FROM ticket_ops o WHERE o.change_id = t.change_id AND o.op = ?)"
+            " FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
+            " WHERE t.closure_code IS NULL AND t.change_id IN (SELECT tm_change_id FROM elements"
+            " WHERE id IN (SELECT value FROM json_each(?)))",
+            (ticketing.Op.UPDATE.value, json.dumps(self._check_tickets)),
+        ).fetchall()
+        for change_id, user_id, updating in tickets:
+            elements = self.execute(
+                "SELECT status, dispatch_ms, completed_ms FROM elements WHERE tm_change_id = ?",
+                (change_id,),
+            ).fetchall()
+            statuses = [E(status) for status, _, _ in elements]
+            how = ticketing.closure(statuses)
+            if how is None:
+                if E.TRIGGERED in statuses and not updating:
+                    self.queue_ticket_op(
+                        change_id, ticketing.Op.UPDATE, ticketing.update_body(change_id, user_id)
+                    )
+                continue
+            body = ticketing.close_body(
+                change_id,
+                user_id,
+                how,
+                min((d for _, d, _ in elements if d is not None), default=None),
+                max((c for _, _, c in elements if c is not None), default=None),
+                self.now_ms,
+            )
+            op = ticketing.Op.CANCEL if how is ticketing.Closure.CANCELLED else ticketing.Op.CLOSE
+            self.queue_ticket_op(change_id, op, body)
+            self.execute(
+                "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
+                " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
+                (
+                    how.value,
+                    body.get("actualStartDate", 0) * 1000 or None,
+                    body.get("actualEndDate", 0) * 1000 or None,
+                    self.now_ms,
+                    change_id,
+                ),
+            )
 
     def finish(self) -> None:
-        """Close executing schedules whose last element just ended, then write the events."""
+        """Close executing schedules whose last element just ended, queue the ticket
+        operations the changes cause, then write the events."""
+        self._move_tickets()
         for schedule in sorted(self._check_verdict):
             status, schedule_id = self.execute(
                 "SELECT status, schedule_id FROM schedules WHERE id = ?", (schedule,)
@@ -201,6 +267,7 @@ class Store:
         source: str = "urn:onap:cmsod",
         route_by: str = "",
         on_commit: Callable[[], None] | None = None,
+        on_ticket_ops: Callable[[], None] | None = None,
     ) -> None:
         self.path = str(path)
         self.executor = executor or ThreadExecutor()
@@ -209,6 +276,7 @@ class Store:
         self.source = source
         self.route_by = route_by
         self.on_commit = on_commit  # rings the event emitter: every commit may carry events
+        self.on_ticket_ops = on_ticket_ops  # rings the tickets actor when a commit queued some
         self.conn: sqlite3.Connection | None = None
         self.migrations_applied: list[int] = []
 
@@ -258,6 +326,8 @@ class Store:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         if self.on_commit is not None:
             self.on_commit()
+        if tx.ticket_ops and self.on_ticket_ops is not None:
+            self.on_ticket_ops()
         return result
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

@@ -6,6 +6,7 @@ parameters (CMSO concatenated them into the SQL: bug 3).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Any
 
@@ -324,3 +325,90 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
             "SELECT count(*) FROM events WHERE refused IS NOT NULL"
         ).fetchone()[0],
     }
+
+
+# -- change tickets -----------------------------------------------------------------------------
+
+_TICKET_COLUMNS = (
+    "t.change_id, s.schedule_id, t.group_id, t.vnfs, t.approval_status, t.status,"
+    " t.closure_code, t.planned_start_ms, t.planned_end_ms, t.actual_start_ms, t.actual_end_ms,"
+    " t.created_ms, t.updated_ms,"
+    " (SELECT count(*) FROM ticket_ops o WHERE o.change_id = t.change_id AND o.sent_ms IS NULL)"
+)
+
+
+def _ticket_view(row: tuple) -> dict[str, Any]:
+    (change_id, schedule_id, group_id, vnfs, approval, status, closure, *times, pending) = row
+    planned_start, planned_end, actual_start, actual_end, created, updated = times
+    return _clean(
+        {
+            "changeId": change_id,
+            "scheduleId": schedule_id,
+            "groupId": group_id,
+            "vnfs": json.loads(vnfs),
+            "approvalStatus": approval,
+            "status": status,
+            "closureCode": closure,
+            "plannedStartDate": format_time(planned_start),
+            "plannedEndDate": format_time(planned_end),
+            "actualStartDate": format_time(actual_start),
+            "actualEndDate": format_time(actual_end),
+            "createDateTime": format_time(created),
+            "updateDateTime": format_time(updated),
+            "pendingOperations": pending,
+        }
+    )
+
+
+def list_tickets(
+    conn: sqlite3.Connection, schedule_id: str | None, limit: int, after: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Change tickets ordered by changeId, `limit` at a time, of one schedule or all."""
+    where, params = ["t.change_id > ?"], [after or ""]
+    if schedule_id is not None:
+        where.append("s.schedule_id = ?")
+        params.append(schedule_id)
+    rows = conn.execute(
+        f"SELECT {_TICKET_COLUMNS} FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
+        f" WHERE {' AND '.join(where)} ORDER BY t.change_id LIMIT ?",
+        [*params, limit + 1],
+    ).fetchall()
+    page = [_ticket_view(r) for r in rows[:limit]]
+    return page, (page[-1]["changeId"] if len(rows) > limit else None)
+
+
+def get_ticket(conn: sqlite3.Connection, change_id: str) -> dict[str, Any] | None:
+    """One ticket with its elements and every operation sent or waiting to be sent to TM."""
+    row = conn.execute(
+        f"SELECT {_TICKET_COLUMNS} FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
+        " WHERE t.change_id = ?",
+        (change_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    ticket = _ticket_view(row)
+    ticket["elements"] = [
+        {"vnfName": name, "status": status}
+        for name, status in conn.execute(
+            "SELECT name, status FROM elements WHERE tm_change_id = ? ORDER BY id", (change_id,)
+        )
+    ]
+    ticket["operations"] = [
+        _clean(
+            {
+                "operation": op,
+                "body": json.loads(body),
+                "createDateTime": format_time(created),
+                "sentDateTime": format_time(sent),
+                "attempts": attempts,
+                "nextAttemptDateTime": format_time(due) if sent is None else None,
+                "lastError": error,
+            }
+        )
+        for op, body, created, sent, attempts, due, error in conn.execute(
+            "SELECT op, body, created_ms, sent_ms, attempts, due_ms, last_error FROM ticket_ops"
+            " WHERE change_id = ? ORDER BY id",
+            (change_id,),
+        )
+    ]
+    return ticket

@@ -70,6 +70,12 @@ class AvailabilityListParameters(msgspec.Struct, forbid_unknown_fields=True):
     element: Name | None = None
 
 
+class TicketsListParameters(msgspec.Struct, forbid_unknown_fields=True):
+    scheduleId: Name | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    after: Name | None = None
+
+
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name
     approval: Approval
