@@ -10,7 +10,8 @@ CmsodError
 ├── TransitionError       a state change the state machine does not allow (a bug if seen)
 └── PeerError             a peer (SO, ticket system, event sink) failed or answered badly
     ├── NotDelivered      the request never reached the peer: safe to send again
-    └── Unconfirmed       sent, but no answer came: the peer may have acted on it
+    ├── Unconfirmed       sent, but no answer came: the peer may have acted on it
+    └── Unavailable       the peer answered that it cannot serve now (HTTP 5xx)
 """
 
 from __future__ import annotations
@@ -115,4 +116,8 @@ class NotDelivered(PeerError):
 
 
 class Unconfirmed(PeerError):
+    pass
+
+
+class Unavailable(PeerError):
     pass

@@ -232,3 +232,74 @@ class FakeSO(FakeHTTP):
                 "entity": {"requestReferences": {"requestId": request_id, "instanceId": "i"}},
             },
         )
+
+
+class FakeTM(FakeHTTP):
+    """The ticket system (CMSO's TM contract): POST /tm/create|get|update|close and
+    /ticketmgt/v1/activetickets. It keeps each ticket's state and records every call.
+
+    `refuse` holds VNFs whose ticket's approvalStatus is `Rejected`; `faults[n]` replaces the n-th
+    call (1-based); while `down` every call is answered 503; `closed_already` makes a close
+    answer CMSO's 400 SVC40006 "is in Closed status"; `active` is what active tickets returns.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(self.handle)
+        self.tickets: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []  # (call, body) of each call TM took
+        self.refuse: set[str] = set()
+        self.faults: dict[int, Reply | Drop | Reset] = {}
+        self.down = False
+        self.closed_already = False
+        self.active: list[dict[str, Any]] = []
+        self.count = 0
+
+    def handle(self, request: Request) -> Reply | Drop | Reset:
+        self.count += 1
+        if self.down:
+            return Reply(503, b"TM is down")
+        fault = self.faults.get(self.count)
+        if fault is not None:
+            return fault
+        call = request.path.rsplit("/", 1)[-1]
+        body = request.json()
+        if call == "activetickets":
+            self.calls.append((call, body))
+            return Reply(
+                200,
+                {"requestId": body["requestId"], "status": "COMPLETED", "elements": self.active},
+            )
+        if call == "create":
+            change_id = f"CHG{len(self.tickets) + 1:04d}"
+            self.tickets[change_id] = {"status": "Scheduled", **body}
+            if body["VNF"] in self.refuse:
+                self.refuse.add(change_id)
+            self.calls.append((call, {"changeId": change_id, **body}))
+            return Reply(200, {"changeId": change_id})
+        ticket = self.tickets.get(body.get("changeId", ""))
+        if ticket is None:
+            return Reply(404, {"serviceException": [{"messageId": "SVC4003", "text": "no such"}]})
+        if call == "get":
+            self.calls.append((call, body))
+            approval = "Rejected" if body["changeId"] in self.refuse else "Approved"
+            return Reply(
+                200,
+                {
+                    "changeId": body["changeId"],
+                    "approvalStatus": approval,
+                    "status": ticket["status"],
+                },
+            )
+        if call == "close" and (self.closed_already or ticket["status"] == "Closed"):
+            self.calls.append(("already-closed", body))
+            text = f"Change {body['changeId']} is in Closed status"
+            return Reply(400, {"serviceException": [{"messageId": "SVC40006", "text": text}]})
+        if call in ("update", "close"):
+            ticket["status"] = body["status"]
+            self.calls.append(("cancel" if body.get("closureCode") == "Cancelled" else call, body))
+            return Reply(200, b"Change was updated successfully.")
+        return Reply(405, b"")
+
+    def of(self, change_id: str) -> list[str]:
+        """The calls TM answered for one ticket, in order."""
+        return [c for c, b in self.calls if b.get("changeId") == change_id]

@@ -20,7 +20,7 @@ import trio
 
 from cmsod import lifecycle, log, ticketing
 from cmsod.actors.context import ActorFigures, Context, Opened, TicketDesk
-from cmsod.errors import NotDelivered, PeerError, Unconfirmed
+from cmsod.errors import NotDelivered, PeerError, Unavailable, Unconfirmed
 from cmsod.optimize.problem import Busy, Problem, blocking, requirements
 from cmsod.store import ops
 from cmsod.ticketing import NewTicket
@@ -100,14 +100,16 @@ async def open_tickets(
             nursery.start_soon(one, index, ticket)
     done = [(opened[i], tickets[i]) for i in sorted(opened)]
     _peer(ctx, failures[0] if failures else None)
-    answer: Opened | PeerError = failures[0] if failures else done
+    handed_over = False
     async with reply:
         try:
-            reply.send_nowait(answer)
-            answer = []  # handed over: the approval records them
+            reply.send_nowait(failures[0] if failures else done)
+            handed_over = not failures  # the approval records them
         except (trio.BrokenResourceError, trio.WouldBlock):
             pass  # the approver gave up waiting
-    if done and answer:  # refused or abandoned: TM must not keep tickets nobody will work
+    if handed_over:
+        log.info("tickets.opened", schedule_id=schedule_id, tickets=len(done))
+    elif done:  # refused or abandoned: TM must not keep tickets nobody will work
         await ctx.store.tx(ops.abandon_tickets, done, user_id)
         log.warning(
             "tickets.abandoned",
@@ -115,8 +117,6 @@ async def open_tickets(
             tickets=len(done),
             reason=str(failures[0]) if failures else "the approval gave up waiting",
         )
-    elif done:
-        log.info("tickets.opened", schedule_id=schedule_id, tickets=len(done))
 
 
 # -- checking before dispatch -----------------------------------------------------------------
@@ -138,7 +138,7 @@ async def gate_for(ctx: Context, change_ids: set[str]) -> ops.TicketGate:
             try:
                 state = await with_retries(ctx, lambda: ctx.tm.get(change_id))
                 remote[change_id] = ticketing.state_text(*state)
-            except (NotDelivered, Unconfirmed) as exc:
+            except (NotDelivered, Unconfirmed, Unavailable) as exc:
                 unreachable[change_id] = str(exc)
             except PeerError as exc:
                 unknown[change_id] = str(exc)
@@ -237,7 +237,10 @@ async def send_ops(
                 )
                 return
             sent.append(op)
-            log.debug("ticket.sent", change_id=op.change_id, op=op.op.value)
+            if op.op is ticketing.Op.UPDATE:  # per element dispatch: chatter
+                log.debug("ticket.updated", change_id=op.change_id)
+            else:
+                log.info("ticket.closed", change_id=op.change_id, op=op.op.value)
 
     async with trio.open_nursery() as nursery:
         for op in due:

@@ -21,7 +21,7 @@ import httpx
 import msgspec
 
 from cmsod.config import TicketsConfig
-from cmsod.errors import NotDelivered, PeerError, Unconfirmed
+from cmsod.errors import NotDelivered, PeerError, Unavailable, Unconfirmed
 from cmsod.peers import excerpt
 from cmsod.ticketing import APPROVED, OPEN, Op
 from cmsod.wire.cmso import TicketData
@@ -111,6 +111,10 @@ class HttpTM:
 
     async def get(self, change_id: str) -> tuple[str | None, str | None]:
         response = await self._post(self.cfg.get_path, msgspec.json.encode({"changeId": change_id}))
+        if response.status_code >= 500:
+            raise Unavailable(
+                f"TM answered HTTP {response.status_code}: {excerpt(response.content)}"
+            )
         if response.status_code != 200:
             raise PeerError(f"TM answered HTTP {response.status_code}: {excerpt(response.content)}")
         try:
