@@ -131,7 +131,7 @@ async def test_a_slow_answer_past_the_read_timeout_is_unconfirmed(
     items = await run_immediate(await daemon_for(nursery, tmp_path, so), ["node1"])
     assert items["node1"]["status"] == E.SCHEDULING_FAILED
     assert "may have started the work flow" in items["node1"]["statusMessage"]
-    assert "ReadTimeout" in items["node1"]["statusMessage"]
+    assert "no answer within 5 s" in items["node1"]["statusMessage"]
 
 
 async def test_executed_but_the_reply_dropped(autojump_clock, nursery, tmp_path) -> None:

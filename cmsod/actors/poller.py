@@ -39,7 +39,10 @@ async def run(
     while True:
         figures = ctx.beat("poller")
         cfg = ctx.config.poller
-        limiter = trio.CapacityLimiter(cfg.max_concurrent)
+        # Polls go out in batches down one connection each (so.pipeline_depth); at most
+        # max_concurrent polls are in flight.
+        batch_size = max(1, min(ctx.config.so.pipeline_depth, cfg.max_concurrent))
+        limiter = trio.CapacityLimiter(max(1, cfg.max_concurrent // batch_size))
         if refresh:  # a dispatch was recorded (or first turn): learn the new ones
             now = trio.current_time()
             current = {e: (n, r, d) for e, n, r, d in await ctx.store.read(ops.in_flight)}
@@ -50,16 +53,19 @@ async def run(
                 if element not in watches:
                     watches[element] = Watch(name, request_id, dispatched)
                     heapq.heappush(due, (now + _jittered(cfg.interval_s, cfg.jitter), element))
-        now = trio.current_time()
+        # Everything due within half the jitter band is polled now, together: one round of
+        # full batches instead of a wake-up (and a near-empty batch) per element.
+        until = trio.current_time() + cfg.interval_s * max(cfg.jitter, 0.02) / 2
         ready = []
-        while due and due[0][0] <= now:
+        while due and due[0][0] <= until:
             _, element = heapq.heappop(due)
             if element in watches:
                 ready.append(element)
         if ready:
             async with trio.open_nursery() as polls:
-                for element in ready:
-                    polls.start_soon(poll_one, ctx, limiter, figures, element, watches, due)
+                for i in range(0, len(ready), batch_size):
+                    batch = ready[i : i + batch_size]
+                    polls.start_soon(poll_batch, ctx, limiter, figures, batch, watches, due)
         wait_s = (due[0][0] - trio.current_time()) if due else 3600.0
         refresh = await ctx.bells.poller.wait(wait_s)
 
@@ -68,29 +74,41 @@ def _jittered(interval: float, jitter: float) -> float:
     return interval * (1 + random.uniform(-jitter, jitter))
 
 
-async def poll_one(
+async def poll_batch(
     ctx: Context,
     limiter: trio.CapacityLimiter,
     figures: ActorFigures,
-    element: int,
+    elements: list[int],
     watches: dict[int, Watch],
     due: list[tuple[float, int]],
 ) -> None:
-    watch = watches[element]
-    cfg = ctx.config.poller
     async with limiter:
-        try:
-            answer = await ctx.so.status(watch.request_id)
-        except PeerError as exc:  # connection trouble: counted and shown, state unchanged
+        answers = await ctx.so.statuses([watches[e].request_id for e in elements])
+    for element, answer in zip(elements, answers, strict=True):
+        if isinstance(answer, PeerError):  # connection trouble: counted and shown, unchanged
             figures.errors += 1
-            figures.last_error = str(exc)
+            figures.last_error = str(answer)
             figures.peer_failing = True
-            outcome = PollOutcome("ConnectionException", str(exc)[:500], connection_error=True)
+            outcome = PollOutcome("ConnectionException", str(answer)[:500], connection_error=True)
         else:
             figures.peer_failing = False
             outcome = lifecycle.poll_outcome(
                 answer.http_status, answer.request_state, answer.message, answer.finish_time
             )
+        await settle(ctx, figures, element, watches, due, outcome)
+
+
+async def settle(
+    ctx: Context,
+    figures: ActorFigures,
+    element: int,
+    watches: dict[int, Watch],
+    due: list[tuple[float, int]],
+    outcome: PollOutcome,
+) -> None:
+    """Record what changed (or an execution timeout), then when to ask again."""
+    watch = watches[element]
+    cfg = ctx.config.poller
     timeout_ms = int(cfg.execution_timeout_s * 1000)
     if (
         outcome.status is None

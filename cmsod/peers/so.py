@@ -8,20 +8,22 @@ restarted daemon polling an id it handed out before the crash gets the right ans
 
 from __future__ import annotations
 
+import base64
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
-import httpx
 import msgspec
 
 from cmsod.clock import WallClock
 from cmsod.config import SoConfig
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
 from cmsod.peers import excerpt
+from cmsod.peers.http1 import Broken, ConnectFailed, Http1Client, Response
 from cmsod.wire.so import Accepted, CmResponses, StatusResponse
 
 
@@ -41,6 +43,10 @@ class Orchestrator(Protocol):
         ...
 
     async def status(self, request_id: str) -> SoStatus: ...
+
+    async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
+        """Poll many at once; each answer, or the PeerError that kept it from coming."""
+        ...
 
 
 @dataclass
@@ -63,83 +69,98 @@ class LoopbackSO:
             return SoStatus(200, "IN_PROGRESS", "loop-back work flow running")
         return SoStatus(200, "COMPLETE", "Done.", formatdate(finish_ms / 1000, usegmt=True))
 
+    async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
+        return [await self.status(r) for r in request_ids]
+
 
 @dataclass
 class HttpSO:
     """The CMSO SO contract over HTTP: `POST {url}{dispatch_path}` with the element's stored
-    request, `GET {url}{status_path}` to poll. One long-lived client (keep-alive, timeouts)."""
+    request, `GET {url}{status_path}` to poll, many polls down one connection at a time
+    (`peers/http1.py`). Keep-alive connections with connect and read timeouts."""
 
-    url: str
     dispatch_path: str
     status_path: str
-    client: httpx.AsyncClient
+    client: Http1Client
+    where: str
 
     @classmethod
     def from_config(cls, cfg: SoConfig, max_connections: int) -> HttpSO:
-        auth = None
+        headers = {"X-FromAppId": "cmso", "Accept": "application/json"}
         if cfg.credentials_file:
-            user, _, password = Path(cfg.credentials_file).read_text().strip().partition(":")
-            auth = httpx.BasicAuth(user, password)
-        client = httpx.AsyncClient(
-            auth=auth,
-            timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            headers={"X-FromAppId": "cmso", "Accept": "application/json"},
+            secret = Path(cfg.credentials_file).read_text().strip().encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
+        client = Http1Client(
+            cfg.url, headers, cfg.connect_timeout_s, cfg.read_timeout_s, max_connections
         )
-        return cls(cfg.url.rstrip("/"), cfg.dispatch_path, cfg.status_path, client)
+        return cls(cfg.dispatch_path, cfg.status_path, client, cfg.url.rstrip("/"))
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     async def dispatch(self, vnf_name: str, request: bytes, key: str) -> str:
         path = self.dispatch_path.replace("{vnfName}", quote(vnf_name, safe=""))
-        response = await self._send(
-            "POST",
-            path,
-            content=request,
-            headers={"X-TransactionId": key, "Content-Type": "application/json"},
-        )
-        body = response.content
+        headers = {"X-TransactionId": key, "Content-Type": "application/json"}
         try:
-            if response.status_code == 201:
+            response = await self.client.request("POST", path, headers, request)
+        except ConnectFailed as exc:
+            raise NotDelivered(f"cannot reach the orchestrator at {self.where}: {exc}") from None
+        except Broken as exc:  # sent (or partly): the orchestrator may have acted on it
+            raise Unconfirmed(f"no answer from the orchestrator at {self.where}: {exc}") from None
+        body = response.body
+        try:
+            if response.status == 201:
                 answers = msgspec.json.decode(body, type=CmResponses).cmResponses
                 for answer in answers:
                     if answer.vnfName == vnf_name and answer.orchestratorRequestId:
                         return answer.orchestratorRequestId
                 raise PeerError(f"Response did not contain vnfName={vnf_name}: {excerpt(body)}")
-            if response.status_code == 200:
+            if response.status == 200:
                 accepted = msgspec.json.decode(body, type=Accepted)
                 if str(accepted.status) == "202":
                     return accepted.entity.requestReferences.requestId
         except msgspec.DecodeError:
             pass
-        raise PeerError(f"HTTP {response.status_code}: {excerpt(body)}")
+        raise PeerError(f"HTTP {response.status}: {excerpt(body)}")
 
     async def status(self, request_id: str) -> SoStatus:
-        path = self.status_path.replace("{requestId}", quote(request_id, safe=""))
-        try:
-            response = await self._send("GET", path)
-        except NotDelivered as exc:
-            raise PeerError(str(exc)) from exc
-        except Unconfirmed as exc:  # a lost answer to a GET changes nothing: try again later
-            raise PeerError(str(exc)) from exc
-        if response.status_code != 200:
-            return SoStatus(response.status_code, None, excerpt(response.content))
-        try:
-            answer = msgspec.json.decode(response.content, type=StatusResponse)
-        except msgspec.DecodeError:
-            return SoStatus(200, None, f"Bad Response: {excerpt(response.content)}")
-        status = answer.request.requestStatus if answer.request else None
-        if status is None:
-            return SoStatus(200, None, "Bad Response: no request.requestStatus")
-        return SoStatus(200, status.requestState, status.statusMessage, status.finishTime)
+        (answer,) = await self.statuses([request_id])
+        if isinstance(answer, PeerError):
+            raise answer
+        return answer
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
+        """Poll these work flows down one connection; a connection failure is a PeerError for
+        each one it left without an answer (a lost answer to a GET changes nothing)."""
+        requests = [
+            self.client.encode(
+                "GET", self.status_path.replace("{requestId}", quote(request_id, safe=""))
+            )
+            for request_id in request_ids
+        ]
         try:
-            return await self.client.request(method, self.url + path, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise NotDelivered(f"cannot reach the orchestrator at {self.url}: {exc!r}") from exc
-        except httpx.HTTPError as exc:  # sent (or partly): the orchestrator may have acted on it
-            raise Unconfirmed(f"no answer from the orchestrator at {self.url}: {exc!r}") from exc
+            answers: list[Response] = await self.client.exchange(requests)
+            failure = None
+        except ConnectFailed as exc:
+            answers, failure = [], f"cannot reach the orchestrator at {self.where}: {exc}"
+        except Broken as exc:
+            answers, failure = exc.got, f"no answer from the orchestrator at {self.where}: {exc}"
+        results: list[SoStatus | PeerError] = [_status(a) for a in answers]
+        results += [PeerError(failure or "")] * (len(request_ids) - len(answers))
+        return results
+
+
+_status_decoder = msgspec.json.Decoder(StatusResponse)
+
+
+def _status(response: Response) -> SoStatus:
+    if response.status != 200:
+        return SoStatus(response.status, None, excerpt(response.body))
+    try:
+        answer = _status_decoder.decode(response.body)
+    except msgspec.DecodeError:
+        return SoStatus(200, None, f"Bad Response: {excerpt(response.body)}")
+    status = answer.request.requestStatus if answer.request else None
+    if status is None:
+        return SoStatus(200, None, "Bad Response: no request.requestStatus")
+    return SoStatus(200, status.requestState, status.statusMessage, status.finishTime)
