@@ -68,6 +68,7 @@ class FakeHTTP:
         self.requests: list[Request] = []
         self.port = 0
         self.reset_next = 0  # reset this many coming connections at once
+        self.close_after_reply = False  # a server whose keep-alive ends after each answer
         self._lock = threading.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -117,6 +118,9 @@ class FakeHTTP:
                 if reply.delay_s:
                     await trio.sleep(reply.delay_s)
                 await stream.send_all(reply.encode())
+                if self.close_after_reply:
+                    await stream.aclose()
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
