@@ -99,11 +99,11 @@ async def open_tickets(
 async def store_with_tickets(
     ctx: Context, schedule_id: str, user_id: str, opened: ops.Opened, fn: Any, *args: Any
 ) -> Any:
-    """Store the change that the opened tickets are for; if it no longer applies (the
-    schedule changed meanwhile), cancel them."""
+    """Store the change that the opened tickets are for; if it cannot be stored (the
+    schedule changed meanwhile, the store failed), cancel them."""
     try:
         return await ctx.store.tx(fn, *args, opened)
-    except RequestError:
+    except Exception:
         if opened:
             await ctx.store.tx(ops.abandon_tickets, opened, user_id)
         raise

@@ -185,26 +185,15 @@ class Tx:
                         change_id, ticketing.Op.UPDATE, ticketing.update_body(change_id, user_id)
                     )
                 continue
-            body = ticketing.close_body(
-                change_id,
-                user_id,
-                how,
-                min((d for _, d, _ in elements if d is not None), default=None),
-                max((c for _, _, c in elements if c is not None), default=None),
-                self.now_ms,
-            )
+            first_ms = min((d for _, d, _ in elements if d is not None), default=None)
+            last_ms = max((c for _, _, c in elements if c is not None), default=None)
+            body = ticketing.close_body(change_id, user_id, how, first_ms, last_ms, self.now_ms)
             op = ticketing.Op.CANCEL if how is ticketing.Closure.CANCELLED else ticketing.Op.CLOSE
             self.queue_ticket_op(change_id, op, body)
             self.execute(
                 "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
                 " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
-                (
-                    how.value,
-                    body.get("actualStartDate", 0) * 1000 or None,
-                    body.get("actualEndDate", 0) * 1000 or None,
-                    self.now_ms,
-                    change_id,
-                ),
+                (how.value, first_ms, last_ms, self.now_ms, change_id),
             )
 
     def finish(self) -> None:
