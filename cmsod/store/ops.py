@@ -550,43 +550,24 @@ def begin_dispatch(
             f"UNABLE_TO_LOCATE_CHANGE_RECORD: change ticket {change_id}: the ticket system "
             f"did not answer within the misfire grace: {silence}"
         )
+    ended: tuple[E, str] | None = None  # not dispatched after all: how it ends, and why
     if refused is not None:
-        tx.element_to(
-            element,
-            schedule,
-            schedule_id,
-            name,
-            E(status),
+        ended = E.SCHEDULING_FAILED, refused
+    elif status == E.SCHEDULED_IMMEDIATE and not dispatch_immediate:
+        ended = (
             E.SCHEDULING_FAILED,
-            status_message=refused,
+            "immediate dispatch is disabled (dispatcher.dispatch_immediate = false)",
         )
-        return None
-    if status == E.SCHEDULED_IMMEDIATE and not dispatch_immediate:
-        tx.element_to(
-            element,
-            schedule,
-            schedule_id,
-            name,
-            E(status),
-            E.SCHEDULING_FAILED,
-            status_message="immediate dispatch is disabled (dispatcher.dispatch_immediate = false)",
-        )
-        return None
-    if start_ms is not None and tx.now_ms > start_ms + misfire_grace_ms:
-        late_s = (tx.now_ms - start_ms) / 1000
-        tx.element_to(
-            element,
-            schedule,
-            schedule_id,
-            name,
-            E(status),
+    elif start_ms is not None and tx.now_ms > start_ms + misfire_grace_ms:
+        ended = (
             E.PAST_DUE,
-            status_message=(
-                f"not dispatched: {late_s:.0f} s after its start time "
-                f"{lifecycle.format_time(start_ms)}, beyond the misfire grace of "
-                f"{misfire_grace_ms / 1000:.0f} s"
-            ),
+            f"not dispatched: {(tx.now_ms - start_ms) / 1000:.0f} s after its start time "
+            f"{lifecycle.format_time(start_ms)}, beyond the misfire grace of "
+            f"{misfire_grace_ms / 1000:.0f} s",
         )
+    if ended is not None:
+        new, why = ended
+        tx.element_to(element, schedule, schedule_id, name, E(status), new, status_message=why)
         return None
     key = key or str(uuid.uuid4())
     tx.execute(
