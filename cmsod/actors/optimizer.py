@@ -11,9 +11,9 @@ import trio
 
 from cmsod import log
 from cmsod.actors import tickets
-from cmsod.actors.context import Context
+from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import PeerError
-from cmsod.optimize.problem import Plan
+from cmsod.optimize.problem import Plan, Problem
 from cmsod.peers.tm import TicketsFailed
 from cmsod.store import ops
 
@@ -28,23 +28,10 @@ async def run(
         figures = ctx.beat("optimizer")
         problems = await ctx.store.tx(ops.claim_for_optimization, BATCH, ctx.planning.inventory)
         for problem in problems:
-            if ctx.config.tickets.mode == "http":
-                try:  # TM's active tickets block elements too (the ticket book already does)
-                    found = await tickets.unavailability(ctx, problem)
-                except TicketsFailed as exc:
-                    names = [n for g in problem.groups for n in g.elements]
-                    why = ("TICKETS_FAILED", str(exc))
-                    plan = Plan({}, dict.fromkeys(names, why), problem.duration_ms, str(exc))
-                    await ctx.store.tx(ops.record_plan, problem.key, plan, False)
-                    continue
-                except PeerError as exc:
-                    figures.errors += 1
-                    figures.last_error = str(exc)
-                    log.warning(
-                        "schedule.plan_waits", schedule_id=problem.schedule_id, reason=str(exc)
-                    )
-                    continue  # still Optimization In Progress: planned again at the next sweep
-                problem.busy = ops.merge_busy(problem.busy, found)
+            if ctx.config.tickets.mode == "http" and not await add_tm_tickets(
+                ctx, figures, problem
+            ):
+                continue
             plan = await ctx.compute(functools.partial(ctx.planning.plan, problem))
             status = await ctx.store.tx(
                 ops.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial
@@ -62,3 +49,24 @@ async def run(
                 )
         if len(problems) < BATCH:
             await ctx.bells.optimizer.wait(ctx.config.optimizer.interval_s)
+
+
+async def add_tm_tickets(ctx: Context, figures: ActorFigures, problem: Problem) -> bool:
+    """http mode: TM's active tickets block elements too (the ticket book already does).
+    False when the problem cannot be planned now: TM said FAILED (recorded as the plan), or
+    did not answer (it stays `Optimization In Progress`, planned again at the next sweep)."""
+    try:
+        found = await tickets.unavailability(ctx, problem)
+    except TicketsFailed as exc:
+        names = [n for g in problem.groups for n in g.elements]
+        why = ("TICKETS_FAILED", str(exc))
+        plan = Plan({}, dict.fromkeys(names, why), problem.duration_ms, str(exc))
+        await ctx.store.tx(ops.record_plan, problem.key, plan, False)
+        return False
+    except PeerError as exc:
+        figures.errors += 1
+        figures.last_error = str(exc)
+        log.warning("schedule.plan_waits", schedule_id=problem.schedule_id, reason=str(exc))
+        return False
+    problem.busy = ops.merge_busy(problem.busy, found)
+    return True

@@ -42,8 +42,6 @@ class Orchestrator(Protocol):
         """Start the work flow; return SO's request id, or raise PeerError saying why not."""
         ...
 
-    async def status(self, request_id: str) -> SoStatus: ...
-
     async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
         """Poll many at once; each answer, or the PeerError that kept it from coming."""
         ...
@@ -122,12 +120,6 @@ class HttpSO:
         except msgspec.DecodeError:
             pass
         raise PeerError(f"HTTP {response.status}: {excerpt(body)}")
-
-    async def status(self, request_id: str) -> SoStatus:
-        (answer,) = await self.statuses([request_id])
-        if isinstance(answer, PeerError):
-            raise answer
-        return answer
 
     async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
         """Poll these work flows down one connection; a connection failure is a PeerError for

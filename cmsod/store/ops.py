@@ -625,28 +625,15 @@ def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | N
         if row is None or E(row[3]) not in ELEMENT_DISPATCHABLE:
             continue
         schedule, schedule_id, name, status = row
-        if request_id is not None:
-            tx.element_to(
-                element,
-                schedule,
-                schedule_id,
-                name,
-                E(status),
+        new, columns = (
+            (
                 E.TRIGGERED,
-                dispatch_ms=tx.now_ms,
-                so_request_id=request_id,
-                so_status="Accepted",
+                {"dispatch_ms": tx.now_ms, "so_request_id": request_id, "so_status": "Accepted"},
             )
-        else:
-            tx.element_to(
-                element,
-                schedule,
-                schedule_id,
-                name,
-                E(status),
-                E.SCHEDULING_FAILED,
-                status_message=(failure or "dispatch failed")[:4000],
-            )
+            if request_id is not None
+            else (E.SCHEDULING_FAILED, {"status_message": (failure or "dispatch failed")[:4000]})
+        )
+        tx.element_to(element, schedule, schedule_id, name, E(status), new, **columns)
         recorded += 1
     return recorded
 
