@@ -41,6 +41,9 @@ ACTORS = [  # dependency order: what others wake comes up first
 ]
 
 
+PEER_KEYS = ("mode", "url", "credentials_file", "connect_timeout_s", "read_timeout_s")
+
+
 def planning_for(cfg: config.Config) -> Planning:
     """Policies, inventory and options from the configuration; raises ConfigError."""
     options = Options(cfg.optimizer.attribute or None, cfg.optimizer.attribute_limit or None)
@@ -103,6 +106,13 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
                 ("daemon.state_dir", old.state_dir, new.state_dir),
             ]
             if before != after
+        ]
+        # The peers' clients are built once, from these: a change would be read but not used.
+        fixed += [
+            f"{section}.{key}"
+            for section in ("so", "tickets")
+            for key in PEER_KEYS
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
         ]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")

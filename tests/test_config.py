@@ -159,3 +159,26 @@ def test_directories_from_systemd(monkeypatch, tmp_path: Path) -> None:
     assert cfg.store_path == tmp_path / "state" / "cmsod.sqlite3"
     assert cfg.socket_path == tmp_path / "run" / "control.sock"
     assert cfg.events_dir == tmp_path / "state" / "events"
+
+
+def test_reload_refuses_what_the_peers_were_built_from(tmp_path: Path) -> None:
+    """The orchestrator's and ticket system's clients are built at start: a reload that changes
+    how to reach them is refused (and says which keys), not half applied."""
+    from cmsod import daemon
+    from cmsod.clock import WallClock
+    from cmsod.executor import InlineExecutor
+
+    path = tmp_path / "cmsod.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    ctx = daemon.build_context(config.load(path), WallClock(), InlineExecutor())
+    reload = daemon.make_reload(ctx, path, None)
+    before = ctx.config
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[tickets]\nmode = "http"\nurl = "http://tm:8080"\n[poller]\ninterval_s = 2.0\n'
+    )
+    with pytest.raises(ConfigError, match="tickets.mode, tickets.url cannot change"):
+        reload()
+    assert ctx.config is before
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[poller]\ninterval_s = 2.0\n')
+    assert reload() == ["poller.interval_s"]
