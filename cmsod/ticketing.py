@@ -71,6 +71,9 @@ class NewTicket:
     body: dict[str, Any]  # CMSO's create keys, ready to send
 
 
+Opened = list[tuple[str, NewTicket]]  # (changeId, ticket) of tickets the ticket system opened
+
+
 @dataclass(frozen=True)
 class TicketGroup:
     group_id: str

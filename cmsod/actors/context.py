@@ -17,9 +17,7 @@ from cmsod.peers.sinks import EventSink
 from cmsod.peers.so import Orchestrator
 from cmsod.peers.tm import TicketSystem
 from cmsod.store import Store
-from cmsod.ticketing import NewTicket
-
-Opened = list[tuple[str, NewTicket]]  # (changeId, ticket)
+from cmsod.ticketing import NewTicket, Opened
 
 
 class Doorbell:

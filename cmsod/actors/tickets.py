@@ -19,11 +19,11 @@ from typing import TypeVar
 import trio
 
 from cmsod import lifecycle, log, ticketing
-from cmsod.actors.context import ActorFigures, Context, Opened, TicketDesk
+from cmsod.actors.context import ActorFigures, Context, TicketDesk
 from cmsod.errors import NotDelivered, PeerError, Unavailable, Unconfirmed
 from cmsod.optimize.problem import Busy, Problem, blocking, requirements
 from cmsod.store import ops
-from cmsod.ticketing import NewTicket
+from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import ChangeWindow, ElementInfo, NameValue
 from cmsod.wire.tm import ActiveTicketsRequest
 

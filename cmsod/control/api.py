@@ -35,7 +35,7 @@ from cmsod.errors import (
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
 from cmsod.store import ops, views
-from cmsod.ticketing import NewTicket
+from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire import control as w
 
 INTERFACES = [
@@ -83,7 +83,7 @@ class Method:
 
 async def open_tickets(
     ctx: Context, schedule_id: str, user_id: str, tickets: list[NewTicket]
-) -> ops.Opened:
+) -> Opened:
     """Ask the tickets actor to open them; CMSO's 417 when it cannot."""
     if ctx.ticket_desk is None:
         raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, "not started")
@@ -97,7 +97,7 @@ async def open_tickets(
 
 
 async def store_with_tickets(
-    ctx: Context, schedule_id: str, user_id: str, opened: ops.Opened, fn: Any, *args: Any
+    ctx: Context, schedule_id: str, user_id: str, opened: Opened, fn: Any, *args: Any
 ) -> Any:
     """Store the change that the opened tickets are for; if it cannot be stored (the
     schedule changed meanwhile, the store failed), cancel them."""

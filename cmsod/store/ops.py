@@ -25,13 +25,10 @@ from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup, blocking, requirements
 from cmsod.store.store import Tx
-from cmsod.ticketing import NewTicket, TicketGroup
+from cmsod.ticketing import NewTicket, Opened, TicketGroup
 from cmsod.wire.cmso import Approval
 
 # -- create ---------------------------------------------------------------------------------
-
-
-Opened = list[tuple[str, NewTicket]]  # (changeId, ticket) of tickets the ticket system opened
 
 
 def schedule_exists(conn: Any, schedule_id: str) -> None:
