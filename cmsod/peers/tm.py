@@ -13,7 +13,7 @@ that recorded it (tests/test_tickets.py shows both modes against the HTTP one).
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,12 +54,8 @@ class TicketSystem(Protocol):
     async def active_tickets(self, request: ActiveTicketsRequest) -> list[TicketData]: ...
 
 
-@dataclass
 class LocalTM:
-    created: list[dict[str, Any]] = field(default_factory=list)  # for tests
-
     async def create(self, body: dict[str, Any]) -> str:
-        self.created.append(body)
         return f"CHG{uuid.uuid4().hex[:12].upper()}"
 
     async def get(self, change_id: str) -> tuple[str | None, str | None]:
