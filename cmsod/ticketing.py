@@ -168,6 +168,42 @@ def close_body(
     return body
 
 
+@dataclass(frozen=True)
+class Move:
+    """What happens to a ticket after its elements changed: an operation to queue and, when it
+    closes, how (with the actual dates measured)."""
+
+    op: Op
+    body: dict[str, Any]
+    closure: Closure | None = None
+    first_dispatch_ms: int | None = None
+    last_completion_ms: int | None = None
+
+
+def move(
+    change_id: str,
+    user_id: str,
+    elements: Iterable[tuple[E, int | None, int | None]],
+    updating: bool,
+    now_ms: int,
+) -> Move | None:
+    """The ticket's next operation given its elements (status, dispatch time, completion time):
+    WorkInProgress when its first element is dispatched (`updating`: already queued); close or
+    cancel once all of them are done; None when nothing moves."""
+    rows = list(elements)
+    statuses = [status for status, _, _ in rows]
+    how = closure(statuses)
+    if how is None:
+        if E.TRIGGERED in statuses and not updating:
+            return Move(Op.UPDATE, update_body(change_id, user_id))
+        return None
+    first_ms = min((d for _, d, _ in rows if d is not None), default=None)
+    last_ms = max((c for _, _, c in rows if c is not None), default=None)
+    body = close_body(change_id, user_id, how, first_ms, last_ms, now_ms)
+    op = Op.CANCEL if how is Closure.CANCELLED else Op.CLOSE
+    return Move(op, body, how, first_ms, last_ms)
+
+
 def state_text(approval_status: str | None, status: str | None) -> str:
     return f"{approval_status or ''}|{status or ''}"
 

@@ -1,10 +1,11 @@
 """The dispatcher: sends each element's work flow to the orchestrator at `start - lead_time`,
-once its change ticket allows it (`tickets.gate_for`).
+once the gates let it go (`cmsod.gates`: its change ticket, as `tickets.gate_for` found it, the
+misfire grace, ...).
 
 At most once: the intents of a due batch (each with its X-TransactionId key) are committed in
 one transaction before any call, and the answers are committed after, in batches, by the
 recorder task. On start-up, elements caught between the two are reconciled
-(`ops.reconcile_dispatches`), never blindly re-sent. A call that never reached the
+(`dispatch.reconcile_dispatches`), never blindly re-sent. A call that never reached the
 orchestrator (`NotDelivered`) is retried; one that was sent but got no answer
 (`Unconfirmed`) is re-sent with the same key only where the configuration says the
 orchestrator de-duplicates, else it fails with a message saying the work may have started.
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import trio
 
-from cmsod import log
+from cmsod import gates, log
 from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
-from cmsod.store import ops
+from cmsod.store import dispatch
 
 BATCH = 1000
 RETRY_BASE_S = 0.25
@@ -28,7 +29,7 @@ Result = tuple[int, str | None, str | None]  # element, SO request id, failure m
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    caught = await ctx.store.tx(ops.reconcile_dispatches, ctx.config.so.resend_unconfirmed)
+    caught = await ctx.store.tx(dispatch.reconcile_dispatches, ctx.config.so.resend_unconfirmed)
     for name in caught:
         log.warning(
             "element.reconciled",
@@ -37,7 +38,7 @@ async def run(
         )
     limiter = trio.CapacityLimiter(ctx.config.dispatcher.max_concurrent)
     figures = ctx.beat("dispatcher")
-    results_in, results_out = trio.open_memory_channel[tuple[ops.DispatchJob, Result]](BATCH)
+    results_in, results_out = trio.open_memory_channel[tuple[dispatch.DispatchJob, Result]](BATCH)
     task_status.started()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(record, ctx, results_out, figures)
@@ -47,21 +48,22 @@ async def run(
                 cfg = ctx.config.dispatcher
                 limiter.total_tokens = cfg.max_concurrent
                 lead_ms = int(cfg.lead_time_s * 1000)
-                due = await ctx.store.read(ops.due_elements, ctx.clock.now_ms() + lead_ms, BATCH)
+                due = await ctx.store.read(
+                    dispatch.due_elements, ctx.clock.now_ms() + lead_ms, BATCH
+                )
                 if due:
-                    gate = await tickets.gate_for(ctx, {c for _, c in due if c is not None})
+                    ticket = await tickets.gate_for(ctx, {c for _, c in due if c is not None})
+                    rules = gates.standard(
+                        ticket, int(cfg.misfire_grace_s * 1000), cfg.dispatch_immediate
+                    )
                     jobs = await ctx.store.tx(
-                        ops.begin_dispatches,
-                        [element for element, _ in due],
-                        int(cfg.misfire_grace_s * 1000),
-                        cfg.dispatch_immediate,
-                        gate,
+                        dispatch.begin_dispatches, [element for element, _ in due], rules
                     )
                     for job in jobs:
                         calls.start_soon(send, ctx, job, limiter, results_in.clone())
                 if len(due) == BATCH:
                     continue
-                next_ms = await ctx.store.read(ops.next_due_ms)
+                next_ms = await ctx.store.read(dispatch.next_due_ms)
                 wait_s = (
                     3600.0 if next_ms is None else (next_ms - lead_ms - ctx.clock.now_ms()) / 1000
                 )
@@ -73,9 +75,9 @@ async def run(
 
 async def send(
     ctx: Context,
-    job: ops.DispatchJob,
+    job: dispatch.DispatchJob,
     limiter: trio.CapacityLimiter,
-    results: trio.MemorySendChannel[tuple[ops.DispatchJob, Result]],
+    results: trio.MemorySendChannel[tuple[dispatch.DispatchJob, Result]],
 ) -> None:
     async with results, limiter:
         so_cfg = ctx.config.so
@@ -109,7 +111,7 @@ async def send(
 
 async def record(
     ctx: Context,
-    results: trio.MemoryReceiveChannel[tuple[ops.DispatchJob, Result]],
+    results: trio.MemoryReceiveChannel[tuple[dispatch.DispatchJob, Result]],
     figures: ActorFigures,
 ) -> None:
     """Commit the answers in batches: whatever has arrived goes in one transaction."""
@@ -121,7 +123,7 @@ async def record(
                     batch.append(results.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await ctx.store.tx(ops.record_dispatch_results, [result for _, result in batch])
+            await ctx.store.tx(dispatch.record_dispatch_results, [result for _, result in batch])
             for job, (_, request_id, failure) in batch:
                 if request_id is not None:
                     figures.done += 1

@@ -22,7 +22,7 @@ from cmsod.actors.context import Context
 from cmsod.cmevents import UnknownEventSchema
 from cmsod.errors import PeerError
 from cmsod.peers.sinks import PartialDelivery
-from cmsod.store import ops
+from cmsod.store import outboxes
 
 BACKOFF_MAX_S = 60.0
 
@@ -46,14 +46,14 @@ def check_schema(head: Head) -> None:
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    watched = await ctx.store.read(ops.last_event_seq)  # watchers see what comes from now on
+    watched = await ctx.store.read(outboxes.last_event_seq)  # watchers see what comes from now on
     task_status.started()
     backoff = 0.5
     while True:
         figures = ctx.beat("emitter")
         batch = ctx.config.events.batch_size
         pass_began = trio.current_time()
-        rows = await ctx.store.read(ops.pending_events, batch * 10)
+        rows = await ctx.store.read(outboxes.pending_events, batch * 10)
         if not rows and ctx.flush_asked_at is not None and pass_began >= ctx.flush_asked_at:
             ctx.flushed.set()  # stopping, and everything committed before the ask is out
         heads = {}
@@ -65,7 +65,7 @@ async def run(
                 heads.pop(seq, None)
                 figures.errors += 1
                 log.error("events.refused", seq=seq, reason=str(exc))
-                await ctx.store.tx(ops.refuse_event, seq, str(exc))
+                await ctx.store.tx(outboxes.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
         watched = fan_out(ctx, rows, heads, watched)
         try:
@@ -81,11 +81,11 @@ async def run(
                         delivered = exc.delivered
                         if delivered:
                             await ctx.store.tx(
-                                ops.mark_events_sent, [r[0] for r in chunk[:delivered]]
+                                outboxes.mark_events_sent, [r[0] for r in chunk[:delivered]]
                             )
                             figures.done += delivered
                         raise
-                    await ctx.store.tx(ops.mark_events_sent, [r[0] for r in chunk[:delivered]])
+                    await ctx.store.tx(outboxes.mark_events_sent, [r[0] for r in chunk[:delivered]])
                     figures.done += delivered
                     figures.peer_failing = False
         except PeerError as exc:

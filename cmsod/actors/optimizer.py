@@ -15,7 +15,7 @@ from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import PeerError
 from cmsod.optimize.problem import Plan, Problem
 from cmsod.peers.tm import TicketsFailed
-from cmsod.store import ops
+from cmsod.store import book, schedules
 
 BATCH = 16
 
@@ -26,7 +26,9 @@ async def run(
     task_status.started()
     while True:
         figures = ctx.beat("optimizer")
-        problems = await ctx.store.tx(ops.claim_for_optimization, BATCH, ctx.planning.inventory)
+        problems = await ctx.store.tx(
+            schedules.claim_for_optimization, BATCH, ctx.planning.inventory
+        )
         for problem in problems:
             if ctx.config.tickets.mode == "http" and not await add_tm_tickets(
                 ctx, figures, problem
@@ -34,7 +36,7 @@ async def run(
                 continue
             plan = await ctx.compute(functools.partial(ctx.planning.plan, problem))
             status = await ctx.store.tx(
-                ops.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial
+                schedules.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial
             )
             figures.done += 1
             if status is not None:
@@ -61,12 +63,12 @@ async def add_tm_tickets(ctx: Context, figures: ActorFigures, problem: Problem) 
         names = [n for g in problem.groups for n in g.elements]
         why = ("TICKETS_FAILED", str(exc))
         plan = Plan({}, dict.fromkeys(names, why), problem.duration_ms, str(exc))
-        await ctx.store.tx(ops.record_plan, problem.key, plan, False)
+        await ctx.store.tx(schedules.record_plan, problem.key, plan, False)
         return False
     except PeerError as exc:
         figures.errors += 1
         figures.last_error = str(exc)
         log.warning("schedule.plan_waits", schedule_id=problem.schedule_id, reason=str(exc))
         return False
-    problem.busy = ops.merge_busy(problem.busy, found)
+    problem.busy = book.merge_busy(problem.busy, found)
     return True

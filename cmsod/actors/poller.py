@@ -17,7 +17,7 @@ from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import PeerError
 from cmsod.model import ElementStatus as E
 from cmsod.model import PollOutcome
-from cmsod.store import ops
+from cmsod.store import dispatch
 
 
 @dataclass
@@ -45,7 +45,7 @@ async def run(
         limiter = trio.CapacityLimiter(max(1, cfg.max_concurrent // batch_size))
         if refresh:  # a dispatch was recorded (or first turn): learn the new ones
             now = trio.current_time()
-            current = {e: (n, r, d) for e, n, r, d in await ctx.store.read(ops.in_flight)}
+            current = {e: (n, r, d) for e, n, r, d in await ctx.store.read(dispatch.in_flight)}
             for element in list(watches):
                 if element not in current:
                     del watches[element]
@@ -124,7 +124,7 @@ async def settle(
         )
     changed = outcome.status is not None or outcome.so_status != watch.last_state
     if changed or outcome.connection_error:
-        status = await ctx.store.tx(ops.record_poll, element, outcome)
+        status = await ctx.store.tx(dispatch.record_poll, element, outcome)
         if status is not None:
             figures.done += 1
             log.info(

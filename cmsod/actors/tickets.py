@@ -18,11 +18,11 @@ from typing import TypeVar
 
 import trio
 
-from cmsod import lifecycle, log, ticketing
+from cmsod import gates, lifecycle, log, ticketing
 from cmsod.actors.context import ActorFigures, Context, TicketDesk
 from cmsod.errors import NotDelivered, PeerError, Unavailable, Unconfirmed
 from cmsod.optimize.problem import Busy, Problem, blocking, requirements
-from cmsod.store import ops
+from cmsod.store import outboxes
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import ChangeWindow, ElementInfo, NameValue
 from cmsod.wire.tm import ActiveTicketsRequest
@@ -110,7 +110,7 @@ async def open_tickets(
     if handed_over:
         log.info("tickets.opened", schedule_id=schedule_id, tickets=len(done))
     elif done:  # refused or abandoned: TM must not keep tickets nobody will work
-        await ctx.store.tx(ops.abandon_tickets, done, user_id)
+        await ctx.store.tx(outboxes.abandon_tickets, done, user_id)
         log.warning(
             "tickets.abandoned",
             schedule_id=schedule_id,
@@ -122,12 +122,12 @@ async def open_tickets(
 # -- checking before dispatch -----------------------------------------------------------------
 
 
-async def gate_for(ctx: Context, change_ids: set[str]) -> ops.TicketGate:
+async def gate_for(ctx: Context, change_ids: set[str]) -> gates.TicketGate:
     cfg = ctx.config.tickets
     if cfg.mode == "loopback":
-        return ops.TicketGate(None)
+        return gates.TicketGate(None)
     if cfg.mode == "builtin" or not change_ids:
-        return ops.TicketGate(cfg.dispatch_allowed)
+        return gates.TicketGate(cfg.dispatch_allowed)
     remote: dict[str, str] = {}
     unknown: dict[str, str] = {}  # TM answered, but not with the ticket
     unreachable: dict[str, str] = {}  # no answer: the element waits and is checked again
@@ -148,7 +148,7 @@ async def gate_for(ctx: Context, change_ids: set[str]) -> ops.TicketGate:
             nursery.start_soon(one, change_id)
     failures = list(unreachable.values()) + list(unknown.values())
     _peer(ctx, PeerError(failures[0]) if failures else None)
-    return ops.TicketGate(cfg.dispatch_allowed, remote, unknown, unreachable, int(HOLD_S * 1000))
+    return gates.TicketGate(cfg.dispatch_allowed, remote, unknown, unreachable, int(HOLD_S * 1000))
 
 
 # -- unavailability (http mode) ----------------------------------------------------------------
@@ -197,30 +197,30 @@ async def unavailability(ctx: Context, problem: Problem) -> dict[str, list[Busy]
 async def drain_outbox(ctx: Context) -> None:
     while True:
         figures = ctx.beat("tickets")
-        due = await ctx.store.read(ops.due_ticket_ops, ctx.clock.now_ms(), BATCH)
+        due = await ctx.store.read(outboxes.due_ticket_ops, ctx.clock.now_ms(), BATCH)
         sent, failed = await send_ops(ctx, due)
         if due:
-            await ctx.store.tx(ops.record_ticket_ops, sent, failed)
+            await ctx.store.tx(outboxes.record_ticket_ops, sent, failed)
             figures.done += len(sent)
             _peer(ctx, PeerError(failed[-1][1]) if failed else None)
         if len(due) == BATCH or sent:
             continue  # a ticket's next operation may be due now that this one went
-        next_ms = await ctx.store.read(ops.next_ticket_op_ms)
+        next_ms = await ctx.store.read(outboxes.next_ticket_op_ms)
         wait_s = 3600.0 if next_ms is None else (next_ms - ctx.clock.now_ms()) / 1000
         await ctx.bells.tickets.wait(wait_s)
 
 
 async def send_ops(
-    ctx: Context, due: list[ops.TicketOp]
-) -> tuple[list[ops.TicketOp], list[tuple[ops.TicketOp, str, int]]]:
+    ctx: Context, due: list[outboxes.TicketOp]
+) -> tuple[list[outboxes.TicketOp], list[tuple[outboxes.TicketOp, str, int]]]:
     """Send each (concurrently: they are of different tickets); say which TM took, and for
     the others why not and when to try again."""
     cfg = ctx.config.tickets
-    sent: list[ops.TicketOp] = []
-    failed: list[tuple[ops.TicketOp, str, int]] = []
+    sent: list[outboxes.TicketOp] = []
+    failed: list[tuple[outboxes.TicketOp, str, int]] = []
     limiter = trio.CapacityLimiter(cfg.max_concurrent)
 
-    async def one(op: ops.TicketOp) -> None:
+    async def one(op: outboxes.TicketOp) -> None:
         async with limiter:
             try:
                 await ctx.tm.send(op.op, op.body)

@@ -8,7 +8,6 @@ naming the field; an unknown method `org.varlink.service.MethodNotFound`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import grp
 import os
 import pwd
@@ -18,24 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import trio
 
-from cmsod import __version__, lifecycle, log
-from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
-from cmsod.actors.supervisor import STALL_S, stalled_actors
+from cmsod import __version__, log, usecases
 from cmsod.errors import (
-    ConfigError,
     ControlError,
     InvalidParameter,
     MethodNotFound,
-    PeerError,
     PermissionDenied,
     RequestError,
 )
-from cmsod.optimize.planner import optimizer_response
-from cmsod.optimize.problem import problem_for
-from cmsod.store import ops, views
-from cmsod.ticketing import NewTicket, Opened
+from cmsod.usecases import Context
 from cmsod.wire import control as w
 
 INTERFACES = [
@@ -78,239 +69,78 @@ class Method:
     streams: bool = False
 
 
-# -- handlers ---------------------------------------------------------------------------------
-
-
-async def open_tickets(
-    ctx: Context, schedule_id: str, user_id: str, tickets: list[NewTicket]
-) -> Opened:
-    """Ask the tickets actor to open them; CMSO's 417 when it cannot."""
-    if ctx.ticket_desk is None:
-        raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, "not started")
-    try:
-        return await ctx.ticket_desk.open(
-            schedule_id, user_id, tickets, ctx.config.tickets.create_timeout_s
-        )
-    except PeerError as exc:
-        log.warning("tickets.refused", schedule_id=schedule_id, reason=str(exc))
-        raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, exc) from None
-
-
-async def store_with_tickets(
-    ctx: Context, schedule_id: str, user_id: str, opened: Opened, fn: Any, *args: Any
-) -> Any:
-    """Store the change that the opened tickets are for; if it cannot be stored (the
-    schedule changed meanwhile, the store failed), cancel them."""
-    try:
-        return await ctx.store.tx(fn, *args, opened)
-    except Exception:
-        if opened:
-            await ctx.store.tx(ops.abandon_tickets, opened, user_id)
-        raise
+# -- handlers: each decodes nothing and decides nothing; it calls one use case ---------------
 
 
 async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
-    new = lifecycle.validate_request(p.schedule)
-    if new.immediate:  # accepted as it is stored: its tickets first, nothing kept if refused
-        await ctx.store.read(ops.schedule_exists, new.schedule_id)
-        cfg = ctx.config.tickets
-        tickets = ops.tickets_for_immediate(
-            new, ctx.clock.now_ms(), cfg.vnfs_per_ticket, cfg.template
-        )
-        opened = await open_tickets(ctx, new.schedule_id, new.user_id, tickets)
-        status = await store_with_tickets(
-            ctx, new.schedule_id, new.user_id, opened, ops.create_schedule, new
-        )
-    else:
-        status = await ctx.store.tx(ops.create_schedule, new)
-    log.info(
-        "schedule.created",
-        schedule_id=new.schedule_id,
-        status=status.value,
-        elements=sum(len(g.elements) for g in new.groups),
-        immediate=new.immediate,
-    )
-    (ctx.bells.dispatcher if new.immediate else ctx.bells.optimizer).ring()
-    return {"scheduleId": new.schedule_id, "status": status.value}
+    schedule_id, status = await usecases.create(ctx, p.schedule)
+    return {"scheduleId": schedule_id, "status": status.value}
 
 
 async def get(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
-    return {"schedule": await ctx.store.read(views.get_schedule, p.scheduleId)}
+    return {"schedule": await usecases.get_schedule(ctx, p.scheduleId)}
 
 
 async def list_(ctx: Context, p: w.ListParameters) -> dict[str, Any]:
-    page, after = await ctx.store.read(views.list_schedules, p.status, p.limit, p.after)
+    page, after = await usecases.list_schedules(ctx, p.status, p.limit, p.after)
     return {"schedules": page, "next": after}
 
 
 async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
-    return {"details": await ctx.store.read(views.details, p.filters)}
+    return {"details": await usecases.details(ctx, p.filters)}
 
 
 async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
-    """Plan a request as the optimizer would now, counting work already scheduled; store nothing."""
-    new = lifecycle.validate_request(p.schedule)
-    if new.immediate:
-        raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
-    names = [e.name for g in new.groups for e in g.elements]
-    data = {e.name: e.data for g in new.groups for e in g.elements}
-    busy = ops.merge_busy(
-        await ctx.store.read(ops.other_work, None, names),
-        await ctx.store.read(ops.book_busy, names, {**ctx.planning.inventory, **data}),
-    )
-    problem = problem_for(new, ctx.clock.now_ms(), busy)
-    result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
-    return {"optimizer": optimizer_response(problem, result)}
+    return {"optimizer": await usecases.plan(ctx, p.schedule)}
 
 
 async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
-    cfg = ctx.config.tickets
-    needed = await ctx.store.read(
-        ops.tickets_for_approval, p.scheduleId, p.approval, cfg.vnfs_per_ticket, cfg.template
-    )
-    if needed is None:  # recorded, but does not accept the schedule (or rejects it)
-        status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval)
-    else:
-        user_id, tickets = needed
-        opened = await open_tickets(ctx, p.scheduleId, user_id, tickets)
-        status = await store_with_tickets(
-            ctx, p.scheduleId, user_id, opened, ops.approve, p.scheduleId, p.approval
-        )
-    log.info(
-        "schedule.approval",
-        schedule_id=p.scheduleId,
-        approval=p.approval.approvalStatus,
-        by=p.approval.approvalUserId,
-        status=status.value,
-    )
-    ctx.bells.dispatcher.ring()
+    status = await usecases.approve(ctx, p.scheduleId, p.approval)
     return {"scheduleId": p.scheduleId, "status": status.value}
 
 
 async def delete(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
-    status = await ctx.store.tx(ops.delete_schedule, p.scheduleId)
-    log.info("schedule.deleted", schedule_id=p.scheduleId, status=status.value)
+    status = await usecases.delete(ctx, p.scheduleId)
     return {"scheduleId": p.scheduleId, "status": status.value}
 
 
 async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
-    now = trio.current_time()
-    try:
-        counts = await ctx.store.read(views.status_counts)
-        db_ok = True
-    except Exception as exc:  # the health report must answer even when the store cannot
-        counts, db_ok = {"error": str(exc)}, False
-    stalled = stalled_actors(ctx, now, STALL_S)
-
-    def component(name: str, url: str, ok: bool) -> dict[str, Any]:
-        return {"name": name, "url": url, "status": "OK" if ok else "FAILED", "healthy": ok}
-
-    def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
-        return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
-
-    return {
-        "healthy": db_ok and not stalled,
-        "buildInfo": f"cmsod {__version__}",
-        "currentTime": lifecycle.format_time(ctx.clock.now_ms()),
-        "hostname": socket.gethostname(),
-        "components": [
-            component("Scheduler Database", str(ctx.config.store_path), db_ok),
-            component(
-                "SO Interface",
-                ctx.config.so.url or ctx.config.so.mode,
-                peer_ok("dispatcher", "poller"),
-            ),
-            component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
-            component(
-                "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
-            ),
-        ],
-        "actors": {
-            name: {
-                "heartbeatAgeS": round(now - f.heartbeat, 3),
-                "restarts": f.restarts,
-                "done": f.done,
-                "errors": f.errors,
-                "lastError": f.last_error,
-            }
-            for name, f in sorted(ctx.figures.items())
-        },
-        "counts": counts,
-    }
+    return await usecases.health(ctx, socket.gethostname())
 
 
 async def reload(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
-    if ctx.reload is None:
-        raise ControlError("reload is not available")
-    try:
-        changed = ctx.reload()
-    except ConfigError as exc:
-        raise ControlError(str(exc)) from None
-    return {"reloaded": True, "changed": changed}
+    return {"reloaded": True, "changed": usecases.reload(ctx)}
 
 
 async def watch(ctx: Context, p: w.WatchParameters) -> AsyncIterator[dict[str, Any]]:
-    """Every CM event from now on (of one schedule, of one eventType), as it is read."""
-    watcher = Watcher(p.scheduleId, p.eventType)
-    ctx.watchers.add(watcher)
-    log.info(
-        "watch.started",
-        schedule_id=p.scheduleId,
-        event_type=p.eventType,
-        watchers=len(ctx.watchers),
-    )
-    try:
-        async with watcher.receive:
-            async for body in watcher.receive:
-                yield {"event": msgspec.Raw(body)}
-    finally:
-        ctx.watchers.discard(watcher)
-    if watcher.dropped:
-        raise ControlError(
-            f"dropped: fell {WATCH_QUEUE} events behind", name="io.cmsod.WatchDropped"
-        )
+    async with contextlib.aclosing(usecases.watch(ctx, p.scheduleId, p.eventType)) as events:
+        async for body in events:
+            yield {"event": msgspec.Raw(body)}
 
 
 async def availability_add(ctx: Context, p: w.AvailabilityAddParameters) -> dict[str, Any]:
-    try:
-        start, end = lifecycle.parse_time_ms(p.startTime), lifecycle.parse_time_ms(p.endTime)
-    except ValueError:
-        raise RequestError(
-            400, "INVALID_ATTRIBUTE", "startTime/endTime", f"{p.startTime},{p.endTime}"
-        ) from None
-    if end <= start:
-        raise RequestError(400, "INVALID_CHANGE_WINDOW", p.startTime, p.endTime)
-    entry, touched = await ctx.store.tx(
-        ops.add_unavailability, p.kind, p.element, start, end, p.reason, p.by, p.id
+    entry, touched = await usecases.availability_add(
+        ctx, p.kind, p.element, p.startTime, p.endTime, p.reason, p.by, p.id
     )
-    log.info(
-        "availability.added", id=entry.id, element=p.element, touches=",".join(touched) or None
-    )
-    ctx.bells.optimizer.ring()
     return {"entry": entry, "touches": touched}
 
 
 async def availability_list(ctx: Context, p: w.AvailabilityListParameters) -> dict[str, Any]:
-    return {"entries": await ctx.store.read(ops.list_unavailability, p.element)}
+    return {"entries": await usecases.availability_list(ctx, p.element)}
 
 
 async def availability_remove(ctx: Context, p: w.IdParameters) -> dict[str, Any]:
-    if not await ctx.store.tx(ops.remove_unavailability, p.id):
-        raise ControlError(f"no such entry {p.id!r}", name="io.cmsod.Availability.NoSuchEntry")
-    log.info("availability.removed", id=p.id)
+    await usecases.availability_remove(ctx, p.id)
     return {"id": p.id, "removed": True}
 
 
 async def tickets_list(ctx: Context, p: w.TicketsListParameters) -> dict[str, Any]:
-    page, after = await ctx.store.read(views.list_tickets, p.scheduleId, p.limit, p.after)
+    page, after = await usecases.tickets_list(ctx, p.scheduleId, p.limit, p.after)
     return {"tickets": page, "next": after}
 
 
 async def tickets_get(ctx: Context, p: w.IdParameters) -> dict[str, Any]:
-    ticket = await ctx.store.read(views.get_ticket, p.id)
-    if ticket is None:
-        raise ControlError(f"no such change ticket {p.id!r}", name="io.cmsod.Tickets.NoSuchTicket")
-    return {"ticket": ticket}
+    return {"ticket": await usecases.ticket(ctx, p.id)}
 
 
 async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:

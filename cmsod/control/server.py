@@ -21,8 +21,8 @@ import msgspec
 import trio
 
 from cmsod import log
-from cmsod.actors.context import Context
 from cmsod.control.api import Peer, handle_message
+from cmsod.usecases import Context
 
 REPLY_TIMEOUT_S = 10.0
 

@@ -65,7 +65,7 @@ class LocalTM:
         return None
 
     async def active_tickets(self, request: ActiveTicketsRequest) -> list[TicketData]:
-        return []  # the ticket book in the store is the source (ops.book_busy)
+        return []  # the ticket book in the store is the source (book.book_busy)
 
 
 @dataclass

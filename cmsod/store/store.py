@@ -177,28 +177,29 @@ class Tx:
                 "SELECT status, dispatch_ms, completed_ms FROM elements WHERE tm_change_id = ?",
                 (change_id,),
             ).fetchall()
-            statuses = [E(status) for status, _, _ in elements]
-            how = ticketing.closure(statuses)
-            if how is None:
-                if E.TRIGGERED in statuses and not updating:
-                    self.queue_ticket_op(
-                        change_id, ticketing.Op.UPDATE, ticketing.update_body(change_id, user_id)
-                    )
-                continue
-            first_ms = min((d for _, d, _ in elements if d is not None), default=None)
-            last_ms = max((c for _, _, c in elements if c is not None), default=None)
-            body = ticketing.close_body(change_id, user_id, how, first_ms, last_ms, self.now_ms)
-            op = ticketing.Op.CANCEL if how is ticketing.Closure.CANCELLED else ticketing.Op.CLOSE
-            self.queue_ticket_op(change_id, op, body)
-            self.execute(
-                "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
-                " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
-                (how.value, first_ms, last_ms, self.now_ms, change_id),
+            move = ticketing.move(
+                change_id, user_id, [(E(s), d, c) for s, d, c in elements], updating, self.now_ms
             )
+            if move is None:
+                continue
+            self.queue_ticket_op(change_id, move.op, move.body)
+            if move.closure is not None:
+                self.execute(
+                    "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
+                    " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
+                    (
+                        move.closure.value,
+                        move.first_dispatch_ms,
+                        move.last_completion_ms,
+                        self.now_ms,
+                        change_id,
+                    ),
+                )
 
     def finish(self) -> None:
-        """Close executing schedules whose last element just ended, queue the ticket
-        operations the changes cause, then write the events."""
+        """Apply the core's rules to what this transaction changed: the ticket operations
+        (`ticketing.move`), the verdict of executing schedules whose last element just ended
+        (`lifecycle.completion_verdict`); then write the events."""
         self._move_tickets()
         for schedule in sorted(self._check_verdict):
             status, schedule_id = self.execute(

@@ -1,0 +1,140 @@
+"""The availability book: times an element cannot be worked on (blackouts, outside tickets)
+and the work of other schedules, as the optimizer's Busy input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from cmsod import lifecycle
+from cmsod.errors import RequestError
+from cmsod.model import ElementStatus as E
+from cmsod.optimize.problem import Busy, blocking, requirements
+from cmsod.store.store import Tx
+
+ACTIVE_WORK = (E.PENDING_APPROVAL.value, E.SCHEDULED.value, E.TRIGGERED.value)
+
+
+def other_work(
+    conn: Any, schedule: int | None, names: list[str] | None = None
+) -> dict[str, list[Busy]]:
+    """The planned or running work of every other active schedule on these elements: those of
+    stored `schedule`, or `names` for a schedule that is only being planned."""
+    params: tuple[int | None, ...]
+    if names is not None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_names (name TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM plan_names")
+        conn.executemany("INSERT OR IGNORE INTO plan_names VALUES (?)", [(n,) for n in names])
+        mine, params = "SELECT name FROM plan_names", ()
+    else:
+        mine, params = "SELECT name FROM elements WHERE schedule = ?", (schedule,)
+    busy: dict[str, list[Busy]] = {}
+    for name, start, finish, dispatched, duration_s, other_id in conn.execute(
+        "SELECT o.name, o.start_ms, o.finish_ms, o.dispatch_ms, s.normal_s + s.additional_s,"
+        " s.schedule_id FROM elements o JOIN schedules s ON s.id = o.schedule"
+        f" WHERE o.name IN ({mine}) AND o.schedule IS NOT ? AND o.status IN (?, ?, ?)",
+        (*params, schedule, *ACTIVE_WORK),
+    ):
+        begin = start if start is not None else dispatched
+        if begin is None:
+            continue  # an immediate element not yet dispatched: no time to avoid yet
+        end = finish if finish is not None else begin + duration_s * 1000
+        busy.setdefault(name, []).append(Busy(begin, end, f"schedule {other_id}"))
+    return busy
+
+
+class Unavailability(msgspec.Struct):
+    id: str
+    kind: str
+    element: str
+    startTime: str
+    endTime: str
+    reason: str
+    createdBy: str
+
+
+def _unavailability(row: tuple) -> Unavailability:
+    ref, kind, element, start, end, reason, by = row
+    return Unavailability(
+        ref,
+        kind,
+        element,
+        lifecycle.format_time(start) or "",
+        lifecycle.format_time(end) or "",
+        reason,
+        by,
+    )
+
+
+def add_unavailability(
+    tx: Tx,
+    kind: str,
+    element: str,
+    start_ms: int,
+    end_ms: int,
+    reason: str,
+    by: str,
+    ref: str | None,
+) -> tuple[Unavailability, list[str]]:
+    """Record it; also say which active schedules have work on the element in that time."""
+    if ref is None:
+        (n,) = tx.execute("SELECT coalesce(max(id), 0) + 1 FROM availability").fetchone()
+        ref = f"BO{n:06d}" if kind == "blackout" else f"TK{n:06d}"
+    if tx.execute("SELECT 1 FROM availability WHERE ref = ?", (ref,)).fetchone():
+        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", "availability", ref)
+    tx.execute(
+        "INSERT INTO availability (ref, kind, element, start_ms, end_ms, reason, created_ms, created_by)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (ref, kind, element, start_ms, end_ms, reason, tx.now_ms, by),
+    )
+    touched = [
+        schedule_id
+        for (schedule_id,) in tx.execute(
+            "SELECT DISTINCT s.schedule_id FROM elements e JOIN schedules s ON s.id = e.schedule"
+            " WHERE e.name = ? AND e.status IN (?, ?, ?) AND e.start_ms < ? AND e.finish_ms > ?"
+            " ORDER BY s.schedule_id",
+            (element, *ACTIVE_WORK, end_ms, start_ms),
+        )
+    ]
+    return _unavailability((ref, kind, element, start_ms, end_ms, reason, by)), touched
+
+
+def list_unavailability(conn: Any, element: str | None) -> list[Unavailability]:
+    where, params = ("WHERE element = ?", (element,)) if element else ("", ())
+    rows = conn.execute(
+        "SELECT ref, kind, element, start_ms, end_ms, reason, created_by FROM availability"
+        f" {where} ORDER BY start_ms, ref",
+        params,
+    ).fetchall()
+    return [_unavailability(r) for r in rows]
+
+
+def remove_unavailability(tx: Tx, ref: str) -> bool:
+    return tx.execute("DELETE FROM availability WHERE ref = ?", (ref,)).rowcount > 0
+
+
+def book_busy(
+    conn: Any, names: list[str], element_data: dict[str, dict[str, str]]
+) -> dict[str, list[Busy]]:
+    """Entries of the ticket book that block these elements: those on the element itself and
+    those on any element it requires."""
+    wanted = requirements(names, element_data)
+    if not wanted:
+        return {}
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS book_names (name TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM book_names")
+    conn.executemany("INSERT INTO book_names VALUES (?)", [(n,) for n in wanted])
+    rows = conn.execute(
+        "SELECT element, start_ms, end_ms, kind || ' ' || ref, reason FROM availability"
+        " WHERE element IN (SELECT name FROM book_names)"
+    ).fetchall()
+    return blocking(rows, wanted)
+
+
+def merge_busy(*sources: dict[str, list[Busy]]) -> dict[str, list[Busy]]:
+    merged: dict[str, list[Busy]] = {}
+    for source in sources:
+        for name, spans in source.items():
+            merged.setdefault(name, []).extend(spans)
+    return merged

@@ -1,0 +1,107 @@
+"""The outboxes: CM events for the emitter, ticket operations for the tickets actor. Rows are
+written by the transaction whose change causes them (`Tx.finish`); these read and mark them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from cmsod import ticketing
+from cmsod.store.store import Tx
+from cmsod.ticketing import Opened
+
+
+def abandon_tickets(tx: Tx, opened: Opened, user_id: str) -> None:
+    """Tickets TM opened for a request that then could not be stored (it changed meanwhile):
+    cancel them, through the outbox like any other ticket operation."""
+    for change_id, _ in opened:
+        body = ticketing.close_body(change_id, user_id, ticketing.Closure.CANCELLED, None, None, 0)
+        tx.queue_ticket_op(change_id, ticketing.Op.CANCEL, body)
+
+
+# -- event outbox ---------------------------------------------------------------------------
+
+
+def pending_events(conn: Any, limit: int) -> list[tuple[int, str, str, bytes]]:
+    return conn.execute(
+        "SELECT seq, schedule_id, topic, body FROM events"
+        " WHERE sent_ms IS NULL AND refused IS NULL ORDER BY seq LIMIT ?",
+        (limit,),
+    ).fetchall()
+
+
+def last_event_seq(conn: Any) -> int:
+    return conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+
+
+def refuse_event(tx: Tx, seq: int, reason: str) -> None:
+    tx.execute("UPDATE events SET refused = ? WHERE seq = ?", (reason[:1000], seq))
+
+
+def mark_events_sent(tx: Tx, seqs: list[int]) -> None:
+    tx.conn.executemany(
+        "UPDATE events SET sent_ms = ? WHERE seq = ?", [(tx.now_ms, seq) for seq in seqs]
+    )
+
+
+# -- ticket outbox --------------------------------------------------------------------------
+
+
+class TicketOp(msgspec.Struct):
+    id: int
+    change_id: str
+    op: ticketing.Op
+    body: bytes
+    attempts: int
+
+
+_TICKET_HEAD = (
+    " o.sent_ms IS NULL AND NOT EXISTS (SELECT 1 FROM ticket_ops p"
+    " WHERE p.change_id = o.change_id AND p.sent_ms IS NULL AND p.id < o.id)"
+)
+
+
+def due_ticket_ops(conn: Any, now_ms: int, limit: int) -> list[TicketOp]:
+    """The first unsent operation of each ticket, if due: a ticket's operations go in order,
+    and one TM keeps refusing holds back only that ticket's."""
+    return [
+        TicketOp(id, change_id, ticketing.Op(op), body, attempts)
+        for id, change_id, op, body, attempts in conn.execute(
+            "SELECT o.id, o.change_id, o.op, o.body, o.attempts FROM ticket_ops o"
+            f" WHERE o.due_ms <= ? AND{_TICKET_HEAD} ORDER BY o.id LIMIT ?",
+            (now_ms, limit),
+        )
+    ]
+
+
+def next_ticket_op_ms(conn: Any) -> int | None:
+    return conn.execute(f"SELECT min(o.due_ms) FROM ticket_ops o WHERE{_TICKET_HEAD}").fetchone()[0]
+
+
+def record_ticket_ops(
+    tx: Tx, sent: list[TicketOp], failed: list[tuple[TicketOp, str, int]]
+) -> None:
+    """TM took these operations (our record of the ticket follows) or refused these (each
+    with why and when to try again)."""
+    for op in sent:
+        tx.execute(
+            "UPDATE ticket_ops SET sent_ms = ?, attempts = attempts + 1 WHERE id = ?",
+            (tx.now_ms, op.id),
+        )
+        status = ticketing.WORK_IN_PROGRESS if op.op is ticketing.Op.UPDATE else ticketing.CLOSED
+        tx.execute(
+            "UPDATE change_tickets SET status = ?, updated_ms = ? WHERE change_id = ?",
+            (status, tx.now_ms, op.change_id),
+        )
+        if status == ticketing.CLOSED:  # CMSO: the elements' tmStatus once closed
+            tx.execute(
+                "UPDATE elements SET tm_status = ? WHERE tm_change_id = ?",
+                (ticketing.CLOSED, op.change_id),
+            )
+    for op, error, due_ms in failed:
+        tx.execute(
+            "UPDATE ticket_ops SET attempts = attempts + 1, last_error = ?, due_ms = ?"
+            " WHERE id = ?",
+            (error[:2000], due_ms, op.id),
+        )

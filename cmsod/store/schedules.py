@@ -1,0 +1,433 @@
+"""Schedules: create, approve, plan, delete. Each write is a synchronous `fn(tx, ...)` run whole
+by `Store.tx`: it loads what it needs, asks the core (`lifecycle`, `ticketing`) and applies the
+answer. They re-read the rows they change, so a message that arrives late (an optimizer result
+for a schedule deleted meanwhile) changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from cmsod import cmevents, lifecycle, ticketing
+from cmsod.errors import RequestError
+from cmsod.model import APPROVAL_DOMAIN, APPROVAL_TYPE, APPROVALS_REQUIRED, NewSchedule
+from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from cmsod.optimize.problem import Plan, Problem, ProblemGroup
+from cmsod.store.book import book_busy, merge_busy, other_work
+from cmsod.store.store import Tx
+from cmsod.ticketing import NewTicket, Opened, TicketGroup
+from cmsod.wire.cmso import Approval
+
+# -- create ---------------------------------------------------------------------------------
+
+
+def schedule_exists(conn: Any, schedule_id: str) -> None:
+    if conn.execute("SELECT 1 FROM schedules WHERE schedule_id = ?", (schedule_id,)).fetchone():
+        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", APPROVAL_DOMAIN, schedule_id)
+
+
+def tickets_for_immediate(
+    new: NewSchedule, now_ms: int, per_ticket: int, template: dict[str, str]
+) -> list[NewTicket]:
+    """An immediate request is accepted as it is stored: its tickets are opened first, planned
+    from now over one run of its work flow."""
+    end_ms = now_ms + (new.normal_duration_s + new.additional_duration_s) * 1000
+    groups = [
+        TicketGroup(g.group_id, [e.name for e in g.elements], now_ms, end_ms) for g in new.groups
+    ]
+    return ticketing.plan_tickets(new.user_id, groups, per_ticket, template, dict(new.domain_data))
+
+
+def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S:
+    schedule_exists(tx, new.schedule_id)
+    status = S.PENDING_APPROVAL if new.immediate else S.PENDING_SCHEDULE
+    element_status = E.PENDING_APPROVAL if new.immediate else E.PENDING_SCHEDULE
+    lifecycle.check_schedule(None, status)
+    lifecycle.check_element(None, element_status)
+    (schedule,) = tx.execute(
+        "INSERT INTO schedules (schedule_id, domain, user_id, status, immediate, normal_s,"
+        " additional_s, concurrency, policy_id, schedule_info, create_ms, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (
+            new.schedule_id,
+            new.domain,
+            new.user_id,
+            status.value,
+            int(new.immediate),
+            new.normal_duration_s,
+            new.additional_duration_s,
+            new.concurrency_limit,
+            new.policy_id,
+            new.schedule_info,
+            tx.now_ms,
+            tx.now_ms,
+        ),
+    ).fetchone()
+    tx.conn.executemany(
+        "INSERT INTO domain_data (schedule, name, value) VALUES (?, ?, ?)",
+        [(schedule, k, v) for k, v in new.domain_data],
+    )
+    vnfs: list[dict[str, str]] = []
+    for group in new.groups:
+        (grp,) = tx.execute(
+            "INSERT INTO cm_groups (schedule, group_id) VALUES (?, ?) RETURNING id",
+            (schedule, group.group_id),
+        ).fetchone()
+        tx.conn.executemany(
+            "INSERT INTO windows (grp, start_ms, end_ms) VALUES (?, ?, ?)",
+            [(grp, w.start_ms, w.end_ms) for w in group.windows],
+        )
+        tx.conn.executemany(
+            "INSERT INTO elements (schedule, grp, name, status, request, data)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    schedule,
+                    grp,
+                    e.name,
+                    element_status.value,
+                    e.request,
+                    msgspec.json.encode(e.data) if e.data else None,
+                )
+                for e in group.elements
+            ],
+        )
+        vnfs.extend(
+            {"vnf-name": e.name, "group-id": group.group_id, "status": element_status.value}
+            for e in group.elements
+        )
+    tx.edit(
+        schedule,
+        new.schedule_id,
+        cmevents.schedule_edit(
+            new.schedule_id,
+            "create",
+            {
+                "schedule-id": new.schedule_id,
+                "status": status.value,
+                "user-id": new.user_id,
+                "change-windows": [
+                    {
+                        "group-id": g.group_id,
+                        "start-time": lifecycle.format_time(w.start_ms),
+                        "end-time": lifecycle.format_time(w.end_ms),
+                    }
+                    for g in new.groups
+                    for w in g.windows
+                ],
+                "vnf": vnfs,
+            },
+        ),
+    )
+    if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
+        _record_approval(tx, schedule, new.user_id, "Accepted")
+        tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
+        return _schedule_with_tickets(tx, schedule, new.schedule_id, opened or [])
+    return status
+
+
+# -- approvals ------------------------------------------------------------------------------
+
+
+def _schedule_row(tx: Tx, schedule_id: str) -> tuple[int, S]:
+    row = tx.execute(
+        "SELECT id, status FROM schedules WHERE schedule_id = ?", (schedule_id,)
+    ).fetchone()
+    if row is None:
+        raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, schedule_id)
+    return row[0], S(row[1])
+
+
+def _record_approval(tx: Tx, schedule: int, user_id: str, status: str) -> None:
+    tx.execute(
+        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
+        " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms",
+        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms),
+    )
+
+
+def _approval_outcome(db: Any, schedule_id: str, approval: Approval) -> tuple[int, S, bool]:
+    """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400).
+    Returns the schedule, its status and whether this approval accepts it."""
+    if approval.approvalStatus not in ("Accepted", "Rejected"):
+        raise RequestError(
+            400, "INVALID_ATTRIBUTE", "approvalStatus", approval.approvalStatus or ""
+        )
+    if approval.approvalType != APPROVAL_TYPE:
+        raise RequestError(400, "INVALID_ATTRIBUTE", "approvalType", approval.approvalType or "")
+    schedule, status = _schedule_row(db, schedule_id)
+    if status is not S.PENDING_APPROVAL:
+        raise RequestError(412, "NOT_PENDING_APPROVAL", APPROVAL_DOMAIN, schedule_id, status.value)
+    if not approval.approvalUserId:
+        raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
+    if approval.approvalStatus != "Accepted":
+        return schedule, status, False
+    (others,) = db.execute(
+        "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?"
+        " AND user_id != ?",
+        (schedule, APPROVAL_TYPE, "Accepted", approval.approvalUserId),
+    ).fetchone()
+    return schedule, status, others + 1 >= APPROVALS_REQUIRED
+
+
+def tickets_for_approval(
+    conn: Any, schedule_id: str, approval: Approval, per_ticket: int, template: dict[str, str]
+) -> tuple[str, list[NewTicket]] | None:
+    """The schedule's user and the tickets to open before this approval is recorded, or None
+    when it does not accept the schedule. Raises the errors `approve` would, so a bad
+    approval opens nothing."""
+    schedule, _, accepts = _approval_outcome(conn, schedule_id, approval)
+    if not accepts:
+        return None
+    (user_id,) = conn.execute("SELECT user_id FROM schedules WHERE id = ?", (schedule,)).fetchone()
+    groups = []
+    for grp, group_id, start_ms, finish_ms in conn.execute(
+        "SELECT id, group_id, start_ms, finish_ms FROM cm_groups WHERE schedule = ? ORDER BY id",
+        (schedule,),
+    ).fetchall():
+        names = [
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM elements WHERE grp = ? AND status = ? ORDER BY id",
+                (grp, E.PENDING_APPROVAL.value),
+            )
+        ]
+        if names:
+            groups.append(TicketGroup(group_id, names, start_ms, finish_ms))
+    domain_data = dict(
+        conn.execute("SELECT name, value FROM domain_data WHERE schedule = ?", (schedule,))
+    )
+    return user_id, ticketing.plan_tickets(user_id, groups, per_ticket, template, domain_data)
+
+
+def approve(tx: Tx, schedule_id: str, approval: Approval, opened: Opened | None = None) -> S:
+    """Record an approval. The one that accepts the schedule brings the change tickets opened
+    for it (`tickets_for_approval`): accepted and scheduled in this one transaction."""
+    schedule, status, accepts = _approval_outcome(tx, schedule_id, approval)
+    _record_approval(tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "")
+    if approval.approvalStatus == "Rejected":
+        tx.schedule_to(schedule, schedule_id, status, S.REJECTED)
+        for element, name, old in tx.execute(
+            "SELECT id, name, status FROM elements WHERE schedule = ? AND status IN (?, ?)",
+            (schedule, E.PENDING_APPROVAL.value, E.NOT_SCHEDULED.value),
+        ).fetchall():
+            tx.element_to(element, schedule, schedule_id, name, E(old), E.APPROVAL_REJECTED)
+        return S.REJECTED
+    if not accepts:
+        return status
+    if opened is None:
+        raise RequestError(409, "SCHEDULE_CHANGED", schedule_id)
+    tx.schedule_to(schedule, schedule_id, status, S.ACCEPTED)
+    return _schedule_with_tickets(tx, schedule, schedule_id, opened)
+
+
+def _schedule_with_tickets(tx: Tx, schedule: int, schedule_id: str, opened: Opened) -> S:
+    """The change tickets exist: record them; elements become `Scheduled` (or `Scheduled
+    Immediate` when they have no start time), the schedule `Scheduled`. Elements the
+    optimizer left out stay out."""
+    change_ids = {}
+    for change_id, ticket in opened:
+        tx.execute(
+            "INSERT INTO change_tickets (change_id, schedule, group_id, vnfs, planned_start_ms,"
+            " planned_end_ms, approval_status, status, created_ms, updated_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                change_id,
+                schedule,
+                ticket.group_id,
+                msgspec.json.encode(ticket.vnfs).decode(),
+                ticket.planned_start_ms,
+                ticket.planned_end_ms,
+                ticketing.APPROVED,
+                ticketing.OPEN,
+                tx.now_ms,
+                tx.now_ms,
+            ),
+        )
+        change_ids.update(dict.fromkeys(ticket.vnfs, change_id))
+    for element, name, start_ms in tx.execute(
+        "SELECT id, name, start_ms FROM elements WHERE schedule = ? AND status = ?",
+        (schedule, E.PENDING_APPROVAL.value),
+    ).fetchall():
+        tx.element_to(
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_APPROVAL,
+            E.SCHEDULED if start_ms is not None else E.SCHEDULED_IMMEDIATE,
+            tm_change_id=change_ids.get(name),
+            tm_approval_status=ticketing.APPROVED if name in change_ids else None,
+        )
+    tx.schedule_to(schedule, schedule_id, S.ACCEPTED, S.SCHEDULED)
+    return S.SCHEDULED
+
+
+# -- optimizer ------------------------------------------------------------------------------
+
+
+def claim_for_optimization(
+    tx: Tx, limit: int, inventory: dict[str, dict[str, str]] | None = None
+) -> list[Problem]:
+    """Schedules to plan: new ones go to `Optimization In Progress`; ones already there (the
+    daemon stopped mid-plan) are planned again. (The inventory only tells which elements each
+    requires, for the ticket book; the planner merges it into the element data itself.)"""
+    problems = []
+    rows = tx.execute(
+        "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id,"
+        " optimizer_attempts FROM schedules WHERE status IN (?, ?) ORDER BY id LIMIT ?",
+        (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, limit),
+    ).fetchall()
+    for (
+        schedule,
+        schedule_id,
+        status,
+        normal_s,
+        additional_s,
+        concurrency,
+        policy_id,
+        attempts,
+    ) in rows:
+        if status == S.PENDING_SCHEDULE:
+            tx.schedule_to(
+                schedule,
+                schedule_id,
+                S.PENDING_SCHEDULE,
+                S.OPTIMIZATION_IN_PROGRESS,
+                optimizer_ms=tx.now_ms,
+                optimizer_attempts=attempts + 1,
+            )
+        groups = []
+        element_data: dict[str, dict[str, str]] = {}
+        for grp, group_id in tx.execute(
+            "SELECT id, group_id FROM cm_groups WHERE schedule = ? ORDER BY id", (schedule,)
+        ).fetchall():
+            windows = tx.execute(
+                "SELECT start_ms, end_ms FROM windows WHERE grp = ? ORDER BY start_ms", (grp,)
+            ).fetchall()
+            names = []
+            for name, data in tx.execute(
+                "SELECT name, data FROM elements WHERE grp = ? ORDER BY id", (grp,)
+            ):
+                names.append(name)
+                if data:
+                    element_data[name] = msgspec.json.decode(data, type=dict[str, str])
+            groups.append(ProblemGroup(group_id, [(s, e) for s, e in windows], names))
+        problems.append(
+            Problem(
+                key=schedule,
+                schedule_id=schedule_id,
+                duration_ms=(normal_s + additional_s) * 1000,
+                concurrency=concurrency or 1,
+                policy_id=policy_id,
+                not_before_ms=tx.now_ms,
+                groups=groups,
+                element_data=element_data,
+                busy=merge_busy(
+                    other_work(tx.conn, schedule),
+                    book_busy(
+                        tx.conn,
+                        [n for g in groups for n in g.elements],
+                        {n: {**(inventory or {}).get(n, {}), **d} for n, d in element_data.items()}
+                        | {n: d for n, d in (inventory or {}).items() if n not in element_data},
+                    ),
+                ),
+            )
+        )
+    return problems
+
+
+def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | None:
+    row = tx.execute(
+        "SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)
+    ).fetchone()
+    if row is None or row[1] != S.OPTIMIZATION_IN_PROGRESS:
+        return None  # deleted while it was being planned
+    schedule_id = row[0]
+    elements = {
+        name: (element, grp)
+        for element, grp, name in tx.execute(
+            "SELECT id, grp, name FROM elements WHERE schedule = ? AND status = ?",
+            (schedule, E.PENDING_SCHEDULE.value),
+        )
+    }
+    for name, (reason, message) in plan.unplaced.items():
+        element, _ = elements[name]
+        tx.element_to(
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_SCHEDULE,
+            E.NOT_SCHEDULED,
+            status_message=f"{reason}: {message}",
+        )
+    figures = dict(optimizer_return_ms=tx.now_ms)
+    if not plan.placed or (plan.unplaced and not allow_partial):
+        why = (
+            "No elements scheduled"
+            if not plan.placed
+            else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled"
+        )
+        tx.schedule_to(
+            schedule,
+            schedule_id,
+            S.OPTIMIZATION_IN_PROGRESS,
+            S.OPTIMIZATION_FAILED,
+            optimizer_status="FAILED",
+            optimizer_message=f"{why}; {plan.summary}",
+            **figures,
+        )
+        return S.OPTIMIZATION_FAILED
+    duration_ms = plan.duration_ms
+    spans: dict[int, list[int]] = {}
+    for name, start_ms in plan.placed.items():
+        element, grp = elements[name]
+        tx.element_to(
+            element,
+            schedule,
+            schedule_id,
+            name,
+            E.PENDING_SCHEDULE,
+            E.PENDING_APPROVAL,
+            start_ms=start_ms,
+            finish_ms=start_ms + duration_ms,
+        )
+        spans.setdefault(grp, []).append(start_ms)
+    for grp, starts in spans.items():
+        tx.execute(
+            "UPDATE cm_groups SET start_ms = ?, finish_ms = ?, last_instance_ms = ? WHERE id = ?",
+            (min(starts), max(starts) + duration_ms, max(starts), grp),
+        )
+    tx.schedule_to(
+        schedule,
+        schedule_id,
+        S.OPTIMIZATION_IN_PROGRESS,
+        S.PENDING_APPROVAL,
+        optimizer_status="COMPLETED",
+        optimizer_message=plan.summary,
+        **figures,
+    )
+    return S.PENDING_APPROVAL
+
+
+# -- delete ---------------------------------------------------------------------------------
+
+
+def delete_schedule(tx: Tx, schedule_id: str) -> S:
+    schedule, status = _schedule_row(tx, schedule_id)
+    if status in (S.DELETED, S.CANCELLED):
+        return status  # already gone: deleting again changes nothing
+    rows = tx.execute(
+        "SELECT id, name, status FROM elements WHERE schedule = ?", (schedule,)
+    ).fetchall()
+    new_status, changes = lifecycle.delete_plan(status, (E(s) for _, _, s in rows))
+    for element, name, old in rows:
+        if E(old) in changes:
+            tx.element_to(element, schedule, schedule_id, name, E(old), changes[E(old)])
+    tx.schedule_to(schedule, schedule_id, status, new_status, delete_ms=tx.now_ms)
+    return new_status

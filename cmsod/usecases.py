@@ -1,0 +1,283 @@
+"""The use cases: what an operator or a client can ask of cmsod, as plain async functions over
+the store and the actors' request/reply channels (DESIGN.md §6).
+
+Every front door (the control socket today, a CMSO REST facade later) is a thin adapter over
+these: it decodes its own wire format, calls one function here and renders the answer. No rule
+is written twice, and no front door imports an actor or calls a peer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import trio
+
+from cmsod import __version__, lifecycle, log
+from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
+from cmsod.actors.supervisor import STALL_S, stalled_actors
+from cmsod.errors import ConfigError, ControlError, PeerError, RequestError
+from cmsod.model import ScheduleStatus as S
+from cmsod.optimize.planner import optimizer_response
+from cmsod.optimize.problem import problem_for
+from cmsod.store import book, outboxes, schedules, views
+from cmsod.ticketing import NewTicket, Opened
+from cmsod.wire.cmso import Approval, ScheduleRequest
+
+__all__ = ["WATCH_QUEUE", "Context"]
+
+# -- change tickets opened before a change is stored ------------------------------------------
+
+
+async def open_tickets(
+    ctx: Context, schedule_id: str, user_id: str, tickets: list[NewTicket]
+) -> Opened:
+    """Ask the tickets actor to open them; CMSO's 417 when it cannot."""
+    if ctx.ticket_desk is None:
+        raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, "not started")
+    try:
+        return await ctx.ticket_desk.open(
+            schedule_id, user_id, tickets, ctx.config.tickets.create_timeout_s
+        )
+    except PeerError as exc:
+        log.warning("tickets.refused", schedule_id=schedule_id, reason=str(exc))
+        raise RequestError(417, "UNABLE_TO_CREATE_CHANGE_TICKET", schedule_id, exc) from None
+
+
+async def store_with_tickets(
+    ctx: Context, schedule_id: str, user_id: str, opened: Opened, fn: Any, *args: Any
+) -> Any:
+    """Store the change that the opened tickets are for; if it cannot be stored (the
+    schedule changed meanwhile, the store failed), cancel them."""
+    try:
+        return await ctx.store.tx(fn, *args, opened)
+    except Exception:
+        if opened:
+            await ctx.store.tx(outboxes.abandon_tickets, opened, user_id)
+        raise
+
+
+# -- schedules --------------------------------------------------------------------------------
+
+
+async def create(ctx: Context, request: ScheduleRequest) -> tuple[str, S]:
+    new = lifecycle.validate_request(request)
+    if new.immediate:  # accepted as it is stored: its tickets first, nothing kept if refused
+        await ctx.store.read(schedules.schedule_exists, new.schedule_id)
+        cfg = ctx.config.tickets
+        tickets = schedules.tickets_for_immediate(
+            new, ctx.clock.now_ms(), cfg.vnfs_per_ticket, cfg.template
+        )
+        opened = await open_tickets(ctx, new.schedule_id, new.user_id, tickets)
+        status = await store_with_tickets(
+            ctx, new.schedule_id, new.user_id, opened, schedules.create_schedule, new
+        )
+    else:
+        status = await ctx.store.tx(schedules.create_schedule, new)
+    log.info(
+        "schedule.created",
+        schedule_id=new.schedule_id,
+        status=status.value,
+        elements=sum(len(g.elements) for g in new.groups),
+        immediate=new.immediate,
+    )
+    (ctx.bells.dispatcher if new.immediate else ctx.bells.optimizer).ring()
+    return new.schedule_id, status
+
+
+async def get_schedule(ctx: Context, schedule_id: str) -> dict[str, Any]:
+    return await ctx.store.read(views.get_schedule, schedule_id)
+
+
+async def list_schedules(
+    ctx: Context, status: list[str] | None, limit: int, after: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    return await ctx.store.read(views.list_schedules, status, limit, after)
+
+
+async def details(ctx: Context, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+    return await ctx.store.read(views.details, filters)
+
+
+async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
+    """Plan a request as the optimizer would now, counting work already scheduled; store
+    nothing. Answers CMSO's optimizer response."""
+    new = lifecycle.validate_request(request)
+    if new.immediate:
+        raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
+    names = [e.name for g in new.groups for e in g.elements]
+    data = {e.name: e.data for g in new.groups for e in g.elements}
+    busy = book.merge_busy(
+        await ctx.store.read(book.other_work, None, names),
+        await ctx.store.read(book.book_busy, names, {**ctx.planning.inventory, **data}),
+    )
+    problem = problem_for(new, ctx.clock.now_ms(), busy)
+    result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
+    return optimizer_response(problem, result)
+
+
+async def approve(ctx: Context, schedule_id: str, approval: Approval) -> S:
+    cfg = ctx.config.tickets
+    needed = await ctx.store.read(
+        schedules.tickets_for_approval, schedule_id, approval, cfg.vnfs_per_ticket, cfg.template
+    )
+    if needed is None:  # recorded, but does not accept the schedule (or rejects it)
+        status = await ctx.store.tx(schedules.approve, schedule_id, approval)
+    else:
+        user_id, tickets = needed
+        opened = await open_tickets(ctx, schedule_id, user_id, tickets)
+        status = await store_with_tickets(
+            ctx, schedule_id, user_id, opened, schedules.approve, schedule_id, approval
+        )
+    log.info(
+        "schedule.approval",
+        schedule_id=schedule_id,
+        approval=approval.approvalStatus,
+        by=approval.approvalUserId,
+        status=status.value,
+    )
+    ctx.bells.dispatcher.ring()
+    return status
+
+
+async def delete(ctx: Context, schedule_id: str) -> S:
+    status = await ctx.store.tx(schedules.delete_schedule, schedule_id)
+    log.info("schedule.deleted", schedule_id=schedule_id, status=status.value)
+    return status
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+
+async def health(ctx: Context, hostname: str) -> dict[str, Any]:
+    """CMSO's health shape, with the actors' figures and the store's counts."""
+    now = trio.current_time()
+    try:
+        counts = await ctx.store.read(views.status_counts)
+        db_ok = True
+    except Exception as exc:  # the health report must answer even when the store cannot
+        counts, db_ok = {"error": str(exc)}, False
+    stalled = stalled_actors(ctx, now, STALL_S)
+
+    def component(name: str, url: str, ok: bool) -> dict[str, Any]:
+        return {"name": name, "url": url, "status": "OK" if ok else "FAILED", "healthy": ok}
+
+    def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
+        return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
+
+    return {
+        "healthy": db_ok and not stalled,
+        "buildInfo": f"cmsod {__version__}",
+        "currentTime": lifecycle.format_time(ctx.clock.now_ms()),
+        "hostname": hostname,
+        "components": [
+            component("Scheduler Database", str(ctx.config.store_path), db_ok),
+            component(
+                "SO Interface",
+                ctx.config.so.url or ctx.config.so.mode,
+                peer_ok("dispatcher", "poller"),
+            ),
+            component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
+            component(
+                "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
+            ),
+        ],
+        "actors": {
+            name: {
+                "heartbeatAgeS": round(now - f.heartbeat, 3),
+                "restarts": f.restarts,
+                "done": f.done,
+                "errors": f.errors,
+                "lastError": f.last_error,
+            }
+            for name, f in sorted(ctx.figures.items())
+        },
+        "counts": counts,
+    }
+
+
+def reload(ctx: Context) -> list[str]:
+    """Read the configuration again; returns what changed."""
+    if ctx.reload is None:
+        raise ControlError("reload is not available")
+    try:
+        return ctx.reload()
+    except ConfigError as exc:
+        raise ControlError(str(exc)) from None
+
+
+async def watch(
+    ctx: Context, schedule_id: str | None, event_type: str | None
+) -> AsyncGenerator[bytes, None]:
+    """Every CM event from now on (of one schedule, of one eventType), as it is read."""
+    watcher = Watcher(schedule_id, event_type)
+    ctx.watchers.add(watcher)
+    log.info(
+        "watch.started", schedule_id=schedule_id, event_type=event_type, watchers=len(ctx.watchers)
+    )
+    try:
+        async with watcher.receive:
+            async for body in watcher.receive:
+                yield body
+    finally:
+        ctx.watchers.discard(watcher)
+    if watcher.dropped:
+        raise ControlError(
+            f"dropped: fell {WATCH_QUEUE} events behind", name="io.cmsod.WatchDropped"
+        )
+
+
+# -- the availability book and the tickets ------------------------------------------------------
+
+
+async def availability_add(
+    ctx: Context,
+    kind: str,
+    element: str,
+    start_time: str,
+    end_time: str,
+    reason: str,
+    by: str,
+    ref: str | None,
+) -> tuple[book.Unavailability, list[str]]:
+    try:
+        start, end = lifecycle.parse_time_ms(start_time), lifecycle.parse_time_ms(end_time)
+    except ValueError:
+        raise RequestError(
+            400, "INVALID_ATTRIBUTE", "startTime/endTime", f"{start_time},{end_time}"
+        ) from None
+    if end <= start:
+        raise RequestError(400, "INVALID_CHANGE_WINDOW", start_time, end_time)
+    entry, touched = await ctx.store.tx(
+        book.add_unavailability, kind, element, start, end, reason, by, ref
+    )
+    log.info("availability.added", id=entry.id, element=element, touches=",".join(touched) or None)
+    ctx.bells.optimizer.ring()
+    ctx.bells.dispatcher.ring()
+    return entry, touched
+
+
+async def availability_list(ctx: Context, element: str | None) -> list[book.Unavailability]:
+    return await ctx.store.read(book.list_unavailability, element)
+
+
+async def availability_remove(ctx: Context, ref: str) -> None:
+    if not await ctx.store.tx(book.remove_unavailability, ref):
+        raise ControlError(f"no such entry {ref!r}", name="io.cmsod.Availability.NoSuchEntry")
+    log.info("availability.removed", id=ref)
+
+
+async def tickets_list(
+    ctx: Context, schedule_id: str | None, limit: int, after: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    return await ctx.store.read(views.list_tickets, schedule_id, limit, after)
+
+
+async def ticket(ctx: Context, change_id: str) -> dict[str, Any]:
+    found = await ctx.store.read(views.get_ticket, change_id)
+    if found is None:
+        raise ControlError(
+            f"no such change ticket {change_id!r}", name="io.cmsod.Tickets.NoSuchTicket"
+        )
+    return found
