@@ -47,6 +47,14 @@ def element_edit(schedule_id: str, name: str, value: dict[str, Any]) -> tuple[st
     return ("patch", element_target(schedule_id, name), {"cm-schedule:vnf": [value]})
 
 
+FREEZE_CORRELATION = "cmsod-freeze"  # the global freeze's events: their own sequence
+FREEZE_TARGET = "/cm-schedule:freeze"
+
+
+def freeze_edit(value: dict[str, Any]) -> tuple[str, str, dict]:
+    return ("patch", FREEZE_TARGET, {"cm-schedule:freeze": [value]})
+
+
 def event_time(ms: int) -> str:
     """NCMP legacy eventTime: 2024-05-28T17:28:02.869+0000."""
     moment = datetime.fromtimestamp(ms / 1000, UTC)

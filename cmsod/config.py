@@ -57,6 +57,10 @@ class DispatcherConfig(Section, frozen=True):
     misfire_grace_s: Seconds = 300.0  # later than start + grace is `Past due`, never dispatched
     dispatch_immediate: bool = True  # CMSO's cmso.cm.dispatch.immediate.enabled
     max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    # The failure threshold of a schedule whose request sets none (maxFailures,
+    # maxFailureRatio in schedulingInfo): past it the rollout is Halted. -1 / 1.0: none.
+    max_failures: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    max_failure_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
 
 
 class PollerConfig(Section, frozen=True):

@@ -43,6 +43,8 @@ class RequestError(CmsodError):
         "UNABLE_TO_CREATE_CHANGE_TICKET": (
             "Unable to create change ticket in TM: Schedule ID: {0} : Reason : {1}"
         ),
+        "NOT_RUNNING": "Cannot {0} schedule {1}: it is {2}, not a rollout under way",
+        "NOT_STOPPED": "Cannot resume schedule {0}: it is {1}, not Paused or Halted",
         "SCHEDULE_CHANGED": (
             "Schedule {0} changed while its change tickets were being opened; try again"
         ),

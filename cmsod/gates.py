@@ -19,6 +19,8 @@ import msgspec
 
 from cmsod import lifecycle, ticketing
 from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from cmsod.optimize.problem import merge
 
 
 class Go(msgspec.Struct, frozen=True, tag=True):
@@ -43,6 +45,24 @@ Answer = Go | Hold | End
 GO = Go()
 
 
+class Freeze(msgspec.Struct, frozen=True):
+    """The global freeze while it is on: nothing is dispatched anywhere."""
+
+    since_ms: int
+    by: str
+    why: str
+    until_ms: int | None = None  # None: until turned off
+
+
+class Failures(msgspec.Struct, frozen=True):
+    """The schedule's failure count (less those a resume acknowledged) and its threshold."""
+
+    failed: int = 0
+    total: int = 0
+    max_failures: int | None = None
+    max_ratio: float | None = None
+
+
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     """What the decision sees of one element waiting to be dispatched."""
 
@@ -52,8 +72,18 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     status: E
     start_ms: int | None  # None: immediate
     created_ms: int  # the schedule's: an immediate element's misfire grace counts from it
+    duration_ms: int = 0
     change_id: str | None = None
     ticket_state: str = "|"  # our record of its ticket, `approvalStatus|status`
+    schedule_status: S = S.NOTIFICATIONS_INITIATED
+    stopped_by: str | None = None  # who paused or halted the schedule, and why
+    stopped_why: str | None = None
+    freeze: Freeze | None = None
+    failures: Failures = Failures()
+    # the availability book's entries on this element (or one it requires) over its slot:
+    # (start, end, what), e.g. a blackout added after approval
+    unavailable: tuple[tuple[int, int, str], ...] = ()
+    held_why: str | None = None  # what held it last, if anything did
 
     @property
     def due_ms(self) -> int:
@@ -158,10 +188,101 @@ class MisfireGate(msgspec.Struct, frozen=True):
         )
 
 
+class StopGate(msgspec.Struct, frozen=True):
+    """A paused or halted schedule dispatches nothing until it is resumed (or aborted)."""
+
+    name: str = "stop"
+
+    def __call__(self, s: Snapshot) -> Answer:
+        if s.schedule_status not in (S.PAUSED, S.HALTED):
+            return GO
+        return Hold(None, f"{s.schedule_status.value} by {s.stopped_by}: {s.stopped_why}")
+
+
+class FreezeGate(msgspec.Struct, frozen=True):
+    """The global freeze: nothing is dispatched anywhere while it is on."""
+
+    name: str = "freeze"
+
+    def __call__(self, s: Snapshot) -> Answer:
+        f = s.freeze
+        if f is None or (f.until_ms is not None and s.now_ms >= f.until_ms):
+            return GO
+        until = f" until {lifecycle.format_time(f.until_ms)}" if f.until_ms is not None else ""
+        return Hold(f.until_ms, f"freeze{until} by {f.by}: {f.why}")
+
+
+class FailureGate(msgspec.Struct, frozen=True):
+    """The schedule's failure threshold: once crossed, nothing more of it is dispatched (the
+    store halts the schedule in the transaction that crosses it; this holds the rest even
+    before that is seen)."""
+
+    name: str = "failures"
+
+    def __call__(self, s: Snapshot) -> Answer:
+        f = s.failures
+        why = lifecycle.threshold_crossed(f.failed, f.total, f.max_failures, f.max_ratio)
+        return GO if why is None else Hold(None, f"failure threshold crossed: {why}")
+
+
+class BookGate(msgspec.Struct, frozen=True):
+    """Blackouts and outside tickets, enforced at dispatch too: an entry of the availability
+    book that overlaps the element's run (added after approval, say) holds it past the entry."""
+
+    name: str = "blackout"
+
+    def __call__(self, s: Snapshot) -> Answer:
+        begin = max(s.now_ms, s.start_ms or s.now_ms)
+        end = begin + s.duration_ms
+        hits = [(a, b, what) for a, b, what in s.unavailable if a < end and b > begin]
+        if not hits:
+            return GO
+        until = max(b for _, b, _ in hits)
+        whats = ", ".join(what for _, _, what in hits)
+        return Hold(until, f"{whats} until {lifecycle.format_time(until)}")
+
+
 def standard(ticket: TicketGate, misfire_grace_ms: int, dispatch_immediate: bool) -> list[Gate]:
-    """The gates in the order they are asked."""
+    """The gates in the order they are asked: stops first (pause, freeze, failures: an
+    operator's word), then what the element's own slot allows, last the misfire grace."""
     return [
+        StopGate(),
+        FreezeGate(),
+        FailureGate(),
+        BookGate(),
         msgspec.structs.replace(ticket, misfire_grace_ms=misfire_grace_ms),
         ImmediateGate(dispatch_immediate),
         MisfireGate(misfire_grace_ms),
     ]
+
+
+# -- carry-over ---------------------------------------------------------------------------------
+
+
+def next_free_slot(
+    windows: list[tuple[int, int]],
+    origin_ms: int,
+    step_ms: int,
+    not_before_ms: int,
+    blocked: list[tuple[int, int]],
+    taken: dict[int, int],
+    concurrency: int,
+) -> int | None:
+    """The first slot of the schedule's grid (origin, step) wholly inside one of `windows`,
+    starting no earlier than `not_before_ms`, that overlaps no `blocked` span and has room
+    under the concurrency limit (`taken`: slot start -> elements already there); None when
+    no window has one left."""
+    spans = merge(blocked)
+    for start, end in merge(windows):
+        first = max(start, not_before_ms)
+        k = max(0, -(-(first - origin_ms) // step_ms))
+        while origin_ms + (k + 1) * step_ms <= end:
+            slot = origin_ms + k * step_ms
+            clash = next((b for a, b in spans if a < slot + step_ms and b > slot), None)
+            if clash is not None:
+                k = max(k + 1, -(-(clash - origin_ms) // step_ms))  # jump past the span
+                continue
+            if taken.get(slot, 0) < concurrency:
+                return slot
+            k += 1
+    return None

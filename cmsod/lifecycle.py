@@ -19,6 +19,7 @@ from cmsod.model import (
     ELEMENT_DONE_FAILED,
     ELEMENT_DONE_OK,
     ELEMENT_NOT_PART,
+    SCHEDULE_RUNNING,
     NewElement,
     NewGroup,
     NewSchedule,
@@ -45,8 +46,24 @@ SCHEDULE_TRANSITIONS: dict[S | None, frozenset[S]] = {
     ),
     S.PENDING_APPROVAL: frozenset({S.ACCEPTED, S.REJECTED, S.DELETED}),
     S.ACCEPTED: frozenset({S.SCHEDULED, S.CANCELLED}),
-    S.SCHEDULED: frozenset({S.NOTIFICATIONS_INITIATED, S.CANCELLED}),
-    S.NOTIFICATIONS_INITIATED: frozenset({S.COMPLETED, S.COMPLETED_WITH_ERRORS}),
+    S.SCHEDULED: frozenset({S.NOTIFICATIONS_INITIATED, S.CANCELLED, S.PAUSED}),
+    S.NOTIFICATIONS_INITIATED: frozenset(
+        {S.COMPLETED, S.COMPLETED_WITH_ERRORS, S.PAUSED, S.HALTED}
+    ),
+    # stopped: resumed (back to where it was), aborted (Cancelled if nothing ran), or its
+    # running work flows end and leave nothing to run (the verdict)
+    S.PAUSED: frozenset(
+        {
+            S.SCHEDULED,
+            S.NOTIFICATIONS_INITIATED,
+            S.CANCELLED,
+            S.COMPLETED,
+            S.COMPLETED_WITH_ERRORS,
+        }
+    ),
+    S.HALTED: frozenset(
+        {S.NOTIFICATIONS_INITIATED, S.PAUSED, S.CANCELLED, S.COMPLETED, S.COMPLETED_WITH_ERRORS}
+    ),
     S.OPTIMIZATION_FAILED: frozenset({S.DELETED}),
     S.SCHEDULE_FAILED: frozenset({S.DELETED}),
     S.REJECTED: frozenset({S.DELETED}),
@@ -233,6 +250,8 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
         domain_data=domain_data,
         groups=groups,
         schedule_info=msgspec.json.encode(info),
+        max_failures=info.maxFailures,
+        max_failure_ratio=info.maxFailureRatio,
     )
 
 
@@ -285,6 +304,47 @@ def delete_plan(schedule: S, elements: Iterable[E]) -> tuple[S, dict[E, E]]:
         ):
             changes[status] = E.DELETED
     return new_schedule, changes
+
+
+def check_stop(schedule_id: str, status: S, action: str) -> None:
+    """Pause and abort act on a rollout under way (`Scheduled`, `Notifications Initiated`, or
+    already stopped); anything else is CMSO's 412 naming the status."""
+    if status not in SCHEDULE_RUNNING:
+        raise RequestError(412, "NOT_RUNNING", action, schedule_id, status.value)
+
+
+def resumed_status(started: bool) -> S:
+    """Where a resumed rollout goes back to: `Notifications Initiated` once anything of it was
+    dispatched or ended, else `Scheduled`."""
+    return S.NOTIFICATIONS_INITIATED if started else S.SCHEDULED
+
+
+def abort_plan(elements: Iterable[E]) -> tuple[dict[E, E], bool]:
+    """Abort: every element not yet dispatched is `Cancelled`; those running are polled to
+    their end. Also says whether anything of the schedule ran (else it is `Cancelled`)."""
+    changes: dict[E, E] = {}
+    ran = False
+    for status in set(elements):
+        if status in (E.SCHEDULED, E.SCHEDULED_IMMEDIATE):
+            changes[status] = E.CANCELLED
+        elif status not in ELEMENT_NOT_PART:
+            ran = True
+    return changes, ran
+
+
+def threshold_crossed(
+    failed: int, total: int, max_failures: int | None, max_ratio: float | None
+) -> str | None:
+    """Why the failure threshold is crossed (more failures than `max_failures`, or a larger
+    share of the elements than `max_ratio`), None while it is not."""
+    if max_failures is not None and failed > max_failures:
+        return f"{failed} elements failed, more than max_failures = {max_failures}"
+    if max_ratio is not None and total and failed > max_ratio * total:
+        return (
+            f"{failed} of {total} elements failed ({failed / total:.0%}), more than "
+            f"max_failure_ratio = {max_ratio:g}"
+        )
+    return None
 
 
 def completion_verdict(elements: Iterable[E]) -> S | None:

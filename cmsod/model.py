@@ -23,6 +23,10 @@ class ScheduleStatus(StrEnum):
     COMPLETED_WITH_ERRORS = "Completed with error(s)"
     CANCELLED = "Cancelled"
     DELETED = "Deleted"
+    # cmsod's own, in CMSO's style: a rollout stopped by an operator, or by its failure
+    # threshold; either is resumed or aborted (README "Stopping and holding a rollout").
+    PAUSED = "Paused"
+    HALTED = "Halted"
 
 
 class ElementStatus(StrEnum):
@@ -58,6 +62,10 @@ SCHEDULE_FINAL = frozenset(
     }
 )
 
+# A rollout under way, and the ones of them stopped until resumed or aborted.
+SCHEDULE_RUNNING = frozenset({S.SCHEDULED, S.NOTIFICATIONS_INITIATED, S.PAUSED, S.HALTED})
+SCHEDULE_STOPPED = frozenset({S.PAUSED, S.HALTED})
+
 # Element states waiting for dispatch.
 ELEMENT_DISPATCHABLE = frozenset({E.SCHEDULED, E.SCHEDULED_IMMEDIATE})
 
@@ -70,6 +78,10 @@ ELEMENT_DONE_FAILED = frozenset(
 # dispatched (CMSO bug 5 fixed). They neither block nor spoil a schedule's verdict.
 ELEMENT_NOT_PART = frozenset({E.NOT_SCHEDULED, E.APPROVAL_REJECTED})
 ELEMENT_FINAL = ELEMENT_DONE_OK | ELEMENT_DONE_FAILED | ELEMENT_NOT_PART
+# What counts against a schedule's failure threshold (a cancelled element did not fail), and
+# the elements it is counted over.
+ELEMENT_FAILED_RUN = frozenset({E.FAILED, E.ERROR, E.SCHEDULING_FAILED, E.PAST_DUE})
+ELEMENT_NOT_COUNTED = ELEMENT_NOT_PART | {E.DELETED}
 
 APPROVAL_DOMAIN = "ChangeManagement"
 APPROVAL_TYPE = "Tier 2"
@@ -109,6 +121,8 @@ class NewSchedule(msgspec.Struct):
     domain_data: list[tuple[str, str]]
     groups: list[NewGroup]
     schedule_info: bytes  # the request's schedulingInfo, kept for `scheduleInfo` in views
+    max_failures: int | None = None  # the failure threshold (README "Stopping and holding")
+    max_failure_ratio: float | None = None
 
     @property
     def immediate(self) -> bool:

@@ -58,6 +58,7 @@ class Op(StrEnum):
     UPDATE = "update"
     CLOSE = "close"
     CANCEL = "cancel"  # CMSO posts it to the close path
+    RESCHEDULE = "reschedule"  # new planned dates (an element carried over), to the update path
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,15 @@ def plan_tickets(
 
 def update_body(change_id: str, user_id: str) -> dict[str, Any]:
     return {"changeId": change_id, "status": WORK_IN_PROGRESS, "requesterId": requester(user_id)}
+
+
+def reschedule_body(change_id: str, user_id: str, start_ms: int, end_ms: int) -> dict[str, Any]:
+    return {
+        "changeId": change_id,
+        "plannedStartDate": start_ms // 1000,
+        "plannedEndDate": end_ms // 1000,
+        "requesterId": requester(user_id),
+    }
 
 
 def closure(statuses: Iterable[E]) -> Closure | None:

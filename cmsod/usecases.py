@@ -21,7 +21,7 @@ from cmsod.errors import ConfigError, ControlError, PeerError, RequestError
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
-from cmsod.store import book, outboxes, schedules, views
+from cmsod.store import book, dispatch, outboxes, schedules, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import Approval, ScheduleRequest
 
@@ -63,6 +63,12 @@ async def store_with_tickets(
 
 async def create(ctx: Context, request: ScheduleRequest) -> tuple[str, S]:
     new = lifecycle.validate_request(request)
+    if new.max_failures is None and new.max_failure_ratio is None:  # the configured default
+        limits = ctx.config.dispatcher
+        new.max_failures = limits.max_failures if limits.max_failures >= 0 else None
+        new.max_failure_ratio = (
+            limits.max_failure_ratio if limits.max_failure_ratio < 1.0 else None
+        )
     if new.immediate:  # accepted as it is stored: its tickets first, nothing kept if refused
         await ctx.store.read(schedules.schedule_exists, new.schedule_id)
         cfg = ctx.config.tickets
@@ -147,14 +153,54 @@ async def delete(ctx: Context, schedule_id: str) -> S:
     return status
 
 
+# -- stopping and holding a rollout -------------------------------------------------------------
+
+
+async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
+    return await ctx.store.tx(schedules.pause, schedule_id, by, why)
+
+
+async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> S:
+    grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
+    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms)
+    ctx.bells.dispatcher.ring()
+    return status
+
+
+async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> S:
+    status = await ctx.store.tx(schedules.abort, schedule_id, by, why)
+    ctx.bells.poller.ring()
+    return status
+
+
+async def freeze(
+    ctx: Context, on: bool, by: str, why: str, until: str | None
+) -> dict[str, Any] | None:
+    """Turn the global freeze on or off; answers the freeze in force, if any."""
+    until_ms = None
+    if until is not None:
+        try:
+            until_ms = lifecycle.parse_time_ms(until)
+        except ValueError:
+            raise RequestError(400, "INVALID_ATTRIBUTE", "until", until) from None
+        if until_ms <= ctx.clock.now_ms():
+            raise RequestError(400, "INVALID_ATTRIBUTE", "until", until)
+    frozen = await ctx.store.tx(dispatch.set_freeze, on, by, why, until_ms)
+    ctx.bells.dispatcher.ring()
+    return views.freeze_view(frozen)
+
+
 # -- the daemon -------------------------------------------------------------------------------
 
 
 async def health(ctx: Context, hostname: str) -> dict[str, Any]:
-    """CMSO's health shape, with the actors' figures and the store's counts."""
+    """CMSO's health shape, with the actors' figures and the store's counts; the global
+    freeze first, when one is on."""
     now = trio.current_time()
+    frozen: dict[str, Any] | None = None
     try:
         counts = await ctx.store.read(views.status_counts)
+        frozen = await ctx.store.read(views.freeze_in_force, ctx.clock.now_ms())
         db_ok = True
     except Exception as exc:  # the health report must answer even when the store cannot
         counts, db_ok = {"error": str(exc)}, False
@@ -167,6 +213,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
     return {
+        "freeze": frozen,
         "healthy": db_ok and not stalled,
         "buildInfo": f"cmsod {__version__}",
         "currentTime": lifecycle.format_time(ctx.clock.now_ms()),

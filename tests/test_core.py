@@ -30,6 +30,8 @@ def test_status_texts_are_cmsos() -> None:
         "Completed with error(s)",
         "Cancelled",
         "Deleted",
+        "Paused",  # cmsod's own: a rollout stopped by an operator or its failure threshold
+        "Halted",
     ]
     assert E.NOT_SCHEDULED.value == "Not scheduled by optimizer"
     assert E.PAST_DUE.value == "Past due"

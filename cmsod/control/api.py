@@ -64,9 +64,15 @@ def may_change_state(ctx: Context, peer: Peer) -> bool:
 @dataclass(frozen=True)
 class Method:
     parameters: type
-    handler: Callable[[Context, Any], Any]  # a coroutine, or an async iterator when it streams
+    handler: Callable[..., Any]  # a coroutine, or an async iterator when it streams
     changes_state: bool
     streams: bool = False
+    caller: bool = False  # the handler is told who calls: handler(ctx, parameters, peer)
+
+
+def who(peer: Peer, claimed: str) -> str:
+    """Who did it, as recorded: the name cmsoctl gave, with the uid the socket vouches for."""
+    return f"{claimed} (uid {peer.uid})" if claimed else f"uid {peer.uid}"
 
 
 # -- handlers: each decodes nothing and decides nothing; it calls one use case ---------------
@@ -102,6 +108,26 @@ async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
 async def delete(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
     status = await usecases.delete(ctx, p.scheduleId)
     return {"scheduleId": p.scheduleId, "status": status.value}
+
+
+async def pause(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]:
+    status = await usecases.pause(ctx, p.scheduleId, who(peer, p.by), p.reason)
+    return {"scheduleId": p.scheduleId, "status": status.value}
+
+
+async def resume(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]:
+    status = await usecases.resume(ctx, p.scheduleId, who(peer, p.by), p.reason)
+    schedule = await usecases.get_schedule(ctx, p.scheduleId)  # the new plan
+    return {"scheduleId": p.scheduleId, "status": status.value, "schedule": schedule}
+
+
+async def abort(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]:
+    status = await usecases.abort(ctx, p.scheduleId, who(peer, p.by), p.reason)
+    return {"scheduleId": p.scheduleId, "status": status.value}
+
+
+async def freeze(ctx: Context, p: w.FreezeParameters, peer: Peer) -> dict[str, Any]:
+    return {"freeze": await usecases.freeze(ctx, p.on, who(peer, p.by), p.reason, p.until)}
 
 
 async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
@@ -161,6 +187,10 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
+    "io.cmsod.Schedules.Pause": Method(w.StopParameters, pause, True, caller=True),
+    "io.cmsod.Schedules.Resume": Method(w.StopParameters, resume, True, caller=True),
+    "io.cmsod.Schedules.Abort": Method(w.StopParameters, abort, True, caller=True),
+    "io.cmsod.Manager.Freeze": Method(w.FreezeParameters, freeze, True, caller=True),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
     "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),
@@ -232,7 +262,8 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
                 async for item in stream:
                     yield _encoder.encode({"parameters": item, "continues": True})
             return
-        result = await method.handler(ctx, parameters)
+        extra = (peer,) if method.caller else ()
+        result = await method.handler(ctx, parameters, *extra)
     except RequestError as exc:
         yield _error("io.cmsod.RequestError", exc.to_parameters())
         return

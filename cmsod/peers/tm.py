@@ -122,11 +122,15 @@ class HttpTM:
         return info.approvalStatus, info.status
 
     async def send(self, op: Op, body: bytes) -> None:
-        path = self.cfg.update_path if op is Op.UPDATE else self.cfg.close_path
+        path = self.cfg.update_path if op in (Op.UPDATE, Op.RESCHEDULE) else self.cfg.close_path
         response = await self._post(path, body)
         if response.status_code == 200:
             return
-        if response.status_code == 400 and op is not Op.UPDATE and already_closed(response.content):
+        if (
+            response.status_code == 400
+            and op in (Op.CLOSE, Op.CANCEL)
+            and already_closed(response.content)
+        ):
             return
         raise PeerError(f"TM answered HTTP {response.status_code}: {excerpt(response.content)}")
 

@@ -132,6 +132,16 @@ def book_busy(
     return blocking(rows, wanted)
 
 
+def entries_on(conn: Any, names: list[str], after_ms: int) -> list[tuple[int, int, str]]:
+    """The book's entries on these elements that end after `after_ms`: (start, end, what)."""
+    marks = ", ".join("?" * len(names))
+    return conn.execute(
+        "SELECT start_ms, end_ms, kind || ' ' || ref FROM availability"
+        f" WHERE element IN ({marks}) AND end_ms > ? ORDER BY start_ms",
+        (*names, after_ms),
+    ).fetchall()
+
+
 def merge_busy(*sources: dict[str, list[Busy]]) -> dict[str, list[Busy]]:
     merged: dict[str, list[Busy]] = {}
     for source in sources:

@@ -9,10 +9,17 @@ from typing import Any
 
 import msgspec
 
-from cmsod import gates, ticketing
-from cmsod.model import ELEMENT_DISPATCHABLE, PollOutcome
+from cmsod import gates, lifecycle, ticketing
+from cmsod.model import (
+    ELEMENT_DISPATCHABLE,
+    ELEMENT_FAILED_RUN,
+    ELEMENT_NOT_COUNTED,
+    PollOutcome,
+)
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
+from cmsod.optimize.problem import requirements
+from cmsod.store import book
 from cmsod.store.store import Tx
 
 # -- dispatch -------------------------------------------------------------------------------
@@ -28,13 +35,113 @@ class DispatchJob(msgspec.Struct):
     attempt: int
 
 
-def load_snapshot(tx: Tx, element: int) -> tuple[gates.Snapshot, tuple] | None:
+# A hold with no end (pause, halt, a freeze without --until): looked at again only once
+# released (resume, freeze off clear it).
+INDEFINITE_MS = 1 << 53
+FAILED_RUN = tuple(sorted(s.value for s in ELEMENT_FAILED_RUN))
+NOT_COUNTED = tuple(sorted(s.value for s in ELEMENT_NOT_COUNTED))
+
+
+class Loaded(msgspec.Struct):
+    """What applying the gates' answer needs besides the snapshot."""
+
+    element: int
+    schedule: int
+    grp: int
+    request: bytes
+    key: str | None
+    attempts: int
+    data: bytes | None
+
+
+class BatchCache:
+    """What the snapshots of one due batch share, read once per transaction."""
+
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+        self._freeze: gates.Freeze | None | bool = False
+        self._failures: dict[int, gates.Failures] = {}
+
+    def freeze(self) -> gates.Freeze | None:
+        if self._freeze is False:
+            self._freeze = load_freeze(self.tx.conn)
+        return self._freeze  # type: ignore[return-value]
+
+    def failures(
+        self, schedule: int, max_failures: int | None, max_ratio: float | None, acked: int
+    ) -> gates.Failures:
+        if max_failures is None and max_ratio is None:
+            return gates.Failures()
+        if schedule not in self._failures:
+            failed, total = self.tx.execute(
+                "SELECT coalesce(sum(status IN (?, ?, ?, ?)), 0),"
+                " coalesce(sum(status NOT IN (?, ?, ?)), 0) FROM elements WHERE schedule = ?",
+                (*FAILED_RUN, *NOT_COUNTED, schedule),
+            ).fetchone()
+            self._failures[schedule] = gates.Failures(
+                failed - acked, total, max_failures, max_ratio
+            )
+        return self._failures[schedule]
+
+
+def load_freeze(conn: Any) -> gates.Freeze | None:
+    row = conn.execute(
+        "SELECT since_ms, by, why, until_ms FROM freeze WHERE id = 1 AND active = 1"
+    ).fetchone()
+    return None if row is None else gates.Freeze(row[0], row[1], row[2], row[3])
+
+
+def set_freeze(
+    tx: Tx, active: bool, by: str, why: str, until_ms: int | None = None
+) -> gates.Freeze | None:
+    """Turn the global freeze on (again: a new reason or end replaces the old) or off. Off
+    releases every element it held: they go now, or into their next free slot."""
+    was = load_freeze(tx.conn)
+    if not active and was is None:
+        return None
+    tx.execute(
+        "UPDATE freeze SET active = ?, since_ms = ?, until_ms = ?, by = ?, why = ? WHERE id = 1",
+        (int(active), tx.now_ms, until_ms if active else None, by, why),
+    )
+    value: dict[str, Any] = {
+        "status": "Frozen" if active else "Thawed",
+        "control-by": by,
+        "control-why": why,
+        "control-time": lifecycle.format_time(tx.now_ms),
+    }
+    if active and until_ms is not None:
+        value["until-time"] = lifecycle.format_time(until_ms)
+    tx.freeze_event(value)
+    released = 0 if active else release_holds(tx, "freeze")
+    tx.note(
+        "freeze.on" if active else "freeze.off",
+        by=by,
+        why=why,
+        until=lifecycle.format_time(until_ms) if active else None,
+        released=released if not active else None,
+    )
+    return load_freeze(tx.conn)
+
+
+def expire_freeze(tx: Tx) -> None:
+    """A freeze whose --until has passed is turned off (its event and log line), once."""
+    freeze = load_freeze(tx.conn)
+    if freeze is not None and freeze.until_ms is not None and tx.now_ms >= freeze.until_ms:
+        set_freeze(tx, False, "cmsod", f"the freeze by {freeze.by} reached its end")
+
+
+def load_snapshot(
+    tx: Tx, element: int, cache: BatchCache | None = None
+) -> tuple[gates.Snapshot, Loaded] | None:
     """The element as the gates see it, and what applying their answer needs; None when it
     no longer waits for a dispatch (ended, or its intent already committed)."""
+    cache = cache or BatchCache(tx)
     row = tx.execute(
         "SELECT e.schedule, s.schedule_id, s.status, e.name, e.status, e.start_ms, e.request,"
         " e.dispatch_key, e.dispatch_started_ms, e.dispatch_attempts, e.tm_change_id,"
-        " t.approval_status, t.status, s.create_ms"
+        " t.approval_status, t.status, s.create_ms, s.normal_s + s.additional_s,"
+        " s.control_by, s.control_why, s.max_failures, s.max_failure_ratio,"
+        " s.failures_acknowledged, e.hold_why, e.grp, e.data"
         " FROM elements e JOIN schedules s ON s.id = e.schedule"
         " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id WHERE e.id = ?",
         (element,),
@@ -56,6 +163,15 @@ def load_snapshot(tx: Tx, element: int) -> tuple[gates.Snapshot, tuple] | None:
         ticket_approval,
         ticket_status,
         created_ms,
+        duration_s,
+        stopped_by,
+        stopped_why,
+        max_failures,
+        max_ratio,
+        acked,
+        held_why,
+        grp,
+        data,
     ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
@@ -66,29 +182,55 @@ def load_snapshot(tx: Tx, element: int) -> tuple[gates.Snapshot, tuple] | None:
         status=E(status),
         start_ms=start_ms,
         created_ms=created_ms,
+        duration_ms=duration_s * 1000,
         change_id=change_id,
         ticket_state=ticketing.state_text(ticket_approval, ticket_status),
+        schedule_status=S(schedule_status),
+        stopped_by=stopped_by,
+        stopped_why=stopped_why,
+        freeze=cache.freeze(),
+        failures=cache.failures(schedule, max_failures, max_ratio, acked),
+        unavailable=tuple(book.entries_on(tx.conn, _needs(name, data), tx.now_ms)),
+        held_why=held_why,
     )
-    return snapshot, (schedule, S(schedule_status), request, key, attempts)
+    return snapshot, Loaded(element, schedule, grp, request, key, attempts, data)
 
 
-def begin_dispatch(tx: Tx, element: int, rules: list[gates.Gate]) -> DispatchJob | None:
+def _needs(name: str, data: bytes | None) -> list[str]:
+    """The element and those it requires: whose unavailability holds it."""
+    element_data = msgspec.json.decode(data, type=dict[str, str]) if data else {}
+    return list(requirements([name], {name: element_data}))
+
+
+def begin_dispatch(
+    tx: Tx, element: int, rules: list[gates.Gate], cache: BatchCache | None = None
+) -> DispatchJob | None:
     """Ask the gates; on `Go` commit the intent to dispatch before the orchestrator is called
-    (at most once), on `Hold` the time to look again, on `End` how the element ends."""
-    loaded = load_snapshot(tx, element)
+    (at most once); on `Hold` keep it waiting, or carry it over to its next free slot when
+    the hold outlasts its slot; on `End` end it (an element held past its slot is carried
+    over instead of `Past due` while its windows have a free slot)."""
+    loaded = load_snapshot(tx, element, cache)
     if loaded is None:
         return None
-    snap, (schedule, schedule_status, request, key, attempts) = loaded
-    _, answer = gates.decide(snap, rules)
+    snap, row = loaded
+    gate, answer = gates.decide(snap, rules)
     if isinstance(answer, gates.Hold):
-        tx.execute("UPDATE elements SET hold_ms = ? WHERE id = ?", (answer.until_ms, element))
+        grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
+        outlasts = answer.until_ms is not None and answer.until_ms > snap.due_ms + grace_ms
+        if snap.start_ms is not None and outlasts:
+            carry_over(tx, snap, row, answer.until_ms or tx.now_ms, f"held by {gate}: {answer.why}")
+        else:
+            hold(tx, snap, row, gate, answer)
         return None
-    if schedule_status is S.SCHEDULED:  # the first dispatch attempt, even if then refused
-        tx.schedule_to(schedule, snap.schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
+    if snap.schedule_status is S.SCHEDULED:  # the first dispatch attempt, even if then refused
+        tx.schedule_to(row.schedule, snap.schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
     if isinstance(answer, gates.End):
+        if answer.status is E.PAST_DUE and snap.held_why is not None:
+            carry_over(tx, snap, row, tx.now_ms, snap.held_why)
+            return None
         tx.element_to(
             element,
-            schedule,
+            row.schedule,
             snap.schedule_id,
             snap.name,
             snap.status,
@@ -96,13 +238,133 @@ def begin_dispatch(tx: Tx, element: int, rules: list[gates.Gate]) -> DispatchJob
             status_message=answer.why,
         )
         return None
-    key = key or str(uuid.uuid4())
+    key = row.key or str(uuid.uuid4())
     tx.execute(
         "UPDATE elements SET dispatch_key = ?, dispatch_started_ms = ?,"
         " dispatch_attempts = dispatch_attempts + 1 WHERE id = ?",
         (key, tx.now_ms, element),
     )
-    return DispatchJob(element, schedule, snap.schedule_id, snap.name, request, key, attempts + 1)
+    return DispatchJob(
+        element, row.schedule, snap.schedule_id, snap.name, row.request, key, row.attempts + 1
+    )
+
+
+def hold(tx: Tx, snap: gates.Snapshot, row: Loaded, gate: str, answer: gates.Hold) -> None:
+    """Keep it waiting until `answer.until_ms` (or until released); say so once per hold."""
+    until = INDEFINITE_MS if answer.until_ms is None else answer.until_ms
+    why = f"held by {gate}: {answer.why}"
+    tx.execute(
+        "UPDATE elements SET hold_ms = ?, hold_gate = ?, hold_why = ? WHERE id = ?",
+        (until, gate, why, row.element),
+    )
+    if why != snap.held_why:
+        tx.note("element.held", schedule_id=snap.schedule_id, vnf=snap.name, gate=gate, why=why)
+
+
+def release_holds(tx: Tx, gate: str, schedule: int | None = None) -> int:
+    """The holds of one gate are over (a resume, the freeze turned off): look again now."""
+    where, params = ("", ()) if schedule is None else (" AND schedule = ?", (schedule,))
+    return tx.execute(
+        "UPDATE elements SET hold_ms = NULL WHERE hold_gate = ? AND hold_ms IS NOT NULL"
+        f" AND dispatch_started_ms IS NULL{where}",
+        (gate, *params),
+    ).rowcount
+
+
+def carry_over(
+    tx: Tx, snap: gates.Snapshot, row: Loaded, not_before_ms: int, held_why: str
+) -> int | None:
+    """Re-place an element held past its slot into the next free slot of its windows (same
+    grid, same concurrency limit, clear of the book and of other schedules' work), keeping
+    its approval and ticket (whose planned dates follow). With no slot left it is `Past due`,
+    the message naming what held it. Returns the new start."""
+    windows = tx.execute(
+        "SELECT start_ms, end_ms FROM windows WHERE grp = ?", (row.grp,)
+    ).fetchall()
+    origin_ms, concurrency = tx.execute(
+        "SELECT min(w.start_ms), s.concurrency FROM windows w JOIN cm_groups g ON g.id = w.grp"
+        " JOIN schedules s ON s.id = g.schedule WHERE g.schedule = ?",
+        (row.schedule,),
+    ).fetchone()
+    taken: dict[int, int] = {}
+    for (start,) in tx.execute(
+        "SELECT start_ms FROM elements WHERE schedule = ? AND id != ? AND status IN (?, ?)"
+        " AND start_ms IS NOT NULL",
+        (row.schedule, row.element, E.SCHEDULED.value, E.TRIGGERED.value),
+    ):
+        taken[start] = taken.get(start, 0) + 1
+    names = _needs(snap.name, row.data)
+    blocked = [(a, b) for a, b, _ in book.entries_on(tx.conn, names, not_before_ms)]
+    blocked += [
+        (b.start_ms, b.end_ms)
+        for spans in book.other_work(tx.conn, row.schedule, [snap.name]).values()
+        for b in spans
+    ]
+    slot = gates.next_free_slot(
+        [(a, b) for a, b in windows],
+        origin_ms,
+        snap.duration_ms,
+        not_before_ms,
+        blocked,
+        taken,
+        concurrency or 1,
+    )
+    if slot is None:
+        tx.element_to(
+            row.element,
+            row.schedule,
+            snap.schedule_id,
+            snap.name,
+            snap.status,
+            E.PAST_DUE,
+            status_message=(f"not dispatched: {held_why}; no free slot left in its change windows")[
+                :4000
+            ],
+        )
+        return None
+    tx.element_set(
+        row.element,
+        row.schedule,
+        snap.schedule_id,
+        snap.name,
+        snap.status,
+        start_ms=slot,
+        finish_ms=slot + snap.duration_ms,
+        hold_ms=None,
+        hold_why=held_why,
+        status_message=f"carried over to {lifecycle.format_time(slot)}: {held_why}"[:4000],
+    )
+    tx.note(
+        "element.carried_over",
+        schedule_id=snap.schedule_id,
+        vnf=snap.name,
+        start=lifecycle.format_time(slot),
+        why=held_why,
+    )
+    if snap.change_id is not None:
+        replan_ticket(tx, snap.change_id)
+    return slot
+
+
+def replan_ticket(tx: Tx, change_id: str) -> None:
+    """The ticket's planned dates follow its elements' slots; TM is told through the outbox."""
+    start, end, user_id = tx.execute(
+        "SELECT min(e.start_ms), max(e.finish_ms), s.user_id FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule WHERE e.tm_change_id = ?",
+        (change_id,),
+    ).fetchone()
+    changed = tx.execute(
+        "UPDATE change_tickets SET planned_start_ms = ?, planned_end_ms = ?, updated_ms = ?"
+        " WHERE change_id = ? AND closure_code IS NULL"
+        " AND (planned_start_ms != ? OR planned_end_ms != ?)",
+        (start, end, tx.now_ms, change_id, start, end),
+    ).rowcount
+    if changed:
+        tx.queue_ticket_op(
+            change_id,
+            ticketing.Op.RESCHEDULE,
+            ticketing.reschedule_body(change_id, user_id, start, end),
+        )
 
 
 def next_due_ms(conn: Any) -> int | None:
@@ -132,7 +394,9 @@ def due_elements(conn: Any, until_ms: int, limit: int) -> list[tuple[int, str | 
 
 def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> list[DispatchJob]:
     """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds)."""
-    jobs = [begin_dispatch(tx, e, rules) for e in elements]
+    expire_freeze(tx)
+    cache = BatchCache(tx)
+    jobs = [begin_dispatch(tx, e, rules, cache) for e in elements]
     return [job for job in jobs if job is not None]
 
 

@@ -89,6 +89,8 @@ def record_ticket_ops(
             "UPDATE ticket_ops SET sent_ms = ?, attempts = attempts + 1 WHERE id = ?",
             (tx.now_ms, op.id),
         )
+        if op.op is ticketing.Op.RESCHEDULE:
+            continue  # the planned dates were recorded when the element was carried over
         status = ticketing.WORK_IN_PROGRESS if op.op is ticketing.Op.UPDATE else ticketing.CLOSED
         tx.execute(
             "UPDATE change_tickets SET status = ?, updated_ms = ? WHERE change_id = ?",

@@ -12,10 +12,20 @@ import msgspec
 
 from cmsod import cmevents, lifecycle, ticketing
 from cmsod.errors import RequestError
-from cmsod.model import APPROVAL_DOMAIN, APPROVAL_TYPE, APPROVALS_REQUIRED, NewSchedule
+from cmsod.model import (
+    APPROVAL_DOMAIN,
+    APPROVAL_TYPE,
+    APPROVALS_REQUIRED,
+    ELEMENT_FAILED_RUN,
+    ELEMENT_FINAL,
+    ELEMENT_NOT_PART,
+    SCHEDULE_STOPPED,
+    NewSchedule,
+)
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.problem import Plan, Problem, ProblemGroup
+from cmsod.store import dispatch
 from cmsod.store.book import book_busy, merge_busy, other_work
 from cmsod.store.store import Tx
 from cmsod.ticketing import NewTicket, Opened, TicketGroup
@@ -49,8 +59,9 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
     lifecycle.check_element(None, element_status)
     (schedule,) = tx.execute(
         "INSERT INTO schedules (schedule_id, domain, user_id, status, immediate, normal_s,"
-        " additional_s, concurrency, policy_id, schedule_info, create_ms, updated_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " additional_s, concurrency, policy_id, schedule_info, create_ms, updated_ms,"
+        " max_failures, max_failure_ratio)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             new.schedule_id,
             new.domain,
@@ -64,6 +75,8 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
             new.schedule_info,
             tx.now_ms,
             tx.now_ms,
+            new.max_failures,
+            new.max_failure_ratio,
         ),
     ).fetchone()
     tx.conn.executemany(
@@ -431,3 +444,91 @@ def delete_schedule(tx: Tx, schedule_id: str) -> S:
             tx.element_to(element, schedule, schedule_id, name, E(old), changes[E(old)])
     tx.schedule_to(schedule, schedule_id, status, new_status, delete_ms=tx.now_ms)
     return new_status
+
+
+# -- stopping a rollout ---------------------------------------------------------------------
+
+
+def _control(action: str, by: str, why: str, now_ms: int) -> dict[str, Any]:
+    return {"control_action": action, "control_by": by, "control_why": why, "control_ms": now_ms}
+
+
+def pause(tx: Tx, schedule_id: str, by: str, why: str) -> S:
+    """Hold every element not yet dispatched (the stop gate); running ones are polled on."""
+    schedule, status = _schedule_row(tx, schedule_id)
+    lifecycle.check_stop(schedule_id, status, "pause")
+    if status is S.PAUSED:
+        return status
+    tx.schedule_to(schedule, schedule_id, status, S.PAUSED, **_control("pause", by, why, tx.now_ms))
+    tx.note("schedule.paused", schedule_id=schedule_id, by=by, why=why, was=status.value)
+    return S.PAUSED
+
+
+def resume(tx: Tx, schedule_id: str, by: str, why: str, misfire_grace_ms: int) -> S:
+    """Back to where it was; the failures so far are acknowledged (the threshold counts anew);
+    elements whose slot passed while it was stopped are carried over into the free slots
+    left in their windows, now, so the answer shows the new plan."""
+    schedule, status = _schedule_row(tx, schedule_id)
+    if status not in SCHEDULE_STOPPED:
+        raise RequestError(412, "NOT_STOPPED", schedule_id, status.value)
+    rows = tx.execute(
+        "SELECT status, dispatch_started_ms FROM elements WHERE schedule = ?", (schedule,)
+    ).fetchall()
+    statuses = [E(s) for s, _ in rows]
+    ended = ELEMENT_FINAL - ELEMENT_NOT_PART
+    started = any(d is not None or E(s) in ended for s, d in rows)
+    new = lifecycle.resumed_status(started)
+    failed = sum(s in ELEMENT_FAILED_RUN for s in statuses)
+    tx.schedule_to(
+        schedule,
+        schedule_id,
+        status,
+        new,
+        failures_acknowledged=failed,
+        **_control("resume", by, why, tx.now_ms),
+    )
+    tx.note("schedule.resumed", schedule_id=schedule_id, by=by, why=why, status=new.value)
+    dispatch.release_holds(tx, "stop", schedule)
+    dispatch.release_holds(tx, "failures", schedule)
+    late = tx.execute(
+        "SELECT id FROM elements WHERE schedule = ? AND status = ? AND dispatch_started_ms IS NULL"
+        " AND start_ms < ? ORDER BY start_ms, id",
+        (schedule, E.SCHEDULED.value, tx.now_ms - misfire_grace_ms),
+    ).fetchall()
+    for (element,) in late:
+        loaded = dispatch.load_snapshot(tx, element)
+        if loaded is not None:
+            snap, row = loaded
+            dispatch.carry_over(tx, snap, row, tx.now_ms, snap.held_why or f"{status.value}")
+    return new
+
+
+def abort(tx: Tx, schedule_id: str, by: str, why: str) -> S:
+    """End every element not yet dispatched (`Cancelled`; their tickets cancelled or closed
+    by CMSO's rules as the last of their elements ends); running ones are polled to their
+    end. A schedule of which nothing ran is `Cancelled`."""
+    schedule, status = _schedule_row(tx, schedule_id)
+    lifecycle.check_stop(schedule_id, status, "abort")
+    rows = tx.execute(
+        "SELECT id, name, status, dispatch_started_ms FROM elements WHERE schedule = ?",
+        (schedule,),
+    ).fetchall()
+    waiting = [(e, n, E(s)) for e, n, s, d in rows if d is None]  # no intent committed
+    changes, ran = lifecycle.abort_plan(s for _, _, s in waiting)
+    ran = ran or len(waiting) < len(rows)
+    message = f"aborted by {by}: {why}"[:4000]
+    control = _control("abort", by, why, tx.now_ms)
+    if ran:
+        if status is S.NOTIFICATIONS_INITIATED:
+            tx.schedule_set(schedule, schedule_id, status, **control)
+        else:
+            tx.schedule_to(schedule, schedule_id, status, S.NOTIFICATIONS_INITIATED, **control)
+    for element, name, old in waiting:
+        if old in changes:
+            tx.element_to(
+                element, schedule, schedule_id, name, old, changes[old], status_message=message
+            )
+    if not ran:
+        tx.schedule_to(schedule, schedule_id, status, S.CANCELLED, **control)
+    tx.note("schedule.aborted", schedule_id=schedule_id, by=by, why=why)
+    return S.NOTIFICATIONS_INITIATED if ran else S.CANCELLED

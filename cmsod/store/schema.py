@@ -157,6 +157,31 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ticket_ops_unsent ON ticket_ops(change_id, id) WHERE sent_ms IS NULL;
     """,
+    # 6: stopping and holding a rollout. Who paused, halted or aborted a schedule, when and
+    # why; its failure threshold and the failures already acknowledged by a resume; why an
+    # element is held (and by which gate); the global freeze (one row, with its own event
+    # sequence).
+    """
+    ALTER TABLE schedules ADD COLUMN control_action TEXT;
+    ALTER TABLE schedules ADD COLUMN control_by TEXT;
+    ALTER TABLE schedules ADD COLUMN control_why TEXT;
+    ALTER TABLE schedules ADD COLUMN control_ms INTEGER;
+    ALTER TABLE schedules ADD COLUMN max_failures INTEGER;
+    ALTER TABLE schedules ADD COLUMN max_failure_ratio REAL;
+    ALTER TABLE schedules ADD COLUMN failures_acknowledged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE elements ADD COLUMN hold_gate TEXT;
+    ALTER TABLE elements ADD COLUMN hold_why TEXT;
+    CREATE TABLE freeze (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        active INTEGER NOT NULL DEFAULT 0,
+        since_ms INTEGER,
+        until_ms INTEGER,
+        by TEXT,
+        why TEXT,
+        event_seq INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO freeze (id) VALUES (1);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

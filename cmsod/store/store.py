@@ -27,7 +27,7 @@ from cmsod import cmevents, lifecycle, log, ticketing
 from cmsod.clock import WallClock
 from cmsod.cmevents import MAX_EDITS_PER_EVENT
 from cmsod.executor import Executor, ThreadExecutor
-from cmsod.model import ELEMENT_FINAL
+from cmsod.model import ELEMENT_FAILED_RUN, ELEMENT_FINAL, ELEMENT_NOT_COUNTED
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.store.schema import migrate
@@ -45,6 +45,11 @@ SCHEDULE_COLUMNS = frozenset(
         "optimizer_return_ms",
         "optimizer_attempts",
         "delete_ms",
+        "control_action",
+        "control_by",
+        "control_why",
+        "control_ms",
+        "failures_acknowledged",
     }
 )
 ELEMENT_COLUMNS = frozenset(
@@ -63,7 +68,14 @@ ELEMENT_COLUMNS = frozenset(
         "so_status",
         "so_message",
         "so_ms",
+        "hold_ms",
+        "hold_gate",
+        "hold_why",
     }
+)
+# Internal columns: written, never put in an event.
+INTERNAL_COLUMNS = frozenset(
+    {"dispatch_key", "hold_ms", "hold_gate", "hold_why", "failures_acknowledged"}
 )
 
 
@@ -79,7 +91,7 @@ def _event_fields(columns: dict[str, Any]) -> dict[str, Any]:
     "so-status"; the dispatch key stays internal."""
     fields = {}
     for key, item in columns.items():
-        if item is None or key == "dispatch_key":
+        if item is None or key in INTERNAL_COLUMNS:
             continue
         if key.endswith("_ms"):
             fields[key[:-3].replace("_", "-") + "-time"] = lifecycle.format_time(item)
@@ -105,6 +117,7 @@ class Tx:
         self._check_verdict: set[int] = set()
         self._check_tickets: list[int] = []  # elements dispatched or ended: their tickets move
         self.verdicts: list[tuple[str, S]] = []  # schedules this transaction closed
+        self.notes: list[tuple[str, dict[str, Any]]] = []  # log lines, written after commit
         self.ticket_ops = 0  # ticket operations this transaction queued
 
     def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
@@ -149,6 +162,33 @@ class Tx:
             self._check_verdict.add(schedule)
         if new in ELEMENT_FINAL or new is E.TRIGGERED:
             self._check_tickets.append(element)
+
+    def schedule_set(self, schedule: int, schedule_id: str, status: S, **columns: Any) -> None:
+        """Change a schedule's columns without a status change (an abort while it runs on)."""
+        sets, values = _assignments(columns, SCHEDULE_COLUMNS)
+        self.execute(
+            f"UPDATE schedules SET updated_ms = ?{sets} WHERE id = ?",
+            [self.now_ms, *values, schedule],
+        )
+        value: dict[str, Any] = {"schedule-id": schedule_id, "status": status.value}
+        value.update(_event_fields(columns))
+        self.edit(schedule, schedule_id, cmevents.schedule_edit(schedule_id, "patch", value))
+
+    def element_set(
+        self, element: int, schedule: int, schedule_id: str, name: str, status: E, **columns: Any
+    ) -> None:
+        """Change an element's columns without a status change (a carry-over's new slot)."""
+        sets, values = _assignments(columns, ELEMENT_COLUMNS)
+        self.execute(
+            f"UPDATE elements SET status = ?{sets} WHERE id = ?", [status, *values, element]
+        )
+        value: dict[str, Any] = {"vnf-name": name, "status": status.value}
+        value.update(_event_fields(columns))
+        self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
+
+    def note(self, event: str, **fields: Any) -> None:
+        """A log line for after the commit (never for a change that is rolled back)."""
+        self.notes.append((event, fields))
 
     def queue_ticket_op(self, change_id: str, op: ticketing.Op, body: dict[str, Any]) -> None:
         self.execute(
@@ -202,16 +242,40 @@ class Tx:
         (`lifecycle.completion_verdict`); then write the events."""
         self._move_tickets()
         for schedule in sorted(self._check_verdict):
-            status, schedule_id = self.execute(
-                "SELECT status, schedule_id FROM schedules WHERE id = ?", (schedule,)
+            status, schedule_id, max_failures, max_ratio, acked = self.execute(
+                "SELECT status, schedule_id, max_failures, max_failure_ratio,"
+                " failures_acknowledged FROM schedules WHERE id = ?",
+                (schedule,),
             ).fetchone()
-            if status != S.NOTIFICATIONS_INITIATED:
+            if status not in (S.NOTIFICATIONS_INITIATED, S.PAUSED, S.HALTED):
                 continue
-            rows = self.execute("SELECT status FROM elements WHERE schedule = ?", (schedule,))
-            verdict = lifecycle.completion_verdict(E(s) for (s,) in rows)
+            statuses = [
+                E(s)
+                for (s,) in self.execute(
+                    "SELECT status FROM elements WHERE schedule = ?", (schedule,)
+                )
+            ]
+            verdict = lifecycle.completion_verdict(statuses)
             if verdict is not None:
-                self.schedule_to(schedule, schedule_id, S.NOTIFICATIONS_INITIATED, verdict)
+                self.schedule_to(schedule, schedule_id, S(status), verdict)
                 self.verdicts.append((schedule_id, verdict))
+                continue
+            if status != S.NOTIFICATIONS_INITIATED or (max_failures is None and max_ratio is None):
+                continue
+            failed = sum(s in ELEMENT_FAILED_RUN for s in statuses) - acked
+            total = sum(s not in ELEMENT_NOT_COUNTED for s in statuses)
+            why = lifecycle.threshold_crossed(failed, total, max_failures, max_ratio)
+            if why is not None:
+                self.schedule_to(
+                    schedule,
+                    schedule_id,
+                    S.NOTIFICATIONS_INITIATED,
+                    S.HALTED,
+                    control_by="cmsod",
+                    control_why=f"failure threshold crossed: {why}",
+                    control_ms=self.now_ms,
+                )
+                self.note("schedule.halted", schedule_id=schedule_id, why=why)
         for schedule, edits in self._edits.items():
             schedule_id = self._schedule_ids[schedule]
             topic = self._topic_for(schedule)
@@ -231,6 +295,23 @@ class Tx:
                     "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)",
                     (schedule_id, topic, cmevents.encode(event), self.now_ms),
                 )
+
+    def freeze_event(self, value: dict[str, Any]) -> None:
+        """The global freeze changed: one event of its own sequence (no schedule owns it)."""
+        (seq,) = self.execute(
+            "UPDATE freeze SET event_seq = event_seq + 1 WHERE id = 1 RETURNING event_seq"
+        ).fetchone()
+        event = cmevents.build(
+            cmevents.FREEZE_CORRELATION,
+            seq,
+            [cmevents.freeze_edit(value)],
+            self.now_ms,
+            self.source,
+        )
+        self.execute(
+            "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)",
+            (cmevents.FREEZE_CORRELATION, self.topic, cmevents.encode(event), self.now_ms),
+        )
 
     def _topic_for(self, schedule: int) -> str:
         """<topic>-<target group> when events are routed by a schedule's domain data."""
@@ -314,6 +395,8 @@ class Store:
         result, tx = await self.executor(work)
         for schedule_id, verdict in tx.verdicts:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
+        for event, fields in tx.notes:
+            log.info(event, **fields)
         if self.on_commit is not None:
             self.on_commit()
         if tx.ticket_ops and self.on_ticket_ops is not None:

@@ -11,6 +11,7 @@ import sqlite3
 from typing import Any
 
 from cmsod.errors import RequestError
+from cmsod.gates import Freeze
 from cmsod.lifecycle import format_time, parse_time_ms
 from cmsod.model import APPROVAL_DOMAIN
 
@@ -123,10 +124,33 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
     if row is None:
         raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, schedule_id)
     view = _schedule_view(conn, row)
-    normal_s, additional_s, concurrency, policy_id = conn.execute(
-        "SELECT normal_s, additional_s, concurrency, policy_id FROM schedules WHERE id = ?",
+    (
+        normal_s,
+        additional_s,
+        concurrency,
+        policy_id,
+        action,
+        by,
+        why,
+        control_ms,
+        max_failures,
+        max_ratio,
+    ) = conn.execute(
+        "SELECT normal_s, additional_s, concurrency, policy_id, control_action, control_by,"
+        " control_why, control_ms, max_failures, max_failure_ratio FROM schedules WHERE id = ?",
         (row[0],),
     ).fetchone()
+    if action is not None:  # who last paused, halted, resumed or aborted it, when and why
+        view["control"] = {
+            "action": action,
+            "by": by,
+            "reason": why,
+            "time": format_time(control_ms),
+        }
+    if max_failures is not None or max_ratio is not None:
+        view["failureThreshold"] = _clean(
+            {"maxFailures": max_failures, "maxFailureRatio": max_ratio}
+        )
     groups = []
     for grp, group_id, start, finish, last in conn.execute(
         "SELECT id, group_id, start_ms, finish_ms, last_instance_ms FROM cm_groups"
@@ -135,11 +159,17 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
     ).fetchall():
         items = []
         for element_row in conn.execute(
-            f"SELECT {ELEMENT_COLUMNS}, e.request FROM elements e WHERE e.grp = ? ORDER BY e.id",
+            f"SELECT {ELEMENT_COLUMNS}, e.request, e.hold_why, e.hold_ms FROM elements e"
+            " WHERE e.grp = ? ORDER BY e.id",
             (grp,),
         ):
             item = _element_view(element_row)
             item["request"] = bytes(element_row[14]).decode()
+            if element_row[16] is not None and element_row[1] in (
+                "Scheduled",
+                "Scheduled Immediate",
+            ):
+                item["heldBy"] = element_row[15]  # held now: by which gate and why
             items.append(item)
         groups.append(
             _clean(
@@ -412,3 +442,30 @@ def get_ticket(conn: sqlite3.Connection, change_id: str) -> dict[str, Any] | Non
         )
     ]
     return ticket
+
+
+# -- the global freeze --------------------------------------------------------------------------
+
+
+def freeze_view(freeze: Freeze | None) -> dict[str, Any] | None:
+    if freeze is None:
+        return None
+    return _clean(
+        {
+            "status": "Frozen",
+            "by": freeze.by,
+            "reason": freeze.why,
+            "since": format_time(freeze.since_ms),
+            "until": format_time(freeze.until_ms),
+        }
+    )
+
+
+def freeze_in_force(conn: sqlite3.Connection, now_ms: int) -> dict[str, Any] | None:
+    """The freeze as `status` shows it: None when off or past its --until."""
+    row = conn.execute(
+        "SELECT since_ms, by, why, until_ms FROM freeze WHERE id = 1 AND active = 1"
+    ).fetchone()
+    if row is None or (row[3] is not None and now_ms >= row[3]):
+        return None
+    return freeze_view(Freeze(*row))

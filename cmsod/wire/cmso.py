@@ -47,6 +47,9 @@ class SchedulingInfo(msgspec.Struct, omit_defaults=True):
     additionalDurationInSeconds: Count | None = None
     concurrencyLimit: Count | None = None
     policyId: Name | None = None
+    # cmsod's: the rollout halts once more elements fail than this, or a larger share
+    maxFailures: Count | None = None
+    maxFailureRatio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     vnfDetails: Annotated[list[VnfDetails], msgspec.Meta(max_length=MAX_ELEMENTS)] | None = None
     elements: Annotated[list[ElementInfo], msgspec.Meta(max_length=MAX_ELEMENTS)] | None = None
 

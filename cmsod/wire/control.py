@@ -76,6 +76,30 @@ class TicketsListParameters(msgspec.Struct, forbid_unknown_fields=True):
     after: Name | None = None
 
 
+Reason = Annotated[str, msgspec.Meta(max_length=1000)]
+
+
+class StopParameters(msgspec.Struct, forbid_unknown_fields=True):
+    """Pause, resume or abort a schedule; `by` is the caller's name as cmsoctl knows it (the
+    daemon records it with the uid the socket vouches for)."""
+
+    scheduleId: Name
+    reason: Reason = ""
+    by: Name = ""
+
+
+class FreezeParameters(msgspec.Struct, forbid_unknown_fields=True):
+    on: bool
+    reason: Reason = ""
+    until: Name | None = None  # ISO-8601; the freeze ends by itself then
+    by: Name = ""
+
+
+class WhyParameters(msgspec.Struct, forbid_unknown_fields=True):
+    scheduleId: Name
+    vnfName: Name | None = None
+
+
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name
     approval: Approval
