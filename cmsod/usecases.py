@@ -66,9 +66,7 @@ async def create(ctx: Context, request: ScheduleRequest) -> tuple[str, S]:
     if new.max_failures is None and new.max_failure_ratio is None:  # the configured default
         limits = ctx.config.dispatcher
         new.max_failures = limits.max_failures if limits.max_failures >= 0 else None
-        new.max_failure_ratio = (
-            limits.max_failure_ratio if limits.max_failure_ratio < 1.0 else None
-        )
+        new.max_failure_ratio = limits.max_failure_ratio if limits.max_failure_ratio < 1.0 else None
     if new.immediate:  # accepted as it is stored: its tickets first, nothing kept if refused
         await ctx.store.read(schedules.schedule_exists, new.schedule_id)
         cfg = ctx.config.tickets

@@ -159,6 +159,8 @@ class FakeSO(FakeHTTP):
     `states` are what successive polls of one work flow answer (the last one repeats).
     `dispatch_faults[n]` / `status_faults[n]` replace the n-th (1-based) dispatch / poll.
     With `dedupe`, a repeated X-TransactionId returns the first request's id and starts nothing.
+    The work flows of the elements in `failing` end FAILED. `started_at` records each start
+    with the wall-clock time it arrived (the e2e tests check blackouts against it).
     """
 
     def __init__(self, states: list[str] | None = None, answer: str = "201") -> None:
@@ -173,6 +175,9 @@ class FakeSO(FakeHTTP):
         self.by_key: dict[str, str] = {}
         self.dispatch_calls = 0
         self.status_calls = 0
+        self.failing: set[str] = set()
+        self.vnf_of: dict[str, str] = {}
+        self.started_at: list[tuple[str, float]] = []
 
     def handle(self, request: Request) -> Reply | Drop | Reset:
         if request.method == "POST" and request.path.startswith("/schedule/"):
@@ -186,6 +191,8 @@ class FakeSO(FakeHTTP):
                 return fault
             request_id = f"req-{len(self.started) + 1}"
             self.started.append((key, vnf))
+            self.started_at.append((vnf, time.time()))
+            self.vnf_of[request_id] = vnf
             self.by_key[key] = request_id
             self.polls[request_id] = 0
             return fault if isinstance(fault, Drop) else self._accepted(vnf, request_id)
@@ -199,6 +206,8 @@ class FakeSO(FakeHTTP):
                 return Reply(404, {"requestError": {"serviceException": {"text": "not found"}}})
             self.polls[request_id] += 1
             state = self.states[min(self.polls[request_id], len(self.states)) - 1]
+            if self.vnf_of.get(request_id) in self.failing and state in ("COMPLETE", "COMPLETED"):
+                state = "FAILED"
             return Reply(
                 200,
                 {

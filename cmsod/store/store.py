@@ -271,6 +271,7 @@ class Tx:
                     schedule_id,
                     S.NOTIFICATIONS_INITIATED,
                     S.HALTED,
+                    control_action="halt",
                     control_by="cmsod",
                     control_why=f"failure threshold crossed: {why}",
                     control_ms=self.now_ms,

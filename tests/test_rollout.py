@@ -1,0 +1,278 @@
+"""Stopping and holding a rollout, under MockClock against the fake SO on loopback: pause and
+resume (held elements carried over into the free slots left), abort, the failure threshold,
+the global freeze, and a blackout added after approval enforced at dispatch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cmsod.lifecycle import parse_time_ms
+from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from tests.cmso_requests import approval, request
+from tests.conftest import EPOCH, ControlClient, Daemon, wait_until
+from tests.fake_http import FakeSO
+from tests.test_so_http import daemon_for
+
+DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
+
+
+async def daemon(nursery: trio.Nursery, tmp_path: Path, so: FakeSO, **overrides: Any) -> Daemon:
+    """The daemon against the fake SO, dispatching at the start times themselves."""
+    return await daemon_for(nursery, tmp_path, so, dispatcher__lead_time_s=0, **overrides)
+
+
+def at(hh_mm: str) -> str:
+    return f"2026-12-01T{hh_mm}:00Z"
+
+
+def items(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["vnfName"]: e for g in view["groups"] for e in g["changeManagementSchedules"]}
+
+
+async def approved(
+    client: ControlClient, schedule_id: str, nodes: list[str], concurrency: int = 1, **info: Any
+) -> None:
+    """Planned from 08:01 (EPOCH 08:00), one hour a slot, and approved."""
+    body = request(schedule_id, now=EPOCH, nodes=nodes, concurrency=concurrency)
+    body["schedulingInfo"].update(info)
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    await client.wait_for(schedule_id, S.PENDING_APPROVAL)
+    await client.ok("io.cmsod.Schedules.Approve", scheduleId=schedule_id, approval=approval())
+
+
+async def started(client: ControlClient, so: FakeSO, count: int) -> None:
+    async def enough() -> bool:
+        await client.ok("org.varlink.service.GetInfo")  # keeps the connection from idling out
+        return len(so.started) >= count
+
+    await wait_until(enough, f"{count} work flows started")
+
+
+async def sleep_until(cmsod: Daemon, client: ControlClient, hh_mm: str) -> ControlClient:
+    """Let the schedule's time pass to hh:mm (virtual: costs nothing); the idle connection is
+    closed by the daemon meanwhile, so a new one is returned."""
+    await client.aclose()
+    await trio.sleep((parse_time_ms(at(hh_mm)) - cmsod.ctx.clock.now_ms()) / 1000)
+    return await cmsod.connect()
+
+
+def events(tmp_path: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for path in sorted(tmp_path.rglob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+def edits(tmp_path: Path) -> list[dict[str, Any]]:
+    found = []
+    for event in events(tmp_path):
+        patch = event["event"]["push-change-update"]["datastore-changes"]
+        for edit in patch["ietf-yang-patch:yang-patch"]["edit"]:
+            found.extend(next(iter(edit["value"].values())))
+    return found
+
+
+async def test_pause_holds_the_rest_and_resume_carries_it_over(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    cmsod = await daemon(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    await approved(client, "roll", ["n1", "n2", "n3"])  # 08:01, 09:01, 10:01
+    await started(client, so, 1)
+    paused = await client.ok(
+        "io.cmsod.Schedules.Pause", scheduleId="roll", reason="odd alarms", by="ops"
+    )
+    assert paused["status"] == S.PAUSED
+    again = await client.ok("io.cmsod.Schedules.Pause", scheduleId="roll")
+    assert again["status"] == S.PAUSED  # pausing twice changes nothing
+
+    client = await sleep_until(cmsod, client, "11:30")
+    assert [vnf for _, vnf in so.started] == ["n1"]
+    view = await client.schedule("roll")
+    assert view["status"] == S.PAUSED
+    assert view["control"]["action"] == "pause" and view["control"]["reason"] == "odd alarms"
+    assert view["control"]["by"].startswith("ops (uid ")
+    assert view["control"]["time"].startswith("2026-12-01T08:01:")
+    element = items(view)
+    assert element["n1"]["status"] == E.COMPLETED  # running work is polled to its end
+    for name in ("n2", "n3"):
+        assert element[name]["status"] == E.SCHEDULED
+        assert element[name]["heldBy"].startswith("held by stop: Paused by ops (uid ")
+
+    resumed = await client.ok("io.cmsod.Schedules.Resume", scheduleId="roll", reason="clear")
+    assert resumed["status"] == S.NOTIFICATIONS_INITIATED
+    new_plan = items(resumed["schedule"])  # the answer shows the new plan
+    assert {n: new_plan[n]["startTime"] for n in ("n2", "n3")} == {
+        "n2": at("12:01"),
+        "n3": at("13:01"),
+    }
+    assert "carried over to 2026-12-01T12:01:00Z: held by stop" in new_plan["n2"]["statusMessage"]
+    done = await client.wait_for("roll", *DONE)
+    assert done["status"] == S.COMPLETED
+    assert sorted(vnf for _, vnf in so.started) == ["n1", "n2", "n3"]  # each once
+    assert {e["vnfName"]: e["dispatchTime"] for e in items(done).values()} == {
+        "n1": at("08:01"),
+        "n2": at("12:01"),
+        "n3": at("13:01"),
+    }
+    actions = [e.get("control-action") for e in edits(tmp_path) if "control-action" in e]
+    assert actions == ["pause", "resume"]
+    tickets = (await client.ok("io.cmsod.Tickets.List", scheduleId="roll"))["tickets"]
+    planned = {t["vnfs"][0]: (t["plannedStartDate"], t["plannedEndDate"]) for t in tickets}
+    assert planned == {  # (a ticket per element) the carried-over ones followed their slot
+        "n1": (at("08:01"), at("11:01")),
+        "n2": (at("12:01"), at("13:01")),
+        "n3": (at("13:01"), at("14:01")),
+    }
+
+
+async def test_abort_cancels_what_was_not_dispatched(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    cmsod = await daemon(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    refused = await client.call("io.cmsod.Schedules.Delete", scheduleId="nothing")
+    assert refused["parameters"]["status"] == 404
+    await approved(client, "ab", ["n1", "n2", "n3"])
+    await started(client, so, 1)
+    delete = await client.call("io.cmsod.Schedules.Delete", scheduleId="ab")
+    assert delete["parameters"]["status"] == 406  # running: abort is the way
+    aborted = await client.ok(
+        "io.cmsod.Schedules.Abort", scheduleId="ab", reason="wrong firmware", by="ops"
+    )
+    assert aborted["status"] == S.NOTIFICATIONS_INITIATED  # n1 still runs
+    view = await client.wait_for("ab", *DONE)
+    assert view["status"] == S.COMPLETED_WITH_ERRORS
+    element = items(view)
+    assert element["n1"]["status"] == E.COMPLETED
+    for name in ("n2", "n3"):
+        assert element[name]["status"] == E.CANCELLED
+        assert element[name]["statusMessage"].startswith("aborted by ops (uid ")
+        assert element[name]["statusMessage"].endswith(": wrong firmware")
+    client = await sleep_until(cmsod, client, "12:00")
+    assert [vnf for _, vnf in so.started] == ["n1"]
+
+    await approved(client, "ab2", ["m1"])
+    nothing_ran = await client.ok("io.cmsod.Schedules.Abort", scheduleId="ab2", reason="no")
+    assert nothing_ran["status"] == S.CANCELLED
+    ticket = (await client.ok("io.cmsod.Tickets.List", scheduleId="ab2"))["tickets"][0]
+    assert ticket["closureCode"] == "Cancelled"
+    not_running = await client.call("io.cmsod.Schedules.Pause", scheduleId="ab2")
+    assert not_running["parameters"]["requestError"]["messageId"] == "Scheduler.NOT_RUNNING"
+    not_stopped = await client.call("io.cmsod.Schedules.Resume", scheduleId="ab")
+    assert not_stopped["parameters"]["requestError"]["messageId"] == "Scheduler.NOT_STOPPED"
+
+
+async def test_the_failure_threshold_halts_the_rollout(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    so.failing = {"n1", "n2"}
+    cmsod = await daemon(nursery, tmp_path, so, poller__interval_s=60)
+    client = await cmsod.connect()
+    nodes = [f"n{i}" for i in range(1, 7)]
+    await approved(client, "ft", nodes, concurrency=2, maxFailures=1)  # 3 slots of 2
+    view = await client.wait_for("ft", S.HALTED)
+    assert view["control"] == {
+        "action": "halt",
+        "by": "cmsod",
+        "reason": "failure threshold crossed: 2 elements failed, more than max_failures = 1",
+        "time": view["control"]["time"],
+    }
+    client = await sleep_until(cmsod, client, "14:00")
+    assert sorted(vnf for _, vnf in so.started) == ["n1", "n2"]  # nothing more dispatched
+    assert all(
+        e["status"] == E.SCHEDULED and e["heldBy"].startswith("held by stop: Halted by cmsod")
+        for name, e in items(await client.schedule("ft")).items()
+        if name not in ("n1", "n2")
+    )
+    resumed = await client.ok("io.cmsod.Schedules.Resume", scheduleId="ft", reason="known")
+    assert resumed["status"] == S.NOTIFICATIONS_INITIATED
+    done = await client.wait_for("ft", *DONE)
+    assert done["status"] == S.COMPLETED_WITH_ERRORS
+    assert sorted(vnf for _, vnf in so.started) == nodes  # the two failures were acknowledged
+    assert [e["status"] for e in items(done).values()].count(E.COMPLETED) == 4
+
+
+async def test_a_freeze_stops_every_dispatch_until_it_is_off(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    cmsod = await daemon(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    await approved(client, "fz", ["n1", "n2"])  # 08:01, 09:01
+    frozen = await client.ok("io.cmsod.Manager.Freeze", on=True, reason="incident 42", by="ops")
+    assert frozen["freeze"]["status"] == "Frozen"
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert next(iter(status)) == "freeze"  # shown first
+    assert status["freeze"]["reason"] == "incident 42"
+    client = await sleep_until(cmsod, client, "10:30")
+    assert so.started == []
+    assert items(await client.schedule("fz"))["n1"]["heldBy"].startswith("held by freeze")
+    thawed = await client.ok("io.cmsod.Manager.Freeze", on=False, reason="resolved")
+    assert thawed["freeze"] is None
+    assert (await client.ok("io.cmsod.Manager.Status"))["freeze"] is None
+    done = await client.wait_for("fz", *DONE)
+    assert {e["vnfName"]: e["dispatchTime"] for e in items(done).values()} == {
+        "n1": at("11:01"),  # the next free slots after the freeze
+        "n2": at("12:01"),
+    }
+    freezes = [e["status"] for e in edits(tmp_path) if e.get("status") in ("Frozen", "Thawed")]
+    assert freezes == ["Frozen", "Thawed"]
+
+
+async def test_a_freeze_until_ends_by_itself(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    cmsod = await daemon(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    past = await client.call("io.cmsod.Manager.Freeze", on=True, until="2026-12-01T07:00:00Z")
+    assert past["parameters"]["requestError"]["variables"][0] == "until"
+    await client.ok("io.cmsod.Manager.Freeze", on=True, reason="change", until=at("08:03"))
+    await approved(client, "fu", ["n1"])
+    view = await client.wait_for("fu", *DONE)
+    assert items(view)["n1"]["dispatchTime"] == at("08:03")  # within the grace: no carry-over
+    assert (await client.ok("io.cmsod.Manager.Status"))["freeze"] is None
+
+
+async def test_a_blackout_added_after_approval_is_kept_at_dispatch(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    cmsod = await daemon(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    await approved(client, "bo", ["n1", "n2", "n3"])  # 08:01, 09:01, 10:01
+    added = await client.ok(
+        "io.cmsod.Availability.Add",
+        element="n2",
+        startTime=at("09:30"),
+        endTime=at("10:30"),
+        reason="fibre works",
+    )
+    assert added["touches"] == ["bo"]
+    await client.ok(
+        "io.cmsod.Availability.Add",
+        element="n3",
+        startTime=at("09:00"),
+        endTime="2026-12-03T00:00:00Z",  # past the end of its window
+        reason="decommissioning",
+    )
+    view = await client.wait_for("bo", *DONE)
+    element = items(view)
+    assert element["n1"]["dispatchTime"] == at("08:01")
+    assert element["n2"]["dispatchTime"] == at("11:01")  # n3's slot is 10:01, taken then free
+    assert element["n3"]["status"] == E.PAST_DUE
+    assert element["n3"]["statusMessage"] == (
+        "not dispatched: held by blackout: blackout BO000002 until 2026-12-03T00:00:00Z;"
+        " no free slot left in its change windows"
+    )
+    assert sorted(vnf for _, vnf in so.started) == ["n1", "n2"]
