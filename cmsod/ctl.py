@@ -118,6 +118,22 @@ def show_schedule(s: dict[str, Any]) -> str:
     ]
     if "optimizerStatus" in s:
         lines.append(f"optimizer  {s['optimizerStatus']}: {s.get('optimizerMessage', '')}")
+    if "control" in s:  # who last paused, halted, resumed or aborted it
+        c = s["control"]
+        lines.append(f"{c['action']:<10} by {c['by']} at {c['time']}: {c['reason'] or '-'}")
+    if "failureThreshold" in s:
+        t = s["failureThreshold"]
+        lines.append(
+            "threshold  "
+            + ", ".join(
+                f"{k} {v}"
+                for k, v in (
+                    ("max_failures", t.get("maxFailures")),
+                    ("max_failure_ratio", t.get("maxFailureRatio")),
+                )
+                if v is not None
+            )
+        )
     for a in s.get("scheduleApprovals", []):
         lines.append(
             f"approval   {a['status']} by {a['userId']} ({a['approvalType']}) at {a['approvalDateTime']}"
@@ -134,7 +150,7 @@ def show_schedule(s: dict[str, Any]) -> str:
                     e.get("finishTime"),
                     e.get("tmChangeId"),
                     e.get("msoRequestId"),
-                    e.get("statusMessage"),
+                    e.get("heldBy") or e.get("statusMessage"),
                 ]
             )
     lines.append("")
@@ -241,8 +257,13 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             ],
             ["SCHEDULE", "GROUP", "VNF", "STATUS", "START", "FINISH"],
         )
+    if command == "freeze":
+        return freeze_line(p["freeze"])
+    if command == "resume":
+        return f"{p['scheduleId']}: {p['status']}\n\n" + show_schedule(p["schedule"])
     if command == "status":
-        lines = [
+        lines = [freeze_line(p.get("freeze"))] if p.get("freeze") else []
+        lines += [
             f"healthy    {'yes' if p['healthy'] else 'NO'}",
             f"build      {p['buildInfo']}",
             f"time       {p['currentTime']}",
@@ -330,6 +351,13 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
         )
     return f"{p['scheduleId']}: {p['status']}"
+
+
+def freeze_line(f: dict[str, Any] | None) -> str:
+    if not f:
+        return "freeze     off"
+    until = f" until {f['until']}" if f.get("until") else " until turned off"
+    return f"FROZEN     since {f['since']}{until}, by {f['by']}: {f.get('reason') or '-'}"
 
 
 def describe_error(reply: Reply) -> str:
@@ -436,6 +464,19 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         }
     if c == "delete":
         return "io.cmsod.Schedules.Delete", {"scheduleId": args.id}
+    if c in ("pause", "resume", "abort"):
+        return f"io.cmsod.Schedules.{c.title()}", {
+            "scheduleId": args.id,
+            "reason": args.reason,
+            "by": getpass.getuser(),
+        }
+    if c == "freeze":
+        p = {"on": args.state == "on", "reason": args.reason, "by": getpass.getuser()}
+        if args.until:
+            if args.state != "on":
+                raise CtlError(EX_USAGE, "--until goes with freeze on")
+            p["until"] = args.until
+        return "io.cmsod.Manager.Freeze", p
     if c == "blackout":
         if args.action == "add":
             return "io.cmsod.Availability.Add", {
@@ -499,6 +540,18 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("id")
         p.add_argument("--user", default=getpass.getuser(), help="approving user id (default: you)")
+    for name, text in [
+        ("pause", "hold every element of a running schedule not yet dispatched"),
+        ("resume", "resume a paused or halted schedule (held elements go to free slots)"),
+        ("abort", "cancel every element not yet dispatched; running ones finish"),
+    ]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id")
+        p.add_argument("--reason", default="", help="recorded and shown with who and when")
+    p = sub.add_parser("freeze", help="global freeze: on (nothing is dispatched) or off")
+    p.add_argument("state", choices=["on", "off"])
+    p.add_argument("--reason", default="", help="recorded and shown in status")
+    p.add_argument("--until", help="ISO-8601: the freeze ends by itself then")
     p = sub.add_parser("list", help="list schedules")
     p.add_argument("--status", action="append", help="only this status (repeatable)")
     p.add_argument("--limit", type=int, default=100)
