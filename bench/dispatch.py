@@ -5,7 +5,10 @@ fake SO in a thread of this process, which records when each POST arrives. Laten
 time minus the element's due time (start - lead_time). Then, with 10,000 work flows in
 flight (the fake SO answers IN_PROGRESS for ever) polled every second, the daemon process's
 CPU and memory are read from /proc.
-Usage: python bench/dispatch.py [--skip-polling]"""
+With --all-gates every dispatch gate has something to check: a failure threshold on every
+schedule, a freeze turned on and off again, a blackout in the book on each burst element
+(long after its slot), so each due element's snapshot reads them all.
+Usage: python bench/dispatch.py [--skip-polling] [--all-gates]"""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
+from cmsod.ctl import call  # noqa: E402
 from tests.cmso_requests import iso, request  # noqa: E402
 from tests.fake_http import FakeSO  # noqa: E402
 from tests.procs import Daemon, cmsoctl  # noqa: E402
@@ -71,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-polling", action="store_true")
     parser.add_argument("--in-flight", type=int, default=10_000)
+    parser.add_argument("--all-gates", action="store_true")
     args = parser.parse_args()
     print(describe())
     so = FakeSO(["IN_PROGRESS"])
@@ -84,11 +89,18 @@ def main() -> None:
         "CMSOD_POLLER__INTERVAL_S": "3600",
         "CMSOD_CONTROL__IDLE_TIMEOUT_S": "600",
     }
+    if args.all_gates:
+        env["CMSOD_DISPATCHER__MAX_FAILURE_RATIO"] = "0.5"
+    print(f"gates: {'all active' if args.all_gates else 'nothing to check'}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp)
             daemon = Daemon(state, extra_env=env)
+            socket = str(state / "control.sock")
             try:
+                if args.all_gates:
+                    for state_word in ("on", "off"):
+                        assert cmsoctl(state, "freeze", state_word)[0] == 0
                 for schedule_id, n, per_slot, lead_in in [
                     ("burst100", 100, 100, 4),
                     ("burst1000", 1000, 1000, 6),
@@ -96,6 +108,16 @@ def main() -> None:
                 ]:
                     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=lead_in)
                     nodes = [f"{schedule_id}-{i}" for i in range(n)]
+                    if args.all_gates and schedule_id != "spread10k":
+                        later = start + timedelta(days=300)
+                        for node in nodes:
+                            entry = {
+                                "element": node,
+                                "startTime": iso(later),
+                                "endTime": iso(later + timedelta(hours=1)),
+                            }
+                            reply = call(socket, "io.cmsod.Availability.Add", entry, 10)
+                            assert reply.error is None, reply
                     body = request(
                         schedule_id,
                         now=start,
