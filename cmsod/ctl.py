@@ -177,6 +177,19 @@ def show_plan(response: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_why(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['element']} in schedule {p['scheduleId']}: {p['status']}"
+        f" (schedule {p['scheduleStatus']}), at {p['currentTime']}"
+    ]
+    lines += [
+        f"  {r['kind']:<16} {r['words']}"
+        + (f"  [until {r['until']}]" if r.get("until") and r["until"] not in r["words"] else "")
+        for r in p["reasons"]
+    ]
+    return "\n".join(lines)
+
+
 def show_ticket(t: dict[str, Any]) -> str:
     lines = [
         f"ticket     {t['changeId']}  {t['approvalStatus']}|{t['status']}"
@@ -211,6 +224,8 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
         return show_schedule(p["schedule"])
     if command == "plan":
         return show_plan(p["optimizer"])
+    if command == "why":
+        return show_why(p)
     if command == "gantt":
         assert args is not None
         if args.svg:
@@ -410,6 +425,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "io.cmsod.Schedules.Get", {"scheduleId": args.id}
     if c == "plan":
         return "io.cmsod.Schedules.Plan", {"schedule": read_document(args.file)}
+    if c == "why":
+        return "io.cmsod.Schedules.Why", {"element": args.element} | (
+            {"scheduleId": args.schedule} if args.schedule else {}
+        )
     if c == "list":
         p: dict[str, Any] = {"limit": args.limit}
         if args.status:
@@ -515,6 +534,9 @@ def parser() -> argparse.ArgumentParser:
         "plan", help="plan a CMSO v1 request now, counting scheduled work; stores nothing"
     )
     p.add_argument("file", metavar="FILE|-")
+    p = sub.add_parser("why", help="what an element waits for, or why it ended, in plain words")
+    p.add_argument("element")
+    p.add_argument("--schedule", metavar="ID", help="in this schedule (default: its newest)")
     p = sub.add_parser("gantt", help="draw a schedule's plan (terminal, or --svg FILE)")
     p.add_argument("id")
     p.add_argument("--svg", metavar="FILE", help="write an SVG picture instead")

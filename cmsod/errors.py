@@ -32,6 +32,7 @@ class RequestError(CmsodError):
         "INVALID_CHANGE_WINDOW": "Change window end time {1} must be after start time {0}",
         "SCHEDULE_ALREADY_EXISTS": "Schedule already exists domain={0} schedule id={1}",
         "SCHEDULE_NOT_FOUND": "Schedule not found domain={0} schedule id={1}",
+        "ELEMENT_NOT_FOUND": "Element {0} not found{1}",
         # CMSO's template says {3} for the state; we format the state it means.
         "NOT_PENDING_APPROVAL": (
             "Approval request received for schedule that is not in Pending Approval state: "

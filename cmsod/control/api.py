@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import trio
 
-from cmsod import __version__, lifecycle, log
+from cmsod import __version__, explain, lifecycle, log
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
 from cmsod.errors import (
@@ -145,6 +145,29 @@ async def list_(ctx: Context, p: w.ListParameters) -> dict[str, Any]:
 
 async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
     return {"details": await ctx.store.read(views.details, p.filters)}
+
+
+async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
+    """What an element waits for, or why it ended, as a list of reasons (cmsod.explain)."""
+    now_ms = ctx.clock.now_ms()
+    facts = await ctx.store.read(views.why_facts, p.element, p.scheduleId, now_ms)
+    cfg = ctx.config
+    rules = explain.Rules(
+        now_ms=now_ms,
+        lead_ms=int(cfg.dispatcher.lead_time_s * 1000),
+        misfire_grace_ms=int(cfg.dispatcher.misfire_grace_s * 1000),
+        dispatch_immediate=cfg.dispatcher.dispatch_immediate,
+        ticket_check=cfg.tickets.mode,
+        dispatch_allowed=cfg.tickets.dispatch_allowed,
+    )
+    return {
+        "element": facts.element,
+        "scheduleId": facts.schedule_id,
+        "scheduleStatus": facts.schedule_status,
+        "status": facts.status,
+        "currentTime": lifecycle.format_time(now_ms),
+        "reasons": explain.explain(facts, rules),
+    }
 
 
 async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
@@ -331,6 +354,7 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
+    "io.cmsod.Schedules.Why": Method(w.WhyParameters, why, False),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
     "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),

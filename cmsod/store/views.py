@@ -11,8 +11,10 @@ import sqlite3
 from typing import Any
 
 from cmsod.errors import RequestError
+from cmsod.explain import Block, Facts
 from cmsod.lifecycle import format_time, parse_time_ms
-from cmsod.model import APPROVAL_DOMAIN
+from cmsod.model import APPROVAL_DOMAIN, APPROVALS_REQUIRED, ElementStatus
+from cmsod.store.ops import ACTIVE_WORK
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -412,3 +414,111 @@ def get_ticket(conn: sqlite3.Connection, change_id: str) -> dict[str, Any] | Non
         )
     ]
     return ticket
+
+
+# -- why (cmsod.explain reads this snapshot) -------------------------------------------------
+
+
+def why_facts(
+    conn: sqlite3.Connection, element: str, schedule_id: str | None, now_ms: int
+) -> Facts:
+    """One element's facts: in `schedule_id`, or in the newest schedule that has it."""
+    rows = conn.execute(
+        "SELECT s.id, s.schedule_id FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " WHERE e.name = ? ORDER BY s.create_ms DESC, s.id DESC",
+        (element,),
+    ).fetchall()
+    chosen = [r for r in rows if schedule_id is None or r[1] == schedule_id]
+    if not chosen:
+        where = f" in schedule {schedule_id}" if schedule_id else " in any schedule"
+        raise RequestError(404, "ELEMENT_NOT_FOUND", element, where)
+    schedule, sid = chosen[0]
+    (
+        schedule_status,
+        immediate,
+        concurrency,
+        optimizer_message,
+        delete_ms,
+        status,
+        start,
+        finish,
+        hold,
+        started,
+        dispatched,
+        completed,
+        message,
+        so_id,
+        so_status,
+        so_message,
+        so_ms,
+        change_id,
+        ticket_approval,
+        ticket_status,
+    ) = conn.execute(
+        "SELECT s.status, s.immediate, s.concurrency, s.optimizer_message, s.delete_ms,"
+        " e.status, e.start_ms, e.finish_ms, e.hold_ms, e.dispatch_started_ms, e.dispatch_ms,"
+        " e.completed_ms, e.status_message, e.so_request_id, e.so_status, e.so_message,"
+        " e.so_ms, e.tm_change_id, t.approval_status, t.status"
+        " FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id"
+        " WHERE e.schedule = ? AND e.name = ?",
+        (schedule, element),
+    ).fetchone()
+    # the ticket book over its slot, or from now on when it has none (yet)
+    low, high = (start, finish) if start is not None and finish is not None else (now_ms, 2**62)
+    blocks = [
+        Block(f"{kind} {ref}", s, e, reason)
+        for kind, ref, s, e, reason in conn.execute(
+            "SELECT kind, ref, start_ms, end_ms, reason FROM availability"
+            " WHERE element = ? AND start_ms < ? AND end_ms > ? ORDER BY start_ms",
+            (element, high, low),
+        )
+    ]
+    other_work = [
+        Block(f"schedule {other}", s, e)
+        for other, s, e in conn.execute(
+            "SELECT s.schedule_id, o.start_ms, o.finish_ms FROM elements o"
+            " JOIN schedules s ON s.id = o.schedule WHERE o.name = ? AND o.schedule != ?"
+            " AND o.status IN (?, ?, ?) AND o.start_ms < ? AND o.finish_ms > ?",
+            (element, schedule, *ACTIVE_WORK, high, low),
+        )
+    ]
+    (running,) = conn.execute(
+        "SELECT count(*) FROM elements WHERE schedule = ? AND status = ?",
+        (schedule, ElementStatus.TRIGGERED.value),
+    ).fetchone()
+    return Facts(
+        element=element,
+        schedule_id=sid,
+        schedule_status=schedule_status,
+        status=status,
+        immediate=bool(immediate),
+        concurrency=concurrency,
+        start_ms=start,
+        finish_ms=finish,
+        hold_ms=hold,
+        dispatch_started_ms=started,
+        dispatch_ms=dispatched,
+        completed_ms=completed,
+        status_message=message,
+        so_request_id=so_id,
+        so_status=so_status,
+        so_message=so_message,
+        so_ms=so_ms,
+        change_id=change_id,
+        ticket_state=None
+        if change_id is None
+        else f"{ticket_approval or ''}|{ticket_status or ''}",
+        approvals=conn.execute(
+            "SELECT user_id, status, approval_ms FROM approvals WHERE schedule = ?"
+            " ORDER BY approval_ms",
+            (schedule,),
+        ).fetchall(),
+        approvals_needed=APPROVALS_REQUIRED,
+        optimizer_message=optimizer_message,
+        delete_ms=delete_ms,
+        running=running,
+        blocks=blocks,
+        other_work=other_work,
+        other_schedules=[r[1] for r in rows if r[1] != sid],
+    )

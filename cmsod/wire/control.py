@@ -47,6 +47,11 @@ class DetailsParameters(msgspec.Struct, forbid_unknown_fields=True):
     ] = {}
 
 
+class WhyParameters(msgspec.Struct, forbid_unknown_fields=True):
+    element: Name
+    scheduleId: Name | None = None
+
+
 class IdParameters(msgspec.Struct, forbid_unknown_fields=True):
     id: Name
 
