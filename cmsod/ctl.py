@@ -14,17 +14,23 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
+from datetime import UTC
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
 from cmsod import gantt
+from cmsod.model import ELEMENT_FINAL
+from cmsod.model import ElementStatus as E
 
 EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
-EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 75, 76, 77
+EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 73, 75, 76, 77
 DEFAULT_SOCKET = "/run/cmsod/control.sock"
 MAX_REPLY = 256 * 1024 * 1024
+WAITING = frozenset({E.PENDING_APPROVAL, E.SCHEDULED})  # elements with a slot still to come
 
 
 class Reply(msgspec.Struct):
@@ -110,7 +116,38 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     )
 
 
-def show_schedule(s: dict[str, Any]) -> str:
+def progress(elements: list[dict[str, Any]]) -> list[str]:
+    """Counts by status, done of total, the next slot and the expected end of a schedule's
+    elements (as its view has them)."""
+    counts = Counter(e["status"] for e in elements)
+    done = sum(n for status, n in counts.items() if status in ELEMENT_FINAL)
+    waiting = [e["startTime"] for e in elements if e["status"] in WAITING and e.get("startTime")]
+    open_ends = [
+        e["finishTime"]
+        for e in elements
+        if e["status"] not in ELEMENT_FINAL and e.get("finishTime")
+    ]
+    ends = [e["executionCompletedTime"] for e in elements if e.get("executionCompletedTime")]
+    line = f"progress   {done} of {len(elements)} done"
+    if waiting:
+        line += f"; next slot {min(waiting)}"
+    if open_ends:
+        line += f"; expected end {max(open_ends)}"
+    elif ends and done == len(elements):
+        line += f"; ended {max(ends)}"
+    return [
+        "elements   "
+        + (", ".join(f"{n} {status}" for status, n in counts.most_common()) or "none"),
+        line,
+    ]
+
+
+def element_message(e: dict[str, Any]) -> str | None:
+    """Why it ended or what it waits on: our own message, else the orchestrator's."""
+    return e.get("statusMessage") or e.get("msoMessage")
+
+
+def show_schedule(s: dict[str, Any], statuses: list[str] | None = None) -> str:
     lines = [
         f"schedule   {s['scheduleId']}",
         f"status     {s['status']}",
@@ -120,27 +157,47 @@ def show_schedule(s: dict[str, Any]) -> str:
         lines.append(f"optimizer  {s['optimizerStatus']}: {s.get('optimizerMessage', '')}")
     for a in s.get("scheduleApprovals", []):
         lines.append(
-            f"approval   {a['status']} by {a['userId']} ({a['approvalType']}) at {a['approvalDateTime']}"
+            f"approval   {a['status']} by {a['userId']} ({a['approvalType']})"
+            f" at {a['approvalDateTime']}" + (f", sent by {a['caller']}" if a.get("caller") else "")
         )
-    rows = []
-    for g in s.get("groups", []):
-        for e in g.get("changeManagementSchedules", []):
-            rows.append(
-                [
-                    g["groupId"],
-                    e["vnfName"],
-                    e["status"],
-                    e.get("startTime"),
-                    e.get("finishTime"),
-                    e.get("tmChangeId"),
-                    e.get("msoRequestId"),
-                    e.get("statusMessage"),
-                ]
-            )
+    elements = [
+        {**e, "groupId": g["groupId"]}
+        for g in s.get("groups", [])
+        for e in g.get("changeManagementSchedules", [])
+    ]
+    lines += progress(elements)
+    rows = [
+        [
+            e["groupId"],
+            e["vnfName"],
+            e["status"],
+            e.get("startTime"),
+            e.get("finishTime"),
+            e.get("dispatchTime"),
+            e.get("executionCompletedTime"),
+            e.get("tmChangeId"),
+            e.get("msoRequestId"),
+            element_message(e),
+        ]
+        for e in elements
+        if not statuses or e["status"] in statuses
+    ]
     lines.append("")
     lines.append(
         table(
-            rows, ["GROUP", "VNF", "STATUS", "START", "FINISH", "TICKET", "SO REQUEST", "MESSAGE"]
+            rows,
+            [
+                "GROUP",
+                "VNF",
+                "STATUS",
+                "PLANNED START",
+                "PLANNED END",
+                "ACTUAL START",
+                "ACTUAL END",
+                "TICKET",
+                "SO REQUEST",
+                "MESSAGE",
+            ],
         )
     )
     return "\n".join(lines)
@@ -221,7 +278,7 @@ def show_ticket(t: dict[str, Any]) -> str:
 
 def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     if command == "show":
-        return show_schedule(p["schedule"])
+        return show_schedule(p["schedule"], args.status if args else None)
     if command == "plan":
         return show_plan(p["optimizer"])
     if command == "why":
@@ -229,9 +286,10 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
     if command == "gantt":
         assert args is not None
         if args.svg:
-            Path(args.svg).write_text(gantt.svg(p["schedule"]))
             return f"wrote {args.svg}"
-        return gantt.terminal(p["schedule"], args.width)
+        return gantt.terminal(
+            p["schedule"], args.width, args.tz, args.by, colour=sys.stdout.isatty()
+        )
     if command == "list":
         out = table(
             [
@@ -482,6 +540,23 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise CtlError(EX_USAGE, f"unknown command {c}")
 
 
+def columns(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 10 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is not between 10 and 1000")
+    return value
+
+
+def time_zone(text: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="cmsoctl",
@@ -506,11 +581,16 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("submit", help="submit a CMSO v1 schedule request (FILE or - for stdin)")
     p.add_argument("file", metavar="FILE|-")
-    for name, text in [
-        ("show", "show a schedule and its elements"),
-        ("delete", "cancel or delete a schedule"),
-    ]:
-        sub.add_parser(name, help=text).add_argument("id")
+    p = sub.add_parser("show", help="a schedule: its progress and its elements")
+    p.add_argument("id")
+    p.add_argument(
+        "--status",
+        action="append",
+        metavar="S",
+        choices=[e.value for e in E],
+        help="only elements in this status (repeatable), e.g. --status Failed",
+    )
+    sub.add_parser("delete", help="cancel or delete a schedule").add_argument("id")
     for name, text in [
         ("approve", "accept a schedule pending approval"),
         ("reject", "reject a schedule pending approval"),
@@ -540,7 +620,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gantt", help="draw a schedule's plan (terminal, or --svg FILE)")
     p.add_argument("id")
     p.add_argument("--svg", metavar="FILE", help="write an SVG picture instead")
-    p.add_argument("--width", type=int, default=72, help="terminal columns for the time axis")
+    p.add_argument(
+        "--width",
+        type=columns,
+        default=72,
+        help="terminal columns for the time axis, 10 to 1000 (default %(default)s)",
+    )
+    p.add_argument(
+        "--tz", type=time_zone, default=UTC, metavar="ZONE", help="axis in this zone (default UTC)"
+    )
+    p.add_argument(
+        "--by",
+        choices=["group", "element"],
+        help=f"one row per group or per element (default: per element up to "
+        f"{gantt.MAX_ELEMENT_ROWS} elements)",
+    )
     p = sub.add_parser("blackout", help="times an element must not be changed (the ticket book)")
     blackout = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = blackout.add_parser("add", help="ELEMENT --from T --to T --reason R")
@@ -588,6 +682,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"cmsoctl: {describe_error(reply)}", file=sys.stderr)
         return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
+    if args.command == "gantt" and args.svg:
+        try:
+            Path(args.svg).write_text(gantt.svg(reply.parameters["schedule"], by=args.by))
+        except OSError as exc:
+            print(f"cmsoctl: cannot write {args.svg}: {exc.strerror}", file=sys.stderr)
+            return EX_CANTCREAT
     if args.json:
         print(msgspec.json.encode(reply.parameters).decode())
     else:

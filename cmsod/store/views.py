@@ -172,15 +172,22 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
 def list_schedules(
     conn: sqlite3.Connection, statuses: list[str] | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Schedules ordered by id, `limit` at a time; `after` is the last id of the previous page."""
-    where, params = ["s.schedule_id > ?"], [after or ""]
+    """Schedules newest first, `limit` at a time; `after` is the last id of the previous page."""
+    where: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        where.append(
+            "(s.create_ms, s.id) < (SELECT create_ms, id FROM schedules WHERE schedule_id = ?)"
+        )
+        params.append(after)
     if statuses:
         where.append(f"s.status IN ({', '.join('?' * len(statuses))})")
         params.extend(statuses)
     rows = conn.execute(
         "SELECT s.schedule_id, s.status, s.user_id, s.create_ms,"
         " (SELECT count(*) FROM elements e WHERE e.schedule = s.id)"
-        f" FROM schedules s WHERE {' AND '.join(where)} ORDER BY s.schedule_id LIMIT ?",
+        f" FROM schedules s WHERE {' AND '.join(where) or '1'}"
+        " ORDER BY s.create_ms DESC, s.id DESC LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
     page = [
@@ -365,14 +372,22 @@ def _ticket_view(row: tuple) -> dict[str, Any]:
 def list_tickets(
     conn: sqlite3.Connection, schedule_id: str | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Change tickets ordered by changeId, `limit` at a time, of one schedule or all."""
-    where, params = ["t.change_id > ?"], [after or ""]
+    """Change tickets by planned start, `limit` at a time, of one schedule or all; `after` is
+    the last changeId of the previous page."""
+    where: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        where.append(
+            "(t.planned_start_ms, t.change_id) > (SELECT planned_start_ms, change_id"
+            " FROM change_tickets WHERE change_id = ?)"
+        )
+        params.append(after)
     if schedule_id is not None:
         where.append("s.schedule_id = ?")
         params.append(schedule_id)
     rows = conn.execute(
         f"SELECT {_TICKET_COLUMNS} FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
-        f" WHERE {' AND '.join(where)} ORDER BY t.change_id LIMIT ?",
+        f" WHERE {' AND '.join(where) or '1'} ORDER BY t.planned_start_ms, t.change_id LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
     page = [_ticket_view(r) for r in rows[:limit]]
