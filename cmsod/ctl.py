@@ -1,8 +1,10 @@
 """`cmsoctl`: drive a running cmsod through its control socket.
 
-Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable;
-75 timed out; 76 protocol error (a reply that does not decode); 77 permission denied.
-With --json, stdout holds exactly one JSON document (the reply's parameters, or the error).
+Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable (or, for
+`watch`, it ended the stream); 73 cannot write the --svg file; 75 timed out; 76 protocol error
+(a reply that does not decode); 77 permission denied; 141 the reader of stdout went away.
+With --json, stdout holds exactly one JSON document (the reply's parameters, or the error);
+`watch --json` prints one JSON document per line (JSON lines), one per CM event.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import msgspec
 
 from cmsod import gantt
 from cmsod.model import ELEMENT_FINAL
+from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
+from cmsod.wire.events import EVENT_TYPES
 from cmsod.model import ElementStatus as E
 
 EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
 EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 73, 75, 76, 77
+EX_SIGPIPE = 141  # 128 + SIGPIPE, as the shell reports a writer whose reader went away
 DEFAULT_SOCKET = "/run/cmsod/control.sock"
 MAX_REPLY = 256 * 1024 * 1024
 WAITING = frozenset({E.PENDING_APPROVAL, E.SCHEDULED})  # elements with a slot still to come
@@ -405,14 +410,18 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
     return f"{p['scheduleId']}: {p['status']}"
 
 
-def describe_error(reply: Reply) -> str:
+# The flag of a command that carries a method's parameter, to name it in an error.
+FLAGS = {"blackout": {"startTime": "--from", "endTime": "--to", "element": "ELEMENT"}}
+
+
+def describe_error(reply: Reply, command: str = "") -> str:
     p = reply.parameters
     if reply.error == "io.cmsod.RequestError":
         e = p.get("requestError", {})
         return f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
     detail = p.get("message", "")
     if p.get("parameter"):
-        detail = f"{p['parameter']}: {detail}"
+        detail = f"{FLAGS.get(command, {}).get(p['parameter'], p['parameter'])}: {detail}"
     return f"{reply.error}: {detail}"
 
 
@@ -430,7 +439,11 @@ def watch(args: argparse.Namespace) -> int:
                 while b"\0" not in buffer:
                     chunk = sock.recv(1 << 20)
                     if not chunk:
-                        return EX_OK
+                        print(
+                            "cmsoctl: the daemon ended the event stream (it stopped or restarted)",
+                            file=sys.stderr,
+                        )
+                        return EX_UNAVAILABLE
                     buffer += chunk
                 end = buffer.index(b"\0")
                 reply = msgspec.json.decode(bytes(buffer[:end]), type=Reply)
@@ -445,6 +458,9 @@ def watch(args: argparse.Namespace) -> int:
                     print(describe_event(event), flush=True)
     except KeyboardInterrupt:
         return EX_OK
+    except ConnectionError as exc:
+        print(f"cmsoctl: the event stream broke: {exc.strerror}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except msgspec.DecodeError as exc:
         raise CtlError(EX_PROTOCOL, f"malformed event: {exc}") from None
 
@@ -562,11 +578,12 @@ def parser() -> argparse.ArgumentParser:
         prog="cmsoctl",
         description="Drive cmsod through its control socket.",
         epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 69 daemon unreachable, "
-        "75 timeout, 76 protocol error, 77 permission denied",
+        "73 cannot write the --svg file, 75 timeout, 76 protocol error, 77 permission denied, "
+        "141 stdout closed",
     )
     top.add_argument(
         "--socket",
-        default=os.environ.get("CMSOD_SOCKET", DEFAULT_SOCKET),
+        default=os.environ.get("CMSOD_SOCKET") or DEFAULT_SOCKET,  # set but empty: the default
         help="control socket (env CMSOD_SOCKET; default %(default)s)",
     )
     top.add_argument(
@@ -602,13 +619,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", help="only this status (repeatable)")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--after", help="page after this schedule id")
-    p = sub.add_parser("details", help="search elements (CMSO scheduleDetails filters)")
+    p = sub.add_parser(
+        "details",
+        help="search elements (CMSO scheduleDetails filters)",
+        epilog="filter keys: " + ", ".join(DETAIL_FILTERS + DETAIL_PAGING) + ". Times take "
+        "FROM or FROM,TO (ISO-8601 with a zone); text takes %% as a wildcard.",
+    )
     p.add_argument(
         "--filter",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="e.g. vnfName=node%% (repeatable; repeats of a key are OR-ed)",
+        help="e.g. vnfName=node%% or groupId=east (repeatable; repeats of a key are OR-ed)",
     )
     p = sub.add_parser(
         "plan", help="plan a CMSO v1 request now, counting scheduled work; stores nothing"
@@ -639,8 +661,10 @@ def parser() -> argparse.ArgumentParser:
     blackout = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = blackout.add_parser("add", help="ELEMENT --from T --to T --reason R")
     q.add_argument("element")
-    q.add_argument("--from", dest="start", required=True, help="ISO-8601 start")
-    q.add_argument("--to", dest="end", required=True, help="ISO-8601 end")
+    q.add_argument(
+        "--from", dest="start", required=True, help="start, ISO-8601 with a zone (…Z for UTC)"
+    )
+    q.add_argument("--to", dest="end", required=True, help="end, ISO-8601 with a zone")
     q.add_argument("--reason", default="", help="said to whoever it blocks")
     q = blackout.add_parser("list", help="[ELEMENT]")
     q.add_argument("element", nargs="?")
@@ -653,13 +677,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
     p.add_argument("id", nargs="?")
-    p.add_argument("--type", help="only this eventType")
+    p.add_argument("--type", choices=EVENT_TYPES, help="only this eventType")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`run`, quiet when the reader of stdout goes away (`cmsoctl show X | head`): the shell's
+    exit status of a command killed by SIGPIPE, no traceback."""
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        # stdout is gone; point it at /dev/null so the interpreter's final flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_SIGPIPE
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "watch":
@@ -680,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode()
             )
-        print(f"cmsoctl: {describe_error(reply)}", file=sys.stderr)
+        print(f"cmsoctl: {describe_error(reply, args.command)}", file=sys.stderr)
         return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
     if args.command == "gantt" and args.svg:
         try:

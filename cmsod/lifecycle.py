@@ -100,6 +100,20 @@ def parse_time_ms(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def parse_zoned_time_ms(text: str) -> int:
+    """ISO-8601 to epoch milliseconds, refusing a time without a zone (our own inputs, where
+    a guess would be silent: blackouts, `cmsoctl` flags)."""
+    try:
+        moment = datetime.fromisoformat(text) if text and len(text) <= 64 else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise ValueError("not an ISO-8601 time such as 2026-12-01T08:00:00Z")
+    if moment.tzinfo is None:
+        raise ValueError("no time zone: add Z for UTC, or an offset such as +01:00")
+    return int(moment.timestamp() * 1000)
+
+
 def format_time(ms: int | None) -> str | None:
     """Epoch ms to CMSO's rendering: ISO-8601 in UTC without millis, e.g. 2019-04-05T12:00:00Z."""
     if ms is None:

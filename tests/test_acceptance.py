@@ -359,6 +359,11 @@ async def test_query_cases(autojump_clock, client: ControlClient) -> None:
         and bad["requestError"]["messageId"] == "Scheduler.UNDEFINED_FILTER_ATTRIBUTE"
     )
     assert bad["requestError"]["variables"] == ["bad"]
+    assert bad["requestError"]["text"].startswith(  # the error lists the filters there are
+        "Undefined filter attribute bad; the filters are: request.scheduleId,"
+    )
+    assert await count(groupId=["group"]) == 3
+    assert (await count(groupId=["other"]))["status"] == 404  # exists, matches nothing
     date = await count(**{"request.createDateTime": ["2018-01-010"]})
     assert (
         date["status"] == 400

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
@@ -73,7 +74,30 @@ async def test_a_blackout_moves_the_plan_and_reports_what_it_touches(
     bad = await client.call(
         ADD, element="node1", startTime="2026-12-01T10:00:00Z", endTime="2026-12-01T09:00:00Z"
     )
-    assert bad["parameters"]["requestError"]["messageId"] == "Scheduler.INVALID_CHANGE_WINDOW"
+    assert bad["error"] == "org.varlink.service.InvalidParameter"
+    assert bad["parameters"] == {
+        "parameter": "endTime",
+        "message": "the blackout must end after it starts"
+        " (2026-12-01T10:00:00Z .. 2026-12-01T09:00:00Z)",
+    }
+
+
+async def test_ids_are_never_reused_and_times_need_a_zone(client: ControlClient) -> None:
+    def add(start: str = "2026-12-01T08:00:00Z", **more: str) -> Any:
+        return client.call(ADD, element="n1", startTime=start, endTime="2026-12-02T00:00Z", **more)
+
+    first = (await add())["parameters"]["entry"]["id"]
+    await client.ok("io.cmsod.Availability.Remove", id=first)
+    second = (await add())["parameters"]["entry"]["id"]
+    assert (first, second) == ("BO000001", "BO000002")  # the removed one's id is not reused
+    await client.ok("io.cmsod.Availability.Remove", id=second)
+    assert (await add(kind="ticket"))["parameters"]["entry"]["id"] == "TK000003"
+    reply = await add(start="2026-12-01T08:00:00")
+    assert reply["parameters"]["parameter"] == "startTime"
+    assert "no time zone: add Z for UTC" in reply["parameters"]["message"]
+    reply = await add(id="TK000003")
+    assert reply["error"] == "io.cmsod.Availability.Exists"
+    assert reply["parameters"]["message"] == "an entry 'TK000003' is already in the ticket book"
 
 
 async def test_a_ticket_on_a_required_element_blocks_the_element(

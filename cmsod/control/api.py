@@ -73,9 +73,10 @@ def may_change_state(ctx: Context, peer: Peer) -> bool:
 @dataclass(frozen=True)
 class Method:
     parameters: type
-    handler: Callable[[Context, Any], Any]  # a coroutine, or an async iterator when it streams
+    handler: Callable[..., Any]  # a coroutine, or an async iterator when it streams
     changes_state: bool
     streams: bool = False
+    with_peer: bool = False  # the handler also takes the caller's peer credentials
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -186,24 +187,27 @@ async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
     return {"optimizer": optimizer_response(problem, result)}
 
 
-async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
+async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str, Any]:
+    caller = f"uid {peer.uid} pid {peer.pid}"
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
         ops.tickets_for_approval, p.scheduleId, p.approval, cfg.vnfs_per_ticket, cfg.template
     )
     if needed is None:  # recorded, but does not accept the schedule (or rejects it)
-        status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval)
+        status = await ctx.store.tx(ops.approve, p.scheduleId, p.approval, caller)
     else:
         user_id, tickets = needed
         opened = await open_tickets(ctx, p.scheduleId, user_id, tickets)
         status = await store_with_tickets(
-            ctx, p.scheduleId, user_id, opened, ops.approve, p.scheduleId, p.approval
+            ctx, p.scheduleId, user_id, opened, ops.approve, p.scheduleId, p.approval, caller
         )
     log.info(
         "schedule.approval",
         schedule_id=p.scheduleId,
         approval=p.approval.approvalStatus,
         by=p.approval.approvalUserId,
+        uid=peer.uid,
+        pid=peer.pid,
         status=status.value,
     )
     ctx.bells.dispatcher.ring()
@@ -295,14 +299,17 @@ async def watch(ctx: Context, p: w.WatchParameters) -> AsyncIterator[dict[str, A
 
 
 async def availability_add(ctx: Context, p: w.AvailabilityAddParameters) -> dict[str, Any]:
-    try:
-        start, end = lifecycle.parse_time_ms(p.startTime), lifecycle.parse_time_ms(p.endTime)
-    except ValueError:
-        raise RequestError(
-            400, "INVALID_ATTRIBUTE", "startTime/endTime", f"{p.startTime},{p.endTime}"
-        ) from None
+    times = []
+    for field, text in (("startTime", p.startTime), ("endTime", p.endTime)):
+        try:
+            times.append(lifecycle.parse_zoned_time_ms(text))
+        except ValueError as exc:
+            raise InvalidParameter(field, f"{text!r}: {exc}") from None
+    start, end = times
     if end <= start:
-        raise RequestError(400, "INVALID_CHANGE_WINDOW", p.startTime, p.endTime)
+        raise InvalidParameter(
+            "endTime", f"the {p.kind} must end after it starts ({p.startTime} .. {p.endTime})"
+        )
     entry, touched = await ctx.store.tx(
         ops.add_unavailability, p.kind, p.element, start, end, p.reason, p.by, p.id
     )
@@ -351,7 +358,7 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False),
     "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False),
     "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False),
-    "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True),
+    "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True, with_peer=True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
     "io.cmsod.Schedules.Why": Method(w.WhyParameters, why, False),
@@ -426,7 +433,11 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
                 async for item in stream:
                     yield _encoder.encode({"parameters": item, "continues": True})
             return
-        result = await method.handler(ctx, parameters)
+        result = await (
+            method.handler(ctx, parameters, peer)
+            if method.with_peer
+            else method.handler(ctx, parameters)
+        )
     except RequestError as exc:
         yield _error("io.cmsod.RequestError", exc.to_parameters())
         return

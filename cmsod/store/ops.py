@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from cmsod import cmevents, lifecycle, ticketing
-from cmsod.errors import RequestError
+from cmsod.errors import ControlError, RequestError
 from cmsod.model import (
     APPROVAL_DOMAIN,
     APPROVAL_TYPE,
@@ -130,7 +130,7 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
         ),
     )
     if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
-        _record_approval(tx, schedule, new.user_id, "Accepted")
+        _record_approval(tx, schedule, new.user_id, "Accepted", "auto-approved (immediate)")
         tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
         return _schedule_with_tickets(tx, schedule, new.schedule_id, opened or [])
     return status
@@ -148,12 +148,13 @@ def _schedule_row(tx: Tx, schedule_id: str) -> tuple[int, S]:
     return row[0], S(row[1])
 
 
-def _record_approval(tx: Tx, schedule: int, user_id: str, status: str) -> None:
+def _record_approval(tx: Tx, schedule: int, user_id: str, status: str, caller: str) -> None:
     tx.execute(
-        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
-        " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms",
-        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms),
+        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms, caller)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
+        " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms,"
+        " caller = excluded.caller",
+        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms, caller),
     )
 
 
@@ -211,11 +212,17 @@ def tickets_for_approval(
     return user_id, ticketing.plan_tickets(user_id, groups, per_ticket, template, domain_data)
 
 
-def approve(tx: Tx, schedule_id: str, approval: Approval, opened: Opened | None = None) -> S:
-    """Record an approval. The one that accepts the schedule brings the change tickets opened
-    for it (`tickets_for_approval`): accepted and scheduled in this one transaction."""
+def approve(
+    tx: Tx, schedule_id: str, approval: Approval, caller: str, opened: Opened | None = None
+) -> S:
+    """Record an approval, with who sent it (`caller`, from the socket's peer credentials:
+    the user id in the body is only what the sender says). The one that accepts the schedule
+    brings the change tickets opened for it (`tickets_for_approval`): accepted and scheduled
+    in this one transaction."""
     schedule, status, accepts = _approval_outcome(tx, schedule_id, approval)
-    _record_approval(tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "")
+    _record_approval(
+        tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "", caller
+    )
     if approval.approvalStatus == "Rejected":
         tx.schedule_to(schedule, schedule_id, status, S.REJECTED)
         for element, name, old in tx.execute(
@@ -857,15 +864,20 @@ def add_unavailability(
     ref: str | None,
 ) -> tuple[Unavailability, list[str]]:
     """Record it; also say which active schedules have work on the element in that time."""
+    # the next number never handed out, even to an entry since removed
+    (n,) = tx.execute(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'availability'), 0) + 1"
+    ).fetchone()
     if ref is None:
-        (n,) = tx.execute("SELECT coalesce(max(id), 0) + 1 FROM availability").fetchone()
         ref = f"BO{n:06d}" if kind == "blackout" else f"TK{n:06d}"
     if tx.execute("SELECT 1 FROM availability WHERE ref = ?", (ref,)).fetchone():
-        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", "availability", ref)
+        raise ControlError(
+            f"an entry {ref!r} is already in the ticket book", name="io.cmsod.Availability.Exists"
+        )
     tx.execute(
-        "INSERT INTO availability (ref, kind, element, start_ms, end_ms, reason, created_ms, created_by)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (ref, kind, element, start_ms, end_ms, reason, tx.now_ms, by),
+        "INSERT INTO availability (id, ref, kind, element, start_ms, end_ms, reason, created_ms,"
+        " created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (n, ref, kind, element, start_ms, end_ms, reason, tx.now_ms, by),
     )
     touched = [
         schedule_id

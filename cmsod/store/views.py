@@ -15,6 +15,7 @@ from cmsod.explain import Block, Facts
 from cmsod.lifecycle import format_time, parse_time_ms
 from cmsod.model import APPROVAL_DOMAIN, APPROVALS_REQUIRED, ElementStatus
 from cmsod.store.ops import ACTIVE_WORK
+from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -63,9 +64,17 @@ def _schedule_view(conn: sqlite3.Connection, row: tuple, with_info: bool = True)
             )
         ],
         "scheduleApprovals": [
-            {"approvalDateTime": format_time(ms), "status": st, "userId": u, "approvalType": t}
-            for u, t, st, ms in conn.execute(
-                "SELECT user_id, approval_type, status, approval_ms FROM approvals"
+            _clean(
+                {
+                    "approvalDateTime": format_time(ms),
+                    "status": st,
+                    "userId": u,
+                    "approvalType": t,
+                    "caller": caller,  # who sent it (peer credentials); userId is what it said
+                }
+            )
+            for u, t, st, ms, caller in conn.execute(
+                "SELECT user_id, approval_type, status, approval_ms, caller FROM approvals"
                 " WHERE schedule = ? ORDER BY approval_ms",
                 (schedule,),
             )
@@ -218,6 +227,7 @@ FILTERS: dict[str, tuple[str, str]] = {
     "request.approvalStatus": ("a.status", _TEXT),
     "request.approvalType": ("a.approval_type", _TEXT),
     "WorkflowName": ("d.value", _TEXT),
+    "groupId": ("g.group_id", _TEXT),
     "vnfName": ("e.name", _TEXT),
     "vnfId": ("e.name", _TEXT),
     "vnfStatus": ("e.status", _TEXT),
@@ -226,7 +236,8 @@ FILTERS: dict[str, tuple[str, str]] = {
     "finishTime": ("e.finish_ms", _DATE),
     "lastInstanceTime": ("g.last_instance_ms", _DATE),
 }
-PAGING = {"maxSchedules", "lastScheduleId"}
+PAGING = set(DETAIL_PAGING)
+assert tuple(FILTERS) == DETAIL_FILTERS, "the filters of the wire format and of the search"
 MAX_DETAIL_ROWS = 100_000
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from cmsod.wire.cmso import Approval, Name, ScheduleRequest
+from cmsod.wire.events import EVENT_TYPE
 
 MethodName = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -40,6 +41,31 @@ class ListParameters(msgspec.Struct, forbid_unknown_fields=True):
     after: Name | None = None
 
 
+# The scheduleDetails filters (CMSO's names, and groupId), then the paging keys.
+DETAIL_FILTERS = (
+    "request.scheduleId",
+    "request.scheduleName",
+    "request.userId",
+    "request.status",
+    "request.optimizerStatus",
+    "request.createDateTime",
+    "request.concurrencyLimit",
+    "request.approvalUserId",
+    "request.approvalStatus",
+    "request.approvalType",
+    "WorkflowName",
+    "groupId",
+    "vnfName",
+    "vnfId",
+    "vnfStatus",
+    "tmChangeId",
+    "startTime",
+    "finishTime",
+    "lastInstanceTime",
+)
+DETAIL_PAGING = ("maxSchedules", "lastScheduleId")
+
+
 class DetailsParameters(msgspec.Struct, forbid_unknown_fields=True):
     filters: Annotated[
         dict[Name, Annotated[list[Name], msgspec.Meta(max_length=1000)]],
@@ -58,7 +84,7 @@ class IdParameters(msgspec.Struct, forbid_unknown_fields=True):
 
 class WatchParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name | None = None
-    eventType: Name | None = None
+    eventType: Literal[EVENT_TYPE] | None = None  # the only one cmsod emits
 
 
 class AvailabilityAddParameters(msgspec.Struct, forbid_unknown_fields=True):
