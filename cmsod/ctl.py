@@ -26,9 +26,9 @@ import msgspec
 
 from cmsod import gantt
 from cmsod.model import ELEMENT_FINAL
+from cmsod.model import ElementStatus as E
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 from cmsod.wire.events import EVENT_TYPES
-from cmsod.model import ElementStatus as E
 
 EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
 EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 73, 75, 76, 77

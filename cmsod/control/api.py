@@ -37,6 +37,7 @@ from cmsod.optimize.problem import problem_for
 from cmsod.store import ops, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire import control as w
+from cmsod.wire.events import EVENT_TYPES
 
 INTERFACES = [
     "io.cmsod.Schedules",
@@ -278,6 +279,10 @@ async def reload(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
 
 async def watch(ctx: Context, p: w.WatchParameters) -> AsyncIterator[dict[str, Any]]:
     """Every CM event from now on (of one schedule, of one eventType), as it is read."""
+    if p.eventType is not None and p.eventType not in EVENT_TYPES:
+        raise InvalidParameter(
+            "eventType", f"cmsod emits no {p.eventType!r}; it emits {', '.join(EVENT_TYPES)}"
+        )
     watcher = Watcher(p.scheduleId, p.eventType)
     ctx.watchers.add(watcher)
     log.info(

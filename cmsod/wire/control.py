@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 import msgspec
 
 from cmsod.wire.cmso import Approval, Name, ScheduleRequest
-from cmsod.wire.events import EVENT_TYPE
 
 MethodName = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -84,7 +83,7 @@ class IdParameters(msgspec.Struct, forbid_unknown_fields=True):
 
 class WatchParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name | None = None
-    eventType: Literal[EVENT_TYPE] | None = None  # the only one cmsod emits
+    eventType: Name | None = None  # one of wire.events.EVENT_TYPES
 
 
 class AvailabilityAddParameters(msgspec.Struct, forbid_unknown_fields=True):

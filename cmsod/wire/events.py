@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import msgspec
 
-EVENT_TYPE: Final = "org.onap.ncmp.cm-network-avc-event"
+EVENT_TYPE = "org.onap.ncmp.cm-network-avc-event"
 EVENT_TYPES = (EVENT_TYPE,)  # every eventType cmsod emits (`watch --type` takes one of these)
 EVENT_SCHEMA = "org.onap.ncmp:cm-network-avc-event.rfc8641"
 EVENT_SCHEMA_VERSION = "1.0"
