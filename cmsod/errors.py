@@ -54,12 +54,14 @@ class RequestError(CmsodError):
         ),
     }
 
-    def __init__(self, status: int, code: str, *variables: Any) -> None:
+    def __init__(self, status: int, code: str, *variables: Any, detail: str = "") -> None:
+        """`detail`: said after CMSO's text (which element, why), leaving its variables as
+        CMSO's clients expect them."""
         self.status = status
         self.code = code
         self.variables = [str(v) for v in variables]
         padded = self.variables + [""] * 4
-        self.text = self.TEMPLATES[code].format(*padded)
+        self.text = self.TEMPLATES[code].format(*padded) + (f": {detail}" if detail else "")
         super().__init__(f"{status} Scheduler.{code}: {self.text}")
 
     @property

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cmsod.optimize.policies import Policy, allowed_windows, contains, zone
+from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, allowed_windows, contains, zone
 from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup
 from cmsod.optimize.solver import Instance, solve
 
@@ -139,7 +139,7 @@ def _classes(problem: Problem, policy: Policy | None, options: Options, n: int) 
         windows_cache: dict[str, list[tuple[int, int]] | None] = {}
         for name in group.elements:
             data = problem.element_data.get(name, {})
-            tz_name = data.get("timezone") or data.get("timeZone") or "UTC"
+            tz_name = next((data[k] for k in TIME_ZONE_KEYS if data.get(k)), "UTC")
             attribute = data.get(options.attribute) if options.attribute else None
             if tz_name not in windows_cache:
                 windows_cache[tz_name] = _policy_windows(problem, group, policy, tz_name)
