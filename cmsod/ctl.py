@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -111,6 +111,16 @@ def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> 
 
 
 # -- human output -----------------------------------------------------------------------------
+
+
+def when(text: str) -> str:
+    """Any time a reply carries (CMSO's optimizer format, NCMP's event time, ours) in the one
+    format human output uses: 2026-12-01T08:01:00Z, in UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
@@ -213,7 +223,7 @@ def show_plan(response: dict[str, Any]) -> str:
     lines = [
         table(
             [
-                [e["elementId"], e["groupId"], e["startTime"], e["endTime"]]
+                [e["elementId"], e["groupId"], when(e["startTime"]), when(e["endTime"])]
                 for e in solution["scheduledElements"]
             ],
             ["ELEMENT", "GROUP", "START", "END"],
@@ -472,7 +482,7 @@ def describe_event(event: dict[str, Any]) -> str:
         value: dict[str, Any] = next(iter(edit.get("value", {}).values()), [{}])[0]
         what = edit["target"].rsplit("/", 1)[-1] if "/vnf=" in edit["target"] else "schedule"
         lines.append(
-            f"{event['eventTime']}  {patch['patch-id']:<24} {what:<20} {value.get('status', edit['operation'])}"
+            f"{when(event['eventTime'])}  {patch['patch-id']:<24} {what:<20} {value.get('status', edit['operation'])}"
         )
     return "\n".join(lines)
 

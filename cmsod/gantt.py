@@ -113,6 +113,12 @@ def _tick_label(ms: int, zone: tzinfo, with_day: bool) -> str:
     return moment.strftime("%m-%d %H:%M" if with_day else "%H:%M")
 
 
+def _full(ms: int, zone: tzinfo) -> str:
+    """The one time format of human output (the zone is said beside it)."""
+    moment = datetime.fromtimestamp(ms / 1000, zone).isoformat(timespec="seconds")
+    return moment.replace("+00:00", "Z")
+
+
 def profile(spans: list[tuple[int, int]], begin: int, step: int, columns: int) -> list[int]:
     """Per column, the most elements running at any one instant in it. Spans are [start, stop):
     one element ending as another starts do not run together."""
@@ -222,7 +228,7 @@ def terminal(
     counts = Counter(b.status for b in items)
     lines = [
         f"{view['scheduleId']}  {view['status']}  {len(items)} elements  "
-        f"{_tick_label(begin, zone, True)} .. {_tick_label(end, zone, True)} {zone_name}, "
+        f"{_full(begin, zone)} .. {_full(end, zone)} {zone_name}, "
         f"one column = {_duration(step)}"
     ]
     lines += _axis(begin, end, step, columns, cell, zone, label_width)
@@ -322,7 +328,7 @@ def svg(view: dict[str, Any], width: int = 1200, by: str | None = None) -> str:
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
         f'<text x="10" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
         f'<text x="10" y="38">{len(items)} elements, '
-        f"{_tick_label(begin, UTC, True)} .. {_tick_label(end, UTC, True)} UTC; "
+        f"{_full(begin, UTC)} .. {_full(end, UTC)} UTC; "
         f"{'planned bars light, actual run dark' if by == 'element' else 'elements per group'}"
         "</text>",
     ]

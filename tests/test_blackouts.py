@@ -140,7 +140,7 @@ def test_cmsoctl_blackout_moves_the_next_plan_end_to_end(tmp_path: Path) -> None
         )
         start = body["schedulingInfo"]["vnfDetails"][0]["changeWindow"][0]["startTime"]
         code, out = cmsoctl(tmp_path, "plan", "-", stdin=json.dumps(body))
-        assert code == 0 and out.count(start.replace("Z", ".000+0000")) == 2  # both at the start
+        assert code == 0 and out.count(start) == 2  # both at the start (one time format)
         end = start.replace(start[11:13], f"{int(start[11:13]) + 2:02d}")
         code, out = cmsoctl(
             tmp_path,
