@@ -36,7 +36,24 @@ MAX_ELEMENT_ROWS = 40  # terminal: more elements than this are rolled up by grou
 MAX_SVG_ELEMENT_ROWS = 100
 NICE_STEPS_S = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600]
 NICE_STEPS_S += [43200, 86400]
-TICK_STEPS_S = [60, 300, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800]
+TICK_STEPS_S = [
+    5,
+    10,
+    15,
+    30,
+    60,
+    300,
+    900,
+    1800,
+    3600,
+    7200,
+    10800,
+    21600,
+    43200,
+    86400,
+    172800,
+    604800,
+]
 
 
 def style(status: str) -> tuple[str, str, str]:
@@ -98,19 +115,20 @@ def limit_of(view: dict[str, Any]) -> int | None:
     return max(limits) if limits else None
 
 
-def ticks(begin: int, end: int, most: int) -> list[int]:
-    """Round moments (in UTC: whole minutes, hours, days) between begin and end, at most `most`
-    of them, as few steps apart as allows."""
+def ticks(begin: int, end: int, most: int) -> tuple[list[int], int]:
+    """Round moments (in UTC: whole seconds, minutes, hours, days) between begin and end, at
+    most `most` of them, as few steps apart as allows; and the step."""
     span_s = (end - begin) / 1000
     step_s = next((s for s in TICK_STEPS_S if span_s / s <= most), TICK_STEPS_S[-1])
     step = step_s * 1000
     first = -(-begin // step) * step
-    return list(range(first, end + 1, step))
+    return list(range(first, end + 1, step)), step
 
 
-def _tick_label(ms: int, zone: tzinfo, with_day: bool) -> str:
+def _tick_label(ms: int, zone: tzinfo, with_day: bool, step: int) -> str:
     moment = datetime.fromtimestamp(ms / 1000, zone)
-    return moment.strftime("%m-%d %H:%M" if with_day else "%H:%M")
+    clock = "%H:%M:%S" if step < 60_000 else "%H:%M"
+    return moment.strftime(f"%m-%d {clock}" if with_day else clock)
 
 
 def _full(ms: int, zone: tzinfo) -> str:
@@ -228,7 +246,9 @@ def terminal(
     counts = Counter(b.status for b in items)
     lines = [
         f"{view['scheduleId']}  {view['status']}  {len(items)} elements  "
-        f"{_full(begin, zone)} .. {_full(end, zone)} {zone_name}, "
+        f"{_full(begin, zone)} .. {_full(end, zone)}"
+        + ("" if zone_name == "UTC" else f" ({zone_name})")
+        + ", "
         f"one column = {_duration(step)}"
     ]
     lines += _axis(begin, end, step, columns, cell, zone, label_width)
@@ -274,10 +294,11 @@ def _axis(
     ruler = ["-"] * chars
     spread = (end - begin) > 86_400_000
     last_end = -1
-    for moment in ticks(begin, end, max(2, chars // 8)):
+    moments, tick = ticks(begin, end, max(2, chars // 10))
+    for moment in moments:
         at = min(chars - 1, int((moment - begin) / step * cell))
         ruler[at] = "|"
-        text = _tick_label(moment, zone, spread or moment == begin)
+        text = _tick_label(moment, zone, spread or moment == begin, tick)
         if at > last_end:
             labels[at : at + len(text)] = list(text)
             last_end = at + len(text)
@@ -328,21 +349,22 @@ def svg(view: dict[str, Any], width: int = 1200, by: str | None = None) -> str:
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
         f'<text x="10" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
         f'<text x="10" y="38">{len(items)} elements, '
-        f"{_full(begin, UTC)} .. {_full(end, UTC)} UTC; "
+        f"{_full(begin, UTC)} .. {_full(end, UTC)}; "
         f"{'planned bars light, actual run dark' if by == 'element' else 'elements per group'}"
         "</text>",
     ]
     # axis and grid
     spread = (end - begin) > 86_400_000
     axis = ['<g id="axis" stroke="#e0e0e0">']
-    for moment in ticks(begin, end, max(2, plot // 90)):
+    moments, tick = ticks(begin, end, max(2, plot // 90))
+    for moment in moments:
         px = x(moment)
         axis.append(
             f'<line x1="{px:.1f}" y1="{top - 6}" x2="{px:.1f}" y2="{profile_top + profile_h}"/>'
         )
         axis.append(
             f'<text x="{px:.1f}" y="{top - 10}" text-anchor="middle" stroke="none"'
-            f' fill="#424242">{_tick_label(moment, UTC, spread)}</text>'
+            f' fill="#424242">{_tick_label(moment, UTC, spread, tick)}</text>'
         )
     axis.append(
         f'<line x1="{left}" y1="{top - 6}" x2="{left + plot}" y2="{top - 6}" stroke="#424242"/>'
@@ -429,16 +451,25 @@ def _group_rows(
             f' width="{max(1.5, x(g_end) - x(g_start)):.1f}" height="{row_h - 2}"'
             f' fill="#eceff1"><title>{escape(group)}: {escape(summary)}</title></rect>'
         )
+        # stacked by status; equal neighbours merged into one rect (no seams, a small file)
+        runs: list[list[Any]] = []  # [first column, last column, top, height, status]
         for c, statuses in enumerate(counts):
             base: float = y + row_h - 1
             for status, n in sorted(statuses.items(), key=_order):
-                h = (row_h - 3) * n / peak
+                h = round((row_h - 3) * n / peak, 1)
                 base -= h
-                parts.append(
-                    f'<rect x="{x(begin + c * step):.1f}" y="{base:.1f}"'
-                    f' width="{max(1.0, x(begin + (c + 1) * step) - x(begin + c * step)):.1f}"'
-                    f' height="{h:.1f}" fill="{style(status)[0]}"/>'
-                )
+                top_y = round(base, 1)
+                same = [r for r in runs if r[1] == c - 1 and r[2:] == [top_y, h, status]]
+                if same:
+                    same[0][1] = c
+                else:
+                    runs.append([c, c, top_y, h, status])
+        for first, last, top_y, h, status in runs:
+            left_x = x(begin + first * step)
+            parts.append(
+                f'<rect x="{left_x:.1f}" y="{top_y}" width="{x(begin + (last + 1) * step) - left_x:.1f}"'
+                f' height="{h}" fill="{style(status)[0]}"/>'
+            )
         parts.append("</g>")
     return parts
 
@@ -458,29 +489,41 @@ def _profile_panel(
     buckets = max(1, plot // 2)
     step = max(1, -(-(end - begin) // buckets))
     running = profile([b.span for b in items], begin, step, buckets)
+    # what really ran: dispatched until it ended (or, still running, until its planned end)
+    ran = [(b.actual[0], b.actual[1] or b.span[1]) for b in items if b.actual is not None]
+    # drawn up to the last moment anything was seen to start or end, not into the future
+    seen = max((moment for span in ran for moment in span), default=begin)
+    actual = profile(ran, begin, step, buckets)[: -(-(seen - begin) // step)] if ran else []
     limit = limit_of(view)
-    ceiling = max(max(running), limit or 0, 1)
+    ceiling = max(max(running), max(actual, default=0), limit or 0, 1)
 
     def y(n: float) -> float:
         return top + height - height * n / ceiling
 
-    points = [f"{left},{top + height}"]
-    for c, n in enumerate(running):
-        points.append(f"{x(begin + c * step):.1f},{y(n):.1f}")
-        points.append(f"{x(min(end, begin + (c + 1) * step)):.1f},{y(n):.1f}")
-    points.append(f"{left + plot},{top + height}")
+    def steps(levels: list[int]) -> list[str]:
+        points = []
+        for c, n in enumerate(levels):
+            points.append(f"{x(begin + c * step):.1f},{y(n):.1f}")
+            points.append(f"{x(min(end, begin + (c + 1) * step)):.1f},{y(n):.1f}")
+        return points
+
+    planned = [f"{left},{top + height}", *steps(running), f"{left + plot},{top + height}"]
     parts = [
         '<g id="concurrency">',
-        f'<text x="6" y="{top + 12}">planned, at once</text>',
-        f'<text x="6" y="{top + 28}" fill="#616161">peak {max(running)}'
-        + (f", limit {limit}" if limit else "")
-        + "</text>",
+        f'<text x="6" y="{top + 12}">running at once</text>',
+        f'<text x="6" y="{top + 28}" fill="#1565c0">planned: peak {max(running)}</text>',
         f'<rect x="{left}" y="{top}" width="{plot}" height="{height}" fill="none"'
         ' stroke="#bdbdbd"/>',
-        f'<polygon points="{" ".join(points)}" fill="#90caf9" stroke="#1565c0"/>',
+        f'<polygon points="{" ".join(planned)}" fill="#90caf9" stroke="#1565c0"/>',
         f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{ceiling}</text>',
         f'<text x="{left - 4}" y="{top + height}" text-anchor="end">0</text>',
     ]
+    if actual:
+        parts.append(
+            f'<polyline class="actual" points="{" ".join(steps(actual))}" fill="none"'
+            ' stroke="#212121" stroke-width="1.5"/>'
+            f'<text x="6" y="{top + 44}" fill="#212121">actual: peak {max(actual)}</text>'
+        )
     if limit:
         parts.append(
             f'<line class="limit" x1="{left}" y1="{y(limit):.1f}" x2="{left + plot}"'
