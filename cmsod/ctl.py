@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from cmsod import gantt
-from cmsod.model import ELEMENT_FINAL
+from cmsod.model import ELEMENT_FINAL, SCHEDULE_FINAL
 from cmsod.model import ElementStatus as E
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 from cmsod.wire.events import EVENT_TYPES
@@ -131,11 +131,17 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     )
 
 
-def progress(elements: list[dict[str, Any]]) -> list[str]:
+def progress(elements: list[dict[str, Any]], schedule_status: str) -> list[str]:
     """Counts by status, done of total, the next slot and the expected end of a schedule's
     elements (as its view has them)."""
     counts = Counter(e["status"] for e in elements)
     done = sum(n for status, n in counts.items() if status in ELEMENT_FINAL)
+    if schedule_status in SCHEDULE_FINAL and done < len(elements):
+        return [
+            "elements   " + ", ".join(f"{n} {status}" for status, n in counts.most_common()),
+            f"progress   {done} of {len(elements)} ended; the schedule is {schedule_status}:"
+            " the others will not run",
+        ]
     waiting = [e["startTime"] for e in elements if e["status"] in WAITING and e.get("startTime")]
     open_ends = [
         e["finishTime"]
@@ -180,7 +186,7 @@ def show_schedule(s: dict[str, Any], statuses: list[str] | None = None) -> str:
         for g in s.get("groups", [])
         for e in g.get("changeManagementSchedules", [])
     ]
-    lines += progress(elements)
+    lines += progress(elements, s["status"])
     rows = [
         [
             e["groupId"],

@@ -81,7 +81,7 @@ def test_show_list_why_and_approval_identity(tmp_path: Path) -> None:
 def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     try:
-        submitted(tmp_path, daemon, "big", 800, concurrency=800)  # output well past a pipe's buffer
+        submitted(tmp_path, daemon, "big", 2000, concurrency=2000)  # output well past 64 KiB
         for args in (
             ["show", "big"],
             ["--json", "show", "big"],

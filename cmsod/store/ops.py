@@ -422,9 +422,10 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
     figures = dict(optimizer_return_ms=tx.now_ms)
     if not plan.placed or (plan.unplaced and not allow_partial):
         why = (
-            "No elements scheduled"
+            f"No elements scheduled; {plan.summary}"
             if not plan.placed
-            else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled"
+            else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled,"
+            " so none is (optimizer.allow_partial = false)"
         )
         tx.schedule_to(
             schedule,
@@ -432,7 +433,7 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
             S.OPTIMIZATION_IN_PROGRESS,
             S.OPTIMIZATION_FAILED,
             optimizer_status="FAILED",
-            optimizer_message=f"{why}; {plan.summary}",
+            optimizer_message=why,
             **figures,
         )
         return S.OPTIMIZATION_FAILED
