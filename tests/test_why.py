@@ -100,6 +100,11 @@ async def test_why_says_what_the_orchestrator_said_and_why_it_could_not_place(
     assert optimizer["words"].startswith(
         "the optimizer could not place it: no slot it could use was free"
     )
+    schedule = next(r for r in answer["reasons"] if r["kind"] == "schedule")
+    assert schedule["words"] == (  # not "optimal", not "1 scheduled": nothing is
+        "the whole schedule failed: 1 of 2 elements could not be scheduled, so none is"
+        " (optimizer.allow_partial = false)"
+    )
     text = " ".join(r["words"] for r in answer["reasons"])
     for jargon in ("AvailabilityConstraint", "sum of slot numbers", "element classes"):
         assert jargon not in text
