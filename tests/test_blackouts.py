@@ -169,3 +169,35 @@ def test_cmsoctl_blackout_moves_the_next_plan_end_to_end(tmp_path: Path) -> None
         assert (code, out.strip()) == (0, "BO000001 removed")
     finally:
         assert daemon.stop() == 0
+
+
+async def test_a_book_from_before_the_migration_keeps_its_entries_and_numbers(
+    nursery, tmp_path: Path
+) -> None:
+    """A database of schema 5 (ids then came from max(id) + 1) is migrated: its entries stay,
+    and numbering goes on from the highest id, never back."""
+    import sqlite3
+
+    from cmsod.store.schema import MIGRATIONS
+    from tests.conftest import start_daemon
+
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        for number, migration in enumerate(MIGRATIONS[:5], start=1):
+            db.executescript(migration)
+            db.execute(f"PRAGMA user_version = {number}")
+        db.execute(
+            "INSERT INTO availability VALUES"
+            " (3, 'BO000003', 'blackout', 'n1', 0, 1000, 'old', 0, 'someone')"
+        )
+    db.close()
+    cmsod = await start_daemon(nursery, tmp_path)
+    client = await cmsod.connect()
+    listed = (await client.ok("io.cmsod.Availability.List"))["entries"]
+    assert [(e["id"], e["reason"]) for e in listed] == [("BO000003", "old")]
+    await client.ok("io.cmsod.Availability.Remove", id="BO000003")
+    added = await client.ok(
+        ADD, element="n1", startTime="2026-12-01T08:00:00Z", endTime="2026-12-01T09:00:00Z"
+    )
+    assert added["entry"]["id"] == "BO000004"
+    await client.aclose()
+    cmsod.cancel.cancel()

@@ -148,3 +148,36 @@ async def test_the_daemon_refuses_an_unknown_event_type(client: ControlClient) -
     assert reply["parameters"]["message"] == (
         "cmsod emits no 'x'; it emits org.onap.ncmp.cm-network-avc-event"
     )
+
+
+async def test_list_is_newest_first_and_tickets_go_by_planned_start(
+    autojump_clock, client: ControlClient
+) -> None:
+    from cmsod.model import ScheduleStatus as S
+    from tests.cmso_requests import approval
+
+    for name, minutes in (("first", 600), ("second", 60), ("third", 300)):
+        await client.ok(
+            "io.cmsod.Schedules.Create",
+            schedule=request(name, now=EPOCH, nodes=[f"{name}-n"], minutes_from_now=minutes),
+        )
+        await client.wait_for(name, S.PENDING_APPROVAL)
+        await client.ok("io.cmsod.Schedules.Approve", scheduleId=name, approval=approval())
+    pages, after = [], None
+    while True:
+        reply = await client.ok(
+            "io.cmsod.Schedules.List", limit=1, **({"after": after} if after else {})
+        )
+        pages += [s["scheduleId"] for s in reply["schedules"]]
+        if not (after := reply["next"]):
+            break
+    assert pages == ["third", "second", "first"]  # newest first, page by page
+    tickets, after = [], None
+    while True:
+        reply = await client.ok(
+            "io.cmsod.Tickets.List", limit=2, **({"after": after} if after else {})
+        )
+        tickets += [t["scheduleId"] for t in reply["tickets"]]
+        if not (after := reply["next"]):
+            break
+    assert tickets == ["second", "third", "first"]  # by when their work is planned
