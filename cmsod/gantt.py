@@ -492,7 +492,10 @@ def _profile_panel(
     # what really ran: dispatched until it ended (or, still running, until its planned end)
     ran = [(b.actual[0], b.actual[1] or b.span[1]) for b in items if b.actual is not None]
     # drawn up to the last moment anything was seen to start or end, not into the future
-    seen = max((moment for span in ran for moment in span), default=begin)
+    seen = max(
+        (m for b in items if b.actual is not None for m in b.actual if m is not None),
+        default=begin,
+    )
     actual = profile(ran, begin, step, buckets)[: -(-(seen - begin) // step)] if ran else []
     limit = limit_of(view)
     ceiling = max(max(running), max(actual, default=0), limit or 0, 1)
