@@ -18,7 +18,7 @@ import msgspec
 
 from cmsod.errors import ConfigError
 from cmsod.optimize.policies import BUILTIN as BUILTIN_POLICIES
-from cmsod.optimize.policies import Policy
+from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, zone
 from cmsod.ticketing import DEFAULT_DISPATCH_ALLOWED, DEFAULT_TEMPLATE
 
 POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -259,11 +259,18 @@ def load_inventory(path: Path | None) -> dict[str, dict[str, str]]:
         return {}
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return msgspec.convert(data, Inventory).elements
+        elements = msgspec.convert(data, Inventory).elements
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    for name, element_data in elements.items():  # said now, naming it, not at each plan
+        for key in (k for k in TIME_ZONE_KEYS if k in element_data):
+            try:
+                zone(element_data[key])
+            except ValueError as exc:
+                raise ConfigError(f"{path}: element {name!r}: {exc}") from None
+    return elements
 
 
 ENV_PREFIX = "CMSOD_"

@@ -1,8 +1,10 @@
 """`cmsoctl`: drive a running cmsod through its control socket.
 
-Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable;
-75 timed out; 76 protocol error (a reply that does not decode); 77 permission denied.
-With --json, stdout holds exactly one JSON document (the reply's parameters, or the error).
+Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable (or, for
+`watch`, it ended the stream); 73 cannot write the --svg file; 75 timed out; 76 protocol error
+(a reply that does not decode); 77 permission denied; 141 the reader of stdout went away.
+With --json, stdout holds exactly one JSON document (the reply's parameters, or the error);
+`watch --json` prints one JSON document per line (JSON lines), one per CM event.
 """
 
 from __future__ import annotations
@@ -14,17 +16,26 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
 from cmsod import gantt
+from cmsod.model import ELEMENT_FINAL, SCHEDULE_FINAL
+from cmsod.model import ElementStatus as E
+from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
+from cmsod.wire.events import EVENT_TYPES
 
 EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
-EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 75, 76, 77
+EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 73, 75, 76, 77
+EX_SIGPIPE = 141  # 128 + SIGPIPE, as the shell reports a writer whose reader went away
 DEFAULT_SOCKET = "/run/cmsod/control.sock"
 MAX_REPLY = 256 * 1024 * 1024
+WAITING = frozenset({E.PENDING_APPROVAL, E.SCHEDULED})  # elements with a slot still to come
 
 
 class Reply(msgspec.Struct):
@@ -102,6 +113,16 @@ def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> 
 # -- human output -----------------------------------------------------------------------------
 
 
+def when(text: str) -> str:
+    """Any time a reply carries (CMSO's optimizer format, NCMP's event time, ours) in the one
+    format human output uses: 2026-12-01T08:01:00Z, in UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -110,7 +131,45 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     )
 
 
-def show_schedule(s: dict[str, Any]) -> str:
+def progress(elements: list[dict[str, Any]], schedule_status: str) -> list[str]:
+    """Counts by status, done of total, the next slot and the expected end of a schedule's
+    elements (as its view has them)."""
+    counts = Counter(e["status"] for e in elements)
+    done = sum(n for status, n in counts.items() if status in ELEMENT_FINAL)
+    if schedule_status in SCHEDULE_FINAL and done < len(elements):
+        return [
+            "elements   " + ", ".join(f"{n} {status}" for status, n in counts.most_common()),
+            f"progress   {done} of {len(elements)} ended; the schedule is {schedule_status}:"
+            " the others will not run",
+        ]
+    waiting = [e["startTime"] for e in elements if e["status"] in WAITING and e.get("startTime")]
+    open_ends = [
+        e["finishTime"]
+        for e in elements
+        if e["status"] not in ELEMENT_FINAL and e.get("finishTime")
+    ]
+    ends = [e["executionCompletedTime"] for e in elements if e.get("executionCompletedTime")]
+    line = f"progress   {done} of {len(elements)} done"
+    if waiting:
+        line += f"; next slot {min(waiting)}"
+    if open_ends:
+        line += f"; expected end {max(open_ends)}"
+    elif ends and done == len(elements):
+        line += f"; ended {max(ends)}"
+    return [
+        "elements   "
+        + (", ".join(f"{n} {status}" for status, n in counts.most_common()) or "none"),
+        line,
+    ]
+
+
+def element_message(e: dict[str, Any]) -> str | None:
+    """Why it ended or what it waits on: the gate holding it, our own message, else the
+    orchestrator's."""
+    return e.get("heldBy") or e.get("statusMessage") or e.get("msoMessage")
+
+
+def show_schedule(s: dict[str, Any], statuses: list[str] | None = None) -> str:
     lines = [
         f"schedule   {s['scheduleId']}",
         f"status     {s['status']}",
@@ -136,27 +195,47 @@ def show_schedule(s: dict[str, Any]) -> str:
         )
     for a in s.get("scheduleApprovals", []):
         lines.append(
-            f"approval   {a['status']} by {a['userId']} ({a['approvalType']}) at {a['approvalDateTime']}"
+            f"approval   {a['status']} by {a['userId']} ({a['approvalType']})"
+            f" at {a['approvalDateTime']}" + (f", sent by {a['caller']}" if a.get("caller") else "")
         )
-    rows = []
-    for g in s.get("groups", []):
-        for e in g.get("changeManagementSchedules", []):
-            rows.append(
-                [
-                    g["groupId"],
-                    e["vnfName"],
-                    e["status"],
-                    e.get("startTime"),
-                    e.get("finishTime"),
-                    e.get("tmChangeId"),
-                    e.get("msoRequestId"),
-                    e.get("heldBy") or e.get("statusMessage"),
-                ]
-            )
+    elements = [
+        {**e, "groupId": g["groupId"]}
+        for g in s.get("groups", [])
+        for e in g.get("changeManagementSchedules", [])
+    ]
+    lines += progress(elements, s["status"])
+    rows = [
+        [
+            e["groupId"],
+            e["vnfName"],
+            e["status"],
+            e.get("startTime"),
+            e.get("finishTime"),
+            e.get("dispatchTime"),
+            e.get("executionCompletedTime"),
+            e.get("tmChangeId"),
+            e.get("msoRequestId"),
+            element_message(e),
+        ]
+        for e in elements
+        if not statuses or e["status"] in statuses
+    ]
     lines.append("")
     lines.append(
         table(
-            rows, ["GROUP", "VNF", "STATUS", "START", "FINISH", "TICKET", "SO REQUEST", "MESSAGE"]
+            rows,
+            [
+                "GROUP",
+                "VNF",
+                "STATUS",
+                "PLANNED START",
+                "PLANNED END",
+                "ACTUAL START",
+                "ACTUAL END",
+                "TICKET",
+                "SO REQUEST",
+                "MESSAGE",
+            ],
         )
     )
     return "\n".join(lines)
@@ -167,7 +246,7 @@ def show_plan(response: dict[str, Any]) -> str:
     lines = [
         table(
             [
-                [e["elementId"], e["groupId"], e["startTime"], e["endTime"]]
+                [e["elementId"], e["groupId"], when(e["startTime"]), when(e["endTime"])]
                 for e in solution["scheduledElements"]
             ],
             ["ELEMENT", "GROUP", "START", "END"],
@@ -190,6 +269,19 @@ def show_plan(response: dict[str, Any]) -> str:
             )
         )
     lines.append(f"{response['status']}: {response['summary']}")
+    return "\n".join(lines)
+
+
+def show_why(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['element']} in schedule {p['scheduleId']}: {p['status']}"
+        f" (schedule {p['scheduleStatus']}), at {p['currentTime']}"
+    ]
+    lines += [
+        f"  {r['kind']:<16} {r['words']}"
+        + (f"  [until {r['until']}]" if r.get("until") and r["until"] not in r["words"] else "")
+        for r in p["reasons"]
+    ]
     return "\n".join(lines)
 
 
@@ -224,15 +316,18 @@ def show_ticket(t: dict[str, Any]) -> str:
 
 def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     if command == "show":
-        return show_schedule(p["schedule"])
+        return show_schedule(p["schedule"], args.status if args else None)
     if command == "plan":
         return show_plan(p["optimizer"])
+    if command == "why":
+        return show_why(p)
     if command == "gantt":
         assert args is not None
         if args.svg:
-            Path(args.svg).write_text(gantt.svg(p["schedule"]))
             return f"wrote {args.svg}"
-        return gantt.terminal(p["schedule"], args.width)
+        return gantt.terminal(
+            p["schedule"], args.width, args.tz, args.by, colour=sys.stdout.isatty()
+        )
     if command == "list":
         out = table(
             [
@@ -360,14 +455,18 @@ def freeze_line(f: dict[str, Any] | None) -> str:
     return f"FROZEN     since {f['since']}{until}, by {f['by']}: {f.get('reason') or '-'}"
 
 
-def describe_error(reply: Reply) -> str:
+# The flag of a command that carries a method's parameter, to name it in an error.
+FLAGS = {"blackout": {"startTime": "--from", "endTime": "--to", "element": "ELEMENT"}}
+
+
+def describe_error(reply: Reply, command: str = "") -> str:
     p = reply.parameters
     if reply.error == "io.cmsod.RequestError":
         e = p.get("requestError", {})
         return f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
     detail = p.get("message", "")
     if p.get("parameter"):
-        detail = f"{p['parameter']}: {detail}"
+        detail = f"{FLAGS.get(command, {}).get(p['parameter'], p['parameter'])}: {detail}"
     return f"{reply.error}: {detail}"
 
 
@@ -385,7 +484,11 @@ def watch(args: argparse.Namespace) -> int:
                 while b"\0" not in buffer:
                     chunk = sock.recv(1 << 20)
                     if not chunk:
-                        return EX_OK
+                        print(
+                            "cmsoctl: the daemon ended the event stream (it stopped or restarted)",
+                            file=sys.stderr,
+                        )
+                        return EX_UNAVAILABLE
                     buffer += chunk
                 end = buffer.index(b"\0")
                 reply = msgspec.json.decode(bytes(buffer[:end]), type=Reply)
@@ -400,6 +503,9 @@ def watch(args: argparse.Namespace) -> int:
                     print(describe_event(event), flush=True)
     except KeyboardInterrupt:
         return EX_OK
+    except ConnectionError as exc:
+        print(f"cmsoctl: the event stream broke: {exc.strerror}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except msgspec.DecodeError as exc:
         raise CtlError(EX_PROTOCOL, f"malformed event: {exc}") from None
 
@@ -411,7 +517,7 @@ def describe_event(event: dict[str, Any]) -> str:
         value: dict[str, Any] = next(iter(edit.get("value", {}).values()), [{}])[0]
         what = edit["target"].rsplit("/", 1)[-1] if "/vnf=" in edit["target"] else "schedule"
         lines.append(
-            f"{event['eventTime']}  {patch['patch-id']:<24} {what:<20} {value.get('status', edit['operation'])}"
+            f"{when(event['eventTime'])}  {patch['patch-id']:<24} {what:<20} {value.get('status', edit['operation'])}"
         )
     return "\n".join(lines)
 
@@ -438,6 +544,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "io.cmsod.Schedules.Get", {"scheduleId": args.id}
     if c == "plan":
         return "io.cmsod.Schedules.Plan", {"schedule": read_document(args.file)}
+    if c == "why":
+        return "io.cmsod.Schedules.Why", {"element": args.element} | (
+            {"scheduleId": args.schedule} if args.schedule else {}
+        )
     if c == "list":
         p: dict[str, Any] = {"limit": args.limit}
         if args.status:
@@ -504,16 +614,34 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise CtlError(EX_USAGE, f"unknown command {c}")
 
 
+def columns(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 10 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is not between 10 and 1000")
+    return value
+
+
+def time_zone(text: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="cmsoctl",
         description="Drive cmsod through its control socket.",
         epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 69 daemon unreachable, "
-        "75 timeout, 76 protocol error, 77 permission denied",
+        "73 cannot write the --svg file, 75 timeout, 76 protocol error, 77 permission denied, "
+        "141 stdout closed",
     )
     top.add_argument(
         "--socket",
-        default=os.environ.get("CMSOD_SOCKET", DEFAULT_SOCKET),
+        default=os.environ.get("CMSOD_SOCKET") or DEFAULT_SOCKET,  # set but empty: the default
         help="control socket (env CMSOD_SOCKET; default %(default)s)",
     )
     top.add_argument(
@@ -528,11 +656,16 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("submit", help="submit a CMSO v1 schedule request (FILE or - for stdin)")
     p.add_argument("file", metavar="FILE|-")
-    for name, text in [
-        ("show", "show a schedule and its elements"),
-        ("delete", "cancel or delete a schedule"),
-    ]:
-        sub.add_parser(name, help=text).add_argument("id")
+    p = sub.add_parser("show", help="a schedule: its progress and its elements")
+    p.add_argument("id")
+    p.add_argument(
+        "--status",
+        action="append",
+        metavar="S",
+        choices=[e.value for e in E],
+        help="only elements in this status (repeatable), e.g. --status Failed",
+    )
+    sub.add_parser("delete", help="cancel or delete a schedule").add_argument("id")
     for name, text in [
         ("approve", "accept a schedule pending approval"),
         ("reject", "reject a schedule pending approval"),
@@ -556,28 +689,52 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", help="only this status (repeatable)")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--after", help="page after this schedule id")
-    p = sub.add_parser("details", help="search elements (CMSO scheduleDetails filters)")
+    p = sub.add_parser(
+        "details",
+        help="search elements (CMSO scheduleDetails filters)",
+        epilog="filter keys: " + ", ".join(DETAIL_FILTERS + DETAIL_PAGING) + ". Times take "
+        "FROM or FROM,TO (ISO-8601 with a zone); text takes %% as a wildcard.",
+    )
     p.add_argument(
         "--filter",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="e.g. vnfName=node%% (repeatable; repeats of a key are OR-ed)",
+        help="e.g. vnfName=node%% or groupId=east (repeatable; repeats of a key are OR-ed)",
     )
     p = sub.add_parser(
         "plan", help="plan a CMSO v1 request now, counting scheduled work; stores nothing"
     )
     p.add_argument("file", metavar="FILE|-")
+    p = sub.add_parser("why", help="what an element waits for, or why it ended, in plain words")
+    p.add_argument("element")
+    p.add_argument("--schedule", metavar="ID", help="in this schedule (default: its newest)")
     p = sub.add_parser("gantt", help="draw a schedule's plan (terminal, or --svg FILE)")
     p.add_argument("id")
     p.add_argument("--svg", metavar="FILE", help="write an SVG picture instead")
-    p.add_argument("--width", type=int, default=72, help="terminal columns for the time axis")
+    p.add_argument(
+        "--width",
+        type=columns,
+        default=72,
+        help="terminal columns for the time axis, 10 to 1000 (default %(default)s)",
+    )
+    p.add_argument(
+        "--tz", type=time_zone, default=UTC, metavar="ZONE", help="axis in this zone (default UTC)"
+    )
+    p.add_argument(
+        "--by",
+        choices=["group", "element"],
+        help=f"one row per group or per element (default: per element up to "
+        f"{gantt.MAX_ELEMENT_ROWS} elements)",
+    )
     p = sub.add_parser("blackout", help="times an element must not be changed (the ticket book)")
     blackout = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = blackout.add_parser("add", help="ELEMENT --from T --to T --reason R")
     q.add_argument("element")
-    q.add_argument("--from", dest="start", required=True, help="ISO-8601 start")
-    q.add_argument("--to", dest="end", required=True, help="ISO-8601 end")
+    q.add_argument(
+        "--from", dest="start", required=True, help="start, ISO-8601 with a zone (…Z for UTC)"
+    )
+    q.add_argument("--to", dest="end", required=True, help="end, ISO-8601 with a zone")
     q.add_argument("--reason", default="", help="said to whoever it blocks")
     q = blackout.add_parser("list", help="[ELEMENT]")
     q.add_argument("element", nargs="?")
@@ -590,13 +747,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
     p.add_argument("id", nargs="?")
-    p.add_argument("--type", help="only this eventType")
+    p.add_argument("--type", choices=EVENT_TYPES, help="only this eventType")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`run`, quiet when the reader of stdout goes away (`cmsoctl show X | head`): the shell's
+    exit status of a command killed by SIGPIPE, no traceback."""
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        # stdout is gone; point it at /dev/null so the interpreter's final flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_SIGPIPE
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "watch":
@@ -617,8 +785,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode()
             )
-        print(f"cmsoctl: {describe_error(reply)}", file=sys.stderr)
+        print(f"cmsoctl: {describe_error(reply, args.command)}", file=sys.stderr)
         return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
+    if args.command == "gantt" and args.svg:
+        try:
+            Path(args.svg).write_text(gantt.svg(reply.parameters["schedule"], by=args.by))
+        except OSError as exc:
+            print(f"cmsoctl: cannot write {args.svg}: {exc.strerror}", file=sys.stderr)
+            return EX_CANTCREAT
     if args.json:
         print(msgspec.json.encode(reply.parameters).decode())
     else:

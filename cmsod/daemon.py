@@ -172,6 +172,7 @@ async def run(
             path=str(cfg.store_path),
             migrated=",".join(map(str, ctx.store.migrations_applied)) or None,
         )
+        await _log_resumed(ctx)
         try:
             async with trio.open_nursery() as root:
                 for name, actor in ACTORS:
@@ -192,6 +193,19 @@ async def run(
                         await peer.aclose()
                 await ctx.store.close()
             log.info("daemon.stopped")
+
+
+async def _log_resumed(ctx: Context) -> None:
+    """One line with the work this start takes over from the store (all 0 on a first start)."""
+    counts = await ctx.store.read(views.status_counts)
+    elements, schedules = counts["elements"], counts["schedules"]
+    log.info(
+        "daemon.resumed",
+        scheduled=elements.get("Scheduled", 0) + elements.get("Scheduled Immediate", 0),
+        running=elements.get("Triggered", 0),
+        to_plan=schedules.get("Pending Schedule", 0) + schedules.get("Optimization In Progress", 0),
+        events_pending=counts["eventsPending"],
+    )
 
 
 async def _status_updates(ctx: Context) -> None:

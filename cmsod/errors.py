@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
+
 
 class CmsodError(Exception):
     pass
@@ -32,13 +34,17 @@ class RequestError(CmsodError):
         "INVALID_CHANGE_WINDOW": "Change window end time {1} must be after start time {0}",
         "SCHEDULE_ALREADY_EXISTS": "Schedule already exists domain={0} schedule id={1}",
         "SCHEDULE_NOT_FOUND": "Schedule not found domain={0} schedule id={1}",
+        "ELEMENT_NOT_FOUND": "Element {0} not found{1}",
         # CMSO's template says {3} for the state; we format the state it means.
         "NOT_PENDING_APPROVAL": (
             "Approval request received for schedule that is not in Pending Approval state: "
             "domain={0} scheduleId={1} state={2}"
         ),
         "CANNOT_CANCEL_IN_PROGRESS": "Cannot delete/cancel a schedule with events in progress.",
-        "UNDEFINED_FILTER_ATTRIBUTE": "Undefined filter attribute {0}",
+        "UNDEFINED_FILTER_ATTRIBUTE": (
+            "Undefined filter attribute {0}; the filters are: "
+            + ", ".join(DETAIL_FILTERS + DETAIL_PAGING)
+        ),
         "INVALID_DATE_FILTER": "Invalid date filter provided {0}={1}",
         "UNABLE_TO_CREATE_CHANGE_TICKET": (
             "Unable to create change ticket in TM: Schedule ID: {0} : Reason : {1}"
@@ -50,12 +56,14 @@ class RequestError(CmsodError):
         ),
     }
 
-    def __init__(self, status: int, code: str, *variables: Any) -> None:
+    def __init__(self, status: int, code: str, *variables: Any, detail: str = "") -> None:
+        """`detail`: said after CMSO's text (which element, why), leaving its variables as
+        CMSO's clients expect them."""
         self.status = status
         self.code = code
         self.variables = [str(v) for v in variables]
         padded = self.variables + [""] * 4
-        self.text = self.TEMPLATES[code].format(*padded)
+        self.text = self.TEMPLATES[code].format(*padded) + (f": {detail}" if detail else "")
         super().__init__(f"{status} Scheduler.{code}: {self.text}")
 
     @property

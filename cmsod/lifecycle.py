@@ -28,6 +28,7 @@ from cmsod.model import (
 )
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
+from cmsod.optimize.policies import TIME_ZONE_KEYS, zone
 from cmsod.wire.cmso import CallbackData, ScheduleRequest
 
 # -- transition tables (reference/cmso.md 3.2 and 3.3, with the section 9 bugs fixed) ---------
@@ -117,6 +118,20 @@ def parse_time_ms(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def parse_zoned_time_ms(text: str) -> int:
+    """ISO-8601 to epoch milliseconds, refusing a time without a zone (our own inputs, where
+    a guess would be silent: blackouts, `cmsoctl` flags)."""
+    try:
+        moment = datetime.fromisoformat(text) if text and len(text) <= 64 else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise ValueError("not an ISO-8601 time such as 2026-12-01T08:00:00Z")
+    if moment.tzinfo is None:
+        raise ValueError("no time zone: add Z for UTC, or an offset such as +01:00")
+    return int(moment.timestamp() * 1000)
+
+
 def format_time(ms: int | None) -> str | None:
     """Epoch ms to CMSO's rendering: ISO-8601 in UTC without millis, e.g. 2019-04-05T12:00:00Z."""
     if ms is None:
@@ -129,12 +144,12 @@ def format_time(ms: int | None) -> str | None:
 SCHEDULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
-def _missing(*variables: object) -> RequestError:
-    return RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", *variables)
+def _missing(*variables: object, detail: str = "") -> RequestError:
+    return RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", *variables, detail=detail)
 
 
-def _invalid(*variables: object) -> RequestError:
-    return RequestError(400, "INVALID_ATTRIBUTE", *variables)
+def _invalid(*variables: object, detail: str = "") -> RequestError:
+    return RequestError(400, "INVALID_ATTRIBUTE", *variables, detail=detail)
 
 
 def validate_request(req: ScheduleRequest) -> NewSchedule:
@@ -174,7 +189,13 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
             raise _missing("node")
         for node in details.node:
             if node not in requests:
-                raise _missing("CallbackData", node)
+                raise _missing(
+                    "CallbackData",
+                    node,
+                    detail=f"no requestDetails entry has vnfName {node!r}"
+                    if node
+                    else "a node name is empty",
+                )
             if node in seen:
                 raise _invalid("node", node)
             seen.add(node)
@@ -218,7 +239,12 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
     for item in info.elements or []:
         if item.elementId not in seen:
             raise _invalid("elementId", item.elementId)
-        element_data[item.elementId] = {d.name: d.value for d in item.elementData}
+        element_data[item.elementId] = data = {d.name: d.value for d in item.elementData}
+        for key in (k for k in TIME_ZONE_KEYS if k in data):  # not one bad zone failing all
+            try:
+                zone(data[key])
+            except ValueError as exc:
+                raise _invalid(key, data[key], detail=f"node {item.elementId}: {exc}") from None
 
     groups: list[NewGroup] = []
     group_ids: set[str] = set()

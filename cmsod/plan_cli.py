@@ -49,7 +49,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--config", type=Path, help="for policies, inventory and the attribute limit"
     )
-    parser.add_argument("--at", help="plan as if now were this ISO-8601 time (default: now)")
+    parser.add_argument(
+        "--at",
+        help="plan as if now were this ISO-8601 time; without a zone, UTC (default: now)",
+    )
     parser.add_argument("--json", action="store_true", help="one compact JSON document")
     args = parser.parse_args(argv)
     try:

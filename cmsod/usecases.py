@@ -14,16 +14,17 @@ from typing import Any
 
 import trio
 
-from cmsod import __version__, lifecycle, log
+from cmsod import __version__, explain, lifecycle, log
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
-from cmsod.errors import ConfigError, ControlError, PeerError, RequestError
+from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError, RequestError
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
 from cmsod.store import book, dispatch, outboxes, schedules, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import Approval, ScheduleRequest
+from cmsod.wire.events import EVENT_TYPES
 
 __all__ = ["WATCH_QUEUE", "Context"]
 
@@ -104,6 +105,29 @@ async def details(ctx: Context, filters: dict[str, list[str]]) -> list[dict[str,
     return await ctx.store.read(views.details, filters)
 
 
+async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, Any]:
+    """What an element waits for, or why it ended, as a list of reasons (cmsod.explain)."""
+    now_ms = ctx.clock.now_ms()
+    facts = await ctx.store.read(views.why_facts, element, schedule_id, now_ms)
+    cfg = ctx.config
+    rules = explain.Rules(
+        now_ms=now_ms,
+        lead_ms=int(cfg.dispatcher.lead_time_s * 1000),
+        misfire_grace_ms=int(cfg.dispatcher.misfire_grace_s * 1000),
+        dispatch_immediate=cfg.dispatcher.dispatch_immediate,
+        ticket_check=cfg.tickets.mode,
+        dispatch_allowed=cfg.tickets.dispatch_allowed,
+    )
+    return {
+        "element": facts.element,
+        "scheduleId": facts.schedule_id,
+        "scheduleStatus": facts.schedule_status,
+        "status": facts.status,
+        "currentTime": lifecycle.format_time(now_ms),
+        "reasons": explain.explain(facts, rules),
+    }
+
+
 async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
     """Plan a request as the optimizer would now, counting work already scheduled; store
     nothing. Answers CMSO's optimizer response."""
@@ -121,24 +145,28 @@ async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
     return optimizer_response(problem, result)
 
 
-async def approve(ctx: Context, schedule_id: str, approval: Approval) -> S:
+async def approve(ctx: Context, schedule_id: str, approval: Approval, uid: int, pid: int) -> S:
+    """Record an approval sent by process `pid` of user `uid` (the front door vouches)."""
+    caller = f"uid {uid} pid {pid}"
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
         schedules.tickets_for_approval, schedule_id, approval, cfg.vnfs_per_ticket, cfg.template
     )
     if needed is None:  # recorded, but does not accept the schedule (or rejects it)
-        status = await ctx.store.tx(schedules.approve, schedule_id, approval)
+        status = await ctx.store.tx(schedules.approve, schedule_id, approval, caller)
     else:
         user_id, tickets = needed
         opened = await open_tickets(ctx, schedule_id, user_id, tickets)
         status = await store_with_tickets(
-            ctx, schedule_id, user_id, opened, schedules.approve, schedule_id, approval
+            ctx, schedule_id, user_id, opened, schedules.approve, schedule_id, approval, caller
         )
     log.info(
         "schedule.approval",
         schedule_id=schedule_id,
         approval=approval.approvalStatus,
         by=approval.approvalUserId,
+        uid=uid,
+        pid=pid,
         status=status.value,
     )
     ctx.bells.dispatcher.ring()
@@ -256,6 +284,10 @@ async def watch(
     ctx: Context, schedule_id: str | None, event_type: str | None
 ) -> AsyncGenerator[bytes, None]:
     """Every CM event from now on (of one schedule, of one eventType), as it is read."""
+    if event_type is not None and event_type not in EVENT_TYPES:
+        raise InvalidParameter(
+            "eventType", f"cmsod emits no {event_type!r}; it emits {', '.join(EVENT_TYPES)}"
+        )
     watcher = Watcher(schedule_id, event_type)
     ctx.watchers.add(watcher)
     log.info(
@@ -286,14 +318,17 @@ async def availability_add(
     by: str,
     ref: str | None,
 ) -> tuple[book.Unavailability, list[str]]:
-    try:
-        start, end = lifecycle.parse_time_ms(start_time), lifecycle.parse_time_ms(end_time)
-    except ValueError:
-        raise RequestError(
-            400, "INVALID_ATTRIBUTE", "startTime/endTime", f"{start_time},{end_time}"
-        ) from None
+    times = []
+    for field, text in (("startTime", start_time), ("endTime", end_time)):
+        try:
+            times.append(lifecycle.parse_zoned_time_ms(text))
+        except ValueError as exc:
+            raise InvalidParameter(field, f"{text!r}: {exc}") from None
+    start, end = times
     if end <= start:
-        raise RequestError(400, "INVALID_CHANGE_WINDOW", start_time, end_time)
+        raise InvalidParameter(
+            "endTime", f"the {kind} must end after it starts ({start_time} .. {end_time})"
+        )
     entry, touched = await ctx.store.tx(
         book.add_unavailability, kind, element, start, end, reason, by, ref
     )

@@ -359,6 +359,11 @@ async def test_query_cases(autojump_clock, client: ControlClient) -> None:
         and bad["requestError"]["messageId"] == "Scheduler.UNDEFINED_FILTER_ATTRIBUTE"
     )
     assert bad["requestError"]["variables"] == ["bad"]
+    assert bad["requestError"]["text"].startswith(  # the error lists the filters there are
+        "Undefined filter attribute bad; the filters are: request.scheduleId,"
+    )
+    assert await count(groupId=["group"]) == 3
+    assert (await count(groupId=["other"]))["status"] == 404  # exists, matches nothing
     date = await count(**{"request.createDateTime": ["2018-01-010"]})
     assert (
         date["status"] == 400
@@ -388,3 +393,22 @@ async def test_misc_not_found_and_bad_approval(client: ControlClient) -> None:
     reply = await client.call(APPROVE, scheduleId="DoesNotExist", approval=approval("Accespted"))
     assert reply["parameters"]["status"] == 400
     assert reply["parameters"]["requestError"]["variables"] == ["approvalStatus", "Accespted"]
+
+
+async def test_errors_name_the_node(client: ControlClient) -> None:
+    """A node without its CallbackData entry, and an unknown time zone on one node, are refused
+    at submit naming that node (not, later, failing every node with a misleading message)."""
+    body = request("named", now=EPOCH, nodes=["node1", "node2"])
+    body["schedulingInfo"]["vnfDetails"][0]["node"].append("node3")
+    reply = (await client.call(CREATE, schedule=body))["parameters"]["requestError"]
+    assert reply["variables"] == ["CallbackData", "node3"]
+    assert reply["text"] == (
+        "Missing required attribute 'CallbackData': no requestDetails entry has vnfName 'node3'"
+    )
+    body = request("zoned", now=EPOCH, nodes=["node1", "node2"])
+    body["schedulingInfo"]["elements"] = [
+        {"elementId": "node2", "elementData": [{"name": "timezone", "value": "Mars/Olympus"}]}
+    ]
+    reply = (await client.call(CREATE, schedule=body))["parameters"]["requestError"]
+    assert reply["messageId"] == "Scheduler.INVALID_ATTRIBUTE"
+    assert reply["text"].endswith(": node node2: unknown time zone 'Mars/Olympus'")

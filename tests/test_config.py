@@ -145,6 +145,16 @@ def test_bad_companion_files_fail_check_config(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 78 and "inventory.toml" in result.stderr
+    inventory.write_text(
+        '[elements."n1"]\ntimezone = "UTC"\n[elements."n2"]\ntimeZone = "Mars/X"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 78
+    assert "element 'n2': unknown time zone 'Mars/X'" in result.stderr
 
 
 def test_directories_from_systemd(monkeypatch, tmp_path: Path) -> None:

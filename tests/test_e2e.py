@@ -37,7 +37,13 @@ def test_kill_9_mid_schedule_loses_nothing_and_dispatches_nothing_twice(tmp_path
     daemon.kill()  # mid-schedule: some done, some running, most still to come
     first_run = daemon.lines
 
+    assert "scheduled=0 running=0 to_plan=0" in daemon.wait_log(r"event=daemon\.resumed")[0]
     daemon = Daemon(tmp_path)
+    # one line says what the restart took over: most elements still to run, a few running
+    (resumed,) = daemon.wait_log(r"event=daemon\.resumed")
+    found = re.search(r"scheduled=(\d+) running=(\d+)", resumed)
+    assert found is not None, resumed
+    assert int(found[1]) >= 30 - 3 * 7 and int(found[1]) + int(found[2]) <= 30 - 1, resumed
     daemon.wait_log(r"event=schedule\.finished schedule_id=e2e", timeout=90)
     code, out = cmsoctl(tmp_path, "--json", "show", "e2e")
     assert code == 0, out

@@ -387,7 +387,7 @@ def test_policy_hours_and_concurrency_reasons() -> None:
     full = plan(simple(), BUILTIN)
     assert full.unplaced["n3"] == (
         "ConcurrencyConstraint",
-        "all 2 slots it could use in group 'g' are full (concurrencyLimit 1)",
+        "all 2 slots it could use in group 'g' are full (at most 1 at once)",
     )
 
 

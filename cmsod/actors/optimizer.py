@@ -49,6 +49,9 @@ async def run(
                     objective=plan.objective,
                     solve_ms=round(plan.solve_ms, 1),
                 )
+                log.debug(
+                    "schedule.optimizer_detail", schedule_id=problem.schedule_id, detail=plan.detail
+                )
         if len(problems) < BATCH:
             await ctx.bells.optimizer.wait(ctx.config.optimizer.interval_s)
 

@@ -67,7 +67,7 @@ class Method:
     handler: Callable[..., Any]  # a coroutine, or an async iterator when it streams
     changes_state: bool
     streams: bool = False
-    caller: bool = False  # the handler is told who calls: handler(ctx, parameters, peer)
+    with_peer: bool = False  # the handler also takes the caller's peer credentials
 
 
 def who(peer: Peer, claimed: str) -> str:
@@ -96,12 +96,16 @@ async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
     return {"details": await usecases.details(ctx, p.filters)}
 
 
+async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
+    return await usecases.why(ctx, p.element, p.scheduleId)
+
+
 async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
     return {"optimizer": await usecases.plan(ctx, p.schedule)}
 
 
-async def approve(ctx: Context, p: w.ApproveParameters) -> dict[str, Any]:
-    status = await usecases.approve(ctx, p.scheduleId, p.approval)
+async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str, Any]:
+    status = await usecases.approve(ctx, p.scheduleId, p.approval, peer.uid, peer.pid)
     return {"scheduleId": p.scheduleId, "status": status.value}
 
 
@@ -184,13 +188,14 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False),
     "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False),
     "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False),
-    "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True),
+    "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True, with_peer=True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
-    "io.cmsod.Schedules.Pause": Method(w.StopParameters, pause, True, caller=True),
-    "io.cmsod.Schedules.Resume": Method(w.StopParameters, resume, True, caller=True),
-    "io.cmsod.Schedules.Abort": Method(w.StopParameters, abort, True, caller=True),
-    "io.cmsod.Manager.Freeze": Method(w.FreezeParameters, freeze, True, caller=True),
+    "io.cmsod.Schedules.Why": Method(w.WhyParameters, why, False),
+    "io.cmsod.Schedules.Pause": Method(w.StopParameters, pause, True, with_peer=True),
+    "io.cmsod.Schedules.Resume": Method(w.StopParameters, resume, True, with_peer=True),
+    "io.cmsod.Schedules.Abort": Method(w.StopParameters, abort, True, with_peer=True),
+    "io.cmsod.Manager.Freeze": Method(w.FreezeParameters, freeze, True, with_peer=True),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
     "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),
@@ -262,8 +267,11 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
                 async for item in stream:
                     yield _encoder.encode({"parameters": item, "continues": True})
             return
-        extra = (peer,) if method.caller else ()
-        result = await method.handler(ctx, parameters, *extra)
+        result = await (
+            method.handler(ctx, parameters, peer)
+            if method.with_peer
+            else method.handler(ctx, parameters)
+        )
     except RequestError as exc:
         yield _error("io.cmsod.RequestError", exc.to_parameters())
         return

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cmsod.optimize.policies import Policy, allowed_windows, contains, zone
+from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, allowed_windows, contains, zone
 from cmsod.optimize.problem import Busy, Plan, Problem, ProblemGroup
 from cmsod.optimize.solver import Instance, solve
 
@@ -110,13 +110,20 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
             unplaced[name] = _reason(problem, cls, options)
     objective = sum((s - problem.origin_ms) // problem.duration_ms + 1 for s in placed.values())
     solve_ms = (time.perf_counter() - began) * 1000
-    summary = (
-        f"optimal: {len(placed)} scheduled, {len(unplaced)} not scheduled, objective "
-        f"{objective} (sum of slot numbers), {len(grid)} slots, {len(classes)} element classes, "
-        f"{solution.augmentations} re-plans, {solve_ms:.0f} ms"
+    # the operator's words; the solver's own figures go to `detail` (--json, the debug log)
+    summary = f"{len(placed)} scheduled, {len(unplaced)} not scheduled"
+    detail = (
+        f"optimal: objective {objective} (sum of slot numbers), {len(grid)} slots, "
+        f"{len(classes)} element classes, {solution.augmentations} re-plans, {solve_ms:.0f} ms"
     )
     return Plan(
-        placed, unplaced, problem.duration_ms, summary, objective=objective, solve_ms=solve_ms
+        placed,
+        unplaced,
+        problem.duration_ms,
+        summary,
+        objective=objective,
+        solve_ms=solve_ms,
+        detail=detail,
     )
 
 
@@ -132,7 +139,7 @@ def _classes(problem: Problem, policy: Policy | None, options: Options, n: int) 
         windows_cache: dict[str, list[tuple[int, int]] | None] = {}
         for name in group.elements:
             data = problem.element_data.get(name, {})
-            tz_name = data.get("timezone") or data.get("timeZone") or "UTC"
+            tz_name = next((data[k] for k in TIME_ZONE_KEYS if data.get(k)), "UTC")
             attribute = data.get(options.attribute) if options.attribute else None
             if tz_name not in windows_cache:
                 windows_cache[tz_name] = _policy_windows(problem, group, policy, tz_name)
@@ -210,9 +217,9 @@ def _usable(
 def _reason(problem: Problem, cls: _Class, options: Options) -> tuple[str, str]:
     if not cls.usable:
         return "AvailabilityConstraint", cls.why_none
-    limit = f"concurrencyLimit {problem.concurrency}"
+    limit = f"at most {problem.concurrency} at once"
     if options.attribute and options.attribute_limit and cls.attribute is not None:
-        limit += f", at most {options.attribute_limit} with {options.attribute}={cls.attribute}"
+        limit += f", {options.attribute_limit} with {options.attribute} {cls.attribute}"
     return (
         "ConcurrencyConstraint",
         f"all {cls.usable} slots it could use in group {cls.group.group_id!r} are full ({limit})",
@@ -260,4 +267,5 @@ def optimizer_response(problem: Problem, result: Plan) -> dict:
         "objective": result.objective,
         "solveMs": round(result.solve_ms, 1),
         "summary": result.summary,
+        "detail": result.detail,
     }

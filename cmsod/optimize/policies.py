@@ -73,6 +73,9 @@ BUILTIN: dict[str, Policy] = {
 }
 
 
+TIME_ZONE_KEYS = ("timezone", "timeZone")  # the element data naming its zone, first wins
+
+
 def zone(name: str | None) -> ZoneInfo:
     """The element's time zone; UTC when it has none. Raises ValueError naming an unknown one."""
     if not name:

@@ -94,7 +94,8 @@ class Plan(msgspec.Struct):
     placed: dict[str, int]  # element -> start_ms
     unplaced: dict[str, tuple[str, str]]  # element -> (reason, message)
     duration_ms: int
-    summary: str = ""
+    summary: str = ""  # in the operator's words
+    detail: str = ""  # the solver's figures, for --json and the debug log
     objective: int = 0  # sum of the placed elements' slot numbers (1-based), CMSO's measure
     solve_ms: float = 0.0
 

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from cmsod import lifecycle
-from cmsod.errors import RequestError
+from cmsod.errors import ControlError
 from cmsod.model import ElementStatus as E
 from cmsod.optimize.problem import Busy, blocking, requirements
 from cmsod.store.store import Tx
@@ -78,15 +78,20 @@ def add_unavailability(
     ref: str | None,
 ) -> tuple[Unavailability, list[str]]:
     """Record it; also say which active schedules have work on the element in that time."""
+    # the next number never handed out, even to an entry since removed
+    (n,) = tx.execute(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'availability'), 0) + 1"
+    ).fetchone()
     if ref is None:
-        (n,) = tx.execute("SELECT coalesce(max(id), 0) + 1 FROM availability").fetchone()
         ref = f"BO{n:06d}" if kind == "blackout" else f"TK{n:06d}"
     if tx.execute("SELECT 1 FROM availability WHERE ref = ?", (ref,)).fetchone():
-        raise RequestError(409, "SCHEDULE_ALREADY_EXISTS", "availability", ref)
+        raise ControlError(
+            f"an entry {ref!r} is already in the ticket book", name="io.cmsod.Availability.Exists"
+        )
     tx.execute(
-        "INSERT INTO availability (ref, kind, element, start_ms, end_ms, reason, created_ms, created_by)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (ref, kind, element, start_ms, end_ms, reason, tx.now_ms, by),
+        "INSERT INTO availability (id, ref, kind, element, start_ms, end_ms, reason, created_ms,"
+        " created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (n, ref, kind, element, start_ms, end_ms, reason, tx.now_ms, by),
     )
     touched = [
         schedule_id

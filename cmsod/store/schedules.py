@@ -136,7 +136,7 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
         ),
     )
     if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
-        _record_approval(tx, schedule, new.user_id, "Accepted")
+        _record_approval(tx, schedule, new.user_id, "Accepted", "auto-approved (immediate)")
         tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
         return _schedule_with_tickets(tx, schedule, new.schedule_id, opened or [])
     return status
@@ -154,12 +154,13 @@ def _schedule_row(tx: Tx, schedule_id: str) -> tuple[int, S]:
     return row[0], S(row[1])
 
 
-def _record_approval(tx: Tx, schedule: int, user_id: str, status: str) -> None:
+def _record_approval(tx: Tx, schedule: int, user_id: str, status: str, caller: str) -> None:
     tx.execute(
-        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
-        " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms",
-        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms),
+        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms, caller)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
+        " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms,"
+        " caller = excluded.caller",
+        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms, caller),
     )
 
 
@@ -217,11 +218,17 @@ def tickets_for_approval(
     return user_id, ticketing.plan_tickets(user_id, groups, per_ticket, template, domain_data)
 
 
-def approve(tx: Tx, schedule_id: str, approval: Approval, opened: Opened | None = None) -> S:
-    """Record an approval. The one that accepts the schedule brings the change tickets opened
-    for it (`tickets_for_approval`): accepted and scheduled in this one transaction."""
+def approve(
+    tx: Tx, schedule_id: str, approval: Approval, caller: str, opened: Opened | None = None
+) -> S:
+    """Record an approval, with who sent it (`caller`, from the socket's peer credentials:
+    the user id in the body is only what the sender says). The one that accepts the schedule
+    brings the change tickets opened for it (`tickets_for_approval`): accepted and scheduled
+    in this one transaction."""
     schedule, status, accepts = _approval_outcome(tx, schedule_id, approval)
-    _record_approval(tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "")
+    _record_approval(
+        tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "", caller
+    )
     if approval.approvalStatus == "Rejected":
         tx.schedule_to(schedule, schedule_id, status, S.REJECTED)
         for element, name, old in tx.execute(
@@ -382,9 +389,10 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
     figures = dict(optimizer_return_ms=tx.now_ms)
     if not plan.placed or (plan.unplaced and not allow_partial):
         why = (
-            "No elements scheduled"
+            f"No elements scheduled; {plan.summary}"
             if not plan.placed
-            else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled"
+            else f"{len(plan.unplaced)} of {len(elements)} elements could not be scheduled,"
+            " so none is (optimizer.allow_partial = false)"
         )
         tx.schedule_to(
             schedule,
@@ -392,7 +400,7 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
             S.OPTIMIZATION_IN_PROGRESS,
             S.OPTIMIZATION_FAILED,
             optimizer_status="FAILED",
-            optimizer_message=f"{why}; {plan.summary}",
+            optimizer_message=why,
             **figures,
         )
         return S.OPTIMIZATION_FAILED

@@ -157,7 +157,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ticket_ops_unsent ON ticket_ops(change_id, id) WHERE sent_ms IS NULL;
     """,
-    # 6: stopping and holding a rollout. Who paused, halted or aborted a schedule, when and
+    # 6: ticket-book ids are never reused (AUTOINCREMENT keeps the highest ever handed out),
+    # and an approval records who sent it (peer credentials) beside the name it gives.
+    """
+    CREATE TABLE availability_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ref TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        element TEXT NOT NULL,
+        start_ms INTEGER NOT NULL,
+        end_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    INSERT INTO availability_new SELECT * FROM availability;
+    DROP TABLE availability;
+    ALTER TABLE availability_new RENAME TO availability;
+    CREATE INDEX availability_element ON availability(element, start_ms);
+    ALTER TABLE approvals ADD COLUMN caller TEXT;
+    """,
+    # 7: stopping and holding a rollout. Who paused, halted or aborted a schedule, when and
     # why; its failure threshold and the failures already acknowledged by a resume; why an
     # element is held (and by which gate); the global freeze (one row, with its own event
     # sequence).

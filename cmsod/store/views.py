@@ -11,9 +11,12 @@ import sqlite3
 from typing import Any
 
 from cmsod.errors import RequestError
+from cmsod.explain import Block, Facts
 from cmsod.gates import Freeze
 from cmsod.lifecycle import format_time, parse_time_ms
-from cmsod.model import APPROVAL_DOMAIN
+from cmsod.model import APPROVAL_DOMAIN, APPROVALS_REQUIRED, ElementStatus
+from cmsod.store.book import ACTIVE_WORK
+from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -62,9 +65,17 @@ def _schedule_view(conn: sqlite3.Connection, row: tuple, with_info: bool = True)
             )
         ],
         "scheduleApprovals": [
-            {"approvalDateTime": format_time(ms), "status": st, "userId": u, "approvalType": t}
-            for u, t, st, ms in conn.execute(
-                "SELECT user_id, approval_type, status, approval_ms FROM approvals"
+            _clean(
+                {
+                    "approvalDateTime": format_time(ms),
+                    "status": st,
+                    "userId": u,
+                    "approvalType": t,
+                    "caller": caller,  # who sent it (peer credentials); userId is what it said
+                }
+            )
+            for u, t, st, ms, caller in conn.execute(
+                "SELECT user_id, approval_type, status, approval_ms, caller FROM approvals"
                 " WHERE schedule = ? ORDER BY approval_ms",
                 (schedule,),
             )
@@ -200,15 +211,22 @@ def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
 def list_schedules(
     conn: sqlite3.Connection, statuses: list[str] | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Schedules ordered by id, `limit` at a time; `after` is the last id of the previous page."""
-    where, params = ["s.schedule_id > ?"], [after or ""]
+    """Schedules newest first, `limit` at a time; `after` is the last id of the previous page."""
+    where: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        where.append(
+            "(s.create_ms, s.id) < (SELECT create_ms, id FROM schedules WHERE schedule_id = ?)"
+        )
+        params.append(after)
     if statuses:
         where.append(f"s.status IN ({', '.join('?' * len(statuses))})")
         params.extend(statuses)
     rows = conn.execute(
         "SELECT s.schedule_id, s.status, s.user_id, s.create_ms,"
         " (SELECT count(*) FROM elements e WHERE e.schedule = s.id)"
-        f" FROM schedules s WHERE {' AND '.join(where)} ORDER BY s.schedule_id LIMIT ?",
+        f" FROM schedules s WHERE {' AND '.join(where) or '1'}"
+        " ORDER BY s.create_ms DESC, s.id DESC LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
     page = [
@@ -239,6 +257,7 @@ FILTERS: dict[str, tuple[str, str]] = {
     "request.approvalStatus": ("a.status", _TEXT),
     "request.approvalType": ("a.approval_type", _TEXT),
     "WorkflowName": ("d.value", _TEXT),
+    "groupId": ("g.group_id", _TEXT),
     "vnfName": ("e.name", _TEXT),
     "vnfId": ("e.name", _TEXT),
     "vnfStatus": ("e.status", _TEXT),
@@ -247,7 +266,8 @@ FILTERS: dict[str, tuple[str, str]] = {
     "finishTime": ("e.finish_ms", _DATE),
     "lastInstanceTime": ("g.last_instance_ms", _DATE),
 }
-PAGING = {"maxSchedules", "lastScheduleId"}
+PAGING = set(DETAIL_PAGING)
+assert tuple(FILTERS) == DETAIL_FILTERS, "the filters of the wire format and of the search"
 MAX_DETAIL_ROWS = 100_000
 
 
@@ -393,14 +413,22 @@ def _ticket_view(row: tuple) -> dict[str, Any]:
 def list_tickets(
     conn: sqlite3.Connection, schedule_id: str | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Change tickets ordered by changeId, `limit` at a time, of one schedule or all."""
-    where, params = ["t.change_id > ?"], [after or ""]
+    """Change tickets by planned start, `limit` at a time, of one schedule or all; `after` is
+    the last changeId of the previous page."""
+    where: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        where.append(
+            "(t.planned_start_ms, t.change_id) > (SELECT planned_start_ms, change_id"
+            " FROM change_tickets WHERE change_id = ?)"
+        )
+        params.append(after)
     if schedule_id is not None:
         where.append("s.schedule_id = ?")
         params.append(schedule_id)
     rows = conn.execute(
         f"SELECT {_TICKET_COLUMNS} FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
-        f" WHERE {' AND '.join(where)} ORDER BY t.change_id LIMIT ?",
+        f" WHERE {' AND '.join(where) or '1'} ORDER BY t.planned_start_ms, t.change_id LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
     page = [_ticket_view(r) for r in rows[:limit]]
@@ -469,3 +497,111 @@ def freeze_in_force(conn: sqlite3.Connection, now_ms: int) -> dict[str, Any] | N
     if row is None or (row[3] is not None and now_ms >= row[3]):
         return None
     return freeze_view(Freeze(*row))
+
+
+# -- why (cmsod.explain reads this snapshot) -------------------------------------------------
+
+
+def why_facts(
+    conn: sqlite3.Connection, element: str, schedule_id: str | None, now_ms: int
+) -> Facts:
+    """One element's facts: in `schedule_id`, or in the newest schedule that has it."""
+    rows = conn.execute(
+        "SELECT s.id, s.schedule_id FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " WHERE e.name = ? ORDER BY s.create_ms DESC, s.id DESC",
+        (element,),
+    ).fetchall()
+    chosen = [r for r in rows if schedule_id is None or r[1] == schedule_id]
+    if not chosen:
+        where = f" in schedule {schedule_id}" if schedule_id else " in any schedule"
+        raise RequestError(404, "ELEMENT_NOT_FOUND", element, where)
+    schedule, sid = chosen[0]
+    (
+        schedule_status,
+        immediate,
+        concurrency,
+        optimizer_message,
+        delete_ms,
+        status,
+        start,
+        finish,
+        hold,
+        started,
+        dispatched,
+        completed,
+        message,
+        so_id,
+        so_status,
+        so_message,
+        so_ms,
+        change_id,
+        ticket_approval,
+        ticket_status,
+    ) = conn.execute(
+        "SELECT s.status, s.immediate, s.concurrency, s.optimizer_message, s.delete_ms,"
+        " e.status, e.start_ms, e.finish_ms, e.hold_ms, e.dispatch_started_ms, e.dispatch_ms,"
+        " e.completed_ms, e.status_message, e.so_request_id, e.so_status, e.so_message,"
+        " e.so_ms, e.tm_change_id, t.approval_status, t.status"
+        " FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id"
+        " WHERE e.schedule = ? AND e.name = ?",
+        (schedule, element),
+    ).fetchone()
+    # the ticket book over its slot, or from now on when it has none (yet)
+    low, high = (start, finish) if start is not None and finish is not None else (now_ms, 2**62)
+    blocks = [
+        Block(f"{kind} {ref}", s, e, reason)
+        for kind, ref, s, e, reason in conn.execute(
+            "SELECT kind, ref, start_ms, end_ms, reason FROM availability"
+            " WHERE element = ? AND start_ms < ? AND end_ms > ? ORDER BY start_ms",
+            (element, high, low),
+        )
+    ]
+    other_work = [
+        Block(f"schedule {other}", s, e)
+        for other, s, e in conn.execute(
+            "SELECT s.schedule_id, o.start_ms, o.finish_ms FROM elements o"
+            " JOIN schedules s ON s.id = o.schedule WHERE o.name = ? AND o.schedule != ?"
+            " AND o.status IN (?, ?, ?) AND o.start_ms < ? AND o.finish_ms > ?",
+            (element, schedule, *ACTIVE_WORK, high, low),
+        )
+    ]
+    (running,) = conn.execute(
+        "SELECT count(*) FROM elements WHERE schedule = ? AND status = ?",
+        (schedule, ElementStatus.TRIGGERED.value),
+    ).fetchone()
+    return Facts(
+        element=element,
+        schedule_id=sid,
+        schedule_status=schedule_status,
+        status=status,
+        immediate=bool(immediate),
+        concurrency=concurrency,
+        start_ms=start,
+        finish_ms=finish,
+        hold_ms=hold,
+        dispatch_started_ms=started,
+        dispatch_ms=dispatched,
+        completed_ms=completed,
+        status_message=message,
+        so_request_id=so_id,
+        so_status=so_status,
+        so_message=so_message,
+        so_ms=so_ms,
+        change_id=change_id,
+        ticket_state=None
+        if change_id is None
+        else f"{ticket_approval or ''}|{ticket_status or ''}",
+        approvals=conn.execute(
+            "SELECT user_id, status, approval_ms FROM approvals WHERE schedule = ?"
+            " ORDER BY approval_ms",
+            (schedule,),
+        ).fetchall(),
+        approvals_needed=APPROVALS_REQUIRED,
+        optimizer_message=optimizer_message,
+        delete_ms=delete_ms,
+        running=running,
+        blocks=blocks,
+        other_work=other_work,
+        other_schedules=[r[1] for r in rows if r[1] != sid],
+    )

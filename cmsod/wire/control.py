@@ -40,11 +40,41 @@ class ListParameters(msgspec.Struct, forbid_unknown_fields=True):
     after: Name | None = None
 
 
+# The scheduleDetails filters (CMSO's names, and groupId), then the paging keys.
+DETAIL_FILTERS = (
+    "request.scheduleId",
+    "request.scheduleName",
+    "request.userId",
+    "request.status",
+    "request.optimizerStatus",
+    "request.createDateTime",
+    "request.concurrencyLimit",
+    "request.approvalUserId",
+    "request.approvalStatus",
+    "request.approvalType",
+    "WorkflowName",
+    "groupId",
+    "vnfName",
+    "vnfId",
+    "vnfStatus",
+    "tmChangeId",
+    "startTime",
+    "finishTime",
+    "lastInstanceTime",
+)
+DETAIL_PAGING = ("maxSchedules", "lastScheduleId")
+
+
 class DetailsParameters(msgspec.Struct, forbid_unknown_fields=True):
     filters: Annotated[
         dict[Name, Annotated[list[Name], msgspec.Meta(max_length=1000)]],
         msgspec.Meta(max_length=64),
     ] = {}
+
+
+class WhyParameters(msgspec.Struct, forbid_unknown_fields=True):
+    element: Name
+    scheduleId: Name | None = None
 
 
 class IdParameters(msgspec.Struct, forbid_unknown_fields=True):
@@ -53,7 +83,7 @@ class IdParameters(msgspec.Struct, forbid_unknown_fields=True):
 
 class WatchParameters(msgspec.Struct, forbid_unknown_fields=True):
     scheduleId: Name | None = None
-    eventType: Name | None = None
+    eventType: Name | None = None  # one of wire.events.EVENT_TYPES
 
 
 class AvailabilityAddParameters(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,11 +123,6 @@ class FreezeParameters(msgspec.Struct, forbid_unknown_fields=True):
     reason: Reason = ""
     until: Name | None = None  # ISO-8601; the freeze ends by itself then
     by: Name = ""
-
-
-class WhyParameters(msgspec.Struct, forbid_unknown_fields=True):
-    scheduleId: Name
-    vnfName: Name | None = None
 
 
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):

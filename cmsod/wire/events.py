@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 EVENT_TYPE = "org.onap.ncmp.cm-network-avc-event"
+EVENT_TYPES = (EVENT_TYPE,)  # every eventType cmsod emits (`watch --type` takes one of these)
 EVENT_SCHEMA = "org.onap.ncmp:cm-network-avc-event.rfc8641"
 EVENT_SCHEMA_VERSION = "1.0"
 

@@ -1,0 +1,183 @@
+"""`cmsoctl` as an operator uses it, against the real daemon: show's progress and filters, list
+newest first, why, approvals recorded with the caller, and the rough edges (a closed pipe, an
+empty CMSOD_SOCKET, watch ending with the daemon, unknown flags' values)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cmso_requests import request
+from tests.conftest import EPOCH, ControlClient
+from tests.procs import Daemon, cmsoctl
+
+FAR = 60 * 24 * 365  # minutes: a change window a year ahead, nothing runs during the test
+
+
+def submitted(
+    tmp_path: Path, daemon: Daemon, schedule_id: str, nodes: int, concurrency: int = 2
+) -> None:
+    body = request(
+        schedule_id,
+        now=EPOCH,
+        nodes=[f"{schedule_id}-n{i}" for i in range(nodes)],
+        concurrency=concurrency,
+        minutes_from_now=FAR,
+    )
+    code, out = cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))
+    assert code == 0, out
+    daemon.wait_log(rf"event=schedule\.optimized schedule_id={schedule_id}\b")
+
+
+def test_show_list_why_and_approval_identity(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    try:
+        submitted(tmp_path, daemon, "older", 3)
+        submitted(tmp_path, daemon, "newer", 1)
+        code, out = cmsoctl(tmp_path, "list")
+        assert code == 0, out
+        assert [line.split()[0] for line in out.splitlines()[1:]] == ["newer", "older"]
+
+        code, out = cmsoctl(tmp_path, "approve", "older", "--user", "alice")
+        assert code == 0, out
+        code, out = cmsoctl(tmp_path, "show", "older")
+        assert code == 0, out
+        lines = out.splitlines()
+        (approval,) = [line for line in lines if line.startswith("approval")]
+        assert approval.startswith("approval   Accepted by alice (Tier 2) at ")
+        assert approval.endswith(f", sent by uid {os.getuid()} pid " + approval.split()[-1])
+        assert "elements   3 Scheduled" in lines
+        (progress,) = [line for line in lines if line.startswith("progress")]
+        assert progress.startswith("progress   0 of 3 done; next slot ")
+        assert "; expected end " in progress
+        header = next(line for line in lines if line.startswith("GROUP"))
+        assert "PLANNED START" in header and "ACTUAL START" in header and "MESSAGE" in header
+        code, out = cmsoctl(tmp_path, "show", "older", "--status", "Failed")
+        assert code == 0 and out.splitlines()[-1].startswith("GROUP")  # no element row
+        code, out = cmsoctl(tmp_path, "show", "older", "--status", "Nonsense")
+        assert code == 2 and "invalid choice" in out
+
+        code, out = cmsoctl(tmp_path, "why", "older-n0")
+        assert code == 0, out
+        lines = out.splitlines()
+        assert lines[0].startswith("older-n0 in schedule older: Scheduled (schedule Scheduled)")
+        assert lines[1].split()[0] == "slot" and "waits for its slot" in lines[1]
+        code, out = cmsoctl(tmp_path, "why", "older-n0", "--schedule", "newer")
+        assert code == 1 and "Element older-n0 not found in schedule newer" in out
+
+        code, out = cmsoctl(tmp_path, "details", "--filter", "scheduleId=older")
+        assert code == 1 and "the filters are: request.scheduleId," in out
+        code, out = cmsoctl(tmp_path, "details", "--filter", "groupId=group")
+        assert code == 0 and len(out.splitlines()) == 1 + 4
+        code, out = cmsoctl(tmp_path, "details", "--help")
+        assert "groupId" in out and "request.scheduleId" in out and "maxSchedules" in out
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    try:
+        submitted(tmp_path, daemon, "big", 2000, concurrency=2000)  # output well past 64 KiB
+        for args in (
+            ["show", "big"],
+            ["--json", "show", "big"],
+            ["gantt", "big", "--by", "element"],
+        ):
+            command = [
+                sys.executable,
+                "-m",
+                "cmsod.ctl",
+                "--socket",
+                str(tmp_path / "control.sock"),
+            ]
+            run = subprocess.run(
+                ["bash", "-o", "pipefail", "-c", '"$@" | head -c 100', "bash", *command, *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 141, (args, run.stderr)  # as a command killed by SIGPIPE
+            assert run.stderr == "", args  # no traceback
+            assert len(run.stdout) == 100
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_empty_socket_variable_means_the_default() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "cmsod.ctl", "status"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CMSOD_SOCKET": ""},
+        timeout=30,
+    )
+    assert run.returncode == 69 and "/run/cmsod/control.sock" in run.stderr, run.stderr
+
+
+def test_watch_says_when_the_daemon_stops(tmp_path: Path) -> None:
+    code, out = cmsoctl(tmp_path, "watch", "--type", "nonsense")
+    assert code == 2 and "invalid choice: 'nonsense'" in out
+    daemon = Daemon(tmp_path)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "cmsod.ctl", "--socket", str(tmp_path / "control.sock"), "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        daemon.wait_log(r"event=watch\.started")
+        assert daemon.stop() == 0
+        _, err = watcher.communicate(timeout=30)
+        assert watcher.returncode == 69
+        assert "the daemon ended the event stream (it stopped or restarted)" in err
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+async def test_the_daemon_refuses_an_unknown_event_type(client: ControlClient) -> None:
+    await client.send_raw(
+        b'{"method":"io.cmsod.Events.Watch","parameters":{"eventType":"x"},"more":true}\0'
+    )
+    reply = json.loads(await client.receive_raw() or b"null")
+    assert reply["error"] == "org.varlink.service.InvalidParameter"
+    assert reply["parameters"]["message"] == (
+        "cmsod emits no 'x'; it emits org.onap.ncmp.cm-network-avc-event"
+    )
+
+
+async def test_list_is_newest_first_and_tickets_go_by_planned_start(
+    autojump_clock, client: ControlClient
+) -> None:
+    from cmsod.model import ScheduleStatus as S
+    from tests.cmso_requests import approval
+
+    for name, minutes in (("first", 600), ("second", 60), ("third", 300)):
+        await client.ok(
+            "io.cmsod.Schedules.Create",
+            schedule=request(name, now=EPOCH, nodes=[f"{name}-n"], minutes_from_now=minutes),
+        )
+        await client.wait_for(name, S.PENDING_APPROVAL)
+        await client.ok("io.cmsod.Schedules.Approve", scheduleId=name, approval=approval())
+    pages, after = [], None
+    while True:
+        reply = await client.ok(
+            "io.cmsod.Schedules.List", limit=1, **({"after": after} if after else {})
+        )
+        pages += [s["scheduleId"] for s in reply["schedules"]]
+        if not (after := reply["next"]):
+            break
+    assert pages == ["third", "second", "first"]  # newest first, page by page
+    tickets, after = [], None
+    while True:
+        reply = await client.ok(
+            "io.cmsod.Tickets.List", limit=2, **({"after": after} if after else {})
+        )
+        tickets += [t["scheduleId"] for t in reply["tickets"]]
+        if not (after := reply["next"]):
+            break
+    assert tickets == ["second", "third", "first"]  # by when their work is planned
