@@ -37,6 +37,8 @@ class Facts(msgspec.Struct, kw_only=True):
     start_ms: int | None = None
     finish_ms: int | None = None
     hold_ms: int | None = None
+    hold_gate: str | None = None  # the dispatch gate holding it (cmsod.gates), and why
+    hold_why: str | None = None
     dispatch_started_ms: int | None = None
     dispatch_ms: int | None = None
     completed_ms: int | None = None
@@ -71,6 +73,9 @@ class Reason(msgspec.Struct, omit_defaults=True):
     words: str
     until: str | None = None  # when this stops holding it (UTC), where known
     code: str | None = None  # a machine code where one exists (optimizer, ticket system)
+
+
+HELD_UNTIL_RELEASED_MS = 1 << 53  # cmsod.store.dispatch.INDEFINITE_MS (no store import here)
 
 
 def _at(ms: int) -> str:
@@ -235,14 +240,9 @@ def _waiting_to_run(f: Facts, status: E, rules: Rules) -> list[Reason]:
                 )
             )
     if f.hold_ms is not None and f.hold_ms > now:
-        reasons.append(
-            Reason(
-                "ticket",
-                f"the ticket system did not answer about change ticket {f.change_id};"
-                f" asking again at {_at(f.hold_ms)}",
-                until=_at(f.hold_ms),
-            )
-        )
+        # a gate holds it: until a time, or (pause, halt, freeze) until released
+        until = None if f.hold_ms >= HELD_UNTIL_RELEASED_MS else _at(f.hold_ms)
+        reasons.append(Reason(f.hold_gate or "ticket", f.hold_why or "held", until=until))
     elif f.change_id is not None and rules.ticket_check == "builtin":
         state = f.ticket_state or "|"
         if state in rules.dispatch_allowed:

@@ -106,6 +106,9 @@ async def test_pause_holds_the_rest_and_resume_carries_it_over(
         assert element[name]["status"] == E.SCHEDULED
         assert element[name]["heldBy"].startswith("held by stop: Paused by ops (uid ")
 
+    why = await client.ok("io.cmsod.Schedules.Why", element="n2", scheduleId="roll")
+    (held,) = [r for r in why["reasons"] if r["kind"] == "stop"]  # cmsoctl why says it too
+    assert held["words"].startswith("held by stop: Paused by ops (uid ") and "until" not in held
     resumed = await client.ok("io.cmsod.Schedules.Resume", scheduleId="roll", reason="clear")
     assert resumed["status"] == S.NOTIFICATIONS_INITIATED
     new_plan = items(resumed["schedule"])  # the answer shows the new plan

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from cmsod import gates, lifecycle, ticketing
+from cmsod import explain, gates, lifecycle, ticketing
 from cmsod.model import (
     ELEMENT_DISPATCHABLE,
     ELEMENT_FAILED_RUN,
@@ -37,7 +37,7 @@ class DispatchJob(msgspec.Struct):
 
 # A hold with no end (pause, halt, a freeze without --until): looked at again only once
 # released (resume, freeze off clear it).
-INDEFINITE_MS = 1 << 53
+INDEFINITE_MS = explain.HELD_UNTIL_RELEASED_MS
 FAILED_RUN = tuple(sorted(s.value for s in ELEMENT_FAILED_RUN))
 NOT_COUNTED = tuple(sorted(s.value for s in ELEMENT_NOT_COUNTED))
 

@@ -537,11 +537,13 @@ def why_facts(
         change_id,
         ticket_approval,
         ticket_status,
+        hold_gate,
+        hold_why,
     ) = conn.execute(
         "SELECT s.status, s.immediate, s.concurrency, s.optimizer_message, s.delete_ms,"
         " e.status, e.start_ms, e.finish_ms, e.hold_ms, e.dispatch_started_ms, e.dispatch_ms,"
         " e.completed_ms, e.status_message, e.so_request_id, e.so_status, e.so_message,"
-        " e.so_ms, e.tm_change_id, t.approval_status, t.status"
+        " e.so_ms, e.tm_change_id, t.approval_status, t.status, e.hold_gate, e.hold_why"
         " FROM elements e JOIN schedules s ON s.id = e.schedule"
         " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id"
         " WHERE e.schedule = ? AND e.name = ?",
@@ -580,6 +582,8 @@ def why_facts(
         start_ms=start,
         finish_ms=finish,
         hold_ms=hold,
+        hold_gate=hold_gate,
+        hold_why=hold_why,
         dispatch_started_ms=started,
         dispatch_ms=dispatched,
         completed_ms=completed,
