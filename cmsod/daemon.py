@@ -22,7 +22,7 @@ from cmsod import __version__, config, log, systemd
 from cmsod.actors import dispatcher, emitter, optimizer, poller, supervisor, tickets
 from cmsod.actors.context import Context
 from cmsod.clock import WallClock
-from cmsod.control import server
+from cmsod.control import metrics, server
 from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
@@ -84,6 +84,7 @@ def build_context(
     )
     store.on_commit = ctx.bells.emitter.ring
     store.on_ticket_ops = ctx.bells.tickets.ring
+    store.on_transitions = ctx.metrics.transitions
     return ctx
 
 
@@ -104,6 +105,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
                 ("store.path", old.store_path, new.store_path),
                 ("daemon.socket", old.socket_path, new.socket_path),
                 ("daemon.state_dir", old.state_dir, new.state_dir),
+                ("metrics.listen", old.metrics.listen, new.metrics.listen),
             ]
             if before != after
         ]
@@ -176,6 +178,8 @@ async def run(
             async with trio.open_nursery() as root:
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
+                if cfg.metrics.address is not None:
+                    await root.start(metrics.serve, ctx)
                 path = await root.start(server.serve, ctx)
                 systemd.notify("READY=1", await status_line(ctx))
                 log.info("daemon.ready", socket=str(path), version=__version__, pid=os.getpid())
