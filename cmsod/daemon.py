@@ -241,7 +241,7 @@ def _raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmsod",
         description="Change-management schedule optimizer daemon.",
@@ -250,10 +250,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config",
         type=Path,
+        metavar="FILE",
         help="TOML configuration file (default: $CONFIGURATION_DIRECTORY/cmsod.toml or /etc/cmsod/cmsod.toml if present)",
     )
     parser.add_argument(
         "--state-dir",
+        metavar="DIR",
         help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given",
     )
     parser.add_argument(
@@ -262,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only validate the configuration; exit 0 if good, 78 if not",
     )
     parser.add_argument("--version", action="version", version=f"cmsod {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         from cmsod import plan_cli
 
         return plan_cli.main(argv[1:])
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())
     )
