@@ -16,8 +16,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from cmsod import config
 from cmsod.config import MetricsConfig
 from cmsod.control import metrics as http_metrics
+from cmsod.errors import ConfigError
 from cmsod.metrics import GATES, Metrics, Snapshot, cause
 from tests.cmso_requests import approval, iso, request
 from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
@@ -101,6 +103,39 @@ def test_a_peer_call_is_timed_and_its_error_counted_by_cause() -> None:
         )
         == 1
     )
+
+
+# -- the configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "listen,address",
+    [("", None), ("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:0", ("::1", 0))],
+)
+def test_the_listen_address(listen: str, address: tuple[str, int] | None) -> None:
+    assert MetricsConfig(listen=listen).address == address
+
+
+@pytest.mark.parametrize("listen", ["9464", "localhost", "host:99999", "a b:1", "::1:9464"])
+def test_a_bad_listen_address_names_the_key(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"metrics"):
+        config.load(None, env={"CMSOD_METRICS__LISTEN": listen})
+
+
+def test_a_reload_refuses_a_new_listen_address(tmp_path: Path) -> None:
+    from cmsod import daemon
+    from cmsod.clock import WallClock
+    from cmsod.executor import InlineExecutor
+
+    path = tmp_path / "cmsod.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    ctx = daemon.build_context(config.load(path), WallClock(), InlineExecutor())
+    reload = daemon.make_reload(ctx, path, None)
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[metrics]\nlisten = "127.0.0.1:9464"\n')
+    with pytest.raises(ConfigError, match="metrics.listen cannot change without a restart"):
+        reload()
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[metrics]\ntimeout_s = 3.0\n')
+    assert reload() == ["metrics.timeout_s"]
 
 
 # -- a known rollout, in process ------------------------------------------------------------
