@@ -293,6 +293,18 @@ async def closed_by_server(stream: trio.SocketStream) -> bool:
     return True
 
 
+async def test_a_listen_address_in_use_says_which_key(nursery, tmp_path) -> None:
+    d = await start_daemon(nursery, tmp_path)
+    host, port = await listen(d, nursery)
+    d.ctx.config = msgspec.structs.replace(
+        d.ctx.config, metrics=MetricsConfig(listen=f"{host}:{port}")
+    )
+    with pytest.raises(
+        OSError, match=rf"metrics.listen = '127.0.0.1:{port}': Address already in use"
+    ):
+        await http_metrics.serve(d.ctx)
+
+
 async def test_the_listener_answers_get_head_keeps_alive_and_refuses_the_rest(
     autojump_clock, nursery, tmp_path
 ) -> None:

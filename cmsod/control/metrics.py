@@ -48,7 +48,10 @@ async def serve(
     cfg = ctx.config.metrics
     assert cfg.address is not None
     host, port = cfg.address
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:  # in use, not an address of this host, a port below 1024...
+        raise OSError(exc.errno, f"metrics.listen = {cfg.listen!r}: {exc.strerror}") from None
     bound = [_name(listener.socket.getsockname()) for listener in listeners]
     log.info("metrics.listening", address=",".join(bound))
     active = 0
