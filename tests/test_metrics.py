@@ -105,6 +105,15 @@ def test_a_peer_call_is_timed_and_its_error_counted_by_cause() -> None:
     )
 
 
+async def test_a_cancelled_peer_call_is_neither_timed_nor_counted(autojump_clock) -> None:
+    m = Metrics()
+    with trio.move_on_after(1):
+        with m.call("so", "dispatch"):
+            await trio.sleep(5)
+    samples = parse(m.exposition(Snapshot()).decode())
+    assert not [k for k in samples if k[0].startswith("cmsod_peer_call")]
+
+
 # -- the configuration -------------------------------------------------------------------------
 
 
