@@ -22,7 +22,7 @@ from cmsod import __version__, config, log, systemd
 from cmsod.actors import dispatcher, emitter, optimizer, poller, supervisor, tickets
 from cmsod.actors.context import Context
 from cmsod.clock import WallClock
-from cmsod.control import server
+from cmsod.control import metrics, server
 from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
@@ -84,6 +84,7 @@ def build_context(
     )
     store.on_commit = ctx.bells.emitter.ring
     store.on_ticket_ops = ctx.bells.tickets.ring
+    store.on_transitions = ctx.metrics.transitions
     return ctx
 
 
@@ -104,6 +105,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
                 ("store.path", old.store_path, new.store_path),
                 ("daemon.socket", old.socket_path, new.socket_path),
                 ("daemon.state_dir", old.state_dir, new.state_dir),
+                ("metrics.listen", old.metrics.listen, new.metrics.listen),
             ]
             if before != after
         ]
@@ -177,6 +179,8 @@ async def run(
             async with trio.open_nursery() as root:
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
+                if cfg.metrics.address is not None:
+                    await root.start(metrics.serve, ctx)
                 path = await root.start(server.serve, ctx)
                 systemd.notify("READY=1", await status_line(ctx))
                 log.info("daemon.ready", socket=str(path), version=__version__, pid=os.getpid())
@@ -251,7 +255,7 @@ def _raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmsod",
         description="Change-management schedule optimizer daemon.",
@@ -260,10 +264,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config",
         type=Path,
+        metavar="FILE",
         help="TOML configuration file (default: $CONFIGURATION_DIRECTORY/cmsod.toml or /etc/cmsod/cmsod.toml if present)",
     )
     parser.add_argument(
         "--state-dir",
+        metavar="DIR",
         help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given",
     )
     parser.add_argument(
@@ -272,7 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only validate the configuration; exit 0 if good, 78 if not",
     )
     parser.add_argument("--version", action="version", version=f"cmsod {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         from cmsod import plan_cli
 
         return plan_cli.main(argv[1:])
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())
     )

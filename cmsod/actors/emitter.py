@@ -74,9 +74,10 @@ async def run(
                 for i in range(0, len(run_rows), batch):
                     chunk = run_rows[i : i + batch]
                     try:
-                        delivered = await ctx.sink.publish(
-                            topic, schedule_id, [bytes(r[3]) for r in chunk]
-                        )
+                        with ctx.metrics.call("sink", "publish"):
+                            delivered = await ctx.sink.publish(
+                                topic, schedule_id, [bytes(r[3]) for r in chunk]
+                            )
                     except PartialDelivery as exc:
                         delivered = exc.delivered
                         if delivered:

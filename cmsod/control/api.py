@@ -23,6 +23,7 @@ import trio
 from cmsod import __version__, explain, lifecycle, log
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
+from cmsod.control.metrics import exposition
 from cmsod.errors import (
     ConfigError,
     ControlError,
@@ -267,6 +268,11 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     }
 
 
+async def metrics(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
+    """What a Prometheus scrape of /metrics gets, with or without the listener."""
+    return {"text": (await exposition(ctx)).decode()}
+
+
 async def reload(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     if ctx.reload is None:
         raise ControlError("reload is not available")
@@ -369,6 +375,7 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Why": Method(w.WhyParameters, why, False),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
+    "io.cmsod.Manager.Metrics": Method(w.NoParameters, metrics, False),
     "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),
     "io.cmsod.Availability.List": Method(w.AvailabilityListParameters, availability_list, False),
     "io.cmsod.Availability.Remove": Method(w.IdParameters, availability_remove, True),

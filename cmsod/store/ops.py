@@ -129,6 +129,7 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
             },
         ),
     )
+    tx.transitions += [("schedule", status.value)] + [("element", element_status.value)] * len(vnfs)
     if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
         _record_approval(tx, schedule, new.user_id, "Accepted", "auto-approved (immediate)")
         tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
@@ -480,6 +481,7 @@ class DispatchJob(msgspec.Struct):
     request: bytes
     key: str
     attempt: int
+    planned_ms: int  # its start time, or an immediate one's creation: lateness counts from it
 
 
 class TicketGate(msgspec.Struct):
@@ -580,7 +582,8 @@ def begin_dispatch(
         " dispatch_attempts = dispatch_attempts + 1 WHERE id = ?",
         (key, tx.now_ms, element),
     )
-    return DispatchJob(element, schedule, schedule_id, name, request, key, attempts + 1)
+    planned_ms = start_ms if start_ms is not None else created_ms
+    return DispatchJob(element, schedule, schedule_id, name, request, key, attempts + 1, planned_ms)
 
 
 def next_due_ms(conn: Any) -> int | None:
