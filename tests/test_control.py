@@ -141,3 +141,43 @@ async def test_state_changing_calls_are_logged_with_peer_credentials(
     assert calls and calls[0].fields["uid"] == os.getuid()
     assert calls[0].fields["pid"] == os.getpid()
     assert calls[0].fields["method"] == "io.cmsod.Schedules.Create"
+
+
+async def test_a_stalled_group_lookup_does_not_stall_the_daemon(
+    nursery, tmp_path, monkeypatch
+) -> None:
+    import grp
+    import threading
+
+    from cmsod.control.api import Peer, handle_message
+    from tests.conftest import start_daemon
+
+    cmsod = await start_daemon(nursery, tmp_path, control__operator_group="cmsod-ops")
+    asked, released = threading.Event(), threading.Event()
+    timed_out = []
+
+    def unanswered_getgrnam(name: str) -> grp.struct_group:  # an LDAP server gone quiet
+        asked.set()
+        timed_out.append(not released.wait(10))
+        raise KeyError(name)
+
+    monkeypatch.setattr(grp, "getgrnam", unanswered_getgrnam)
+    stranger = Peer(pid=1, uid=4242, gid=4242)  # not root, not us: membership decides
+    create = msgspec.json.encode(
+        {"method": "io.cmsod.Schedules.Create", "parameters": {"schedule": request("x", now=EPOCH)}}
+    )
+    replies: list[dict] = []
+    answered = trio.Event()
+
+    async def change_state() -> None:
+        async for reply in handle_message(cmsod.ctx, stranger, create):
+            replies.append(msgspec.json.decode(reply))
+        answered.set()
+
+    nursery.start_soon(change_state)
+    await trio.to_thread.run_sync(asked.wait, 10)
+    await still_serving(cmsod)  # served while the look-up hangs
+    released.set()
+    await answered.wait()
+    assert timed_out == [False]  # the other call did not have to wait for the look-up
+    assert replies[0]["error"] == "io.cmsod.PermissionDenied"  # same answer as before
