@@ -181,3 +181,49 @@ async def test_a_stalled_group_lookup_does_not_stall_the_daemon(
     await answered.wait()
     assert timed_out == [False]  # the other call did not have to wait for the look-up
     assert replies[0]["error"] == "io.cmsod.PermissionDenied"  # same answer as before
+
+
+async def test_out_of_descriptors_on_accept_the_server_keeps_serving(
+    autojump_clock, nursery, tmp_path, caplog
+) -> None:
+    import errno
+    import logging
+    import os
+    import resource
+    import socket
+
+    from tests.conftest import start_daemon
+
+    cmsod = await start_daemon(nursery, tmp_path)
+    caplog.set_level(logging.INFO, logger="cmsod")
+    logging.getLogger("cmsod").propagate = True
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients: list[socket.socket] = []
+    try:
+        # a few descriptors to spare, then clients take every one of them: the daemon's
+        # accept() (same process) gets EMFILE while they wait in the listen queue
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        while True:
+            try:
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+            client.connect(str(cmsod.socket))
+            clients.append(client)
+        await trio.sleep(5)  # virtual: dozens of failed accepts
+        failures = [r for r in caplog.records if getattr(r, "event", "") == "control.accept_failed"]
+        assert len(failures) == 1  # once per burst, not once per try
+        for client in clients:
+            client.close()
+        clients.clear()
+        await still_serving(cmsod)  # the server is still there
+        recovered = [
+            r for r in caplog.records if getattr(r, "event", "") == "control.accept_recovered"
+        ]
+        assert recovered and recovered[0].fields["failures"] > 1
+    finally:
+        for client in clients:
+            client.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        logging.getLogger("cmsod").propagate = False
