@@ -137,6 +137,7 @@ class EventsConfig(Section, frozen=True):
     url: str = ""  # http: Message Router base URL; cloudevents: the receiver's URL
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
     timeout_s: Positive = 10.0
+    retry_max_s: Positive = 10.0  # a failing sink is retried after 0.5 s, doubling up to this
     max_file_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
     keep_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
 

@@ -79,13 +79,31 @@ def test_the_schema_accepts_our_events_and_rejects_near_misses() -> None:
             validate_event(change(sample_event()))
 
 
+CAMBRIA_ENTRY = re.compile(rb"\s*(\d+)\.(\d+)\.")
+
+
+def cambria_messages(body: bytes) -> list[tuple[str, bytes]]:
+    """MR's `application/cambria` body, read as MR reads it: (key, message) pairs."""
+    messages, at = [], 0
+    while body[at:].strip():
+        entry = CAMBRIA_ENTRY.match(body, at)
+        assert entry, f"not cambria at byte {at}: {body[at : at + 40]!r}"
+        key_end = entry.end() + int(entry[1])
+        at = key_end + int(entry[2])
+        assert at <= len(body), "a length runs past the end of the body"
+        messages.append((body[entry.end() : key_end].decode(), body[key_end:at]))
+    return messages
+
+
 class Bus(FakeHTTP):
-    """A Message Router: POST /events/{topic}?partitionKey=... with a JSON array."""
+    """A Message Router: POST /events/{topic} with an `application/cambria` body (each event
+    with its own key). `keys[topic]` records each event's key, `received[topic]` the events."""
 
     def __init__(self, validate: bool = True) -> None:
         super().__init__(self.handle)
         self.faults: list = []  # consumed one per publish call
         self.received: dict[str, list[dict]] = defaultdict(list)
+        self.keys: dict[str, list[str]] = defaultdict(list)
         self.validate = validate  # (benchmarks measure the daemon, not the schema check)
 
     def handle(self, request: Request):
@@ -93,14 +111,18 @@ class Bus(FakeHTTP):
         fault = self.faults.pop(0) if self.faults else None
         if isinstance(fault, Reset | Reply):
             return fault
-        events = request.json()
-        taken = events if fault is None else events[:fault]  # fault = n: a partial publish
-        for event in taken if self.validate else ():
-            validate_event(event)
-            assert f"partitionKey={event['eventCorrelationId']}" in request.path
-        self.received[topic].extend(taken)
+        assert request.headers["content-type"] == "application/cambria"
+        messages = cambria_messages(request.body)
+        taken = messages if fault is None else messages[:fault]  # fault = n: a partial publish
+        for key, message in taken:
+            event = json.loads(message)
+            if self.validate:
+                validate_event(event)
+                assert key == event["eventCorrelationId"]  # each event keyed by its schedule
+            self.keys[topic].append(key)
+            self.received[topic].append(event)
         if fault is None:
-            return Reply(200, {"count": len(events), "serverTimeMs": 1})
+            return Reply(200, {"count": len(messages), "serverTimeMs": 1})
         return Reply(
             500,
             {
@@ -414,3 +436,84 @@ async def test_a_sink_down_for_an_hour_loses_nothing_and_slows_nothing(
     assert {
         s: len(n) for s, n in in_order_and_complete(bus.received["cm-events"]).items()
     } == stored
+
+
+async def pile_up(cmsod, ids: list[str]) -> None:
+    """Schedules created and planned (3 events each, interleaved in the outbox)."""
+    client = await cmsod.connect()
+    for schedule_id in ids:
+        body = request(schedule_id, now=EPOCH, nodes=[f"{schedule_id}-a"], minutes_from_now=600)
+        await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    for schedule_id in ids:
+        await client.wait_for(schedule_id, S.PENDING_APPROVAL)
+
+
+async def outbox_empty(cmsod) -> None:
+    client = await cmsod.connect()
+
+    async def empty() -> bool:
+        return (await client.ok("io.cmsod.Manager.Status"))["counts"]["eventsPending"] == 0
+
+    await wait_until(empty, "every event delivered")
+
+
+@pytest.mark.parametrize("retry_max_s", [None, 2.0])
+async def test_after_an_outage_a_500_and_partial_publishes_the_backlog_follows_soon(
+    autojump_clock, nursery, tmp_path, retry_max_s
+) -> None:
+    bus = Bus()
+    outage_ends = trio.current_time() + 20
+    taken_at: list[float] = []
+
+    def down_then_flaky(req: Request):
+        if trio.current_time() < outage_ends:
+            return Reset()  # a 20 s outage
+        before = len(bus.received["cm-events"])
+        reply = Bus.handle(bus, req)  # then: a 500 and two partial publishes (bus.faults)
+        if len(bus.received["cm-events"]) > before:
+            taken_at.append(trio.current_time())
+        return reply
+
+    bus.handler = down_then_flaky
+    bus.faults = [Reply(500, {"status": 500, "mrstatus": 3002, "message": "unable"}), 2, 3]
+    await nursery.start(bus.serve)
+    limit = {} if retry_max_s is None else {"events__retry_max_s": retry_max_s}
+    cmsod = await start_daemon(nursery, tmp_path, events__sink="http", events__url=bus.url, **limit)
+    cap = cmsod.ctx.config.events.retry_max_s
+    assert cap <= 30
+    await pile_up(cmsod, ["o1", "o2", "o3"])
+    await outbox_empty(cmsod)
+    # back up at 20 s: one retry may wait a full cap, the 500 another; each partial publish
+    # took some events, so the rest go after 0.5 s (the old backoff doubled on to 60 s)
+    assert taken_at[-1] - outage_ends <= 2 * cap + 1.5
+    ids = [e["eventId"] for e in bus.received["cm-events"]]
+    assert len(ids) == len(set(ids)) == 9  # the partial publishes: exactly the rest re-sent
+    in_order_and_complete(bus.received["cm-events"])
+
+
+async def test_a_backlog_goes_in_batches_across_schedules_in_order(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    bus = Bus()
+    bus.faults = [Reset()] * 1000  # down while 20 schedules make 60 events
+    await nursery.start(bus.serve)
+    cmsod = await start_daemon(
+        nursery, tmp_path, events__sink="http", events__url=bus.url, events__batch_size=25
+    )
+    ids = [f"b{i:02}" for i in range(20)]
+    await pile_up(cmsod, ids)
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        outbox = [json.loads(b)["eventId"] for (b,) in db.execute("SELECT body FROM events")]
+    assert len(outbox) == 60
+    bus.requests.clear()
+    bus.faults = [7]  # back, and the first batch is taken only in part
+    await outbox_empty(cmsod)
+    posts = [cambria_messages(r.body) for r in bus.requests if r.method == "POST"]
+    # batches of 25 events of many schedules each (not one POST per schedule's run), the
+    # partial one re-sent from its first event not taken: 7 of 25, then 25, 25, 3
+    assert [len(p) for p in posts] == [25, 25, 25, 3]
+    sent = [json.loads(m)["eventId"] for p in posts for _, m in p]
+    assert sent[:7] + sent[25:] == outbox  # commit order, nothing twice, nothing lost
+    assert len({json.loads(m)["eventCorrelationId"] for _, m in posts[1]}) > 5
+    assert bus.keys["cm-events"] == [e["eventCorrelationId"] for e in bus.received["cm-events"]]
+    assert set(in_order_and_complete(bus.received["cm-events"])) == set(ids)
