@@ -74,21 +74,24 @@ async def run(
                 await ctx.store.tx(ops.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
         watched = fan_out(ctx, rows, heads, watched)
-        try:
-            by_topic: dict[str, list] = {}  # (order binds within a schedule, so a topic)
-            for row in rows:
-                by_topic.setdefault(row[2], []).append(row)
-            for topic, topic_rows in by_topic.items():
-                for i in range(0, len(topic_rows), batch):
-                    await publish(ctx, figures, topic, topic_rows[i : i + batch])
-                    backoff = FIRST_RETRY_S
-        except PeerError as exc:
-            if isinstance(exc, PartialDelivery) and exc.delivered:
+        by_topic: dict[str, list] = {}  # (order binds within a schedule, so within a topic)
+        for row in rows:
+            by_topic.setdefault(row[2], []).append(row)
+        batches = [
+            (topic, topic_rows[i : i + batch])
+            for topic, topic_rows in by_topic.items()
+            for i in range(0, len(topic_rows), batch)
+        ]
+        failure = await publish(ctx, figures, batches)
+        if failure is None:
+            backoff = FIRST_RETRY_S
+        else:
+            if isinstance(failure, PartialDelivery) and failure.delivered:
                 backoff = FIRST_RETRY_S  # it took some: the sink is back, retry the rest soon
             figures.errors += 1
-            figures.last_error = str(exc)
+            figures.last_error = str(failure)
             figures.peer_failing = True
-            log.warning("events.publish_failed", reason=str(exc), retry_in_s=backoff)
+            log.warning("events.publish_failed", reason=str(failure), retry_in_s=backoff)
             await trio.sleep(backoff)
             backoff = min(ctx.config.events.retry_max_s, backoff * 2)
             continue
@@ -97,21 +100,33 @@ async def run(
 
 
 async def publish(
-    ctx: Context, figures: ActorFigures, topic: str, rows: list[tuple[int, str, str, Any]]
-) -> None:
-    """One batch to the sink, each event keyed by its schedule id; marks sent the events it
-    took (the first n). Raises PeerError, after marking those, if it did not take them all."""
-    failure: PeerError | None = None
-    try:
-        delivered = await ctx.sink.publish(topic, [(key, bytes(body)) for _, key, _, body in rows])
-    except PartialDelivery as exc:
-        delivered, failure = exc.delivered, exc
-    if delivered:
-        await ctx.store.tx(ops.mark_events_sent, [r[0] for r in rows[:delivered]])
-        figures.done += delivered
-    if failure is not None:
-        raise failure
-    figures.peer_failing = False
+    ctx: Context, figures: ActorFigures, batches: list[tuple[str, list[tuple[int, str, str, Any]]]]
+) -> PeerError | None:
+    """The batches to the sink one after another, each event keyed by its schedule id, until
+    one is not taken whole; returns that failure, or None. What the sink took (for a partial
+    publish, the first n) is marked sent in the store while the next batch is on the wire;
+    all of it is committed before this returns, so the next read starts at the first event
+    not taken."""
+    async with trio.open_nursery() as marking:
+        for topic, rows in batches:
+            failure: PeerError | None = None
+            try:
+                delivered = await ctx.sink.publish(topic, [(r[1], bytes(r[3])) for r in rows])
+            except PartialDelivery as exc:
+                delivered, failure = exc.delivered, exc
+            except PeerError as exc:
+                delivered, failure = 0, exc
+            if delivered:
+                marking.start_soon(mark_sent, ctx, figures, [r[0] for r in rows[:delivered]])
+            if failure is not None:
+                return failure
+            figures.peer_failing = False
+    return None
+
+
+async def mark_sent(ctx: Context, figures: ActorFigures, seqs: list[int]) -> None:
+    await ctx.store.tx(ops.mark_events_sent, seqs)
+    figures.done += len(seqs)
 
 
 def fan_out(ctx: Context, rows: list, heads: dict[int, Head], watched: int) -> int:
