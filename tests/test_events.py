@@ -233,38 +233,49 @@ async def test_a_partial_publish_is_not_resent_whole(autojump_clock, nursery, tm
 
 
 class Receiver(FakeHTTP):
-    """A CloudEvents HTTP receiver (binary mode)."""
+    """A CloudEvents HTTP receiver: binary mode, or batch mode (a JSON array of structured
+    events). `posts` counts the requests it took."""
 
     def __init__(self) -> None:
         super().__init__(self.handle)
         self.faults: list = []
         self.received: list[dict] = []
+        self.posts = 0
 
     def handle(self, request: Request):
         fault = self.faults.pop(0) if self.faults else None
         if fault is not None:
             return fault
-        h = request.headers
-        assert h["ce-specversion"] == "1.0" and h["content-type"] == "application/json"
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", h["ce-time"])
-        assert h["ce-dataschema"] == "urn:org.onap.ncmp:cm-network-avc-event.rfc8641:1.0"
-        assert h["ce-partitionkey"] == h["ce-correlationid"]
-        data = request.json()
+        self.posts += 1
+        if request.headers["content-type"] == "application/cloudevents-batch+json":
+            for structured in request.json():
+                assert structured.pop("datacontenttype") == "application/json"
+                self.take(structured.pop("data"), structured)
+        else:
+            assert request.headers["content-type"] == "application/json"
+            headers = request.headers.items()
+            self.take(request.json(), {k[3:]: v for k, v in headers if k.startswith("ce-")})
+        return Reply(202, b"")
+
+    def take(self, data: dict, ce: dict[str, str]) -> None:
+        assert ce["specversion"] == "1.0"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ce["time"])
+        assert ce["dataschema"] == "urn:org.onap.ncmp:cm-network-avc-event.rfc8641:1.0"
+        assert ce["partitionkey"] == ce["correlationid"]
         assert list(data) == ["push-change-update"]
         self.received.append(
             {  # the legacy envelope again, to check it whole
-                "eventId": h["ce-id"],
-                "eventCorrelationId": h["ce-correlationid"],
-                "eventSource": h["ce-source"],
-                "eventType": h["ce-type"],
+                "eventId": ce["id"],
+                "eventCorrelationId": ce["correlationid"],
+                "eventSource": ce["source"],
+                "eventType": ce["type"],
                 "eventSchema": "org.onap.ncmp:cm-network-avc-event.rfc8641",
                 "eventSchemaVersion": "1.0",
-                "eventTime": h["ce-time"].replace("Z", "+0000"),
+                "eventTime": ce["time"].replace("Z", "+0000"),
                 "event": data,
             }
         )
         validate_event(self.received[-1])
-        return Reply(202, b"")
 
 
 async def test_cloudevents_binary_mode_with_failures(autojump_clock, nursery, tmp_path) -> None:
@@ -277,6 +288,23 @@ async def test_cloudevents_binary_mode_with_failures(autojump_clock, nursery, tm
     await run_schedules(cmsod, ["ce1", "ce2"])
     per_schedule = in_order_and_complete(receiver.received)
     assert set(per_schedule) == {"ce1", "ce2"}
+
+
+async def test_cloudevents_batch_mode_with_failures(autojump_clock, nursery, tmp_path) -> None:
+    receiver = Receiver()
+    await nursery.start(receiver.serve)
+    receiver.faults = [Reset(), Reply(503, b"later"), None, Reply(500, b"oops")]
+    cmsod = await start_daemon(
+        nursery,
+        tmp_path,
+        events__sink="cloudevents",
+        events__url=receiver.url,
+        events__cloudevents_mode="batch",
+    )
+    await run_schedules(cmsod, ["cb1", "cb2"])
+    per_schedule = in_order_and_complete(receiver.received)  # (a failed batch comes again)
+    assert set(per_schedule) == {"cb1", "cb2"}
+    assert receiver.posts < len(receiver.received) / 2  # many events per POST
 
 
 async def test_routing_by_target_group(autojump_clock, nursery, tmp_path) -> None:

@@ -10,8 +10,11 @@ sent (at least once).
   `cambria.partition` member the event schema forbids) and keeps the event's bytes exactly.
   So one POST carries many schedules' events and each still lands in its schedule's
   partition, in order. Honours the answer's `count` and a partial publish (DMaaP_MR_ERR_3007).
-- `CloudEventsSink`: the CloudEvents HTTP binding in binary mode, one POST per event, the
-  envelope in `ce-*` headers and the RFC 8641 payload as the body.
+- `CloudEventsSink`: the CloudEvents HTTP binding. Binary mode (the default): one POST per
+  event, the envelope in `ce-*` headers and the RFC 8641 payload as the body. Batch mode: one
+  POST of `application/cloudevents-batch+json`, a JSON array of structured-mode events, for a
+  receiver that takes it; the binding has no partial answer, so a failed batch is retried
+  whole (at least once, the same ids).
 """
 
 from __future__ import annotations
@@ -169,44 +172,69 @@ def _rfc3339(event_time: str) -> str:
 class CloudEventsSink:
     url: str
     client: httpx.AsyncClient
+    batch: bool = False  # batch content mode instead of one binary-mode POST per event
 
     @classmethod
-    def create(cls, url: str, timeout_s: float) -> CloudEventsSink:
-        return cls(url, _client(timeout_s))
+    def create(cls, url: str, timeout_s: float, batch: bool = False) -> CloudEventsSink:
+        return cls(url, _client(timeout_s), batch)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     @staticmethod
-    def binary(body: bytes) -> tuple[dict[str, str], bytes]:
-        event = msgspec.json.decode(body, type=CmEvent)
-        headers = {
-            "ce-specversion": "1.0",
-            "ce-id": event.eventId,
-            "ce-source": event.eventSource,
-            "ce-type": event.eventType,
-            "ce-time": _rfc3339(event.eventTime),
-            "ce-dataschema": f"urn:{event.eventSchema}:{event.eventSchemaVersion}",
-            "ce-correlationid": event.eventCorrelationId,
-            "content-type": "application/json",
+    def attributes(event: CmEvent, key: str) -> dict[str, str]:
+        """The CloudEvents attributes of one of our events (`data` aside)."""
+        return {
+            "specversion": "1.0",
+            "id": event.eventId,
+            "source": event.eventSource,
+            "type": event.eventType,
+            "time": _rfc3339(event.eventTime),
+            "dataschema": f"urn:{event.eventSchema}:{event.eventSchemaVersion}",
+            "correlationid": event.eventCorrelationId,
+            "partitionkey": key,
         }
+
+    @classmethod
+    def binary(cls, body: bytes, key: str) -> tuple[dict[str, str], bytes]:
+        event = msgspec.json.decode(body, type=CmEvent)
+        headers = {f"ce-{name}": value for name, value in cls.attributes(event, key).items()}
+        headers["content-type"] = "application/json"
         return headers, msgspec.json.encode(event.event)
 
+    @classmethod
+    def structured_batch(cls, events: Keyed) -> bytes:
+        batch = []
+        for key, body in events:
+            event = msgspec.json.decode(body, type=CmEvent)
+            structured: dict[str, Any] = cls.attributes(event, key)
+            structured["datacontenttype"] = "application/json"
+            structured["data"] = event.event
+            batch.append(structured)
+        return msgspec.json.encode(batch)
+
+    async def post(self, content: bytes, headers: dict[str, str], delivered: int) -> None:
+        """One POST; PartialDelivery(delivered) unless the receiver took it (2xx)."""
+        try:
+            response = await self.client.post(self.url, content=content, headers=headers)
+        except httpx.HTTPError as exc:
+            raise PartialDelivery(
+                delivered, f"cloudevents receiver at {self.url}: {exc!r}"
+            ) from exc
+        if not 200 <= response.status_code < 300:
+            raise PartialDelivery(
+                delivered,
+                f"cloudevents receiver: HTTP {response.status_code} {response.content[:200]!r}",
+            )
+
     async def publish(self, topic: str, events: Keyed) -> int:
+        if self.batch:
+            content_type = {"content-type": "application/cloudevents-batch+json"}
+            await self.post(self.structured_batch(events), content_type, 0)
+            return len(events)
         for delivered, (key, body) in enumerate(events):
-            headers, data = self.binary(body)
-            headers["ce-partitionkey"] = key
-            try:
-                response = await self.client.post(self.url, content=data, headers=headers)
-            except httpx.HTTPError as exc:
-                raise PartialDelivery(
-                    delivered, f"cloudevents receiver at {self.url}: {exc!r}"
-                ) from exc
-            if not 200 <= response.status_code < 300:
-                raise PartialDelivery(
-                    delivered,
-                    f"cloudevents receiver: HTTP {response.status_code} {response.content[:200]!r}",
-                )
+            headers, data = self.binary(body, key)
+            await self.post(data, headers, delivered)
         return len(events)
 
 
@@ -215,5 +243,7 @@ def sink_for(cfg: Any, directory: Path, executor: Executor) -> EventSink:
     if events.sink == "http":
         return MrSink.create(events.url, events.timeout_s)
     if events.sink == "cloudevents":
-        return CloudEventsSink.create(events.url, events.timeout_s)
+        return CloudEventsSink.create(
+            events.url, events.timeout_s, events.cloudevents_mode == "batch"
+        )
     return FileSink(directory, executor, events.max_file_bytes, events.keep_files)
