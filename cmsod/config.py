@@ -135,8 +135,10 @@ class EventsConfig(Section, frozen=True):
     source: str = "urn:onap:cmsod"
     route_by: str = ""  # a schedule domain-data name: its value v sends to <topic>-<v>
     url: str = ""  # http: Message Router base URL; cloudevents: the receiver's URL
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    cloudevents_mode: Literal["binary", "batch"] = "binary"  # batch: one POST per batch
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 500
     timeout_s: Positive = 10.0
+    retry_max_s: Positive = 10.0  # a failing sink is retried after 0.5 s, doubling up to this
     max_file_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
     keep_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
 

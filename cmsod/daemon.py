@@ -1,5 +1,12 @@
-"""`cmsod`: the daemon. Loads the config, opens the store, starts the actors in dependency
-order under one root nursery, then the control socket, then says READY=1.
+"""`cmsod`: the daemon. Loads the config, locks the state directory, opens the store, starts
+the actors in dependency order under one root nursery, then the control socket, then says
+READY=1.
+
+One daemon per state directory: `<state_dir>/cmsod.lock` is held with flock(2) for the
+process's whole life (the kernel lets go when it ends, kill -9 included) and names the
+holder's pid. A second daemon on the same directory exits with EX_IN_USE before it opens the
+store or starts anything, so it can neither re-publish the outbox nor reconcile the first
+one's dispatches.
 
 Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches; in-flight calls, then
 publishing the events already committed, get `shutdown_grace_s`; then a clean exit); SIGHUP
@@ -9,6 +16,8 @@ reloads the config like `cmsoctl reload`.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
 import resource
 import signal
@@ -32,6 +41,8 @@ from cmsod.peers.tm import tm_for
 from cmsod.store import Store, views
 
 EX_CONFIG = 78
+EX_IN_USE = 75  # EX_TEMPFAIL: another cmsod holds the state directory; retry once it is gone
+LOCK_NAME = "cmsod.lock"
 ACTORS = [  # dependency order: what others wake comes up first
     ("emitter", emitter.run),
     ("tickets", tickets.run),
@@ -255,6 +266,32 @@ def _raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+class StateDirInUse(Exception):
+    pass
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold `<state_dir>/cmsod.lock` for this process's life and write our pid into it;
+    returns the descriptor (kept open: closing it, or dying, releases the lock). Raises
+    StateDirInUse naming the holder's pid if another process has it."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)  # no O_TRUNC: not ours yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise StateDirInUse(
+            f"state directory {state_dir} is in use by cmsod pid {holder} (lock {path})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmsod",
@@ -302,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
+    try:
+        lock_state_dir(cfg.state_dir)  # before anything that reads or writes the state
+    except StateDirInUse as exc:
+        print(f"cmsod: {exc}", file=sys.stderr)
+        return EX_IN_USE
+    except OSError as exc:
+        print(f"cmsod: cannot lock state directory {cfg.state_dir}: {exc}", file=sys.stderr)
+        return 1
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
     _raise_file_limit(cfg.control.max_connections + 256)
     log.info(

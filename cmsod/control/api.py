@@ -57,18 +57,38 @@ class Peer:
     gid: int
 
 
-def may_change_state(ctx: Context, peer: Peer) -> bool:
+# User and group look-ups (NSS) may go to LDAP or sssd and stall for seconds: they run in
+# worker threads, at most this many at once (their own limiter, so a stall cannot starve other
+# thread users such as DNS), abandoned if the call is cancelled. Nothing is cached, so a change
+# of group membership counts from the next call.
+NSS_THREADS = 8
+_nss_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("nss_limiter")
+
+
+def in_group(group: str, uid: int, gid: int) -> bool:
+    """Blocking: is `uid` (primary group `gid`) a member of `group`? Unknown user or group: no."""
+    try:
+        wanted = grp.getgrnam(group).gr_gid
+        name = pwd.getpwuid(uid).pw_name
+        return wanted in os.getgrouplist(name, gid)
+    except (KeyError, OSError):
+        return False
+
+
+async def may_change_state(ctx: Context, peer: Peer) -> bool:
     if peer.uid in (0, os.getuid()):
         return True
     group = ctx.config.control.operator_group
     if group:
         try:
-            gid = grp.getgrnam(group).gr_gid
-            name = pwd.getpwuid(peer.uid).pw_name
-            if gid in os.getgrouplist(name, peer.gid):
-                return True
-        except (KeyError, OSError):
-            pass
+            limiter = _nss_limiter.get()
+        except LookupError:
+            limiter = trio.CapacityLimiter(NSS_THREADS)
+            _nss_limiter.set(limiter)
+        if await trio.to_thread.run_sync(
+            in_group, group, peer.uid, peer.gid, limiter=limiter, abandon_on_cancel=True
+        ):
+            return True
     return ctx.config.control.others == "operator"
 
 
@@ -436,7 +456,7 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
         except RecursionError:
             raise InvalidParameter("parameters", "JSON nested too deeply") from None
         if method.changes_state:
-            if not may_change_state(ctx, peer):
+            if not await may_change_state(ctx, peer):
                 log.warning("control.denied", method=call.method, uid=peer.uid, pid=peer.pid)
                 raise PermissionDenied(f"uid {peer.uid} may not call {call.method}")
             log.info("control.call", method=call.method, uid=peer.uid, pid=peer.pid)
