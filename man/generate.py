@@ -31,8 +31,10 @@ SHIPPED_CONFIG = ROOT / "etc" / "cmsod" / "cmsod.toml"
 
 
 def text(s: str) -> str:
-    """Plain words for roff: backslashes and hyphens escaped, no line starting a request."""
+    """Plain words for roff: backslashes and hyphens escaped, characters beyond ASCII as groff's
+    named Unicode escapes, no line starting a request."""
     s = s.replace("\\", "\\e").replace("-", "\\-")
+    s = "".join(c if c.isascii() else f"\\[u{ord(c):04X}]" for c in s)
     return "\n".join(
         ("\\&" + line) if line.startswith((".", "'")) else line for line in s.split("\n")
     )
