@@ -14,8 +14,8 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check cmsod tests bench
-	$(BIN)/ruff format --check cmsod tests bench
+	$(BIN)/ruff check cmsod tests bench man
+	$(BIN)/ruff format --check cmsod tests bench man
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed-test
@@ -28,7 +28,7 @@ $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "cmsod needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=77'  # pyproject's SPDX license string
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install -q -e .

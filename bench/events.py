@@ -2,20 +2,26 @@
 
 The real daemon runs as its own process with events.sink = http; the bus is the tests' fake
 MR in a thread of this process, recording when each event arrives.
-1. drain: with the bus down, schedules pile up events in the outbox; then it comes back and
-   the time to drain the backlog gives events per second.
+1. drain: a backlog of `--backlog` events of `--backlog-schedules` schedules, interleaved as
+   a busy daemon writes them (each schedule's 1st event, then each one's 2nd, ...), is put in
+   the outbox of a stopped daemon (real envelopes from cmevents.build, written by the store's
+   own SQL); the daemon starts with the bus up. Rate = events / (the last event taken - the
+   first POST's arrival), so the daemon's start-up is not counted.
 2. lag: with the bus up, schedules are submitted at a steady rate; lag = arrival time minus the
    event's eventTime (the transition's commit time). p50 / p99.
-Usage: python bench/events.py [--schedules 2000] [--rate 40] [--seconds 10]"""
+Usage: python bench/events.py [--backlog 100000] [--backlog-schedules 20000] [--rate 40]
+       [--seconds 10] [--batch-size N (default: the daemon's)]"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import socket
+import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
+from cmsod import cmevents  # noqa: E402
 from tests.cmso_requests import request  # noqa: E402
-from tests.fake_http import Reset  # noqa: E402
+from tests.fake_http import Reply, Request, Reset  # noqa: E402
 from tests.procs import Daemon  # noqa: E402
-from tests.test_events import Bus  # noqa: E402
+from tests.test_events import Bus, cambria_messages  # noqa: E402
 
 
 class Control:
@@ -51,22 +58,68 @@ def event_time(event: dict) -> float:
     return datetime.strptime(event["eventTime"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--schedules", type=int, default=2000)
-    parser.add_argument(
-        "--rate", type=float, default=40.0, help="schedules per second in the lag run"
-    )
-    parser.add_argument("--seconds", type=float, default=10.0)
-    args = parser.parse_args()
-    print(describe())
+def seed_outbox(store: Path, events: int, schedules: int) -> None:
+    """`events` real CM events of `schedules` schedules into the outbox, round robin."""
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for n in range(events):
+        schedule_id, seq = f"bk{n % schedules}", n // schedules + 1
+        edit = cmevents.schedule_edit(schedule_id, "patch", {"status": "Scheduled"})
+        body = cmevents.encode(cmevents.build(schedule_id, seq, [edit], now_ms, "urn:onap:cmsod"))
+        rows.append((schedule_id, "cm-events", body, now_ms))
+    with sqlite3.connect(store) as db:
+        db.executemany(
+            "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, ?, ?, ?)", rows
+        )
+
+
+def drain(args: argparse.Namespace, env: dict) -> None:
+    taken: list[tuple[float, float, int]] = []  # (POST arrived, answered, events)
+    all_in = threading.Event()
+    bus = Bus(validate=False)
+
+    def count(req: Request):  # frames checked and counted; no JSON decoding in the way
+        messages = cambria_messages(req.body)
+        bus.requests.clear()
+        taken.append((req.at, time.time(), len(messages)))
+        if sum(n for _, _, n in taken) >= args.backlog:
+            all_in.set()
+        return Reply(200, {"count": len(messages), "serverTimeMs": 1})
+
+    bus.handler = lambda req: Reset()  # down while the first daemon makes the store
+    stop = bus.in_thread()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp)
+            env = {**env, "CMSOD_EVENTS__URL": bus.url}
+            Daemon(state, extra_env=env).stop()
+            seed_outbox(state / "cmsod.sqlite3", args.backlog, args.backlog_schedules)
+            bus.handler = count
+            daemon = Daemon(state, extra_env=env)
+            try:
+                if not all_in.wait(600):
+                    raise SystemExit(f"only {sum(n for _, _, n in taken):,} events arrived")
+                drain_s = taken[-1][1] - taken[0][0]
+                sizes = [n for _, _, n in taken]
+                print(
+                    f"drain: {args.backlog:,} events of {args.backlog_schedules:,} schedules "
+                    f"in {len(taken)} POSTs of up to {max(sizes)} events: {drain_s:.2f} s = "
+                    f"{args.backlog / drain_s:,.0f} events/s"
+                )
+            finally:
+                daemon.stop()
+    finally:
+        stop()
+
+
+def lag(args: argparse.Namespace, env: dict) -> None:
     bus = Bus(validate=False)
     arrivals: list[tuple[float, dict]] = []
     handle = bus.handle
 
-    def timed(request):  # note each event's arrival time
-        reply = handle(request)
-        if not isinstance(reply, Reset) and request.method == "POST":
+    def timed(req: Request):  # note each event's arrival time
+        reply = handle(req)
+        if not isinstance(reply, Reset) and req.method == "POST":
             now = time.time()
             arrivals.extend((now, e) for e in bus.received["cm-events"][len(arrivals) :])
         return reply
@@ -76,38 +129,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp)
-            env = {
-                "CMSOD_EVENTS__SINK": "http",
-                "CMSOD_EVENTS__URL": bus.url,
-                "CMSOD_CONTROL__IDLE_TIMEOUT_S": "600",
-            }
-            daemon = Daemon(state, extra_env=env)
+            daemon = Daemon(state, extra_env={**env, "CMSOD_EVENTS__URL": bus.url})
             try:
                 control = Control(state / "control.sock")
                 now = datetime.now(UTC)
-                bus.faults = [Reset()] * 10**9  # down
-                for i in range(args.schedules):
-                    body = request(
-                        f"d{i}", now=now, nodes=[f"d{i}-a", f"d{i}-b"], minutes_from_now=60
-                    )
-                    assert "error" not in control.call("io.cmsod.Schedules.Create", schedule=body)
-                while control.call(
-                    "io.cmsod.Schedules.List",
-                    status=["Pending Schedule", "Optimization In Progress"],
-                )["parameters"]["schedules"]:
-                    time.sleep(0.1)
-                backlog = pending(control)
-                bus.faults = []  # back up
-                began = time.time()
-                while pending(control):
-                    time.sleep(0.01)
-                drain_s = time.time() - began
-                print(
-                    f"drain: {backlog:,} events backlogged, delivered in {drain_s:.2f} s = {backlog / drain_s:,.0f} events/s"
-                )
-
-                arrivals.clear()
-                bus.received.clear()
                 began = time.time()
                 n = 0
                 while time.time() - began < args.seconds:
@@ -134,6 +159,24 @@ def main() -> None:
                 daemon.stop()
     finally:
         stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--backlog-schedules", type=int, default=20_000)
+    parser.add_argument(
+        "--rate", type=float, default=40.0, help="schedules per second in the lag run"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, help="events.batch_size (default: the daemon's)")
+    args = parser.parse_args()
+    print(describe())
+    env = {"CMSOD_EVENTS__SINK": "http", "CMSOD_CONTROL__IDLE_TIMEOUT_S": "600"}
+    if args.batch_size:
+        env["CMSOD_EVENTS__BATCH_SIZE"] = str(args.batch_size)
+    drain(args, env)
+    lag(args, env)
 
 
 if __name__ == "__main__":

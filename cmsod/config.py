@@ -139,8 +139,10 @@ class EventsConfig(Section, frozen=True):
     source: str = "urn:onap:cmsod"
     route_by: str = ""  # a schedule domain-data name: its value v sends to <topic>-<v>
     url: str = ""  # http: Message Router base URL; cloudevents: the receiver's URL
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    cloudevents_mode: Literal["binary", "batch"] = "binary"  # batch: one POST per batch
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 500
     timeout_s: Positive = 10.0
+    retry_max_s: Positive = 10.0  # a failing sink is retried after 0.5 s, doubling up to this
     max_file_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
     keep_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
 
@@ -165,6 +167,31 @@ class ControlConfig(Section, frozen=True):
     others: Literal["read-only", "operator"] = "read-only"
 
 
+# host:port, the host an IPv4 address, a name, or an IPv6 address in brackets; "" = off
+ListenAddress = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", max_length=300),
+]
+
+
+class MetricsConfig(Section, frozen=True):
+    listen: ListenAddress = ""  # e.g. "127.0.0.1:9464"; "" = no /metrics listener
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 16
+    timeout_s: Positive = 10.0  # a scrape must send its request and take its answer in this
+
+    def __post_init__(self) -> None:
+        if self.listen and not 0 <= int(self.listen.rpartition(":")[2]) <= 65535:
+            raise ValueError("metrics.listen: the port must be 0 to 65535")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, None when off."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class SupervisorConfig(Section, frozen=True):
     max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
     window_s: Positive = 60.0
@@ -181,6 +208,7 @@ class Config(Section, frozen=True):
     tickets: TicketsConfig = TicketsConfig()
     events: EventsConfig = EventsConfig()
     control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
 
     # -- derived paths ------------------------------------------------------------------------

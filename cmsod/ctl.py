@@ -321,6 +321,8 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
         return show_plan(p["optimizer"])
     if command == "why":
         return show_why(p)
+    if command == "metrics":
+        return str(p["text"]).rstrip("\n")
     if command == "gantt":
         assert args is not None
         if args.svg:
@@ -611,6 +613,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "io.cmsod.Manager.Status", {}
     if c == "reload":
         return "io.cmsod.Manager.Reload", {}
+    if c == "metrics":
+        return "io.cmsod.Manager.Metrics", {}
     raise CtlError(EX_USAGE, f"unknown command {c}")
 
 
@@ -750,6 +754,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=EVENT_TYPES, help="only this eventType")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
+    sub.add_parser("metrics", help="the Prometheus metrics (text exposition format)")
     return top
 
 

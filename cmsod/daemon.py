@@ -1,5 +1,12 @@
-"""`cmsod`: the daemon. Loads the config, opens the store, starts the actors in dependency
-order under one root nursery, then the control socket, then says READY=1.
+"""`cmsod`: the daemon. Loads the config, locks the state directory, opens the store, starts
+the actors in dependency order under one root nursery, then the control socket, then says
+READY=1.
+
+One daemon per state directory: `<state_dir>/cmsod.lock` is held with flock(2) for the
+process's whole life (the kernel lets go when it ends, kill -9 included) and names the
+holder's pid. A second daemon on the same directory exits with EX_IN_USE before it opens the
+store or starts anything, so it can neither re-publish the outbox nor reconcile the first
+one's dispatches.
 
 Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches; in-flight calls, then
 publishing the events already committed, get `shutdown_grace_s`; then a clean exit); SIGHUP
@@ -9,6 +16,8 @@ reloads the config like `cmsoctl reload`.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
 import resource
 import signal
@@ -22,7 +31,7 @@ from cmsod import __version__, config, log, systemd
 from cmsod.actors import dispatcher, emitter, optimizer, poller, supervisor, tickets
 from cmsod.actors.context import Context
 from cmsod.clock import WallClock
-from cmsod.control import server
+from cmsod.control import metrics, server
 from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
@@ -32,6 +41,8 @@ from cmsod.peers.tm import tm_for
 from cmsod.store import Store, views
 
 EX_CONFIG = 78
+EX_IN_USE = 75  # EX_TEMPFAIL: another cmsod holds the state directory; retry once it is gone
+LOCK_NAME = "cmsod.lock"
 ACTORS = [  # dependency order: what others wake comes up first
     ("emitter", emitter.run),
     ("tickets", tickets.run),
@@ -84,6 +95,7 @@ def build_context(
     )
     store.on_commit = ctx.bells.emitter.ring
     store.on_ticket_ops = ctx.bells.tickets.ring
+    store.on_transitions = ctx.metrics.transitions
     return ctx
 
 
@@ -104,6 +116,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
                 ("store.path", old.store_path, new.store_path),
                 ("daemon.socket", old.socket_path, new.socket_path),
                 ("daemon.state_dir", old.state_dir, new.state_dir),
+                ("metrics.listen", old.metrics.listen, new.metrics.listen),
             ]
             if before != after
         ]
@@ -177,6 +190,8 @@ async def run(
             async with trio.open_nursery() as root:
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
+                if cfg.metrics.address is not None:
+                    await root.start(metrics.serve, ctx)
                 path = await root.start(server.serve, ctx)
                 systemd.notify("READY=1", await status_line(ctx))
                 log.info("daemon.ready", socket=str(path), version=__version__, pid=os.getpid())
@@ -251,7 +266,33 @@ def _raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+class StateDirInUse(Exception):
+    pass
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold `<state_dir>/cmsod.lock` for this process's life and write our pid into it;
+    returns the descriptor (kept open: closing it, or dying, releases the lock). Raises
+    StateDirInUse naming the holder's pid if another process has it."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)  # no O_TRUNC: not ours yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise StateDirInUse(
+            f"state directory {state_dir} is in use by cmsod pid {holder} (lock {path})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmsod",
         description="Change-management schedule optimizer daemon.",
@@ -260,10 +301,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config",
         type=Path,
+        metavar="FILE",
         help="TOML configuration file (default: $CONFIGURATION_DIRECTORY/cmsod.toml or /etc/cmsod/cmsod.toml if present)",
     )
     parser.add_argument(
         "--state-dir",
+        metavar="DIR",
         help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given",
     )
     parser.add_argument(
@@ -272,7 +315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only validate the configuration; exit 0 if good, 78 if not",
     )
     parser.add_argument("--version", action="version", version=f"cmsod {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         from cmsod import plan_cli
 
         return plan_cli.main(argv[1:])
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())
     )
@@ -296,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
+    try:
+        lock_state_dir(cfg.state_dir)  # before anything that reads or writes the state
+    except StateDirInUse as exc:
+        print(f"cmsod: {exc}", file=sys.stderr)
+        return EX_IN_USE
+    except OSError as exc:
+        print(f"cmsod: cannot lock state directory {cfg.state_dir}: {exc}", file=sys.stderr)
+        return 1
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
     _raise_file_limit(cfg.control.max_connections + 256)
     log.info(

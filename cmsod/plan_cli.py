@@ -40,21 +40,34 @@ def read_unavailability(path: Path) -> dict[str, list[Busy]]:
     return busy
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmsod plan", description=__doc__)
-    parser.add_argument("request", type=Path, help="CMSO v1 schedule request (JSON)")
     parser.add_argument(
-        "--unavailability", type=Path, help="tickets/blackouts: CMSO ActiveTicketsResponse JSON"
+        "request", type=Path, metavar="REQUEST.json", help="CMSO v1 schedule request (JSON)"
     )
     parser.add_argument(
-        "--config", type=Path, help="for policies, inventory and the attribute limit"
+        "--unavailability",
+        type=Path,
+        metavar="FILE",
+        help="tickets/blackouts: CMSO ActiveTicketsResponse JSON",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="for policies, inventory and the attribute limit",
     )
     parser.add_argument(
         "--at",
+        metavar="TIME",
         help="plan as if now were this ISO-8601 time; without a zone, UTC (default: now)",
     )
     parser.add_argument("--json", action="store_true", help="one compact JSON document")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     try:
         cfg = config.load(args.config)
         planning = Planning(

@@ -141,3 +141,95 @@ async def test_state_changing_calls_are_logged_with_peer_credentials(
     assert calls and calls[0].fields["uid"] == os.getuid()
     assert calls[0].fields["pid"] == os.getpid()
     assert calls[0].fields["method"] == "io.cmsod.Schedules.Create"
+
+
+async def test_a_stalled_group_lookup_does_not_stall_the_daemon(
+    nursery, tmp_path, monkeypatch
+) -> None:
+    import grp
+    import threading
+
+    from cmsod.control.api import Peer, handle_message
+    from tests.conftest import start_daemon
+
+    cmsod = await start_daemon(nursery, tmp_path, control__operator_group="cmsod-ops")
+    asked, released = threading.Event(), threading.Event()
+    timed_out = []
+
+    def unanswered_getgrnam(name: str) -> grp.struct_group:  # an LDAP server gone quiet
+        asked.set()
+        timed_out.append(not released.wait(10))
+        raise KeyError(name)
+
+    monkeypatch.setattr(grp, "getgrnam", unanswered_getgrnam)
+    stranger = Peer(pid=1, uid=4242, gid=4242)  # not root, not us: membership decides
+    create = msgspec.json.encode(
+        {"method": "io.cmsod.Schedules.Create", "parameters": {"schedule": request("x", now=EPOCH)}}
+    )
+    replies: list[dict] = []
+    answered = trio.Event()
+
+    async def change_state() -> None:
+        async for reply in handle_message(cmsod.ctx, stranger, create):
+            replies.append(msgspec.json.decode(reply))
+        answered.set()
+
+    nursery.start_soon(change_state)
+    await trio.to_thread.run_sync(asked.wait, 10)
+    await still_serving(cmsod)  # served while the look-up hangs
+    released.set()
+    await answered.wait()
+    assert timed_out == [False]  # the other call did not have to wait for the look-up
+    assert replies[0]["error"] == "io.cmsod.PermissionDenied"  # same answer as before
+
+
+async def test_out_of_descriptors_on_accept_the_server_keeps_serving(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    import errno
+    import gc
+    import logging
+    import os
+    import resource
+    import socket
+
+    from tests.conftest import start_daemon
+
+    cmsod = await start_daemon(nursery, tmp_path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("cmsod").addHandler(handler)
+
+    def logged(event: str) -> list[logging.LogRecord]:
+        return [r for r in records if r.getMessage() == event]
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients: list[socket.socket] = []
+    gc.collect()  # no earlier test's socket may be collected, freeing a descriptor, mid-burst
+    gc.disable()
+    try:
+        # a few descriptors to spare, then clients take every one of them: the daemon's
+        # accept() (same process) gets EMFILE while they wait in the listen queue
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        while True:
+            try:
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+            client.connect(str(cmsod.socket))
+            clients.append(client)
+        await trio.sleep(5)  # virtual: dozens of failed accepts
+        assert len(logged("control.accept_failed")) == 1  # once per burst, not once per try
+        for client in clients:
+            client.close()
+        clients.clear()
+        await still_serving(cmsod)  # the server is still there
+        assert logged("control.accept_recovered")[0].fields["failures"] > 1
+    finally:
+        for client in clients:
+            client.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        gc.enable()
+        logging.getLogger("cmsod").removeHandler(handler)

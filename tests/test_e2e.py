@@ -230,3 +230,57 @@ def test_cmsoctl_watch_prints_events_as_they_happen(tmp_path: Path) -> None:
     finally:
         watcher.kill()
         assert daemon.stop() == 0
+
+
+def test_sigterm_while_the_sink_hangs_stops_within_the_grace(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from tests.test_events import Bus
+
+    # a bus that takes the connection and the request, then never answers
+    hanging = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    asked = threading.Event()
+
+    def take() -> None:
+        while True:
+            try:
+                conn, _ = hanging.accept()
+            except OSError:
+                return  # closed: the test is over
+            held.append(conn)
+            if conn.recv(65536):
+                asked.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    env = {
+        "CMSOD_EVENTS__SINK": "http",
+        "CMSOD_EVENTS__URL": f"http://127.0.0.1:{hanging.getsockname()[1]}",
+        "CMSOD_EVENTS__TIMEOUT_S": "300",  # far longer than the grace: the grace must end it
+        "CMSOD_DAEMON__SHUTDOWN_GRACE_S": "1",
+    }
+    daemon = Daemon(tmp_path, extra_env=env)
+    try:
+        body = request("held", now=datetime.now(UTC), nodes=["held-a"])
+        assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+        assert asked.wait(30)  # a publish is on the wire, unanswered
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(15) == 0  # the grace (1 s) ends it, not the sink's 300 s
+        daemon.wait_log(r"event=daemon\.stopped")
+    finally:
+        hanging.close()
+        for conn in held:
+            conn.close()
+    # what the sink did not take stayed in the outbox: the next start publishes it
+    bus = Bus()
+    stop = bus.in_thread()
+    try:
+        daemon = Daemon(tmp_path, extra_env={**env, "CMSOD_EVENTS__URL": bus.url})
+        deadline = time.monotonic() + 30
+        while len(bus.received["cm-events"]) < 3:  # created, optimizing, planned
+            assert time.monotonic() < deadline, bus.received
+            time.sleep(0.05)
+        assert daemon.stop() == 0
+    finally:
+        stop()

@@ -79,13 +79,31 @@ def test_the_schema_accepts_our_events_and_rejects_near_misses() -> None:
             validate_event(change(sample_event()))
 
 
+CAMBRIA_ENTRY = re.compile(rb"\s*(\d+)\.(\d+)\.")
+
+
+def cambria_messages(body: bytes) -> list[tuple[str, bytes]]:
+    """MR's `application/cambria` body, read as MR reads it: (key, message) pairs."""
+    messages, at = [], 0
+    while body[at:].strip():
+        entry = CAMBRIA_ENTRY.match(body, at)
+        assert entry, f"not cambria at byte {at}: {body[at : at + 40]!r}"
+        key_end = entry.end() + int(entry[1])
+        at = key_end + int(entry[2])
+        assert at <= len(body), "a length runs past the end of the body"
+        messages.append((body[entry.end() : key_end].decode(), body[key_end:at]))
+    return messages
+
+
 class Bus(FakeHTTP):
-    """A Message Router: POST /events/{topic}?partitionKey=... with a JSON array."""
+    """A Message Router: POST /events/{topic} with an `application/cambria` body (each event
+    with its own key). `keys[topic]` records each event's key, `received[topic]` the events."""
 
     def __init__(self, validate: bool = True) -> None:
         super().__init__(self.handle)
         self.faults: list = []  # consumed one per publish call
         self.received: dict[str, list[dict]] = defaultdict(list)
+        self.keys: dict[str, list[str]] = defaultdict(list)
         self.validate = validate  # (benchmarks measure the daemon, not the schema check)
 
     def handle(self, request: Request):
@@ -93,14 +111,18 @@ class Bus(FakeHTTP):
         fault = self.faults.pop(0) if self.faults else None
         if isinstance(fault, Reset | Reply):
             return fault
-        events = request.json()
-        taken = events if fault is None else events[:fault]  # fault = n: a partial publish
-        for event in taken if self.validate else ():
-            validate_event(event)
-            assert f"partitionKey={event['eventCorrelationId']}" in request.path
-        self.received[topic].extend(taken)
+        assert request.headers["content-type"] == "application/cambria"
+        messages = cambria_messages(request.body)
+        taken = messages if fault is None else messages[:fault]  # fault = n: a partial publish
+        for key, message in taken:
+            event = json.loads(message)
+            if self.validate:
+                validate_event(event)
+                assert key == event["eventCorrelationId"]  # each event keyed by its schedule
+            self.keys[topic].append(key)
+            self.received[topic].append(event)
         if fault is None:
-            return Reply(200, {"count": len(events), "serverTimeMs": 1})
+            return Reply(200, {"count": len(messages), "serverTimeMs": 1})
         return Reply(
             500,
             {
@@ -211,38 +233,49 @@ async def test_a_partial_publish_is_not_resent_whole(autojump_clock, nursery, tm
 
 
 class Receiver(FakeHTTP):
-    """A CloudEvents HTTP receiver (binary mode)."""
+    """A CloudEvents HTTP receiver: binary mode, or batch mode (a JSON array of structured
+    events). `posts` counts the requests it took."""
 
     def __init__(self) -> None:
         super().__init__(self.handle)
         self.faults: list = []
         self.received: list[dict] = []
+        self.posts = 0
 
     def handle(self, request: Request):
         fault = self.faults.pop(0) if self.faults else None
         if fault is not None:
             return fault
-        h = request.headers
-        assert h["ce-specversion"] == "1.0" and h["content-type"] == "application/json"
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", h["ce-time"])
-        assert h["ce-dataschema"] == "urn:org.onap.ncmp:cm-network-avc-event.rfc8641:1.0"
-        assert h["ce-partitionkey"] == h["ce-correlationid"]
-        data = request.json()
+        self.posts += 1
+        if request.headers["content-type"] == "application/cloudevents-batch+json":
+            for structured in request.json():
+                assert structured.pop("datacontenttype") == "application/json"
+                self.take(structured.pop("data"), structured)
+        else:
+            assert request.headers["content-type"] == "application/json"
+            headers = request.headers.items()
+            self.take(request.json(), {k[3:]: v for k, v in headers if k.startswith("ce-")})
+        return Reply(202, b"")
+
+    def take(self, data: dict, ce: dict[str, str]) -> None:
+        assert ce["specversion"] == "1.0"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ce["time"])
+        assert ce["dataschema"] == "urn:org.onap.ncmp:cm-network-avc-event.rfc8641:1.0"
+        assert ce["partitionkey"] == ce["correlationid"]
         assert list(data) == ["push-change-update"]
         self.received.append(
             {  # the legacy envelope again, to check it whole
-                "eventId": h["ce-id"],
-                "eventCorrelationId": h["ce-correlationid"],
-                "eventSource": h["ce-source"],
-                "eventType": h["ce-type"],
+                "eventId": ce["id"],
+                "eventCorrelationId": ce["correlationid"],
+                "eventSource": ce["source"],
+                "eventType": ce["type"],
                 "eventSchema": "org.onap.ncmp:cm-network-avc-event.rfc8641",
                 "eventSchemaVersion": "1.0",
-                "eventTime": h["ce-time"].replace("Z", "+0000"),
+                "eventTime": ce["time"].replace("Z", "+0000"),
                 "event": data,
             }
         )
         validate_event(self.received[-1])
-        return Reply(202, b"")
 
 
 async def test_cloudevents_binary_mode_with_failures(autojump_clock, nursery, tmp_path) -> None:
@@ -255,6 +288,23 @@ async def test_cloudevents_binary_mode_with_failures(autojump_clock, nursery, tm
     await run_schedules(cmsod, ["ce1", "ce2"])
     per_schedule = in_order_and_complete(receiver.received)
     assert set(per_schedule) == {"ce1", "ce2"}
+
+
+async def test_cloudevents_batch_mode_with_failures(autojump_clock, nursery, tmp_path) -> None:
+    receiver = Receiver()
+    await nursery.start(receiver.serve)
+    receiver.faults = [Reset(), Reply(503, b"later"), None, Reply(500, b"oops")]
+    cmsod = await start_daemon(
+        nursery,
+        tmp_path,
+        events__sink="cloudevents",
+        events__url=receiver.url,
+        events__cloudevents_mode="batch",
+    )
+    await run_schedules(cmsod, ["cb1", "cb2"])
+    per_schedule = in_order_and_complete(receiver.received)  # (a failed batch comes again)
+    assert set(per_schedule) == {"cb1", "cb2"}
+    assert receiver.posts < len(receiver.received) / 2  # many events per POST
 
 
 async def test_routing_by_target_group(autojump_clock, nursery, tmp_path) -> None:
@@ -414,3 +464,84 @@ async def test_a_sink_down_for_an_hour_loses_nothing_and_slows_nothing(
     assert {
         s: len(n) for s, n in in_order_and_complete(bus.received["cm-events"]).items()
     } == stored
+
+
+async def pile_up(cmsod, ids: list[str]) -> None:
+    """Schedules created and planned (3 events each, interleaved in the outbox)."""
+    client = await cmsod.connect()
+    for schedule_id in ids:
+        body = request(schedule_id, now=EPOCH, nodes=[f"{schedule_id}-a"], minutes_from_now=600)
+        await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    for schedule_id in ids:
+        await client.wait_for(schedule_id, S.PENDING_APPROVAL)
+
+
+async def outbox_empty(cmsod) -> None:
+    client = await cmsod.connect()
+
+    async def empty() -> bool:
+        return (await client.ok("io.cmsod.Manager.Status"))["counts"]["eventsPending"] == 0
+
+    await wait_until(empty, "every event delivered")
+
+
+@pytest.mark.parametrize("retry_max_s", [None, 2.0])
+async def test_after_an_outage_a_500_and_partial_publishes_the_backlog_follows_soon(
+    autojump_clock, nursery, tmp_path, retry_max_s
+) -> None:
+    bus = Bus()
+    outage_ends = trio.current_time() + 20
+    taken_at: list[float] = []
+
+    def down_then_flaky(req: Request):
+        if trio.current_time() < outage_ends:
+            return Reset()  # a 20 s outage
+        before = len(bus.received["cm-events"])
+        reply = Bus.handle(bus, req)  # then: a 500 and two partial publishes (bus.faults)
+        if len(bus.received["cm-events"]) > before:
+            taken_at.append(trio.current_time())
+        return reply
+
+    bus.handler = down_then_flaky
+    bus.faults = [Reply(500, {"status": 500, "mrstatus": 3002, "message": "unable"}), 2, 3]
+    await nursery.start(bus.serve)
+    limit = {} if retry_max_s is None else {"events__retry_max_s": retry_max_s}
+    cmsod = await start_daemon(nursery, tmp_path, events__sink="http", events__url=bus.url, **limit)
+    cap = cmsod.ctx.config.events.retry_max_s
+    assert cap <= 30
+    await pile_up(cmsod, ["o1", "o2", "o3"])
+    await outbox_empty(cmsod)
+    # back up at 20 s: one retry may wait a full cap, the 500 another; each partial publish
+    # took some events, so the rest go after 0.5 s (the old backoff doubled on to 60 s)
+    assert taken_at[-1] - outage_ends <= 2 * cap + 1.5
+    ids = [e["eventId"] for e in bus.received["cm-events"]]
+    assert len(ids) == len(set(ids)) == 9  # the partial publishes: exactly the rest re-sent
+    in_order_and_complete(bus.received["cm-events"])
+
+
+async def test_a_backlog_goes_in_batches_across_schedules_in_order(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    bus = Bus()
+    bus.faults = [Reset()] * 1000  # down while 20 schedules make 60 events
+    await nursery.start(bus.serve)
+    cmsod = await start_daemon(
+        nursery, tmp_path, events__sink="http", events__url=bus.url, events__batch_size=25
+    )
+    ids = [f"b{i:02}" for i in range(20)]
+    await pile_up(cmsod, ids)
+    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
+        outbox = [json.loads(b)["eventId"] for (b,) in db.execute("SELECT body FROM events")]
+    assert len(outbox) == 60
+    bus.requests.clear()
+    bus.faults = [7]  # back, and the first batch is taken only in part
+    await outbox_empty(cmsod)
+    posts = [cambria_messages(r.body) for r in bus.requests if r.method == "POST"]
+    # batches of 25 events of many schedules each (not one POST per schedule's run), the
+    # partial one re-sent from its first event not taken: 7 of 25, then 25, 25, 3
+    assert [len(p) for p in posts] == [25, 25, 25, 3]
+    sent = [json.loads(m)["eventId"] for p in posts for _, m in p]
+    assert sent[:7] + sent[25:] == outbox  # commit order, nothing twice, nothing lost
+    assert len({json.loads(m)["eventCorrelationId"] for _, m in posts[1]}) > 5
+    assert bus.keys["cm-events"] == [e["eventCorrelationId"] for e in bus.received["cm-events"]]
+    assert set(in_order_and_complete(bus.received["cm-events"])) == set(ids)

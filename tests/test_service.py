@@ -55,7 +55,7 @@ async def test_notify_ready_status_watchdog_and_a_wedged_actor(
     assert kinds.count("WATCHDOG") >= 5
     assert any(m.startswith("STATUS=") and "active schedules" in m for _, m in messages[1:])
 
-    async def stuck(topic, key, bodies):  # the sink call never returns: the emitter wedges
+    async def stuck(topic, events):  # the sink call never returns: the emitter wedges
         await trio.sleep_forever()
 
     cmsod.ctx.sink.publish = stuck  # type: ignore[method-assign]

@@ -12,6 +12,7 @@ from cmsod.clock import MAX_STEP_S, WallClock
 from cmsod.config import Config
 from cmsod.errors import PeerError
 from cmsod.executor import Executor, InlineExecutor
+from cmsod.metrics import Metrics
 from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import EventSink
 from cmsod.peers.so import Orchestrator
@@ -125,6 +126,7 @@ class Context:
     watchers: set[Watcher] = field(default_factory=set)
     ticket_desk: TicketDesk | None = None  # set by the tickets actor when it starts
     watchers_dropped: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
 
     def beat(self, actor: str) -> ActorFigures:
         figures = self.figures.setdefault(actor, ActorFigures())

@@ -80,11 +80,14 @@ async def send(
     results: trio.MemorySendChannel[tuple[dispatch.DispatchJob, Result]],
 ) -> None:
     async with results, limiter:
+        late_ms = max(0, ctx.clock.now_ms() - job.planned_ms)
+        ctx.metrics.dispatch_lateness.observe(late_ms / 1000)
         so_cfg = ctx.config.so
         attempt = 0
         while True:
             try:
-                request_id = await ctx.so.dispatch(job.name, job.request, job.key)
+                with ctx.metrics.call("so", "dispatch"):
+                    request_id = await ctx.so.dispatch(job.name, job.request, job.key)
             except NotDelivered as exc:
                 attempt += 1
                 if attempt > so_cfg.connect_retries:

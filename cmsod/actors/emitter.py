@@ -1,7 +1,13 @@
-"""The event emitter: drains the event outbox to the sink in commit order, one schedule's run
-of events at a time (so never reordered within a schedule), marking sent exactly what the
-sink confirmed: at least once. A failing sink is retried with backoff; the outbox keeps
-everything meanwhile and no other actor waits for it.
+"""The event emitter: drains the event outbox to the sink in commit order, in batches of up to
+`events.batch_size` events of any schedules, each event with its schedule id as its key. A
+batch goes only once the one before it is confirmed, and the sink takes a batch's events in
+order, so a schedule's events are never reordered. Exactly what the sink confirmed is marked
+sent (at least once): after a partial publish the next batch starts with the first event it
+did not take.
+
+A failing sink is retried with backoff (0.5 s doubling up to `events.retry_max_s`), back to
+0.5 s as soon as the sink takes any event; the outbox keeps everything meanwhile and no other
+actor waits for it.
 
 An event whose eventSchema/eventSchemaVersion the emitter does not know raises
 `UnknownEventSchema`, is logged as an error with its id and kept, refused, in the outbox
@@ -12,19 +18,19 @@ Live watchers (`io.cmsod.Events.Watch`) get each new event as it is read, withou
 
 from __future__ import annotations
 
-from itertools import groupby
+from typing import Any
 
 import msgspec
 import trio
 
 from cmsod import cmevents, log
-from cmsod.actors.context import Context
+from cmsod.actors.context import ActorFigures, Context
 from cmsod.cmevents import UnknownEventSchema
 from cmsod.errors import PeerError
 from cmsod.peers.sinks import PartialDelivery
 from cmsod.store import outboxes
 
-BACKOFF_MAX_S = 60.0
+FIRST_RETRY_S = 0.5
 
 
 class Head(msgspec.Struct):
@@ -48,7 +54,7 @@ async def run(
 ) -> None:
     watched = await ctx.store.read(outboxes.last_event_seq)  # watchers see what comes from now on
     task_status.started()
-    backoff = 0.5
+    backoff = FIRST_RETRY_S
     while True:
         figures = ctx.beat("emitter")
         batch = ctx.config.events.batch_size
@@ -68,37 +74,60 @@ async def run(
                 await ctx.store.tx(outboxes.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
         watched = fan_out(ctx, rows, heads, watched)
-        try:
-            for (topic, schedule_id), group in groupby(rows, key=lambda r: (r[2], r[1])):
-                run_rows = list(group)
-                for i in range(0, len(run_rows), batch):
-                    chunk = run_rows[i : i + batch]
-                    try:
-                        delivered = await ctx.sink.publish(
-                            topic, schedule_id, [bytes(r[3]) for r in chunk]
-                        )
-                    except PartialDelivery as exc:
-                        delivered = exc.delivered
-                        if delivered:
-                            await ctx.store.tx(
-                                outboxes.mark_events_sent, [r[0] for r in chunk[:delivered]]
-                            )
-                            figures.done += delivered
-                        raise
-                    await ctx.store.tx(outboxes.mark_events_sent, [r[0] for r in chunk[:delivered]])
-                    figures.done += delivered
-                    figures.peer_failing = False
-        except PeerError as exc:
+        by_topic: dict[str, list] = {}  # (order binds within a schedule, so within a topic)
+        for row in rows:
+            by_topic.setdefault(row[2], []).append(row)
+        batches = [
+            (topic, topic_rows[i : i + batch])
+            for topic, topic_rows in by_topic.items()
+            for i in range(0, len(topic_rows), batch)
+        ]
+        failure = await publish(ctx, figures, batches)
+        if failure is None:
+            backoff = FIRST_RETRY_S
+        else:
+            if isinstance(failure, PartialDelivery) and failure.delivered:
+                backoff = FIRST_RETRY_S  # it took some: the sink is back, retry the rest soon
             figures.errors += 1
-            figures.last_error = str(exc)
+            figures.last_error = str(failure)
             figures.peer_failing = True
-            log.warning("events.publish_failed", reason=str(exc), retry_in_s=backoff)
+            log.warning("events.publish_failed", reason=str(failure), retry_in_s=backoff)
             await trio.sleep(backoff)
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
+            backoff = min(ctx.config.events.retry_max_s, backoff * 2)
             continue
-        backoff = 0.5
         if len(rows) < batch * 10:
             await ctx.bells.emitter.wait(10.0)
+
+
+async def publish(
+    ctx: Context, figures: ActorFigures, batches: list[tuple[str, list[tuple[int, str, str, Any]]]]
+) -> PeerError | None:
+    """The batches to the sink one after another, each event keyed by its schedule id, until
+    one is not taken whole; returns that failure, or None. What the sink took (for a partial
+    publish, the first n) is marked sent in the store while the next batch is on the wire;
+    all of it is committed before this returns, so the next read starts at the first event
+    not taken."""
+    async with trio.open_nursery() as marking:
+        for topic, rows in batches:
+            failure: PeerError | None = None
+            try:
+                with ctx.metrics.call("sink", "publish"):
+                    delivered = await ctx.sink.publish(topic, [(r[1], bytes(r[3])) for r in rows])
+            except PartialDelivery as exc:
+                delivered, failure = exc.delivered, exc
+            except PeerError as exc:
+                delivered, failure = 0, exc
+            if delivered:
+                marking.start_soon(mark_sent, ctx, figures, [r[0] for r in rows[:delivered]])
+            if failure is not None:
+                return failure
+            figures.peer_failing = False
+    return None
+
+
+async def mark_sent(ctx: Context, figures: ActorFigures, seqs: list[int]) -> None:
+    await ctx.store.tx(outboxes.mark_events_sent, seqs)
+    figures.done += len(seqs)
 
 
 def fan_out(ctx: Context, rows: list, heads: dict[int, Head], watched: int) -> int:

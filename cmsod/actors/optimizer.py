@@ -35,6 +35,7 @@ async def run(
             ):
                 continue
             plan = await ctx.compute(functools.partial(ctx.planning.plan, problem))
+            ctx.metrics.solve_duration.observe(plan.solve_ms / 1000)
             status = await ctx.store.tx(
                 schedules.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial
             )

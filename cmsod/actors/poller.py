@@ -83,9 +83,11 @@ async def poll_batch(
     due: list[tuple[float, int]],
 ) -> None:
     async with limiter:
-        answers = await ctx.so.statuses([watches[e].request_id for e in elements])
+        with ctx.metrics.call("so", "status"):
+            answers = await ctx.so.statuses([watches[e].request_id for e in elements])
     for element, answer in zip(elements, answers, strict=True):
         if isinstance(answer, PeerError):  # connection trouble: counted and shown, unchanged
+            ctx.metrics.peer_failed("so", "status", answer)
             figures.errors += 1
             figures.last_error = str(answer)
             figures.peer_failing = True

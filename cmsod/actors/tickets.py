@@ -44,12 +44,13 @@ async def run(
         await drain_outbox(ctx)
 
 
-async def with_retries(ctx: Context, call: Callable[[], Awaitable[T]]) -> T:
+async def with_retries(ctx: Context, operation: str, call: Callable[[], Awaitable[T]]) -> T:
     """A call someone waits on: tried again while it did not reach TM (nothing was sent)."""
     attempt = 0
     while True:
         try:
-            return await call()
+            with ctx.metrics.call("tickets", operation):
+                return await call()
         except NotDelivered:
             attempt += 1
             if attempt > ctx.config.tickets.connect_retries:
@@ -91,7 +92,9 @@ async def open_tickets(
             if failures:
                 return  # one failed: the request is refused, open no more
             try:
-                opened[index] = await with_retries(ctx, lambda: ctx.tm.create(ticket.body))
+                opened[index] = await with_retries(
+                    ctx, "create", lambda: ctx.tm.create(ticket.body)
+                )
             except PeerError as exc:
                 failures.append(exc)
 
@@ -136,7 +139,7 @@ async def gate_for(ctx: Context, change_ids: set[str]) -> gates.TicketGate:
     async def one(change_id: str) -> None:
         async with limiter:
             try:
-                state = await with_retries(ctx, lambda: ctx.tm.get(change_id))
+                state = await with_retries(ctx, "get", lambda: ctx.tm.get(change_id))
                 remote[change_id] = ticketing.state_text(*state)
             except (NotDelivered, Unconfirmed, Unavailable) as exc:
                 unreachable[change_id] = str(exc)
@@ -174,7 +177,7 @@ async def unavailability(ctx: Context, problem: Problem) -> dict[str, list[Busy]
             for e in wanted
         ],
     )
-    found = await with_retries(ctx, lambda: ctx.tm.active_tickets(request))
+    found = await with_retries(ctx, "active_tickets", lambda: ctx.tm.active_tickets(request))
     _peer(ctx, None)
     entries = []
     for ticket in found:
@@ -223,7 +226,8 @@ async def send_ops(
     async def one(op: outboxes.TicketOp) -> None:
         async with limiter:
             try:
-                await ctx.tm.send(op.op, op.body)
+                with ctx.metrics.call("tickets", op.op.value):
+                    await ctx.tm.send(op.op, op.body)
             except PeerError as exc:
                 delay_s = min(cfg.retry_max_s, cfg.retry_base_s * 2**op.attempts)
                 failed.append((op, str(exc), ctx.clock.now_ms() + int(delay_s * 1000)))

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import trio
 
 from cmsod import __version__, log, usecases
+from cmsod.control.metrics import exposition
 from cmsod.errors import (
     ControlError,
     InvalidParameter,
@@ -46,18 +48,38 @@ class Peer:
     gid: int
 
 
-def may_change_state(ctx: Context, peer: Peer) -> bool:
+# User and group look-ups (NSS) may go to LDAP or sssd and stall for seconds: they run in
+# worker threads, at most this many at once (their own limiter, so a stall cannot starve other
+# thread users such as DNS), abandoned if the call is cancelled. Nothing is cached, so a change
+# of group membership counts from the next call.
+NSS_THREADS = 8
+_nss_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("nss_limiter")
+
+
+def in_group(group: str, uid: int, gid: int) -> bool:
+    """Blocking: is `uid` (primary group `gid`) a member of `group`? Unknown user or group: no."""
+    try:
+        wanted = grp.getgrnam(group).gr_gid
+        name = pwd.getpwuid(uid).pw_name
+        return wanted in os.getgrouplist(name, gid)
+    except (KeyError, OSError):
+        return False
+
+
+async def may_change_state(ctx: Context, peer: Peer) -> bool:
     if peer.uid in (0, os.getuid()):
         return True
     group = ctx.config.control.operator_group
     if group:
         try:
-            gid = grp.getgrnam(group).gr_gid
-            name = pwd.getpwuid(peer.uid).pw_name
-            if gid in os.getgrouplist(name, peer.gid):
-                return True
-        except (KeyError, OSError):
-            pass
+            limiter = _nss_limiter.get()
+        except LookupError:
+            limiter = trio.CapacityLimiter(NSS_THREADS)
+            _nss_limiter.set(limiter)
+        if await trio.to_thread.run_sync(
+            in_group, group, peer.uid, peer.gid, limiter=limiter, abandon_on_cancel=True
+        ):
+            return True
     return ctx.config.control.others == "operator"
 
 
@@ -138,6 +160,11 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     return await usecases.health(ctx, socket.gethostname())
 
 
+async def metrics(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
+    """What a Prometheus scrape of /metrics gets, with or without the listener."""
+    return {"text": (await exposition(ctx)).decode()}
+
+
 async def reload(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     return {"reloaded": True, "changed": usecases.reload(ctx)}
 
@@ -198,6 +225,7 @@ METHODS: dict[str, Method] = {
     "io.cmsod.Manager.Freeze": Method(w.FreezeParameters, freeze, True, with_peer=True),
     "io.cmsod.Manager.Status": Method(w.NoParameters, status, False),
     "io.cmsod.Manager.Reload": Method(w.NoParameters, reload, True),
+    "io.cmsod.Manager.Metrics": Method(w.NoParameters, metrics, False),
     "io.cmsod.Availability.Add": Method(w.AvailabilityAddParameters, availability_add, True),
     "io.cmsod.Availability.List": Method(w.AvailabilityListParameters, availability_list, False),
     "io.cmsod.Availability.Remove": Method(w.IdParameters, availability_remove, True),
@@ -258,7 +286,7 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
         except RecursionError:
             raise InvalidParameter("parameters", "JSON nested too deeply") from None
         if method.changes_state:
-            if not may_change_state(ctx, peer):
+            if not await may_change_state(ctx, peer):
                 log.warning("control.denied", method=call.method, uid=peer.uid, pid=peer.pid)
                 raise PermissionDenied(f"uid {peer.uid} may not call {call.method}")
             log.info("control.call", method=call.method, uid=peer.uid, pid=peer.pid)

@@ -4,7 +4,10 @@ Each message is one JSON object followed by NUL. A connection may send several r
 after another; replies come back in order. Limits: a message over `max_message_bytes` gets an
 error and the connection is closed (the framing is lost); no complete message within
 `idle_timeout_s` closes it (a NUL-less stream held open cannot pin a slot); at most
-`max_connections` at once, further ones are told so and closed.
+`max_connections` at once, further ones are told so and closed. Out of descriptors or memory
+(EMFILE, ENFILE, ENOBUFS, ENOMEM on accept), the server logs once per burst, pauses briefly
+and keeps serving, as `trio.serve_listeners` does: the waiting clients stay in the kernel's
+queue until descriptors come free.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from cmsod.control.api import Peer, handle_message
 from cmsod.usecases import Context
 
 REPLY_TIMEOUT_S = 10.0
+# accept() failures that mean "no resources now", not "the socket is broken"
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE_S = 0.1
 
 
 def peer_credentials(stream: trio.SocketStream) -> Peer:
@@ -96,8 +102,21 @@ async def serve(
     try:
         task_status.started(path)
         async with trio.open_nursery() as nursery:
+            failed = 0  # accept() failures in the current burst
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    if not failed:
+                        log.error("control.accept_failed", reason=exc.strerror, active=active)
+                    failed += 1
+                    await trio.sleep(ACCEPT_PAUSE_S)
+                    continue
+                if failed:
+                    log.warning("control.accept_recovered", failures=failed)
+                    failed = 0
                 if active >= ctx.config.control.max_connections:
                     log.warning("control.refused", reason="too many connections", active=active)
                     nursery.start_soon(refuse, stream)

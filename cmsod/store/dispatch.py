@@ -33,6 +33,7 @@ class DispatchJob(msgspec.Struct):
     request: bytes
     key: str
     attempt: int
+    planned_ms: int  # its start time, or an immediate one's creation: lateness counts from it
 
 
 # A hold with no end (pause, halt, a freeze without --until): looked at again only once
@@ -245,7 +246,14 @@ def begin_dispatch(
         (key, tx.now_ms, element),
     )
     return DispatchJob(
-        element, row.schedule, snap.schedule_id, snap.name, row.request, key, row.attempts + 1
+        element,
+        row.schedule,
+        snap.schedule_id,
+        snap.name,
+        row.request,
+        key,
+        row.attempts + 1,
+        snap.due_ms,
     )
 
 

@@ -135,6 +135,7 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
             },
         ),
     )
+    tx.transitions += [("schedule", status.value)] + [("element", element_status.value)] * len(vnfs)
     if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
         _record_approval(tx, schedule, new.user_id, "Accepted", "auto-approved (immediate)")
         tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)

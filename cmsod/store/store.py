@@ -119,6 +119,7 @@ class Tx:
         self.verdicts: list[tuple[str, S]] = []  # schedules this transaction closed
         self.notes: list[tuple[str, dict[str, Any]]] = []  # log lines, written after commit
         self.ticket_ops = 0  # ticket operations this transaction queued
+        self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
 
     def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -136,6 +137,7 @@ class Tx:
             f"UPDATE schedules SET status = ?, updated_ms = ?{sets} WHERE id = ?",
             [new.value, self.now_ms, *values, schedule],
         )
+        self.transitions.append(("schedule", new.value))
         value: dict[str, Any] = {"schedule-id": schedule_id, "status": new.value}
         value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.schedule_edit(schedule_id, "patch", value))
@@ -155,6 +157,7 @@ class Tx:
         self.execute(
             f"UPDATE elements SET status = ?{sets} WHERE id = ?", [new.value, *values, element]
         )
+        self.transitions.append(("element", new.value))
         value: dict[str, Any] = {"vnf-name": name, "status": new.value}
         value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
@@ -340,6 +343,7 @@ class Store:
         route_by: str = "",
         on_commit: Callable[[], None] | None = None,
         on_ticket_ops: Callable[[], None] | None = None,
+        on_transitions: Callable[[list[tuple[str, str]]], None] | None = None,
     ) -> None:
         self.path = str(path)
         self.executor = executor or ThreadExecutor()
@@ -349,6 +353,7 @@ class Store:
         self.route_by = route_by
         self.on_commit = on_commit  # rings the event emitter: every commit may carry events
         self.on_ticket_ops = on_ticket_ops  # rings the tickets actor when a commit queued some
+        self.on_transitions = on_transitions  # counts the committed transitions (metrics)
         self.conn: sqlite3.Connection | None = None
         self.migrations_applied: list[int] = []
 
@@ -398,6 +403,8 @@ class Store:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         for event, fields in tx.notes:
             log.info(event, **fields)
+        if tx.transitions and self.on_transitions is not None:
+            self.on_transitions(tx.transitions)
         if self.on_commit is not None:
             self.on_commit()
         if tx.ticket_ops and self.on_ticket_ops is not None:
