@@ -106,10 +106,9 @@ def main() -> None:
                     ("burst1000", 1000, 1000, 6),
                     ("spread10k", 10_000, 167, 20),
                 ]:
-                    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=lead_in)
                     nodes = [f"{schedule_id}-{i}" for i in range(n)]
                     if args.all_gates and schedule_id != "spread10k":
-                        later = start + timedelta(days=300)
+                        later = datetime.now(UTC) + timedelta(days=300)
                         for node in nodes:
                             entry = {
                                 "element": node,
@@ -118,6 +117,8 @@ def main() -> None:
                             }
                             reply = call(socket, "io.cmsod.Availability.Add", entry, 10)
                             assert reply.error is None, reply
+                    # (after the blackouts: adding 1,000 of them takes seconds)
+                    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=lead_in)
                     body = request(
                         schedule_id,
                         now=start,
