@@ -134,7 +134,9 @@ class Http1Client:
         self.read_timeout_s = read_timeout_s
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[Connection] = []
-        self._ssl = (ssl_context or ssl.create_default_context()) if self.tls else None
+        if self.tls and ssl_context is None:
+            raise ValueError(f"{url}: an https URL needs the SSL context of [tls] (peers/tls.py)")
+        self._ssl = ssl_context if self.tls else None
 
     async def request(
         self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
