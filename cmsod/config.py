@@ -83,6 +83,7 @@ class SoConfig(Section, frozen=True):
     read_timeout_s: Positive = 30.0
     connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # nothing sent yet: safe
     resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch (the SO de-duplicates)
+    pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32  # status GETs per write
 
     def __post_init__(self) -> None:
         if self.mode == "http" and not self.url.startswith(("http://", "https://")):

@@ -67,6 +67,49 @@ async def test_concurrent_requests_each_get_their_own_answer(nursery) -> None:
     await client.aclose()
 
 
+async def test_pipelined_polls_come_back_in_order_on_one_connection(nursery) -> None:
+    fake = await started(nursery, FakeHTTP(echo))
+    client = Http1Client(fake.url + "/base", {}, 5, 5, 4)
+    answers = await client.exchange([client.encode("GET", f"/{i}") for i in range(100)])
+    assert [a.body for a in answers] == [f"GET /base/{i}".encode() for i in range(100)]
+    assert (await client.request("POST", "/x", body=b"{}")).body == b"POST /base/x"
+    assert fake.connections == 1
+    await client.aclose()
+
+
+async def test_a_batch_stops_at_the_first_bad_answer_and_keeps_the_ones_before(nursery) -> None:
+    """With pipelining one mis-framed answer would shift every later one: nothing after it is
+    read as an answer."""
+    bad = MALFORMED["repeated Content-Length"]
+
+    def handle(request: Request) -> Reply | Raw:
+        return Raw(bad) if request.path == "/3" else echo(request)
+
+    fake = await started(nursery, FakeHTTP(handle))
+    client = Http1Client(fake.url, {}, 5, 5, 1)
+    with pytest.raises(Broken, match="not a well-framed") as caught:
+        await client.exchange([client.encode("GET", f"/{i}") for i in range(6)])
+    assert [a.body for a in caught.value.got] == [b"GET /0", b"GET /1", b"GET /2"]
+    answers = await client.exchange([client.encode("GET", f"/{i}") for i in (4, 5)])
+    assert [a.body for a in answers] == [b"GET /4", b"GET /5"]  # their own, on a new connection
+    assert fake.connections == 2
+    await client.aclose()
+
+
+async def test_a_connection_close_answer_ends_the_batch(nursery) -> None:
+    def handle(request: Request) -> Reply:
+        headers = {"Connection": "close"} if request.path == "/1" else {}
+        return Reply(200, request.path.encode(), headers=headers)
+
+    fake = await started(nursery, FakeHTTP(handle))
+    client = Http1Client(fake.url, {}, 5, 5, 1)
+    with pytest.raises(Broken, match="closed before every answer") as caught:
+        await client.exchange([client.encode("GET", f"/{i}") for i in range(4)])
+    assert [a.body for a in caught.value.got] == [b"/0", b"/1"]
+    assert not client._idle
+    await client.aclose()
+
+
 @pytest.mark.parametrize(
     "answer, body",
     [
@@ -221,6 +264,7 @@ exchanges = st.lists(
     st.tuples(
         st.sampled_from(["GET", "POST"]),
         st.integers(0, 400_000),  # answer size: large ones take several reads
+        st.integers(1, 4),  # GETs pipelined in one exchange (a POST is always alone)
         st.one_of(st.none(), st.integers(1, 12)),  # cancel at this operation (None: never)
         st.booleans(),  # just after the operation rather than before it
     ),
@@ -247,19 +291,19 @@ def test_cancellation_at_any_await_never_lets_an_answer_reach_another_request(
             fake = await started(nursery, FakeHTTP(handle))
             plan = CancelPlan()
             client = PlannedClient(fake.url, plan)
-            for number, (method, size, at, after) in [
-                *enumerate(exchanges),
-                (99, ("GET", 0, None, False)),
-            ]:
-                path = f"/{number}/{size}"
-                expected = handle(Request(method, path, {}, b"")).body
+            last = (99, ("GET", 0, 2, None, False))
+            for number, (method, size, batch, at, after) in [*enumerate(exchanges), last]:
+                paths = [f"/{number}.{i}/{size}" for i in range(batch if method == "GET" else 1)]
+                expected = [handle(Request(method, path, {}, b"")).body for path in paths]
                 plan.count, plan.at, plan.after = 0, at if at is not None else -1, after
+                answers = []
                 with trio.CancelScope() as scope:
                     plan.scope = scope
-                    answer = await client.request(method, path)
+                    answers = await client.exchange([client.encode(method, p) for p in paths])
                 plan.scope = None
                 if not scope.cancelled_caught:
-                    assert answer.body == expected  # its own answer, never an earlier one
+                    # each its own answer, never an earlier request's
+                    assert [a.body for a in answers] == expected
             await client.aclose()
             nursery.cancel_scope.cancel()
 

@@ -39,11 +39,10 @@ async def run(
     while True:
         figures = ctx.beat("poller")
         cfg = ctx.config.poller
-        # Polls go out in batches of half max_concurrent, each poll on a connection of its
-        # own, two batches at a time: one batch's answers are recorded while the other's are
-        # on the wire. At most max_concurrent polls are in flight.
-        batch_size = max(1, cfg.max_concurrent // 2)
-        limiter = trio.CapacityLimiter(2)
+        # Polls go out in batches down one connection each (so.pipeline_depth); at most
+        # max_concurrent polls are in flight.
+        batch_size = max(1, min(ctx.config.so.pipeline_depth, cfg.max_concurrent))
+        limiter = trio.CapacityLimiter(max(1, cfg.max_concurrent // batch_size))
         if refresh:  # a dispatch was recorded (or first turn): learn the new ones
             now = trio.current_time()
             current = {e: (n, r, d) for e, n, r, d in await ctx.store.read(ops.in_flight)}

@@ -6,12 +6,17 @@ polling need; h11 (the sans-IO parser httpcore itself is built on) costs tens of
 (bench/README.md). httpx stays for the ticket system and the event sinks, where rates are low.
 
 The rules that keep an answer from ever reaching the wrong request:
-- One request per connection at a time; no pipelining (h11's client side does not pipeline,
-  and with pipelining one mis-framed answer shifts every later one).
+- A connection carries one exchange at a time: one request, or (status polls only) a batch of
+  GETs pipelined in one write, `so.pipeline_depth` at most; a GET is safe to repeat (RFC 9112
+  §9.3.2). h11's client does not pipeline on one state machine, so each request of a batch
+  gets an h11.Connection of its own: it frames that request and reads exactly that answer, and
+  the bytes after it (`trailing_data`) go to the next request's. A dispatch POST is never
+  pipelined.
+- A batch stops at the first answer that is not whole and well-framed (or ends the
+  connection); the polls after it fail, and nothing after it is read as an answer.
 - A connection goes back to the pool only after a complete exchange that both sides agreed
-  to keep alive (h11: both sides DONE, then `start_next_cycle`). Anything else (an error, a
-  timeout, a cancellation at any await) closes it, so an answer still on the wire dies with
-  its connection.
+  to keep alive, with no byte left over. Anything else (an error, a timeout, a cancellation
+  at any await) closes it, so an answer still on the wire dies with its connection.
 - Framing is h11's, which refuses conflicting Content-Lengths and a chunk not followed by
   CRLF; an answer carrying both Content-Length and Transfer-Encoding is refused here too
   (RFC 9112 §6.3: "ought to be handled as an error").
@@ -26,6 +31,7 @@ from __future__ import annotations
 import errno
 import select
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,7 +52,12 @@ class ConnectFailed(Exception):
 
 
 class Broken(Exception):
-    """The request went out (or may have) and no whole, well-framed answer came back."""
+    """The requests went out (or may have) and not every answer came back whole and
+    well-framed: the answers before the failure are in `got`."""
+
+    def __init__(self, why: str, got: list[Response] | None = None) -> None:
+        super().__init__(why)
+        self.got = got or []
 
 
 @dataclass(frozen=True)
@@ -55,13 +66,15 @@ class Response:
     body: bytes
 
 
+Outgoing = tuple[h11.Request, bytes]  # a request and its body
+
+
 class Connection:
-    """One connection and its h11 state machine."""
+    """One connection; each exchange on it frames its requests with fresh h11 state machines."""
 
     def __init__(self, stream: trio.abc.Stream, fileno: int) -> None:
         self.stream = stream
         self.fileno = fileno
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
     def stale(self) -> bool:
         """An idle connection the peer has closed (or sent something unasked on)."""
@@ -69,18 +82,36 @@ class Connection:
         idle.register(self.fileno, select.POLLIN)
         return bool(idle.poll(0))
 
-    async def exchange(self, request: h11.Request, body: bytes) -> Response:
-        """Send one request, read its whole answer. Raises h11.ProtocolError, ProtocolError,
-        and whatever the stream raises; the caller closes the connection on any exception."""
-        out = self.h11.send(request) or b""
-        if body:
-            out += self.h11.send(h11.Data(data=body)) or b""
-        await self.stream.send_all(out + (self.h11.send(h11.EndOfMessage()) or b""))
+    async def exchange(self, requests: Sequence[Outgoing], got: list[Response]) -> bool:
+        """Send the requests in one write, then read their answers in order into `got`.
+        True if the connection may carry the next exchange. Raises h11.ProtocolError,
+        ProtocolError and whatever the stream raises; the caller then closes the connection."""
+        cycles = [h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD) for _ in requests]
+        out = bytearray()
+        for cycle, (request, body) in zip(cycles, requests, strict=True):
+            out += cycle.send(request) or b""
+            if body:
+                out += cycle.send(h11.Data(data=body)) or b""
+            out += cycle.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(out)
+        left, closed = b"", False
+        for cycle in cycles:
+            if left:
+                cycle.receive_data(left)
+            if closed:
+                cycle.receive_data(b"")
+            got.append(await self._answer(cycle))
+            if cycle.their_state is not h11.DONE:  # the answer ends the connection
+                return False
+            left, closed = cycle.trailing_data
+        return not left and not closed  # a byte nobody asked for: not reusable
+
+    async def _answer(self, cycle: h11.Connection) -> Response:
         status, parts, size = 0, [], 0
         while True:
-            event = self.h11.next_event()
+            event = cycle.next_event()
             if event is h11.NEED_DATA:
-                self.h11.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+                cycle.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
             elif isinstance(event, h11.Response):
                 fields = dict(event.headers)  # h11 refused conflicting repeats already
                 if b"content-length" in fields and b"transfer-encoding" in fields:
@@ -98,13 +129,6 @@ class Connection:
             elif isinstance(event, h11.ConnectionClosed):
                 raise ProtocolError("the peer closed the connection before answering")
             # h11.InformationalResponse (100 Continue and the like): the answer follows
-
-    def reusable(self) -> bool:
-        """After an exchange: may this connection carry the next request?"""
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
 
 
 class Http1Client:
@@ -138,36 +162,49 @@ class Http1Client:
             raise ValueError(f"{url}: an https URL needs the SSL context of [tls] (peers/tls.py)")
         self._ssl = ssl_context if self.tls else None
 
-    async def request(
+    def encode(
         self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
-    ) -> Response:
-        """One exchange on a connection of its own. ConnectFailed: nothing was sent. Broken:
-        it was sent (or may have been) and no whole answer came."""
+    ) -> Outgoing:
         fields = [*self._fixed, *(headers or {}).items()]
         if body or method not in ("GET", "HEAD"):
             fields.append(("Content-Length", str(len(body))))
         try:
-            request = h11.Request(method=method, target=self.base_path + path, headers=fields)
+            return h11.Request(method=method, target=self.base_path + path, headers=fields), body
         except h11.LocalProtocolError as exc:
             raise ValueError(f"cannot send {method} {path}: {exc}") from None
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> Response:
+        """One request on a connection of its own. ConnectFailed: nothing was sent. Broken:
+        it was sent (or may have been) and no whole answer came."""
+        (answer,) = await self.exchange([self.encode(method, path, headers, body)])
+        return answer
+
+    async def exchange(self, requests: Sequence[Outgoing]) -> list[Response]:
+        """Requests (only safe ones if more than one) down one connection, answers in order.
+        Broken carries the answers that came before the failure."""
+        got: list[Response] = []
         async with self._slots:
             connection = await self._checkout()
             try:
                 with trio.fail_after(self.read_timeout_s):
-                    answer = await connection.exchange(request, body)
+                    reusable = await connection.exchange(requests, got)
             except BaseException as exc:
-                # Cancelled, timed out or failed half-way: the rest of the answer may still
+                # Cancelled, timed out or failed half-way: the rest of an answer may still
                 # come, so this connection must never carry another request.
                 await trio.aclose_forcefully(connection.stream)
-                failure = _broken(exc, self.read_timeout_s)
+                failure = _broken(exc, self.read_timeout_s, got)
                 if failure is exc:
                     raise
                 raise failure from None
-            if connection.reusable():
+            if reusable:
                 self._idle.append(connection)
             else:
                 await trio.aclose_forcefully(connection.stream)
-            return answer
+        if len(got) < len(requests):
+            raise Broken("the connection closed before every answer came", got)
+        return got
 
     async def _checkout(self) -> Connection:
         while self._idle:
@@ -204,15 +241,15 @@ class Http1Client:
             await trio.aclose_forcefully(connection.stream)
 
 
-def _broken(exc: BaseException, read_timeout_s: float) -> BaseException:
+def _broken(exc: BaseException, read_timeout_s: float, got: list[Response]) -> BaseException:
     """What a failed exchange raises: Broken for the peer's faults, anything else unchanged
     (a cancellation stays a cancellation)."""
     if isinstance(exc, trio.TooSlowError):
-        return Broken(f"no answer within {read_timeout_s:g} s")
+        return Broken(f"no answer within {read_timeout_s:g} s", got)
     if isinstance(exc, h11.ProtocolError | ProtocolError):
-        return Broken(f"not a well-framed HTTP/1.1 answer: {exc}")
+        return Broken(f"not a well-framed HTTP/1.1 answer: {exc}", got)
     if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
-        return Broken(f"connection broken: {_reason(exc)}")
+        return Broken(f"connection broken: {_reason(exc)}", got)
     return exc
 
 

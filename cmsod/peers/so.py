@@ -19,7 +19,6 @@ from typing import Protocol
 from urllib.parse import quote
 
 import msgspec
-import trio
 
 from cmsod.clock import WallClock
 from cmsod.config import SoConfig
@@ -76,8 +75,8 @@ class LoopbackSO:
 @dataclass
 class HttpSO:
     """The CMSO SO contract over HTTP: `POST {url}{dispatch_path}` with the element's stored
-    request, `GET {url}{status_path}` to poll; each request on a keep-alive connection of its
-    own (`peers/http1.py`), with connect and read timeouts."""
+    request, `GET {url}{status_path}` to poll, many polls down one connection at a time
+    (`peers/http1.py`). Keep-alive connections with connect and read timeouts."""
 
     dispatch_path: str
     status_path: str
@@ -131,25 +130,24 @@ class HttpSO:
         raise PeerError(f"HTTP {response.status}: {excerpt(body)}")
 
     async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
-        """Poll these work flows at once, each on a connection of its own (as many as the
-        client's pool allows); a failed poll is a PeerError (a lost answer to a GET changes
+        """Poll these work flows down one connection (pipelined, `peers/http1.py`); a failure
+        is a PeerError for each one it left without an answer (a lost answer to a GET changes
         nothing)."""
-        results: list[SoStatus | PeerError] = [PeerError("not polled")] * len(request_ids)
-
-        async def poll(index: int, request_id: str) -> None:
-            path = self.status_path.replace("{requestId}", quote(request_id, safe=""))
-            try:
-                results[index] = _status(await self.client.request("GET", path))
-            except ConnectFailed as exc:
-                results[index] = PeerError(f"cannot reach the orchestrator at {self.where}: {exc}")
-            except Broken as exc:
-                results[index] = PeerError(
-                    f"no answer from the orchestrator at {self.where}: {exc}"
-                )
-
-        async with trio.open_nursery() as nursery:
-            for index, request_id in enumerate(request_ids):
-                nursery.start_soon(poll, index, request_id)
+        requests = [
+            self.client.encode(
+                "GET", self.status_path.replace("{requestId}", quote(request_id, safe=""))
+            )
+            for request_id in request_ids
+        ]
+        try:
+            answers: list[Response] = await self.client.exchange(requests)
+            failure = None
+        except ConnectFailed as exc:
+            answers, failure = [], f"cannot reach the orchestrator at {self.where}: {exc}"
+        except Broken as exc:
+            answers, failure = exc.got, f"no answer from the orchestrator at {self.where}: {exc}"
+        results: list[SoStatus | PeerError] = [_status(a) for a in answers]
+        results += [PeerError(failure or "")] * (len(request_ids) - len(answers))
         return results
 
 
