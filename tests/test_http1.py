@@ -74,6 +74,8 @@ async def test_pipelined_polls_come_back_in_order_on_one_connection(nursery) -> 
     assert [a.body for a in answers] == [f"GET /base/{i}".encode() for i in range(100)]
     assert (await client.request("POST", "/x", body=b"{}")).body == b"POST /base/x"
     assert fake.connections == 1
+    with pytest.raises(ValueError, match="only GET and HEAD"):
+        await client.exchange([client.encode("GET", "/"), client.encode("POST", "/", body=b"x")])
     await client.aclose()
 
 

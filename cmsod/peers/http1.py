@@ -184,6 +184,8 @@ class Http1Client:
     async def exchange(self, requests: Sequence[Outgoing]) -> list[Response]:
         """Requests (only safe ones if more than one) down one connection, answers in order.
         Broken carries the answers that came before the failure."""
+        if len(requests) > 1 and any(r.method not in (b"GET", b"HEAD") for r, _ in requests):
+            raise ValueError("only GET and HEAD may be pipelined: they are safe to repeat")
         got: list[Response] = []
         async with self._slots:
             connection = await self._checkout()
