@@ -5,7 +5,8 @@ its own CPU time (user + system) per request for:
 - h11 alone: framing one GET and parsing one canned answer, no I/O (the floor h11 sets);
 - raw trio: one pre-built GET at a time on one keep-alive socket, no parser (the floor of the
   I/O: send, receive, the event loop);
-- the client: `HttpSO.statuses` in batches of `--batch` polls at once (the poller's way).
+- the client: `HttpSO.statuses` with `--batch` polls pipelined down one connection, each framed
+  by an h11 state machine of its own (the poller's way).
 Usage: python bench/http1.py [--requests 5000] [--batch 25]"""
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main() -> None:
         )
         cpu, rate = trio.run(client, port, n, args.batch)
         print(
-            f"HttpSO.statuses, {args.batch} at once:           {cpu * 1e6:6.1f} us CPU "
+            f"HttpSO.statuses, {args.batch} pipelined:         {cpu * 1e6:6.1f} us CPU "
             f"({rate:,.0f} polls/s)"
         )
     finally:
