@@ -149,6 +149,20 @@ class EventsConfig(Section, frozen=True):
             )
 
 
+class TlsConfig(Section, frozen=True):
+    """How every https peer (SO, ticket system, event sinks) is trusted and authenticated:
+    one SSL context built from this serves them all (peers/tls.py)."""
+
+    ca_file: str = ""  # PEM file of the CAs to trust, instead of the system's; "" = the system's
+    client_cert: str = ""  # PEM certificate (chain) shown to peers that ask for one; "" = none
+    client_key: str = ""  # its private key, if not in client_cert
+    verify: bool = True  # false: accept any certificate and host name (never in production)
+
+    def __post_init__(self) -> None:
+        if self.client_key and not self.client_cert:
+            raise ValueError("tls.client_key is set but tls.client_cert is not")
+
+
 class ControlConfig(Section, frozen=True):
     socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = (
@@ -203,6 +217,7 @@ class Config(Section, frozen=True):
     so: SoConfig = SoConfig()
     tickets: TicketsConfig = TicketsConfig()
     events: EventsConfig = EventsConfig()
+    tls: TlsConfig = TlsConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
