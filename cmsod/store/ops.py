@@ -6,6 +6,7 @@ schedule deleted meanwhile, a poll answer for an element already ended) changes 
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -472,6 +473,9 @@ class DispatchJob(msgspec.Struct):
     request: bytes
     key: str
     attempt: int
+    # Until when a call that never reached the orchestrator may be tried again: the start time
+    # (immediates: the creation time) plus the misfire grace, as for a silent ticket system.
+    deadline_ms: int = 0
 
 
 class TicketGate(msgspec.Struct):
@@ -532,12 +536,13 @@ def begin_dispatch(
     ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
+    deadline_ms = (start_ms if start_ms is not None else created_ms) + misfire_grace_ms
     if schedule_status == S.SCHEDULED:  # the first dispatch attempt, even if then refused
         tx.schedule_to(schedule, schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
     silence = gate.unreachable.get(change_id or "")
     if silence is None:
         refused = gate.refusal(change_id, ticketing.state_text(ticket_approval, ticket_status))
-    elif tx.now_ms <= (start_ms if start_ms is not None else created_ms) + misfire_grace_ms:
+    elif tx.now_ms <= deadline_ms:
         tx.execute(
             "UPDATE elements SET hold_ms = ? WHERE id = ?", (tx.now_ms + gate.hold_ms, element)
         )
@@ -572,7 +577,9 @@ def begin_dispatch(
         " dispatch_attempts = dispatch_attempts + 1 WHERE id = ?",
         (key, tx.now_ms, element),
     )
-    return DispatchJob(element, schedule, schedule_id, name, request, key, attempts + 1)
+    return DispatchJob(
+        element, schedule, schedule_id, name, request, key, attempts + 1, deadline_ms
+    )
 
 
 def next_due_ms(conn: Any) -> int | None:
@@ -633,6 +640,16 @@ def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | N
         tx.element_to(element, schedule, schedule_id, name, E(status), new, **columns)
         recorded += 1
     return recorded
+
+
+def release_dispatches(tx: Tx, elements: list[int]) -> None:
+    """Nothing was sent for these (the daemon stopped while the orchestrator could not be
+    reached): clear the intent, so the next start dispatches them instead of reconciling."""
+    tx.execute(
+        "UPDATE elements SET dispatch_started_ms = NULL WHERE id IN"
+        " (SELECT value FROM json_each(?)) AND status IN (?, ?)",
+        (json.dumps(elements), E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
+    )
 
 
 def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
