@@ -1,6 +1,7 @@
 """`cmsoctl`: drive a running cmsod through its control socket.
 
-Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable;
+Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 3 `status`: the daemon
+answered but is not healthy (degraded: a peer failing, an actor stalled); 69 daemon unreachable;
 75 timed out; 76 protocol error (a reply that does not decode); 77 permission denied.
 With --json, stdout holds exactly one JSON document (the reply's parameters, or the error).
 """
@@ -21,7 +22,7 @@ import msgspec
 
 from cmsod import gantt
 
-EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
+EX_OK, EX_ERROR, EX_USAGE, EX_UNHEALTHY = 0, 1, 2, 3
 EX_UNAVAILABLE, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 75, 76, 77
 DEFAULT_SOCKET = "/run/cmsod/control.sock"
 MAX_REPLY = 256 * 1024 * 1024
@@ -243,7 +244,8 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
         )
     if command == "status":
         lines = [
-            f"healthy    {'yes' if p['healthy'] else 'NO'}",
+            "healthy    "
+            + ("yes" if p["healthy"] else "NO, degraded: " + ", ".join(p.get("problems", []))),
             f"build      {p['buildInfo']}",
             f"time       {p['currentTime']}",
         ]
@@ -467,7 +469,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="cmsoctl",
         description="Drive cmsod through its control socket.",
-        epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 69 daemon unreachable, "
+        epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 3 status: not healthy, "
+        "69 daemon unreachable, "
         "75 timeout, 76 protocol error, 77 permission denied",
     )
     top.add_argument(
@@ -570,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msgspec.json.encode(reply.parameters).decode())
     else:
         print(human(args.command, reply.parameters, args))
+    if args.command == "status" and not reply.parameters.get("healthy", True):
+        return EX_UNHEALTHY
     return EX_OK
 
 

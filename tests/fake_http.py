@@ -168,6 +168,7 @@ class FakeSO(FakeHTTP):
         self.dispatch_faults: dict[int, Reply | Drop | Reset] = {}
         self.status_faults: dict[int, Reply | Drop | Reset] = {}
         self.dedupe = False
+        self.polls_down = False  # reset every status poll: an outage of SO's status API
         self.started: list[tuple[str, str]] = []  # (X-TransactionId, vnf) of work flows started
         self.polls: dict[str, int] = {}
         self.by_key: dict[str, str] = {}
@@ -191,6 +192,8 @@ class FakeSO(FakeHTTP):
             return fault if isinstance(fault, Drop) else self._accepted(vnf, request_id)
         if request.method == "GET":
             self.status_calls += 1
+            if self.polls_down:
+                return Reset()
             fault = self.status_faults.get(self.status_calls)
             if fault is not None:
                 return fault

@@ -224,3 +224,26 @@ def test_cmsoctl_watch_prints_events_as_they_happen(tmp_path: Path) -> None:
     finally:
         watcher.kill()
         assert daemon.stop() == 0
+
+
+def test_status_is_degraded_and_exits_3_while_the_orchestrator_is_down(tmp_path: Path) -> None:
+    with socket.socket() as down:  # bound, not listening: connections are refused
+        down.bind(("127.0.0.1", 0))
+        env = {
+            "CMSOD_SO__MODE": "http",
+            "CMSOD_SO__URL": f"http://127.0.0.1:{down.getsockname()[1]}",
+        }
+        daemon = Daemon(tmp_path, extra_env=env)
+        try:
+            code, out = cmsoctl(tmp_path, "status")
+            assert code == 0 and "healthy    yes" in out
+            body = request("down", now=datetime.now(UTC), nodes=["n1"], minutes_from_now=None)
+            assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+            daemon.wait_log(r"level=warning event=element\.dispatch_retrying schedule_id=down")
+            code, out = cmsoctl(tmp_path, "status")
+            assert code == 3, out
+            assert "healthy    NO, degraded: SO Interface FAILED" in out
+            code, out = cmsoctl(tmp_path, "--json", "status")
+            assert code == 3 and json.loads(out)["problems"] == ["SO Interface FAILED"]
+        finally:
+            assert daemon.stop() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -344,3 +345,46 @@ async def test_credentials_never_reach_the_log(autojump_clock, nursery, tmp_path
     assert "s3cret" not in text and "element.dispatch_failed" in [
         getattr(r, "event", "") for r in caplog.records
     ]
+
+
+async def test_a_failed_work_flow_is_a_warning_with_its_schedule_and_so_reason(
+    autojump_clock, nursery, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="cmsod")
+    so = FakeSO(["IN_PROGRESS", "FAILED"])
+    items = await run_immediate(await daemon_for(nursery, tmp_path, so), ["node1"])
+    assert items["node1"]["status"] == E.FAILED
+    # the orchestrator's reason is the element's message (show's MESSAGE column)
+    assert items["node1"]["statusMessage"] == "orchestrator: FAILED: failed"
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "element.finished"]
+    assert record.levelno == logging.WARNING
+    assert record.fields["schedule_id"] == "s1"  # type: ignore[attr-defined]
+    assert record.fields["so_message"] == "failed"  # type: ignore[attr-defined]
+
+
+async def test_an_so_outage_does_not_cost_a_commit_per_element_per_round(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    so = FakeSO(["IN_PROGRESS"])
+    cmsod = await daemon_for(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    nodes = [f"n{i}" for i in range(200)]
+    await client.ok(
+        "io.cmsod.Schedules.Create",
+        schedule=request("s1", now=EPOCH, nodes=nodes, minutes_from_now=None),
+    )
+
+    async def all_polled() -> bool:
+        view = await client.schedule("s1")
+        items = [e for g in view["groups"] for e in g["changeManagementSchedules"]]
+        return all(e.get("msoStatus") == "IN_PROGRESS" for e in items)
+
+    await wait_until(all_polled, "every work flow polled once")
+    so.polls_down = True
+    commits = cmsod.ctx.store.commits
+    failed = cmsod.ctx.figures["poller"].errors
+    await trio.sleep(200)  # polls at about 30 s, 90 s (backing off), 210 s: twice each
+    assert cmsod.ctx.figures["poller"].errors - failed >= 2 * len(nodes)
+    # one transaction per round of polls (a round: those due within the jitter band), not
+    # one per element per round (400 and more)
+    assert cmsod.ctx.store.commits - commits < 50

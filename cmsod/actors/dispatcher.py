@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import trio
 
-from cmsod import log
+from cmsod import lifecycle, log
 from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
@@ -92,6 +92,14 @@ async def send(
             except NotDelivered as exc:
                 figures = ctx.beat("dispatcher")
                 figures.peer_failing, figures.last_error = True, str(exc)
+                if attempt == 1:
+                    log.warning(
+                        "element.dispatch_retrying",
+                        schedule_id=job.schedule_id,
+                        vnf=job.name,
+                        reason=str(exc),
+                        until=lifecycle.format_time(job.deadline_ms),
+                    )
                 left_s = (job.deadline_ms - ctx.clock.now_ms()) / 1000
                 if left_s <= 0:
                     failure = f"not dispatched within the misfire grace ({attempt} attempts): {exc}"

@@ -208,23 +208,29 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
+    components = [
+        component("Scheduler Database", str(ctx.config.store_path), db_ok),
+        component(
+            "SO Interface",
+            ctx.config.so.url or ctx.config.so.mode,
+            peer_ok("dispatcher", "poller"),
+        ),
+        component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
+        component(
+            "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
+        ),
+    ]
+    # Healthy only when every part is: a daemon that cannot reach its orchestrator is degraded
+    # (and `cmsoctl status` exits 3), whatever else works.
+    problems = [f"{c['name']} {c['status']}" for c in components if not c["healthy"]]
+    problems += [f"actor {name} stalled" for name in sorted(stalled)]
     return {
-        "healthy": db_ok and not stalled,
+        "healthy": not problems,
+        "problems": problems,
         "buildInfo": f"cmsod {__version__}",
         "currentTime": lifecycle.format_time(ctx.clock.now_ms()),
         "hostname": socket.gethostname(),
-        "components": [
-            component("Scheduler Database", str(ctx.config.store_path), db_ok),
-            component(
-                "SO Interface",
-                ctx.config.so.url or ctx.config.so.mode,
-                peer_ok("dispatcher", "poller"),
-            ),
-            component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
-            component(
-                "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
-            ),
-        ],
+        "components": components,
         "actors": {
             name: {
                 "heartbeatAgeS": round(now - f.heartbeat, 3),

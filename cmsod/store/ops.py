@@ -686,13 +686,19 @@ def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
 # -- polling --------------------------------------------------------------------------------
 
 
-def in_flight(conn: Any) -> list[tuple[int, str, str, int | None]]:
-    """(element, name, SO request id, dispatch time) of every triggered element."""
+def in_flight(conn: Any) -> list[tuple[int, str, str, str, int | None]]:
+    """(element, schedule id, name, SO request id, dispatch time) of every triggered element."""
     return conn.execute(
-        "SELECT id, name, so_request_id, dispatch_ms FROM elements WHERE status = ?"
-        " ORDER BY dispatch_ms",
+        "SELECT e.id, s.schedule_id, e.name, e.so_request_id, e.dispatch_ms FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule WHERE e.status = ? ORDER BY e.dispatch_ms",
         (E.TRIGGERED.value,),
     ).fetchall()
+
+
+def record_polls(tx: Tx, outcomes: list[tuple[int, PollOutcome]]) -> list[E | None]:
+    """`record_poll` for a whole round of polls in one transaction; each element's new status
+    (None: still running)."""
+    return [record_poll(tx, element, outcome) for element, outcome in outcomes]
 
 
 def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
@@ -728,8 +734,20 @@ def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
         so_message=outcome.so_message,
         so_ms=tx.now_ms,
         completed_ms=outcome.completed_ms or tx.now_ms,
+        **failure_message(outcome),
     )
     return outcome.status
+
+
+def failure_message(outcome: PollOutcome) -> dict[str, str]:
+    """A work flow that ended badly keeps the orchestrator's reason as its status message (the
+    MESSAGE an operator reads), not only in the SO columns."""
+    if outcome.status is E.COMPLETED:
+        return {}
+    reason = (
+        f"{outcome.so_status}: {outcome.so_message}" if outcome.so_message else outcome.so_status
+    )
+    return {"status_message": f"orchestrator: {reason}"[:4000]}
 
 
 # -- delete ---------------------------------------------------------------------------------

@@ -268,6 +268,7 @@ class Store:
         self.on_ticket_ops = on_ticket_ops  # rings the tickets actor when a commit queued some
         self.conn: sqlite3.Connection | None = None
         self.migrations_applied: list[int] = []
+        self.commits = 0  # write transactions committed (figures for tests and benches)
 
     # -- life ------------------------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class Store:
                 raise
 
         result, tx = await self.executor(work)
+        self.commits += 1
         for schedule_id, verdict in tx.verdicts:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         if self.on_commit is not None:
