@@ -157,6 +157,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ticket_ops_unsent ON ticket_ops(change_id, id) WHERE sent_ms IS NULL;
     """,
+    """
+    -- a schedule's elements in group order (its view, the list's counts) without a full scan
+    CREATE INDEX elements_schedule ON elements(schedule, grp, id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
