@@ -80,41 +80,34 @@ ELEMENT_COLUMNS = (
 )
 
 
+# The element view's keys, in ELEMENT_COLUMNS order; those at _TIME_KEYS are times (ms).
+_ELEMENT_KEYS = (
+    "vnfName",
+    "status",
+    "startTime",
+    "finishTime",
+    "tmChangeId",
+    "tmStatus",
+    "tmApprovalStatus",
+    "dispatchTime",
+    "executionCompletedTime",
+    "msoRequestId",
+    "msoStatus",
+    "msoMessage",
+    "msoTime",
+    "statusMessage",
+)
+_TIME_KEYS = frozenset({2, 3, 7, 8, 12})
+
+
 def _element_view(row: tuple) -> dict[str, Any]:
-    (
-        name,
-        status,
-        start,
-        finish,
-        tm_id,
-        tm_status,
-        tm_approval,
-        dispatch,
-        completed,
-        so_id,
-        so_status,
-        so_message,
-        so_ms,
-        message,
-    ) = row[:14]
-    return _clean(
-        {
-            "vnfName": name,
-            "status": status,
-            "startTime": format_time(start),
-            "finishTime": format_time(finish),
-            "tmChangeId": tm_id,
-            "tmStatus": tm_status,
-            "tmApprovalStatus": tm_approval,
-            "dispatchTime": format_time(dispatch),
-            "executionCompletedTime": format_time(completed),
-            "msoRequestId": so_id,
-            "msoStatus": so_status,
-            "msoMessage": so_message,
-            "msoTime": format_time(so_ms),
-            "statusMessage": message,
-        }
-    )
+    """One pass over the row, leaving out what is not set (a search builds 100,000 of these)."""
+    view = {}
+    for i, key in enumerate(_ELEMENT_KEYS):
+        value = row[i]
+        if value is not None:
+            view[key] = format_time(value) if i in _TIME_KEYS else value
+    return view
 
 
 def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
@@ -310,8 +303,12 @@ def details(
         if not value.isdigit() or int(value) < 1:
             raise RequestError(400, "INVALID_ATTRIBUTE", "maxSchedules", value)
         max_schedules = int(value)
+    # Not the schedule's stored request (schedule_info, the size of all its elements): it is
+    # not shown here, and read for every row it made a 10,000-row search take seconds and
+    # hundreds of MB (the sort carried it).
+    schedule_columns = SCHEDULE_COLUMNS.replace("s.schedule_info", "NULL")
     rows = conn.execute(
-        f"SELECT {ELEMENT_COLUMNS}, g.group_id, g.last_instance_ms, s.policy_id, {SCHEDULE_COLUMNS}"
+        f"SELECT {ELEMENT_COLUMNS}, g.group_id, g.last_instance_ms, s.policy_id, {schedule_columns}"
         " FROM elements e JOIN cm_groups g ON g.id = e.grp JOIN schedules s ON s.id = e.schedule"
         f" WHERE {' AND '.join(where) or '1'} ORDER BY s.schedule_id, e.id",
         params,
