@@ -19,7 +19,7 @@ from cmsod.store import ops, views
 from cmsod.store.store import Store
 from cmsod.wire.cmso import ScheduleRequest
 from tests.cmso_requests import request
-from tests.conftest import EPOCH, ControlClient
+from tests.conftest import EPOCH, ControlClient, Daemon, wait_until
 
 DETAILS, GET, LIST = (
     "io.cmsod.Schedules.Details",
@@ -62,6 +62,23 @@ async def test_details_are_streamed_in_bounded_replies(client: ControlClient) ->
     # nothing matches: CMSO's 404, as the only reply
     (reply,) = await streamed(client, DETAILS, filters={"vnfName": ["nothing%"]})
     assert reply["error"] == "io.cmsod.RequestError" and reply["parameters"]["status"] == 404
+
+
+async def test_a_client_gone_mid_stream_ends_the_read(cmsod: Daemon) -> None:
+    client = await cmsod.connect()
+    await create(client, "big", 3000)
+    call = {"method": DETAILS, "parameters": {"filters": {}}, "more": True}
+    await client.send_raw(msgspec.json.encode(call) + b"\0")
+    first = msgspec.json.decode(await client.receive_raw() or b"{}")
+    assert first["continues"] and len(first["parameters"]["details"]) == 1000
+    await client.aclose()  # gone, with 2,000 rows unread (the daemon blocked sending them)
+
+    async def read_ended() -> bool:
+        return cmsod.ctx.store.streams.borrowed_tokens == 0
+
+    await wait_until(read_ended, "the stream's read ended", within_s=10)
+    other = await cmsod.connect()  # and the daemon serves on
+    assert len((await other.ok(DETAILS, filters={"vnfName": ["n0000%"]}))["details"]) == 10
 
 
 async def test_a_plain_call_is_bounded_with_a_clear_error(
