@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
@@ -46,7 +48,7 @@ def replies(path: Path, method: str, more: bool, **parameters: Any) -> Iterator[
                 assert data, "daemon closed the connection"
                 buffer += data
             raw, _, buffer = buffer.partition(b"\0")
-            reply = json.loads(raw)
+            reply = msgspec.json.decode(raw)
             yield reply
             if "error" in reply or not reply.get("continues"):
                 return
@@ -56,6 +58,11 @@ def ask(path: Path, method: str, **parameters: Any) -> dict:
     (reply,) = replies(path, method, False, **parameters)
     assert "error" not in reply, reply
     return reply["parameters"]
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks
 
 
 def rss_mb(pid: int) -> float:
@@ -73,6 +80,7 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self.before = self.peak = rss_mb(self.pid)
+        self.cpu_before = cpu_s(self.pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -86,6 +94,7 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_mb(self.pid))
+        self.cpu = cpu_s(self.pid) - self.cpu_before
 
     @property
     def growth(self) -> float:
@@ -205,15 +214,15 @@ def main() -> None:
                     )
                 print(
                     f"  Details vnfName=n% ({rows:,} of {total:,} rows, {n} replies): "
-                    f"{took:.2f} s, daemon RSS +{rss.growth:.0f} MB"
+                    f"{took:.2f} s (daemon CPU {rss.cpu:.2f} s), daemon RSS +{rss.growth:.0f} MB"
                 )
                 with PeakRss(pid) as rss:
                     took, rows, n = timed_rows(
                         path, "io.cmsod.Schedules.Get", "elements", more, scheduleId="q0"
                     )
                 print(
-                    f"  Get q0 ({args.elements:,} elements, {n} replies): {took:.2f} s, "
-                    f"daemon RSS +{rss.growth:.0f} MB"
+                    f"  Get q0 ({args.elements:,} elements, {n} replies): {took:.2f} s "
+                    f"(daemon CPU {rss.cpu:.2f} s), daemon RSS +{rss.growth:.0f} MB"
                 )
                 if more:
                     for command in (["details", "--filter", "vnfName=n%"], ["show", "q0"]):
@@ -224,8 +233,8 @@ def main() -> None:
                         assert code == 0, out[-500:]
                         print(
                             f"  cmsoctl --json {' '.join(command)}: {took:.2f} s wall "
-                            f"({len(out) / 2**20:.0f} MB of JSON), daemon RSS "
-                            f"+{rss.growth:.0f} MB"
+                            f"({len(out) / 2**20:.0f} MB of JSON, daemon CPU {rss.cpu:.2f} s), "
+                            f"daemon RSS +{rss.growth:.0f} MB"
                         )
 
                 def big_details() -> None:
