@@ -105,7 +105,7 @@ async def send(
                     failure = f"not dispatched within the misfire grace ({attempt} attempts): {exc}"
                     break
                 with trio.move_on_after(
-                    min(RETRY_BASE_S * 2 ** (attempt - 1), so_cfg.retry_max_s, left_s)
+                    min(RETRY_BASE_S * 2 ** min(attempt - 1, 20), so_cfg.retry_max_s, left_s)
                 ):
                     await ctx.stopping.wait()
                 if ctx.stopping.is_set():
