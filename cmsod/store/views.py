@@ -6,6 +6,7 @@ parameters (CMSO concatenated them into the SQL: bug 3).
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Generator
@@ -100,13 +101,18 @@ _ELEMENT_KEYS = (
 _TIME_KEYS = frozenset({2, 3, 7, 8, 12})
 
 
+# Elements share their slots' times: each distinct one is formatted once, not per row (a
+# third of a 100,000-row search's time went into strftime).
+_slot_time = functools.lru_cache(maxsize=4096)(format_time)
+
+
 def _element_view(row: tuple) -> dict[str, Any]:
     """One pass over the row, leaving out what is not set (a search builds 100,000 of these)."""
     view = {}
     for i, key in enumerate(_ELEMENT_KEYS):
         value = row[i]
         if value is not None:
-            view[key] = format_time(value) if i in _TIME_KEYS else value
+            view[key] = _slot_time(value) if i in _TIME_KEYS else value
     return view
 
 
