@@ -81,7 +81,10 @@ class SoConfig(Section, frozen=True):
     credentials_file: str = ""  # one line user:password for basic auth; "" = none
     connect_timeout_s: Positive = 5.0
     read_timeout_s: Positive = 30.0
-    connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # nothing sent yet: safe
+    # A dispatch that never reached SO is tried again until the element's misfire grace ends,
+    # waiting 0.25 s, 0.5 s, ... up to retry_max_s between tries.
+    retry_max_s: Positive = 30.0
+    connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # re-sends of an unconfirmed
     resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch (the SO de-duplicates)
     pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32  # status GETs per write
 

@@ -89,7 +89,7 @@ class FakeHTTP:
         self._lock = threading.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=self.host)
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)  # port 0: any
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
         await trio.serve_listeners(self._connection, listeners)
@@ -207,6 +207,7 @@ class FakeSO(FakeHTTP):
         self.dispatch_faults: dict[int, Reply | Drop | Reset] = {}
         self.status_faults: dict[int, Reply | Drop | Reset] = {}
         self.dedupe = False
+        self.polls_down = False  # reset every status poll: an outage of SO's status API
         self.started: list[tuple[str, str]] = []  # (X-TransactionId, vnf) of work flows started
         self.polls: dict[str, int] = {}
         self.by_key: dict[str, str] = {}
@@ -230,6 +231,8 @@ class FakeSO(FakeHTTP):
             return fault if isinstance(fault, Drop) else self._accepted(vnf, request_id)
         if request.method == "GET":
             self.status_calls += 1
+            if self.polls_down:
+                return Reset()
             fault = self.status_faults.get(self.status_calls)
             if fault is not None:
                 return fault

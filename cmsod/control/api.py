@@ -95,9 +95,12 @@ async def may_change_state(ctx: Context, peer: Peer) -> bool:
 @dataclass(frozen=True)
 class Method:
     parameters: type
-    handler: Callable[..., Any]  # a coroutine, or an async iterator when it streams
+    # a coroutine; an async iterator when it streams; with `pages`, an async iterator of
+    # replies called with `more` (without it, it yields one reply)
+    handler: Callable[..., Any]
     changes_state: bool
-    streams: bool = False
+    streams: bool = False  # only with more: true (Events.Watch)
+    pages: bool = False  # with more: true its replies are streamed, else one reply
     with_peer: bool = False  # the handler also takes the caller's peer credentials
 
 
@@ -157,17 +160,60 @@ async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
     return {"scheduleId": new.schedule_id, "status": status.value}
 
 
-async def get(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
-    return {"schedule": await ctx.store.read(views.get_schedule, p.scheduleId)}
+# Replies that may hold many rows: a call with `more: true` gets them streamed, STREAM_CHUNK
+# rows a reply (bounded memory whatever the size); a plain call gets one reply of at most
+# MAX_REPLY_ROWS rows, or io.cmsod.TooManyRows saying how to get them (docs/control.md).
+STREAM_CHUNK = 1000
+MAX_REPLY_ROWS = 10_000
 
 
-async def list_(ctx: Context, p: w.ListParameters) -> dict[str, Any]:
-    page, after = await ctx.store.read(views.list_schedules, p.status, p.limit, p.after)
-    return {"schedules": page, "next": after}
+def too_many(what: str) -> ControlError:
+    return ControlError(
+        f"more than {MAX_REPLY_ROWS} {what}: call with more: true to have them streamed "
+        f"({STREAM_CHUNK} a reply, as cmsoctl does), or narrow the search",
+        name="io.cmsod.TooManyRows",
+        limit=MAX_REPLY_ROWS,
+    )
 
 
-async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
-    return {"details": await ctx.store.read(views.details, p.filters)}
+async def get(ctx: Context, p: w.ScheduleIdParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+    """Streamed: the schedule (each group's `changeManagementSchedules` empty, `elements` its
+    count), then replies of `elements`, each with its `groupId`; all from one snapshot."""
+    if not more:
+        head = await ctx.store.read(views.schedule_head, p.scheduleId)
+        if head["elements"] > MAX_REPLY_ROWS:
+            raise too_many("elements in this schedule")
+        yield {"schedule": await ctx.store.read(views.get_schedule, p.scheduleId)}
+        return
+    stream = ctx.store.stream(views.schedule_stream, p.scheduleId, chunk=STREAM_CHUNK)
+    async with contextlib.aclosing(stream) as chunks:
+        async for items in chunks:
+            if "groups" in items[0]:
+                head, items = items[0], items[1:]
+                yield {"schedule": head}
+            if items:
+                yield {"elements": items}
+
+
+async def list_(ctx: Context, p: w.ListParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+    """One page (`next`: the cursor for the page after); streamed: every page after `after`."""
+    after = p.after
+    while True:
+        page, after = await ctx.store.read(views.list_schedules, p.status, p.limit, after)
+        yield {"schedules": page, "next": after}
+        if not more or after is None:
+            return
+
+
+async def details(
+    ctx: Context, p: w.DetailsParameters, more: bool
+) -> AsyncIterator[dict[str, Any]]:
+    chunk = STREAM_CHUNK if more else MAX_REPLY_ROWS + 1
+    async with contextlib.aclosing(ctx.store.stream(views.details, p.filters, chunk=chunk)) as rows:
+        async for batch in rows:
+            if not more and len(batch) > MAX_REPLY_ROWS:
+                raise too_many("elements match")
+            yield {"details": batch}
 
 
 async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
@@ -257,23 +303,29 @@ async def status(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
     def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
+    components = [
+        component("Scheduler Database", str(ctx.config.store_path), db_ok),
+        component(
+            "SO Interface",
+            ctx.config.so.url or ctx.config.so.mode,
+            peer_ok("dispatcher", "poller"),
+        ),
+        component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
+        component(
+            "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
+        ),
+    ]
+    # Healthy only when every part is: a daemon that cannot reach its orchestrator is degraded
+    # (and `cmsoctl status` exits 3), whatever else works.
+    problems = [f"{c['name']} {c['status']}" for c in components if not c["healthy"]]
+    problems += [f"actor {name} stalled" for name in sorted(stalled)]
     return {
-        "healthy": db_ok and not stalled,
+        "healthy": not problems,
+        "problems": problems,
         "buildInfo": f"cmsod {__version__}",
         "currentTime": lifecycle.format_time(ctx.clock.now_ms()),
         "hostname": socket.gethostname(),
-        "components": [
-            component("Scheduler Database", str(ctx.config.store_path), db_ok),
-            component(
-                "SO Interface",
-                ctx.config.so.url or ctx.config.so.mode,
-                peer_ok("dispatcher", "poller"),
-            ),
-            component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
-            component(
-                "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
-            ),
-        ],
+        "components": components,
         "actors": {
             name: {
                 "heartbeatAgeS": round(now - f.heartbeat, 3),
@@ -386,9 +438,9 @@ async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
 
 METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Create": Method(w.CreateParameters, create, True),
-    "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False),
-    "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False),
-    "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False),
+    "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False, pages=True),
+    "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False, pages=True),
+    "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False, pages=True),
     "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True, with_peer=True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
@@ -440,7 +492,7 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
     try:
         if method is None:
             raise MethodNotFound(call.method)
-        if call.more and not method.streams:
+        if call.more and not (method.streams or method.pages):
             raise InvalidParameter("more", f"{call.method} does not stream replies")
         if method.streams and not call.more:
             raise InvalidParameter(
@@ -465,11 +517,18 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
                 async for item in stream:
                     yield _encoder.encode({"parameters": item, "continues": True})
             return
-        result = await (
-            method.handler(ctx, parameters, peer)
-            if method.with_peer
-            else method.handler(ctx, parameters)
-        )
+        if method.pages:  # every reply but the last says it continues
+            result = None
+            async with contextlib.aclosing(method.handler(ctx, parameters, call.more)) as pages:
+                async for page in pages:
+                    if result is not None:
+                        yield _encoder.encode({"parameters": result, "continues": True})
+                    result = page
+            assert result is not None, "a paged method yields at least one reply"
+        elif method.with_peer:
+            result = await method.handler(ctx, parameters, peer)
+        else:
+            result = await method.handler(ctx, parameters)
     except RequestError as exc:
         yield _error("io.cmsod.RequestError", exc.to_parameters())
         return

@@ -110,7 +110,7 @@ class HttpSO:
         try:
             response = await self.client.request("POST", path, headers, request)
         except ConnectFailed as exc:
-            raise NotDelivered(f"cannot reach the orchestrator at {self.where}: {exc}") from None
+            raise NotDelivered(f"orchestrator at {self.where}: {exc}") from None
         except Broken as exc:  # sent (or partly): the orchestrator may have acted on it
             raise Unconfirmed(f"no answer from the orchestrator at {self.where}: {exc}") from None
         body = response.body

@@ -6,6 +6,7 @@ schedule deleted meanwhile, a poll answer for an element already ended) changes 
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -372,12 +373,9 @@ def other_work(
 ) -> dict[str, list[Busy]]:
     """The planned or running work of every other active schedule on these elements: those of
     stored `schedule`, or `names` for a schedule that is only being planned."""
-    params: tuple[int | None, ...]
-    if names is not None:
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_names (name TEXT PRIMARY KEY)")
-        conn.execute("DELETE FROM plan_names")
-        conn.executemany("INSERT OR IGNORE INTO plan_names VALUES (?)", [(n,) for n in names])
-        mine, params = "SELECT name FROM plan_names", ()
+    params: tuple[int | str | None, ...]
+    if names is not None:  # (a JSON array, not a temporary table: reads are query-only)
+        mine, params = "SELECT value FROM json_each(?)", (json.dumps(names),)
     else:
         mine, params = "SELECT name FROM elements WHERE schedule = ?", (schedule,)
     busy: dict[str, list[Busy]] = {}
@@ -482,6 +480,9 @@ class DispatchJob(msgspec.Struct):
     key: str
     attempt: int
     planned_ms: int  # its start time, or an immediate one's creation: lateness counts from it
+    # Until when a call that never reached the orchestrator may be tried again: the start time
+    # (immediates: the creation time) plus the misfire grace, as for a silent ticket system.
+    deadline_ms: int = 0
 
 
 class TicketGate(msgspec.Struct):
@@ -542,12 +543,13 @@ def begin_dispatch(
     ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
+    deadline_ms = (start_ms if start_ms is not None else created_ms) + misfire_grace_ms
     if schedule_status == S.SCHEDULED:  # the first dispatch attempt, even if then refused
         tx.schedule_to(schedule, schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
     silence = gate.unreachable.get(change_id or "")
     if silence is None:
         refused = gate.refusal(change_id, ticketing.state_text(ticket_approval, ticket_status))
-    elif tx.now_ms <= (start_ms if start_ms is not None else created_ms) + misfire_grace_ms:
+    elif tx.now_ms <= deadline_ms:
         tx.execute(
             "UPDATE elements SET hold_ms = ? WHERE id = ?", (tx.now_ms + gate.hold_ms, element)
         )
@@ -583,7 +585,9 @@ def begin_dispatch(
         (key, tx.now_ms, element),
     )
     planned_ms = start_ms if start_ms is not None else created_ms
-    return DispatchJob(element, schedule, schedule_id, name, request, key, attempts + 1, planned_ms)
+    return DispatchJob(
+        element, schedule, schedule_id, name, request, key, attempts + 1, planned_ms, deadline_ms
+    )
 
 
 def next_due_ms(conn: Any) -> int | None:
@@ -646,6 +650,16 @@ def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | N
     return recorded
 
 
+def release_dispatches(tx: Tx, elements: list[int]) -> None:
+    """Nothing was sent for these (the daemon stopped while the orchestrator could not be
+    reached): clear the intent, so the next start dispatches them instead of reconciling."""
+    tx.execute(
+        "UPDATE elements SET dispatch_started_ms = NULL WHERE id IN"
+        " (SELECT value FROM json_each(?)) AND status IN (?, ?)",
+        (json.dumps(elements), E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
+    )
+
+
 def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
     """After a restart: elements whose dispatch intent was committed but whose answer was not.
     The orchestrator may or may not have the work flow; never send it blindly again."""
@@ -680,13 +694,19 @@ def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
 # -- polling --------------------------------------------------------------------------------
 
 
-def in_flight(conn: Any) -> list[tuple[int, str, str, int | None]]:
-    """(element, name, SO request id, dispatch time) of every triggered element."""
+def in_flight(conn: Any) -> list[tuple[int, str, str, str, int | None]]:
+    """(element, schedule id, name, SO request id, dispatch time) of every triggered element."""
     return conn.execute(
-        "SELECT id, name, so_request_id, dispatch_ms FROM elements WHERE status = ?"
-        " ORDER BY dispatch_ms",
+        "SELECT e.id, s.schedule_id, e.name, e.so_request_id, e.dispatch_ms FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule WHERE e.status = ? ORDER BY e.dispatch_ms",
         (E.TRIGGERED.value,),
     ).fetchall()
+
+
+def record_polls(tx: Tx, outcomes: list[tuple[int, PollOutcome]]) -> list[E | None]:
+    """`record_poll` for a whole round of polls in one transaction; each element's new status
+    (None: still running)."""
+    return [record_poll(tx, element, outcome) for element, outcome in outcomes]
 
 
 def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
@@ -722,8 +742,20 @@ def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
         so_message=outcome.so_message,
         so_ms=tx.now_ms,
         completed_ms=outcome.completed_ms or tx.now_ms,
+        **failure_message(outcome),
     )
     return outcome.status
+
+
+def failure_message(outcome: PollOutcome) -> dict[str, str]:
+    """A work flow that ended badly keeps the orchestrator's reason as its status message (the
+    MESSAGE an operator reads), not only in the SO columns."""
+    if outcome.status is E.COMPLETED:
+        return {}
+    reason = (
+        f"{outcome.so_status}: {outcome.so_message}" if outcome.so_message else outcome.so_status
+    )
+    return {"status_message": f"orchestrator: {reason}"[:4000]}
 
 
 # -- delete ---------------------------------------------------------------------------------
@@ -917,12 +949,10 @@ def book_busy(
     wanted = requirements(names, element_data)
     if not wanted:
         return {}
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS book_names (name TEXT PRIMARY KEY)")
-    conn.execute("DELETE FROM book_names")
-    conn.executemany("INSERT INTO book_names VALUES (?)", [(n,) for n in wanted])
-    rows = conn.execute(
+    rows = conn.execute(  # (a JSON array, not a temporary table: reads are query-only)
         "SELECT element, start_ms, end_ms, kind || ' ' || ref, reason FROM availability"
-        " WHERE element IN (SELECT name FROM book_names)"
+        " WHERE element IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(wanted)),),
     ).fetchall()
     return blocking(rows, wanted)
 

@@ -177,6 +177,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX availability_element ON availability(element, start_ms);
     ALTER TABLE approvals ADD COLUMN caller TEXT;
     """,
+    # 7: a schedule's elements in group order (its view, the list's counts) without a full scan
+    """
+    CREATE INDEX elements_schedule ON elements(schedule, grp, id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
