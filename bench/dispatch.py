@@ -3,8 +3,8 @@
 The real daemon runs as its own process (so.mode = http); the orchestrator is the tests'
 fake SO in a thread of this process, which records when each POST arrives. Lateness is that
 time minus the element's due time (start - lead_time). Then, with 10,000 work flows in
-flight (the fake SO answers IN_PROGRESS for ever) polled every second, the daemon process's
-CPU and memory are read from /proc.
+flight (the fake SO answers IN_PROGRESS for ever) polled at the default interval (10 s) and then
+every second, the daemon process's CPU and memory are read from /proc.
 With --all-gates every dispatch gate has something to check: a failure threshold on every
 schedule, a freeze turned on and off again, a blackout in the book on each burst element
 (long after its slot), so each due element's snapshot reads them all.
@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
+from cmsod.config import PollerConfig  # noqa: E402
 from cmsod.ctl import call  # noqa: E402
 from tests.cmso_requests import iso, request  # noqa: E402
 from tests.fake_http import FakeSO  # noqa: E402
@@ -74,7 +75,6 @@ def proc_cpu_and_rss(pid: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-polling", action="store_true")
-    parser.add_argument("--in-flight", type=int, default=10_000)
     parser.add_argument("--all-gates", action="store_true")
     args = parser.parse_args()
     print(describe())
@@ -158,19 +158,26 @@ def main() -> None:
                         )
                 if not args.skip_polling:
                     in_flight = len([r for r in so.requests if r.method == "POST"])
-                    daemon.stop()
-                    env["CMSOD_POLLER__INTERVAL_S"] = "1"
-                    daemon = Daemon(state, extra_env=env)
-                    time.sleep(5)  # let the poller spread out
-                    cpu0, _ = proc_cpu_and_rss(daemon.proc.pid)
-                    polls0, t0 = so.status_calls, time.time()
-                    time.sleep(20)
-                    cpu1, rss = proc_cpu_and_rss(daemon.proc.pid)
-                    polls, elapsed = so.status_calls - polls0, time.time() - t0
-                    print(
-                        f"{in_flight:,} work flows in flight polled every 1 s: {polls / elapsed:,.0f} polls/s, "
-                        f"daemon CPU {(cpu1 - cpu0) / elapsed:.2f} cores, RSS {rss:.0f} MB"
-                    )
+                    default = PollerConfig().interval_s
+                    for interval, settle_s, measure_s in [(default, 12, 40), (1.0, 5, 20)]:
+                        daemon.stop()
+                        env["CMSOD_POLLER__INTERVAL_S"] = str(interval)
+                        daemon = Daemon(state, extra_env=env)
+                        time.sleep(settle_s)  # the first round of polls has begun
+                        cpu0, _ = proc_cpu_and_rss(daemon.proc.pid)
+                        polls0, t0 = so.status_calls, time.time()
+                        time.sleep(measure_s)
+                        cpu1, rss = proc_cpu_and_rss(daemon.proc.pid)
+                        polls, elapsed = so.status_calls - polls0, time.time() - t0
+                        every = f"{interval:g} s" + (
+                            " (the default)" if interval == default else ""
+                        )
+                        print(
+                            f"{in_flight:,} work flows in flight polled every {every}: "
+                            f"{polls / elapsed:,.0f} polls/s, daemon CPU "
+                            f"{(cpu1 - cpu0) / elapsed:.3f} cores, RSS {rss:.0f} MB "
+                            f"(over {elapsed:.0f} s)"
+                        )
             finally:
                 daemon.stop()
     finally:

@@ -85,7 +85,10 @@ class SoConfig(Section, frozen=True):
     credentials_file: str = ""  # one line user:password for basic auth; "" = none
     connect_timeout_s: Positive = 5.0
     read_timeout_s: Positive = 30.0
-    connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # nothing sent yet: safe
+    # A dispatch that never reached SO is tried again until the element's misfire grace ends,
+    # waiting 0.25 s, 0.5 s, ... up to retry_max_s between tries.
+    retry_max_s: Positive = 30.0
+    connect_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3  # re-sends of an unconfirmed
     resend_unconfirmed: bool = False  # re-send an unconfirmed dispatch (the SO de-duplicates)
     pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32  # status GETs per write
 
@@ -153,6 +156,20 @@ class EventsConfig(Section, frozen=True):
             )
 
 
+class TlsConfig(Section, frozen=True):
+    """How every https peer (SO, ticket system, event sinks) is trusted and authenticated:
+    one SSL context built from this serves them all (peers/tls.py)."""
+
+    ca_file: str = ""  # PEM file of the CAs to trust, instead of the system's; "" = the system's
+    client_cert: str = ""  # PEM certificate (chain) shown to peers that ask for one; "" = none
+    client_key: str = ""  # its private key, if not in client_cert
+    verify: bool = True  # false: accept any certificate and host name (never in production)
+
+    def __post_init__(self) -> None:
+        if self.client_key and not self.client_cert:
+            raise ValueError("tls.client_key is set but tls.client_cert is not")
+
+
 class ControlConfig(Section, frozen=True):
     socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = (
@@ -207,6 +224,7 @@ class Config(Section, frozen=True):
     so: SoConfig = SoConfig()
     tickets: TicketsConfig = TicketsConfig()
     events: EventsConfig = EventsConfig()
+    tls: TlsConfig = TlsConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()

@@ -1,8 +1,9 @@
 """`cmsoctl`: drive a running cmsod through its control socket.
 
-Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 69 daemon unreachable (or, for
-`watch`, it ended the stream); 73 cannot write the --svg file; 75 timed out; 76 protocol error
-(a reply that does not decode); 77 permission denied; 141 the reader of stdout went away.
+Exit codes: 0 ok; 1 the daemon answered with an error; 2 usage; 3 `status`: the daemon
+answered but is not healthy (degraded: a peer failing, an actor stalled); 69 daemon unreachable
+(or, for `watch`, it ended the stream); 73 cannot write the --svg file; 75 timed out; 76 protocol
+error (a reply that does not decode); 77 permission denied; 141 the reader of stdout went away.
 With --json, stdout holds exactly one JSON document (the reply's parameters, or the error);
 `watch --json` prints one JSON document per line (JSON lines), one per CM event.
 """
@@ -17,6 +18,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from cmsod.model import ElementStatus as E
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 from cmsod.wire.events import EVENT_TYPES
 
-EX_OK, EX_ERROR, EX_USAGE = 0, 1, 2
+EX_OK, EX_ERROR, EX_USAGE, EX_UNHEALTHY = 0, 1, 2, 3
 EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 69, 73, 75, 76, 77
 EX_SIGPIPE = 141  # 128 + SIGPIPE, as the shell reports a writer whose reader went away
 DEFAULT_SOCKET = "/run/cmsod/control.sock"
@@ -88,26 +90,88 @@ def _connect(sock: socket.socket, path: str) -> socket.socket:
 
 
 def call(path: str, method: str, parameters: dict[str, Any], timeout: float) -> Reply:
+    return next(replies(path, method, parameters, timeout, more=False))
+
+
+def replies(
+    path: str, method: str, parameters: dict[str, Any], timeout: float, more: bool = True
+) -> Iterator[Reply]:
+    """The daemon's replies to one call, as they come: with `more`, until one does not say it
+    continues (or is an error); `timeout` is for each reply."""
     sock = connect(path, timeout)
-    try:
-        with sock:
-            sock.sendall(msgspec.json.encode({"method": method, "parameters": parameters}) + b"\0")
-            buffer = bytearray()
-            while b"\0" not in buffer:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    raise CtlError(EX_PROTOCOL, "the daemon closed the connection without a reply")
-                buffer += chunk
-                if len(buffer) > MAX_REPLY:
-                    raise CtlError(EX_PROTOCOL, "reply too large")
-    except TimeoutError:
-        raise CtlError(EX_TEMPFAIL, f"no reply from cmsod within {timeout:g} s") from None
-    except OSError as exc:
-        raise CtlError(EX_UNAVAILABLE, f"connection to cmsod failed: {exc.strerror}") from None
-    try:
-        return msgspec.json.decode(bytes(buffer[: buffer.index(b"\0")]), type=Reply)
-    except msgspec.DecodeError as exc:
-        raise CtlError(EX_PROTOCOL, f"malformed reply: {exc}") from None
+    message: dict[str, Any] = {"method": method, "parameters": parameters}
+    if more:
+        message["more"] = True
+    buffer = bytearray()
+    with sock:
+        try:
+            sock.sendall(msgspec.json.encode(message) + b"\0")
+        except OSError as exc:
+            raise CtlError(EX_UNAVAILABLE, f"connection to cmsod failed: {exc.strerror}") from None
+        while True:
+            try:
+                while b"\0" not in buffer:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        raise CtlError(
+                            EX_PROTOCOL, "the daemon closed the connection without a reply"
+                        )
+                    buffer += chunk
+                    if len(buffer) > MAX_REPLY:
+                        raise CtlError(EX_PROTOCOL, "reply too large")
+            except TimeoutError:
+                raise CtlError(EX_TEMPFAIL, f"no reply from cmsod within {timeout:g} s") from None
+            except OSError as exc:
+                raise CtlError(
+                    EX_UNAVAILABLE, f"connection to cmsod failed: {exc.strerror}"
+                ) from None
+            end = buffer.index(b"\0")
+            try:
+                reply = msgspec.json.decode(bytes(buffer[:end]), type=Reply)
+            except msgspec.DecodeError as exc:
+                raise CtlError(EX_PROTOCOL, f"malformed reply: {exc}") from None
+            del buffer[: end + 1]
+            yield reply
+            if reply.error or not reply.continues:
+                return
+
+
+def whole_schedule(stream: Iterator[Reply]) -> Reply:
+    """A streamed Schedules.Get put back together: the schedule, then its elements."""
+    head = next(stream)
+    if head.error:
+        return head
+    schedule = head.parameters["schedule"]
+    groups = {g["groupId"]: g["changeManagementSchedules"] for g in schedule["groups"]}
+    for reply in stream:
+        if reply.error:
+            return reply
+        for element in reply.parameters["elements"]:
+            groups[element.pop("groupId")].append(element)
+    return Reply({"schedule": schedule})
+
+
+def print_rows(
+    stream: Iterator[Reply], key: str, as_json: bool, as_table: Callable[[list[Any], bool], str]
+) -> Reply | None:
+    """Print the rows of a streamed reply as they come: one JSON document `{key: [...]}`, or
+    a table (its header once). The error reply that ended it, if one did."""
+    first = True
+    for reply in stream:
+        if reply.error:
+            if as_json and not first:
+                print("]}")
+            return reply
+        rows = reply.parameters[key]
+        if as_json:
+            out = ",".join(msgspec.json.encode(row).decode() for row in rows)
+            print(("{" + f'"{key}":[' if first else ",") + out, end="")
+        elif rows or first:
+            print(as_table(rows, first))
+        first = False
+    if as_json:
+        print("]}")
+    return None
 
 
 # -- human output -----------------------------------------------------------------------------
@@ -123,11 +187,14 @@ def when(text: str) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def table(rows: list[list[Any]], header: list[str]) -> str:
+def table(rows: list[list[Any]], header: list[str], with_header: bool = True) -> str:
+    """Columns as wide as their widest cell (of these rows: a streamed table is printed a
+    chunk at a time, under the first chunk's header)."""
     cells = [header] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in cells[0 if with_header else 1 :]
     )
 
 
@@ -314,6 +381,35 @@ def show_ticket(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def details_table(rows: list[dict[str, Any]], header: bool) -> str:
+    return table(
+        [
+            [
+                d["scheduleRequest"]["scheduleId"],
+                d.get("groupId"),
+                d["vnfName"],
+                d["status"],
+                d.get("startTime"),
+                d.get("finishTime"),
+            ]
+            for d in rows
+        ],
+        ["SCHEDULE", "GROUP", "VNF", "STATUS", "START", "FINISH"],
+        header,
+    )
+
+
+def list_table(rows: list[dict[str, Any]], header: bool) -> str:
+    return table(
+        [
+            [s["scheduleId"], s["status"], s["userId"], s["createDateTime"], s["elements"]]
+            for s in rows
+        ],
+        ["SCHEDULE", "STATUS", "USER", "CREATED", "ELEMENTS"],
+        header,
+    )
+
+
 def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     if command == "show":
         return show_schedule(p["schedule"], args.status if args else None)
@@ -331,29 +427,10 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             p["schedule"], args.width, args.tz, args.by, colour=sys.stdout.isatty()
         )
     if command == "list":
-        out = table(
-            [
-                [s["scheduleId"], s["status"], s["userId"], s["createDateTime"], s["elements"]]
-                for s in p["schedules"]
-            ],
-            ["SCHEDULE", "STATUS", "USER", "CREATED", "ELEMENTS"],
-        )
-        return out + (f"\n(more: --after {p['next']})" if p.get("next") else "")
+        out = list_table(p["schedules"], True)
+        return out + (f"\n(more: --after {p['next']}, or --all)" if p.get("next") else "")
     if command == "details":
-        return table(
-            [
-                [
-                    d["scheduleRequest"]["scheduleId"],
-                    d.get("groupId"),
-                    d["vnfName"],
-                    d["status"],
-                    d.get("startTime"),
-                    d.get("finishTime"),
-                ]
-                for d in p["details"]
-            ],
-            ["SCHEDULE", "GROUP", "VNF", "STATUS", "START", "FINISH"],
-        )
+        return details_table(p["details"], True)
     if command == "freeze":
         return freeze_line(p["freeze"])
     if command == "resume":
@@ -361,7 +438,8 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
     if command == "status":
         lines = [freeze_line(p.get("freeze"))] if p.get("freeze") else []
         lines += [
-            f"healthy    {'yes' if p['healthy'] else 'NO'}",
+            "healthy    "
+            + ("yes" if p["healthy"] else "NO, degraded: " + ", ".join(p.get("problems", []))),
             f"build      {p['buildInfo']}",
             f"time       {p['currentTime']}",
         ]
@@ -639,9 +717,9 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="cmsoctl",
         description="Drive cmsod through its control socket.",
-        epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 69 daemon unreachable, "
-        "73 cannot write the --svg file, 75 timeout, 76 protocol error, 77 permission denied, "
-        "141 stdout closed",
+        epilog="exit codes: 0 ok, 1 the daemon said no, 2 usage, 3 status: not healthy, "
+        "69 daemon unreachable, 73 cannot write the --svg file, 75 timeout, 76 protocol error, "
+        "77 permission denied, 141 stdout closed",
     )
     top.add_argument(
         "--socket",
@@ -693,6 +771,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", help="only this status (repeatable)")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--after", help="page after this schedule id")
+    p.add_argument("--all", action="store_true", help="every page from there, streamed")
     p = sub.add_parser(
         "details",
         help="search elements (CMSO scheduleDetails filters)",
@@ -775,7 +854,21 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "watch":
             return watch(args)
         method, parameters = request_for(args)
-        reply = call(args.socket, method, parameters, args.timeout)
+        if args.command in ("show", "gantt"):
+            reply = whole_schedule(replies(args.socket, method, parameters, args.timeout))
+        elif args.command == "details" or (args.command == "list" and args.all):
+            key, as_table = (
+                ("details", details_table)
+                if args.command == "details"
+                else ("schedules", list_table)
+            )
+            stream = replies(args.socket, method, parameters, args.timeout)
+            ended = print_rows(stream, key, args.json, as_table)
+            if ended is None:
+                return EX_OK
+            reply = ended
+        else:
+            reply = call(args.socket, method, parameters, args.timeout)
     except CtlError as exc:
         if args.json:
             print(
@@ -802,6 +895,8 @@ def run(argv: list[str] | None = None) -> int:
         print(msgspec.json.encode(reply.parameters).decode())
     else:
         print(human(args.command, reply.parameters, args))
+    if args.command == "status" and not reply.parameters.get("healthy", True):
+        return EX_UNHEALTHY
     return EX_OK
 
 

@@ -35,6 +35,7 @@ from cmsod.control import metrics, server
 from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
+from cmsod.peers import tls
 from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import tm_for
@@ -79,17 +80,19 @@ def build_context(
     store = Store(
         cfg.store_path, executor, clock, cfg.events.topic, cfg.events.source, cfg.events.route_by
     )
+    ssl_context = tls.context(cfg.tls)  # one for every peer
+    connections = cfg.dispatcher.max_concurrent + cfg.poller.max_concurrent
     ctx = Context(
         config=cfg,
         store=store,
         clock=clock,
         so=(
-            HttpSO.from_config(cfg.so, cfg.dispatcher.max_concurrent + cfg.poller.max_concurrent)
+            HttpSO.from_config(cfg.so, connections, ssl_context)
             if cfg.so.mode == "http"
             else LoopbackSO(clock, cfg.so.simulated_duration_s)
         ),
-        tm=tm_for(cfg.tickets),
-        sink=sink_for(cfg, cfg.events_dir, own_thread()),
+        tm=tm_for(cfg.tickets, ssl_context),
+        sink=sink_for(cfg, cfg.events_dir, own_thread(), ssl_context),
         planning=planning_for(cfg),
         compute=own_thread(),
     )
@@ -117,6 +120,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
                 ("daemon.socket", old.socket_path, new.socket_path),
                 ("daemon.state_dir", old.state_dir, new.state_dir),
                 ("metrics.listen", old.metrics.listen, new.metrics.listen),
+                ("tls", old.tls, new.tls),  # the peers' one SSL context is built at start-up
             ]
             if before != after
         ]
@@ -330,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = config.load(config_path, state_dir=args.state_dir)
-        planning_for(cfg)  # policy, inventory and credentials files are configuration too
+        planning_for(cfg)  # policy, inventory, TLS and credentials files are configuration too
+        tls.context(cfg.tls)
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
             raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
     except ConfigError as exc:

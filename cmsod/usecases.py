@@ -95,14 +95,29 @@ async def get_schedule(ctx: Context, schedule_id: str) -> dict[str, Any]:
     return await ctx.store.read(views.get_schedule, schedule_id)
 
 
+async def schedule_head(ctx: Context, schedule_id: str) -> dict[str, Any]:
+    """The view without its elements, `elements` their count."""
+    return await ctx.store.read(views.schedule_head, schedule_id)
+
+
+def schedule_stream(
+    ctx: Context, schedule_id: str, chunk: int
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The head, then every element with its `groupId`, `chunk` at a time, one snapshot."""
+    return ctx.store.stream(views.schedule_stream, schedule_id, chunk=chunk)
+
+
 async def list_schedules(
     ctx: Context, status: list[str] | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
     return await ctx.store.read(views.list_schedules, status, limit, after)
 
 
-async def details(ctx: Context, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
-    return await ctx.store.read(views.details, filters)
+def details(
+    ctx: Context, filters: dict[str, list[str]], chunk: int
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The matching elements, `chunk` at a time, from one snapshot."""
+    return ctx.store.stream(views.details, filters, chunk=chunk)
 
 
 async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, Any]:
@@ -238,24 +253,30 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
+    components = [
+        component("Scheduler Database", str(ctx.config.store_path), db_ok),
+        component(
+            "SO Interface",
+            ctx.config.so.url or ctx.config.so.mode,
+            peer_ok("dispatcher", "poller"),
+        ),
+        component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
+        component(
+            "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
+        ),
+    ]
+    # Healthy only when every part is: a daemon that cannot reach its orchestrator is degraded
+    # (and `cmsoctl status` exits 3), whatever else works.
+    problems = [f"{c['name']} {c['status']}" for c in components if not c["healthy"]]
+    problems += [f"actor {name} stalled" for name in sorted(stalled)]
     return {
         "freeze": frozen,
-        "healthy": db_ok and not stalled,
+        "healthy": not problems,
+        "problems": problems,
         "buildInfo": f"cmsod {__version__}",
         "currentTime": lifecycle.format_time(ctx.clock.now_ms()),
         "hostname": hostname,
-        "components": [
-            component("Scheduler Database", str(ctx.config.store_path), db_ok),
-            component(
-                "SO Interface",
-                ctx.config.so.url or ctx.config.so.mode,
-                peer_ok("dispatcher", "poller"),
-            ),
-            component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
-            component(
-                "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
-            ),
-        ],
+        "components": components,
         "actors": {
             name: {
                 "heartbeatAgeS": round(now - f.heartbeat, 3),

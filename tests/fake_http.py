@@ -1,16 +1,19 @@
 """A small real HTTP/1.1 server on loopback for tests, with fault injection.
 
 `FakeHTTP(handler)` calls `handler(request)` for every request and acts on what it returns:
-a `Reply` (status, body, optional delay), `Drop` (the request was taken, the connection is
-closed without an answer: "executed, reply lost"), or `Reset` (the connection is reset before
-anything is read). Every request is recorded. Serve it inside a trio test with
-`nursery.start(server.serve)`, or in its own thread for a daemon process with `in_thread()`.
+a `Reply` (status, body, optional delay), `Raw` (these exact bytes as the answer, for
+mis-framed ones), `Drop` (the request was taken, the connection is closed without an answer:
+"executed, reply lost"), or `Reset` (the connection is reset before anything is read). Every
+request is recorded. Serve it inside a trio test with `nursery.start(server.serve)`, or in its
+own thread for a daemon process with `in_thread()`. `host` may be "::1" (IPv6 loopback);
+`ssl_context` serves HTTPS.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -51,6 +54,14 @@ class Reply:
         return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+@dataclass
+class Raw:
+    """These bytes as the answer, exactly as given; then close the connection if `close`."""
+
+    data: bytes
+    close: bool = False
+
+
 class Drop:
     """Take the request (the handler ran), then close the connection without answering."""
 
@@ -59,38 +70,60 @@ class Reset:
     """Reset the connection before reading the request."""
 
 
-Handler = Callable[[Request], "Reply | Drop | Reset"]
+Handler = Callable[[Request], "Reply | Raw | Drop | Reset"]
 
 
 class FakeHTTP:
-    def __init__(self, handler: Handler) -> None:
+    def __init__(
+        self, handler: Handler, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.handler = handler
+        self.host = host
+        self.ssl_context = ssl_context
         self.requests: list[Request] = []
         self.port = 0
+        self.connections = 0  # connections accepted so far
         self.reset_next = 0  # reset this many coming connections at once
         self.close_after_reply = False  # a server whose keep-alive ends after each answer
+        self.idle: set[trio.abc.Stream] = set()  # connections waiting for a request
         self._lock = threading.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)  # port 0: any
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
         await trio.serve_listeners(self._connection, listeners)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def close_idle(self) -> None:
+        """Close every connection that waits for a request, as a keep-alive timeout would."""
+        idle, self.idle = self.idle, set()
+        for stream in idle:
+            await trio.aclose_forcefully(stream)
+
+    async def _connection(self, socket_stream: trio.SocketStream) -> None:
+        self.connections += 1
         if self.reset_next:
             self.reset_next -= 1
-            await _reset(stream)
+            await _reset(socket_stream)
             return
+        stream: trio.abc.Stream = socket_stream
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(socket_stream, self.ssl_context, server_side=True)
         buffer = b""
         try:
             while True:
                 while b"\r\n\r\n" not in buffer:
-                    data = await stream.receive_some(65536)
+                    if not buffer:
+                        self.idle.add(stream)
+                    try:
+                        data = await stream.receive_some(65536)
+                    finally:
+                        self.idle.discard(stream)
                     if not data:
                         return
                     buffer += data
@@ -110,11 +143,17 @@ class FakeHTTP:
                     self.requests.append(request)
                     reply = self.handler(request)
                 if isinstance(reply, Reset):
-                    await _reset(stream)
+                    await _reset(socket_stream)
                     return
                 if isinstance(reply, Drop):
                     await stream.aclose()
                     return
+                if isinstance(reply, Raw):
+                    await stream.send_all(reply.data)
+                    if reply.close:
+                        await stream.aclose()
+                        return
+                    continue
                 if reply.delay_s:
                     await trio.sleep(reply.delay_s)
                 await stream.send_all(reply.encode())
@@ -170,6 +209,7 @@ class FakeSO(FakeHTTP):
         self.dispatch_faults: dict[int, Reply | Drop | Reset] = {}
         self.status_faults: dict[int, Reply | Drop | Reset] = {}
         self.dedupe = False
+        self.polls_down = False  # reset every status poll: an outage of SO's status API
         self.started: list[tuple[str, str]] = []  # (X-TransactionId, vnf) of work flows started
         self.polls: dict[str, int] = {}
         self.by_key: dict[str, str] = {}
@@ -198,6 +238,8 @@ class FakeSO(FakeHTTP):
             return fault if isinstance(fault, Drop) else self._accepted(vnf, request_id)
         if request.method == "GET":
             self.status_calls += 1
+            if self.polls_down:
+                return Reset()
             fault = self.status_faults.get(self.status_calls)
             if fault is not None:
                 return fault

@@ -136,6 +136,13 @@ def test_bad_companion_files_fail_check_config(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 78 and "credentials_file" in result.stderr
+    conf.write_text('[tls]\nca_file = "/nonexistent/ca.pem"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cmsod", "--check-config", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 78 and "tls.ca_file /nonexistent/ca.pem" in result.stderr
     inventory = tmp_path / "inventory.toml"
     inventory.write_text('[elements."n1"]\ntimezone = 5\n')
     conf.write_text(f'[optimizer]\ninventory = "{inventory}"\n')
@@ -190,5 +197,8 @@ def test_reload_refuses_what_the_peers_were_built_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tickets.mode, tickets.url cannot change"):
         reload()
     assert ctx.config is before
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[tls]\nverify = false\n')
+    with pytest.raises(ConfigError, match="tls cannot change"):
+        reload()
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[poller]\ninterval_s = 2.0\n')
     assert reload() == ["poller.interval_s"]

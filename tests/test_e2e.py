@@ -284,3 +284,57 @@ def test_sigterm_while_the_sink_hangs_stops_within_the_grace(tmp_path: Path) -> 
         assert daemon.stop() == 0
     finally:
         stop()
+
+
+def test_status_is_degraded_and_exits_3_while_the_orchestrator_is_down(tmp_path: Path) -> None:
+    with socket.socket() as down:  # bound, not listening: connections are refused
+        down.bind(("127.0.0.1", 0))
+        env = {
+            "CMSOD_SO__MODE": "http",
+            "CMSOD_SO__URL": f"http://127.0.0.1:{down.getsockname()[1]}",
+        }
+        daemon = Daemon(tmp_path, extra_env=env)
+        try:
+            code, out = cmsoctl(tmp_path, "status")
+            assert code == 0 and "healthy    yes" in out
+            body = request("down", now=datetime.now(UTC), nodes=["n1"], minutes_from_now=None)
+            assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+            daemon.wait_log(r"level=warning event=element\.dispatch_retrying schedule_id=down")
+            code, out = cmsoctl(tmp_path, "status")
+            assert code == 3, out
+            assert "healthy    NO, degraded: SO Interface FAILED" in out
+            code, out = cmsoctl(tmp_path, "--json", "status")
+            assert code == 3 and json.loads(out)["problems"] == ["SO Interface FAILED"]
+        finally:
+            assert daemon.stop() == 0
+
+
+def test_cmsoctl_reads_large_answers_as_they_stream(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    try:
+        later = datetime.now(UTC) + timedelta(days=1)
+        nodes = [f"n{i:04}" for i in range(2500)]
+        for schedule_id, names in (("big", nodes), ("small", ["m1"])):
+            body = request(schedule_id, names, now=later, minutes_from_now=600)
+            assert cmsoctl(tmp_path, "submit", "-", stdin=json.dumps(body))[0] == 0
+        code, out = cmsoctl(tmp_path, "--json", "details", "--filter", "vnfName=n%")
+        assert code == 0, out[-300:]
+        rows = json.loads(out)["details"]  # one JSON document, written as the rows came
+        assert [r["vnfName"] for r in rows] == nodes
+        code, out = cmsoctl(tmp_path, "details", "--filter", "vnfName=n%")
+        lines = out.splitlines()
+        assert code == 0 and lines[0].startswith("SCHEDULE") and len(lines) == 2501
+        code, out = cmsoctl(tmp_path, "--json", "show", "big")
+        assert code == 0
+        items = json.loads(out)["schedule"]["groups"][0]["changeManagementSchedules"]
+        assert [i["vnfName"] for i in items] == nodes
+        code, out = cmsoctl(tmp_path, "list", "--all", "--limit", "1")
+        assert code == 0 and [line.split()[0] for line in out.splitlines()] == [
+            "SCHEDULE",
+            "small",  # newest first
+            "big",
+        ]
+        code, out = cmsoctl(tmp_path, "details", "--filter", "vnfName=none%")
+        assert code == 1 and "404" in out
+    finally:
+        assert daemon.stop() == 0

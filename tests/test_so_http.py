@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import trio
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from tests.cmso_requests import request
-from tests.conftest import EPOCH, Daemon, start_daemon
+from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
 from tests.fake_http import Drop, FakeSO, Reply, Reset
 
 DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
@@ -171,15 +173,93 @@ async def test_connection_reset_before_the_request_is_read(
     assert "may have started" in items["node1"]["statusMessage"]
 
 
-async def test_an_orchestrator_that_cannot_be_reached(autojump_clock, nursery, tmp_path) -> None:
-    cmsod = await start_daemon(
-        nursery, tmp_path, so__mode="http", so__url="http://127.0.0.1:9", so__connect_retries=2
-    )
-    items = await run_immediate(cmsod, ["node1"])
+def closed_port() -> socket.socket:
+    """A loopback port bound but not listening: connections to it are refused (the
+    orchestrator is down); close it to let a server take the port."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def test_an_orchestrator_that_cannot_be_reached_fails_after_the_grace(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    with closed_port() as down:
+        port = down.getsockname()[1]
+        cmsod = await start_daemon(
+            nursery,
+            tmp_path,
+            so__mode="http",
+            so__url=f"http://127.0.0.1:{port}",
+            dispatcher__misfire_grace_s=120,
+        )
+        began = trio.current_time()
+        items = await run_immediate(cmsod, ["node1"])
+    assert trio.current_time() - began >= 120  # tried for the whole grace
     assert items["node1"]["status"] == E.SCHEDULING_FAILED
-    assert items["node1"]["statusMessage"].startswith(
-        "could not reach the orchestrator (3 attempts)"
+    message = items["node1"]["statusMessage"]
+    assert message.startswith("not dispatched within the misfire grace (")
+    assert message.count("orchestrator") == 1, message  # the cause, said once
+    assert "reach" not in message  # (it was: could not reach ...: cannot reach ...: ...)
+    assert f"127.0.0.1:{port}" in message
+
+
+async def test_a_short_orchestrator_outage_costs_nothing(autojump_clock, nursery, tmp_path) -> None:
+    so = FakeSO()
+    down = closed_port()
+    so.port = down.getsockname()[1]
+    cmsod = await start_daemon(nursery, tmp_path, so__mode="http", so__url=so.url)
+    client = await cmsod.connect()
+    await client.ok(
+        "io.cmsod.Schedules.Create",
+        schedule=request("s1", now=EPOCH, nodes=["node1"], minutes_from_now=None),
     )
+
+    async def so_reported_down() -> bool:
+        health = await client.ok("io.cmsod.Manager.Status")
+        return health["actors"]["dispatcher"]["lastError"] is not None
+
+    await wait_until(so_reported_down, "the dispatcher meets the outage")
+    await trio.sleep(20)  # an outage of 20 s: longer than the old 4 tries in 1.7 s
+    down.close()
+    await nursery.start(so.serve)
+    view = await client.wait_for("s1", *DONE)
+    assert cmsod.element_statuses(view) == {"node1": E.COMPLETED}
+    assert len([r for r in so.requests if r.method == "POST"]) == 1
+
+
+async def test_stopping_during_an_outage_releases_the_element(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    """Nothing was sent: the next start dispatches it, it is not reconciled as unknown."""
+    with closed_port() as down:
+        port = down.getsockname()[1]
+        cmsod = await start_daemon(
+            nursery, tmp_path, so__mode="http", so__url=f"http://127.0.0.1:{port}"
+        )
+        client = await cmsod.connect()
+        await client.ok(
+            "io.cmsod.Schedules.Create",
+            schedule=request("s1", now=EPOCH, nodes=["node1"], minutes_from_now=None),
+        )
+
+        async def released() -> bool:
+            cmsod.ctx.stopping.set()
+            return cmsod.ctx.drained.is_set()
+
+        async def tried() -> bool:
+            health = await client.ok("io.cmsod.Manager.Status")
+            return health["actors"]["dispatcher"]["lastError"] is not None
+
+        await wait_until(tried, "the dispatcher meets the outage")
+        await wait_until(released, "the dispatcher drains")
+        cmsod.cancel.cancel()
+    so = FakeSO()
+    again = await (await daemon_for(nursery, tmp_path, so)).connect()
+    view = await again.wait_for("s1", *DONE)
+    assert view["groups"][0]["changeManagementSchedules"][0]["status"] == E.COMPLETED
+    assert len([r for r in so.requests if r.method == "POST"]) == 1
 
 
 @pytest.mark.parametrize(
@@ -265,3 +345,46 @@ async def test_credentials_never_reach_the_log(autojump_clock, nursery, tmp_path
     assert "s3cret" not in text and "element.dispatch_failed" in [
         getattr(r, "event", "") for r in caplog.records
     ]
+
+
+async def test_a_failed_work_flow_is_a_warning_with_its_schedule_and_so_reason(
+    autojump_clock, nursery, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="cmsod")
+    so = FakeSO(["IN_PROGRESS", "FAILED"])
+    items = await run_immediate(await daemon_for(nursery, tmp_path, so), ["node1"])
+    assert items["node1"]["status"] == E.FAILED
+    # the orchestrator's reason is the element's message (show's MESSAGE column)
+    assert items["node1"]["statusMessage"] == "orchestrator: FAILED: failed"
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "element.finished"]
+    assert record.levelno == logging.WARNING
+    assert record.fields["schedule_id"] == "s1"  # type: ignore[attr-defined]
+    assert record.fields["so_message"] == "failed"  # type: ignore[attr-defined]
+
+
+async def test_an_so_outage_does_not_cost_a_commit_per_element_per_round(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    so = FakeSO(["IN_PROGRESS"])
+    cmsod = await daemon_for(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    nodes = [f"n{i}" for i in range(200)]
+    await client.ok(
+        "io.cmsod.Schedules.Create",
+        schedule=request("s1", now=EPOCH, nodes=nodes, minutes_from_now=None),
+    )
+
+    async def all_polled() -> bool:
+        view = await client.schedule("s1")
+        items = [e for g in view["groups"] for e in g["changeManagementSchedules"]]
+        return all(e.get("msoStatus") == "IN_PROGRESS" for e in items)
+
+    await wait_until(all_polled, "every work flow polled once")
+    so.polls_down = True
+    commits = cmsod.ctx.store.commits
+    failed = cmsod.ctx.figures["poller"].errors
+    await trio.sleep(200)  # polls at about 30 s, 90 s (backing off), 210 s: twice each
+    assert cmsod.ctx.figures["poller"].errors - failed >= 2 * len(nodes)
+    # one transaction per round of polls (a round: those due within the jitter band), not
+    # one per element per round (400 and more)
+    assert cmsod.ctx.store.commits - commits < 50

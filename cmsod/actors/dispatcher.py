@@ -6,16 +6,17 @@ At most once: the intents of a due batch (each with its X-TransactionId key) are
 one transaction before any call, and the answers are committed after, in batches, by the
 recorder task. On start-up, elements caught between the two are reconciled
 (`dispatch.reconcile_dispatches`), never blindly re-sent. A call that never reached the
-orchestrator (`NotDelivered`) is retried; one that was sent but got no answer
-(`Unconfirmed`) is re-sent with the same key only where the configuration says the
-orchestrator de-duplicates, else it fails with a message saying the work may have started.
+orchestrator (`NotDelivered`) is retried until the element's misfire grace ends; one that was
+sent but got no answer (`Unconfirmed`) is re-sent with the same key only where the
+configuration says the orchestrator de-duplicates, else it fails with a message saying the
+work may have started.
 """
 
 from __future__ import annotations
 
 import trio
 
-from cmsod import gates, log
+from cmsod import gates, lifecycle, log
 from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
@@ -23,7 +24,8 @@ from cmsod.store import dispatch
 
 BATCH = 1000
 RETRY_BASE_S = 0.25
-Result = tuple[int, str | None, str | None]  # element, SO request id, failure message
+# element, SO request id, failure message; neither: released (stopping, nothing was sent)
+Result = tuple[int, str | None, str | None]
 
 
 async def run(
@@ -79,25 +81,46 @@ async def send(
     limiter: trio.CapacityLimiter,
     results: trio.MemorySendChannel[tuple[dispatch.DispatchJob, Result]],
 ) -> None:
-    async with results, limiter:
+    """Call the orchestrator for one element. A call that never reached it is tried again
+    with backoff until the element's misfire grace ends (a short outage must not fail a whole
+    slot); stopping meanwhile releases the element (nothing was sent), it is not failed."""
+    async with results:
         late_ms = max(0, ctx.clock.now_ms() - job.planned_ms)
         ctx.metrics.dispatch_lateness.observe(late_ms / 1000)
         so_cfg = ctx.config.so
-        attempt = 0
+        attempt = resends = 0
         while True:
+            attempt += 1
             try:
-                with ctx.metrics.call("so", "dispatch"):
-                    request_id = await ctx.so.dispatch(job.name, job.request, job.key)
+                async with limiter:  # not held while waiting to try again
+                    with ctx.metrics.call("so", "dispatch"):
+                        request_id = await ctx.so.dispatch(job.name, job.request, job.key)
             except NotDelivered as exc:
-                attempt += 1
-                if attempt > so_cfg.connect_retries:
-                    failure = f"could not reach the orchestrator ({attempt} attempts): {exc}"
+                figures = ctx.beat("dispatcher")
+                figures.peer_failing, figures.last_error = True, str(exc)
+                if attempt == 1:
+                    log.warning(
+                        "element.dispatch_retrying",
+                        schedule_id=job.schedule_id,
+                        vnf=job.name,
+                        reason=str(exc),
+                        until=lifecycle.format_time(job.deadline_ms),
+                    )
+                left_s = (job.deadline_ms - ctx.clock.now_ms()) / 1000
+                if left_s <= 0:
+                    failure = f"not dispatched within the misfire grace ({attempt} attempts): {exc}"
                     break
-                await trio.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
+                with trio.move_on_after(
+                    min(RETRY_BASE_S * 2 ** min(attempt - 1, 20), so_cfg.retry_max_s, left_s)
+                ):
+                    await ctx.stopping.wait()
+                if ctx.stopping.is_set():
+                    await results.send((job, (job.element, None, None)))
+                    return
                 continue
             except Unconfirmed as exc:
-                attempt += 1
-                if so_cfg.resend_unconfirmed and attempt <= so_cfg.connect_retries:
+                resends += 1
+                if so_cfg.resend_unconfirmed and resends <= so_cfg.connect_retries:
                     continue  # same X-TransactionId: the orchestrator de-duplicates
                 failure = (
                     f"{exc}; it may have started the work flow (X-TransactionId {job.key}), "
@@ -126,9 +149,15 @@ async def record(
                     batch.append(results.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await ctx.store.tx(dispatch.record_dispatch_results, [result for _, result in batch])
+            released = [job.element for job, (_, r, f) in batch if r is None and f is None]
+            answered = [result for _, result in batch if result[1:] != (None, None)]
+            if released:
+                await ctx.store.tx(dispatch.release_dispatches, released)
+            await ctx.store.tx(dispatch.record_dispatch_results, answered)
             for job, (_, request_id, failure) in batch:
-                if request_id is not None:
+                if request_id is None and failure is None:
+                    log.info("element.released", schedule_id=job.schedule_id, vnf=job.name)
+                elif request_id is not None:
                     figures.done += 1
                     figures.peer_failing = False
                     log.info(

@@ -86,9 +86,12 @@ async def may_change_state(ctx: Context, peer: Peer) -> bool:
 @dataclass(frozen=True)
 class Method:
     parameters: type
-    handler: Callable[..., Any]  # a coroutine, or an async iterator when it streams
+    # a coroutine; an async iterator when it streams; with `pages`, an async iterator of
+    # replies called with `more` (without it, it yields one reply)
+    handler: Callable[..., Any]
     changes_state: bool
-    streams: bool = False
+    streams: bool = False  # only with more: true (Events.Watch)
+    pages: bool = False  # with more: true its replies are streamed, else one reply
     with_peer: bool = False  # the handler also takes the caller's peer credentials
 
 
@@ -105,17 +108,60 @@ async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
     return {"scheduleId": schedule_id, "status": status.value}
 
 
-async def get(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:
-    return {"schedule": await usecases.get_schedule(ctx, p.scheduleId)}
+# Replies that may hold many rows: a call with `more: true` gets them streamed, STREAM_CHUNK
+# rows a reply (bounded memory whatever the size); a plain call gets one reply of at most
+# MAX_REPLY_ROWS rows, or io.cmsod.TooManyRows saying how to get them (docs/control.md).
+STREAM_CHUNK = 1000
+MAX_REPLY_ROWS = 10_000
 
 
-async def list_(ctx: Context, p: w.ListParameters) -> dict[str, Any]:
-    page, after = await usecases.list_schedules(ctx, p.status, p.limit, p.after)
-    return {"schedules": page, "next": after}
+def too_many(what: str) -> ControlError:
+    return ControlError(
+        f"more than {MAX_REPLY_ROWS} {what}: call with more: true to have them streamed "
+        f"({STREAM_CHUNK} a reply, as cmsoctl does), or narrow the search",
+        name="io.cmsod.TooManyRows",
+        limit=MAX_REPLY_ROWS,
+    )
 
 
-async def details(ctx: Context, p: w.DetailsParameters) -> dict[str, Any]:
-    return {"details": await usecases.details(ctx, p.filters)}
+async def get(ctx: Context, p: w.ScheduleIdParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+    """Streamed: the schedule (each group's `changeManagementSchedules` empty, `elements` its
+    count), then replies of `elements`, each with its `groupId`; all from one snapshot."""
+    if not more:
+        head = await usecases.schedule_head(ctx, p.scheduleId)
+        if head["elements"] > MAX_REPLY_ROWS:
+            raise too_many("elements in this schedule")
+        yield {"schedule": await usecases.get_schedule(ctx, p.scheduleId)}
+        return
+    stream = usecases.schedule_stream(ctx, p.scheduleId, STREAM_CHUNK)
+    async with contextlib.aclosing(stream) as chunks:
+        async for items in chunks:
+            if "groups" in items[0]:
+                head, items = items[0], items[1:]
+                yield {"schedule": head}
+            if items:
+                yield {"elements": items}
+
+
+async def list_(ctx: Context, p: w.ListParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+    """One page (`next`: the cursor for the page after); streamed: every page after `after`."""
+    after = p.after
+    while True:
+        page, after = await usecases.list_schedules(ctx, p.status, p.limit, after)
+        yield {"schedules": page, "next": after}
+        if not more or after is None:
+            return
+
+
+async def details(
+    ctx: Context, p: w.DetailsParameters, more: bool
+) -> AsyncIterator[dict[str, Any]]:
+    chunk = STREAM_CHUNK if more else MAX_REPLY_ROWS + 1
+    async with contextlib.aclosing(usecases.details(ctx, p.filters, chunk)) as rows:
+        async for batch in rows:
+            if not more and len(batch) > MAX_REPLY_ROWS:
+                raise too_many("elements match")
+            yield {"details": batch}
 
 
 async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
@@ -212,9 +258,9 @@ async def get_info(ctx: Context, p: w.NoParameters) -> dict[str, Any]:
 
 METHODS: dict[str, Method] = {
     "io.cmsod.Schedules.Create": Method(w.CreateParameters, create, True),
-    "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False),
-    "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False),
-    "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False),
+    "io.cmsod.Schedules.Get": Method(w.ScheduleIdParameters, get, False, pages=True),
+    "io.cmsod.Schedules.List": Method(w.ListParameters, list_, False, pages=True),
+    "io.cmsod.Schedules.Details": Method(w.DetailsParameters, details, False, pages=True),
     "io.cmsod.Schedules.Approve": Method(w.ApproveParameters, approve, True, with_peer=True),
     "io.cmsod.Schedules.Delete": Method(w.ScheduleIdParameters, delete, True),
     "io.cmsod.Schedules.Plan": Method(w.PlanParameters, plan, False),
@@ -270,7 +316,7 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
     try:
         if method is None:
             raise MethodNotFound(call.method)
-        if call.more and not method.streams:
+        if call.more and not (method.streams or method.pages):
             raise InvalidParameter("more", f"{call.method} does not stream replies")
         if method.streams and not call.more:
             raise InvalidParameter(
@@ -295,11 +341,18 @@ async def handle_message(ctx: Context, peer: Peer, message: bytes) -> AsyncGener
                 async for item in stream:
                     yield _encoder.encode({"parameters": item, "continues": True})
             return
-        result = await (
-            method.handler(ctx, parameters, peer)
-            if method.with_peer
-            else method.handler(ctx, parameters)
-        )
+        if method.pages:  # every reply but the last says it continues
+            result = None
+            async with contextlib.aclosing(method.handler(ctx, parameters, call.more)) as pages:
+                async for page in pages:
+                    if result is not None:
+                        yield _encoder.encode({"parameters": result, "continues": True})
+                    result = page
+            assert result is not None, "a paged method yields at least one reply"
+        elif method.with_peer:
+            result = await method.handler(ctx, parameters, peer)
+        else:
+            result = await method.handler(ctx, parameters)
     except RequestError as exc:
         yield _error("io.cmsod.RequestError", exc.to_parameters())
         return

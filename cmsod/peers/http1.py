@@ -1,37 +1,50 @@
-"""A small HTTP/1.1 client on trio streams, for the orchestrator's two hot paths.
+"""The HTTP/1.1 client for the orchestrator's hot paths: h11 frames every byte, this module
+moves the bytes over trio streams and keeps a pool of keep-alive connections to one origin.
 
-Why not httpx here: httpx costs about 1 ms of CPU per request at the concurrency dispatch
-needs, so 10,000 work flows polled every second would take well over a core. This client
-keeps connections alive and sends a batch of status GETs down one connection in one write
-(pipelining: a GET is safe to repeat, RFC 9112 §9.3.2), reading the answers as they come
-with a few bytes operations: tens of microseconds per poll (bench/README.md). A dispatch
-POST is never pipelined: it has a connection to itself.
+Why not httpx here: httpx costs about 1 ms of CPU per request at the concurrency dispatch and
+polling need; h11 (the sans-IO parser httpcore itself is built on) costs tens of microseconds
+(bench/README.md). httpx stays for the ticket system and the event sinks, where rates are low.
 
-It speaks only what the SO contract needs: requests with a Content-Length body; answers
-with Content-Length, chunked or close-delimited bodies; keep-alive and `Connection: close`;
-TLS for https URLs. Answers are bounded (MAX_HEAD, MAX_BODY); anything else is a
-ProtocolError. httpx stays for the ticket system and the event sinks, where rates are low.
+The rules that keep an answer from ever reaching the wrong request:
+- A connection carries one exchange at a time: one request, or (status polls only) a batch of
+  GETs pipelined in one write, `so.pipeline_depth` at most; a GET is safe to repeat (RFC 9112
+  §9.3.2). h11's client does not pipeline on one state machine, so each request of a batch
+  gets an h11.Connection of its own: it frames that request and reads exactly that answer, and
+  the bytes after it (`trailing_data`) go to the next request's. A dispatch POST is never
+  pipelined.
+- A batch stops at the first answer that is not whole and well-framed (or ends the
+  connection); the polls after it fail, and nothing after it is read as an answer.
+- A connection goes back to the pool only after a complete exchange that both sides agreed
+  to keep alive, with no byte left over. Anything else (an error, a timeout, a cancellation
+  at any await) closes it, so an answer still on the wire dies with its connection.
+- Framing is h11's, which refuses conflicting Content-Lengths and a chunk not followed by
+  CRLF; an answer carrying both Content-Length and Transfer-Encoding is refused here too
+  (RFC 9112 §6.3: "ought to be handled as an error").
+- Before an idle connection is reused it is checked with poll(2) (any file descriptor number):
+  readable while idle means closed by the peer or sent something nobody asked for: closed.
+
+Answers are bounded: the head by MAX_HEAD, the body by MAX_BODY.
 """
 
 from __future__ import annotations
 
 import errno
 import select
-import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import h11
 import trio
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 
 
 class ProtocolError(Exception):
-    """The peer's bytes are not an HTTP/1.1 answer we can read."""
+    """The peer's bytes are not an HTTP/1.1 answer we accept."""
 
 
 class ConnectFailed(Exception):
@@ -39,188 +52,83 @@ class ConnectFailed(Exception):
 
 
 class Broken(Exception):
-    """The connection failed after a request went out: the answers before it are in `got`."""
+    """The requests went out (or may have) and not every answer came back whole and
+    well-framed: the answers before the failure are in `got`."""
 
-    def __init__(self, why: str, got: list[Response]) -> None:
+    def __init__(self, why: str, got: list[Response] | None = None) -> None:
         super().__init__(why)
-        self.got = got
+        self.got = got or []
 
 
 @dataclass(frozen=True)
 class Response:
     status: int
     body: bytes
-    keep_alive: bool = True
 
 
-@dataclass
-class ResponseReader:
-    """Answers parsed out of a byte stream, in order (pure: no I/O). `feed` bytes in, take
-    `next()` until None; `eof()` when the peer closed, for a close-delimited last answer."""
-
-    buffer: bytearray = field(default_factory=bytearray)
-
-    def feed(self, data: bytes | bytearray) -> None:
-        self.buffer += data
-
-    def next(self) -> Response | None:
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    raise ProtocolError("answer head too large")
-                return None
-            if end > MAX_HEAD:
-                raise ProtocolError("answer head too large")
-            status, headers, keep_alive = _head(bytes(self.buffer[:end]))
-            if 100 <= status < 200:  # 100 Continue and the like: no body, the answer follows
-                del self.buffer[: end + 4]
-                continue
-            start = end + 4
-            if status in (204, 304):
-                del self.buffer[:start]
-                return Response(status, b"", keep_alive)
-            if "chunked" in headers.get(b"transfer-encoding", b"").lower().decode("latin-1"):
-                parsed = _chunked(self.buffer, start)
-                if parsed is None:
-                    return None
-                body, used = parsed
-                del self.buffer[:used]
-                return Response(status, body, keep_alive)
-            length = headers.get(b"content-length")
-            if length is None:
-                return None  # close-delimited: the whole rest, at eof()
-            try:
-                size = int(length)
-            except ValueError:
-                raise ProtocolError(f"bad Content-Length {length!r}") from None
-            if not 0 <= size <= MAX_BODY:
-                raise ProtocolError(f"Content-Length {size} out of bounds")
-            if len(self.buffer) < start + size:
-                return None
-            body = bytes(self.buffer[start : start + size])
-            del self.buffer[: start + size]
-            return Response(status, body, keep_alive)
-
-    def eof(self) -> Response | None:
-        """The peer closed: a close-delimited answer ends here; anything else half-read is lost."""
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        status, headers, _ = _head(bytes(self.buffer[:end]))
-        if b"content-length" in headers or b"transfer-encoding" in headers:
-            return None
-        body = bytes(self.buffer[end + 4 :])
-        self.buffer.clear()
-        return Response(status, body, keep_alive=False)
-
-
-def _head(head: bytes) -> tuple[int, dict[bytes, bytes], bool]:
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:100]!r}")
-    status = int(parts[1])
-    if not 100 <= status <= 599:
-        raise ProtocolError(f"status {status} out of range")
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise ProtocolError(f"bad header line {line[:100]!r}")
-        headers[name.strip().lower()] = value.strip()
-    connection = headers.get(b"connection", b"").lower()
-    keep_alive = b"close" not in connection and (
-        parts[0] == b"HTTP/1.1" or b"keep-alive" in connection
-    )
-    return status, headers, keep_alive
-
-
-def _chunked(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
-    """A chunked body from `start`: (body, bytes used through its end), None if incomplete."""
-    body = bytearray()
-    at = start
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            if len(buffer) - at > 1024:
-                raise ProtocolError("chunk size line too long")
-            return None
-        size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-        if size < 0 or len(body) + size > MAX_BODY:
-            raise ProtocolError("chunked body too large")
-        at = line_end + 2
-        if size == 0:  # the last chunk; then trailers up to an empty line
-            trailer_end = buffer.find(b"\r\n\r\n", at - 2)
-            if trailer_end < 0:
-                return None
-            return bytes(body), trailer_end + 4
-        if len(buffer) < at + size + 2:
-            return None
-        body += buffer[at : at + size]
-        at += size + 2
+Outgoing = tuple[h11.Request, bytes]  # a request and its body
 
 
 class Connection:
+    """One connection; each exchange on it frames its requests with fresh h11 state machines."""
+
     def __init__(self, stream: trio.abc.Stream, fileno: int) -> None:
         self.stream = stream
         self.fileno = fileno
-        self.reader = ResponseReader()
-        self.usable = True
 
     def stale(self) -> bool:
-        """An idle connection the peer has closed (or sent something unasked on): not reusable.
-        Checked before reuse so a dispatch never goes down a connection that is already dead."""
-        if self.reader.buffer:
-            return True
-        try:
-            readable, _, _ = select.select([self.fileno], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)  # readable while idle: closed, or bytes nobody asked for
+        """An idle connection the peer has closed (or sent something unasked on)."""
+        idle = select.poll()
+        idle.register(self.fileno, select.POLLIN)
+        return bool(idle.poll(0))
 
-    async def exchange(self, requests: Sequence[bytes], read_timeout_s: float) -> list[Response]:
-        """Send the requests in one write and read one answer for each, in order."""
-        got: list[Response] = []
-        try:
-            with trio.fail_after(read_timeout_s):
-                await self.stream.send_all(b"".join(requests))
-                while len(got) < len(requests):
-                    answer = self.reader.next()
-                    if answer is not None:
-                        got.append(answer)
-                        if not answer.keep_alive:
-                            break
-                        continue
-                    data = await self.stream.receive_some(READ_SIZE)
-                    if not data:
-                        last = self.reader.eof()
-                        if last is not None:
-                            got.append(last)
-                        break
-                    self.reader.feed(data)
-        except trio.TooSlowError:
-            self.usable = False
-            raise Broken(f"no answer within {read_timeout_s:g} s", got) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.usable = False
-            raise Broken(f"connection broken: {exc!r}", got) from None
-        except ProtocolError as exc:
-            self.usable = False
-            raise Broken(f"not a readable HTTP answer: {exc}", got) from None
-        if len(got) < len(requests) or not got[-1].keep_alive:
-            self.usable = False
-        if len(got) < len(requests):
-            raise Broken("the connection closed before every answer came", got)
-        return got
+    async def exchange(self, requests: Sequence[Outgoing], got: list[Response]) -> bool:
+        """Send the requests in one write, then read their answers in order into `got`.
+        True if the connection may carry the next exchange. Raises h11.ProtocolError,
+        ProtocolError and whatever the stream raises; the caller then closes the connection."""
+        cycles = [h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD) for _ in requests]
+        out = bytearray()
+        for cycle, (request, body) in zip(cycles, requests, strict=True):
+            out += cycle.send(request) or b""
+            if body:
+                out += cycle.send(h11.Data(data=body)) or b""
+            out += cycle.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(out)
+        left, closed = b"", False
+        for cycle in cycles:
+            if left:
+                cycle.receive_data(left)
+            if closed:
+                cycle.receive_data(b"")
+            got.append(await self._answer(cycle))
+            if cycle.their_state is not h11.DONE:  # the answer ends the connection
+                return False
+            left, closed = cycle.trailing_data
+        return not left and not closed  # a byte nobody asked for: not reusable
 
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stream.aclose()
+    async def _answer(self, cycle: h11.Connection) -> Response:
+        status, parts, size = 0, [], 0
+        while True:
+            event = cycle.next_event()
+            if event is h11.NEED_DATA:
+                cycle.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+            elif isinstance(event, h11.Response):
+                fields = dict(event.headers)  # h11 refused conflicting repeats already
+                if b"content-length" in fields and b"transfer-encoding" in fields:
+                    raise ProtocolError("both Content-Length and Transfer-Encoding")
+                if int(fields.get(b"content-length", 0)) > MAX_BODY:
+                    raise ProtocolError(f"Content-Length over {MAX_BODY} bytes")
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY:
+                    raise ProtocolError(f"answer body over {MAX_BODY} bytes")
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return Response(status, b"".join(parts))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ProtocolError("the peer closed the connection before answering")
+            # h11.InformationalResponse (100 Continue and the like): the answer follows
 
 
 class Http1Client:
@@ -233,73 +141,129 @@ class Http1Client:
         connect_timeout_s: float,
         read_timeout_s: float,
         max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.tls = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host = parts.hostname  # without the brackets of an IPv6 literal
         self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
         default_port = self.port == (443 if self.tls else 80)
-        host_header = self.host if default_port else f"{self.host}:{self.port}"
-        self._fixed = "".join(f"{k}: {v}\r\n" for k, v in {"Host": host_header, **headers}.items())
+        host_header = host if default_port else f"{host}:{self.port}"
+        self._fixed = [("Host", host_header), *headers.items()]
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[Connection] = []
-        self._ssl = ssl.create_default_context() if self.tls else None
+        if self.tls and ssl_context is None:
+            raise ValueError(f"{url}: an https URL needs the SSL context of [tls] (peers/tls.py)")
+        self._ssl = ssl_context if self.tls else None
 
     def encode(
         self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
-    ) -> bytes:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        length = f"Content-Length: {len(body)}\r\n" if body or method != "GET" else ""
-        head = f"{method} {self.base_path}{path} HTTP/1.1\r\n{self._fixed}{extra}{length}\r\n"
-        return head.encode("latin-1") + body
+    ) -> Outgoing:
+        fields = [*self._fixed, *(headers or {}).items()]
+        if body or method not in ("GET", "HEAD"):
+            fields.append(("Content-Length", str(len(body))))
+        try:
+            return h11.Request(method=method, target=self.base_path + path, headers=fields), body
+        except h11.LocalProtocolError as exc:
+            raise ValueError(f"cannot send {method} {path}: {exc}") from None
 
     async def request(
         self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
     ) -> Response:
         """One request on a connection of its own. ConnectFailed: nothing was sent. Broken:
-        it was sent (or may have been) and no usable answer came."""
+        it was sent (or may have been) and no whole answer came."""
         (answer,) = await self.exchange([self.encode(method, path, headers, body)])
         return answer
 
-    async def exchange(self, requests: Sequence[bytes]) -> list[Response]:
-        """Requests (only safe ones if more than one) down one connection, answers in order."""
+    async def exchange(self, requests: Sequence[Outgoing]) -> list[Response]:
+        """Requests (only safe ones if more than one) down one connection, answers in order.
+        Broken carries the answers that came before the failure."""
+        if len(requests) > 1 and any(r.method not in (b"GET", b"HEAD") for r, _ in requests):
+            raise ValueError("only GET and HEAD may be pipelined: they are safe to repeat")
+        got: list[Response] = []
         async with self._slots:
             connection = await self._checkout()
             try:
-                return await connection.exchange(requests, self.read_timeout_s)
-            finally:
-                if connection.usable:
-                    self._idle.append(connection)
-                else:
-                    await connection.aclose()
+                with trio.fail_after(self.read_timeout_s):
+                    reusable = await connection.exchange(requests, got)
+            except BaseException as exc:
+                # Cancelled, timed out or failed half-way: the rest of an answer may still
+                # come, so this connection must never carry another request.
+                await trio.aclose_forcefully(connection.stream)
+                failure = _broken(exc, self.read_timeout_s, got)
+                if failure is exc:
+                    raise
+                raise failure from None
+            if reusable:
+                self._idle.append(connection)
+            else:
+                await trio.aclose_forcefully(connection.stream)
+        if len(got) < len(requests):
+            raise Broken("the connection closed before every answer came", got)
+        return got
 
     async def _checkout(self) -> Connection:
         while self._idle:
             connection = self._idle.pop()
             if not connection.stale():
                 return connection
-            await connection.aclose()
+            await trio.aclose_forcefully(connection.stream)
         try:
             with trio.fail_after(self.connect_timeout_s):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
-                sock = stream.socket  # type: ignore[attr-defined]
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._ssl is not None:
-                    stream = trio.SSLStream(stream, self._ssl, server_hostname=self.host)
-                    await stream.do_handshake()
+                return await self._connect()
         except trio.TooSlowError:
             raise ConnectFailed(f"connect timed out after {self.connect_timeout_s:g} s") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "") or repr(exc)
-            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {reason}") from None
-        return Connection(stream, sock.fileno())
+            raise ConnectFailed(
+                f"cannot connect to {self.host}:{self.port}: {_reason(exc)}"
+            ) from None
+
+    async def _connect(self) -> Connection:
+        tcp = await trio.open_tcp_stream(self.host, self.port)
+        if self._ssl is None:
+            return Connection(tcp, tcp.socket.fileno())
+        # https_compatible: servers often close without a TLS close_notify
+        tls = trio.SSLStream(tcp, self._ssl, server_hostname=self.host, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return Connection(tls, tcp.socket.fileno())
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for connection in idle:
-            await connection.aclose()
+            await trio.aclose_forcefully(connection.stream)
+
+
+def _broken(exc: BaseException, read_timeout_s: float, got: list[Response]) -> BaseException:
+    """What a failed exchange raises: Broken for the peer's faults, anything else unchanged
+    (a cancellation stays a cancellation)."""
+    if isinstance(exc, trio.TooSlowError):
+        return Broken(f"no answer within {read_timeout_s:g} s", got)
+    if isinstance(exc, h11.ProtocolError | ProtocolError):
+        return Broken(f"not a well-framed HTTP/1.1 answer: {exc}", got)
+    if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+        return Broken(f"connection broken: {_reason(exc)}", got)
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause, briefly: trio wraps it (BrokenResourceError, "all attempts failed")."""
+    while not getattr(exc, "errno", None):
+        if isinstance(exc, BaseExceptionGroup):  # one error per address tried: the last
+            exc = exc.exceptions[-1]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not trusted: {exc.verify_message}"
+    return errno.errorcode.get(getattr(exc, "errno", None) or 0, "") or repr(exc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -89,9 +90,12 @@ class FileSink:
         return len(bodies)
 
 
-def _client(timeout_s: float) -> httpx.AsyncClient:
+def _client(timeout_s: float, ssl_context: ssl.SSLContext) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=4)
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=4),
+        verify=ssl_context,  # the one TLS configuration of every peer (peers/tls.py)
+        trust_env=False,  # every peer is reached directly, as SO is
     )
 
 
@@ -111,8 +115,8 @@ class MrSink:
     client: httpx.AsyncClient
 
     @classmethod
-    def create(cls, url: str, timeout_s: float) -> MrSink:
-        return cls(url.rstrip("/"), _client(timeout_s))
+    def create(cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext) -> MrSink:
+        return cls(url.rstrip("/"), _client(timeout_s, ssl_context))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -175,8 +179,10 @@ class CloudEventsSink:
     batch: bool = False  # batch content mode instead of one binary-mode POST per event
 
     @classmethod
-    def create(cls, url: str, timeout_s: float, batch: bool = False) -> CloudEventsSink:
-        return cls(url, _client(timeout_s), batch)
+    def create(
+        cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext, batch: bool = False
+    ) -> CloudEventsSink:
+        return cls(url, _client(timeout_s, ssl_context), batch)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -238,12 +244,14 @@ class CloudEventsSink:
         return len(events)
 
 
-def sink_for(cfg: Any, directory: Path, executor: Executor) -> EventSink:
+def sink_for(
+    cfg: Any, directory: Path, executor: Executor, ssl_context: ssl.SSLContext
+) -> EventSink:
     events = cfg.events
     if events.sink == "http":
-        return MrSink.create(events.url, events.timeout_s)
+        return MrSink.create(events.url, events.timeout_s, ssl_context)
     if events.sink == "cloudevents":
         return CloudEventsSink.create(
-            events.url, events.timeout_s, events.cloudevents_mode == "batch"
+            events.url, events.timeout_s, ssl_context, events.cloudevents_mode == "batch"
         )
     return FileSink(directory, executor, events.max_file_bytes, events.keep_files)

@@ -9,6 +9,7 @@ restarted daemon polling an id it handed out before the crash gets the right ans
 from __future__ import annotations
 
 import base64
+import ssl
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,13 +84,20 @@ class HttpSO:
     where: str
 
     @classmethod
-    def from_config(cls, cfg: SoConfig, max_connections: int) -> HttpSO:
+    def from_config(
+        cls, cfg: SoConfig, max_connections: int, ssl_context: ssl.SSLContext
+    ) -> HttpSO:
         headers = {"X-FromAppId": "cmso", "Accept": "application/json"}
         if cfg.credentials_file:
             secret = Path(cfg.credentials_file).read_text().strip().encode()
             headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
         client = Http1Client(
-            cfg.url, headers, cfg.connect_timeout_s, cfg.read_timeout_s, max_connections
+            cfg.url,
+            headers,
+            cfg.connect_timeout_s,
+            cfg.read_timeout_s,
+            max_connections,
+            ssl_context,
         )
         return cls(cfg.dispatch_path, cfg.status_path, client, cfg.url.rstrip("/"))
 
@@ -102,7 +110,7 @@ class HttpSO:
         try:
             response = await self.client.request("POST", path, headers, request)
         except ConnectFailed as exc:
-            raise NotDelivered(f"cannot reach the orchestrator at {self.where}: {exc}") from None
+            raise NotDelivered(f"orchestrator at {self.where}: {exc}") from None
         except Broken as exc:  # sent (or partly): the orchestrator may have acted on it
             raise Unconfirmed(f"no answer from the orchestrator at {self.where}: {exc}") from None
         body = response.body
@@ -122,8 +130,9 @@ class HttpSO:
         raise PeerError(f"HTTP {response.status}: {excerpt(body)}")
 
     async def statuses(self, request_ids: Sequence[str]) -> list[SoStatus | PeerError]:
-        """Poll these work flows down one connection; a connection failure is a PeerError for
-        each one it left without an answer (a lost answer to a GET changes nothing)."""
+        """Poll these work flows down one connection (pipelined, `peers/http1.py`); a failure
+        is a PeerError for each one it left without an answer (a lost answer to a GET changes
+        nothing)."""
         requests = [
             self.client.encode(
                 "GET", self.status_path.replace("{requestId}", quote(request_id, safe=""))

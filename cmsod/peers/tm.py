@@ -12,6 +12,7 @@ that recorded it (tests/test_tickets.py shows both modes against the HTTP one).
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class HttpTM:
     client: httpx.AsyncClient
 
     @classmethod
-    def from_config(cls, cfg: TicketsConfig) -> HttpTM:
+    def from_config(cls, cfg: TicketsConfig, ssl_context: ssl.SSLContext) -> HttpTM:
         auth = None
         if cfg.credentials_file:
             user, _, password = Path(cfg.credentials_file).read_text().strip().partition(":")
@@ -87,6 +88,8 @@ class HttpTM:
                 max_connections=cfg.max_concurrent, max_keepalive_connections=cfg.max_concurrent
             ),
             headers={"X-FromAppId": "cmso", "Accept": "application/json"},
+            verify=ssl_context,  # the one TLS configuration of every peer (peers/tls.py)
+            trust_env=False,  # every peer is reached directly, as SO is
         )
         return cls(cfg.url.rstrip("/"), cfg, client)
 
@@ -162,5 +165,5 @@ class HttpTM:
             raise Unconfirmed(f"no answer from the ticket system at {self.url}: {exc!r}") from exc
 
 
-def tm_for(cfg: TicketsConfig) -> TicketSystem:
-    return HttpTM.from_config(cfg) if cfg.mode == "http" else LocalTM()
+def tm_for(cfg: TicketsConfig, ssl_context: ssl.SSLContext) -> TicketSystem:
+    return HttpTM.from_config(cfg, ssl_context) if cfg.mode == "http" else LocalTM()

@@ -3,6 +3,7 @@ and the work of other schedules, as the optimizer's Busy input."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -21,12 +22,9 @@ def other_work(
 ) -> dict[str, list[Busy]]:
     """The planned or running work of every other active schedule on these elements: those of
     stored `schedule`, or `names` for a schedule that is only being planned."""
-    params: tuple[int | None, ...]
-    if names is not None:
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_names (name TEXT PRIMARY KEY)")
-        conn.execute("DELETE FROM plan_names")
-        conn.executemany("INSERT OR IGNORE INTO plan_names VALUES (?)", [(n,) for n in names])
-        mine, params = "SELECT name FROM plan_names", ()
+    params: tuple[int | str | None, ...]
+    if names is not None:  # (a JSON array, not a temporary table: reads are query-only)
+        mine, params = "SELECT value FROM json_each(?)", (json.dumps(names),)
     else:
         mine, params = "SELECT name FROM elements WHERE schedule = ?", (schedule,)
     busy: dict[str, list[Busy]] = {}
@@ -127,12 +125,10 @@ def book_busy(
     wanted = requirements(names, element_data)
     if not wanted:
         return {}
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS book_names (name TEXT PRIMARY KEY)")
-    conn.execute("DELETE FROM book_names")
-    conn.executemany("INSERT INTO book_names VALUES (?)", [(n,) for n in wanted])
-    rows = conn.execute(
+    rows = conn.execute(  # (a JSON array, not a temporary table: reads are query-only)
         "SELECT element, start_ms, end_ms, kind || ' ' || ref, reason FROM availability"
-        " WHERE element IN (SELECT name FROM book_names)"
+        " WHERE element IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(wanted)),),
     ).fetchall()
     return blocking(rows, wanted)
 

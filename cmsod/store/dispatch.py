@@ -4,6 +4,7 @@ the core's gates, `cmsod.gates`), the orchestrator's answers, and reconciliation
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -34,6 +35,9 @@ class DispatchJob(msgspec.Struct):
     key: str
     attempt: int
     planned_ms: int  # its start time, or an immediate one's creation: lateness counts from it
+    # Until when a call that never reached the orchestrator may be tried again: the start time
+    # (immediates: the creation time) plus the misfire grace, as for a silent ticket system.
+    deadline_ms: int = 0
 
 
 # A hold with no end (pause, halt, a freeze without --until): looked at again only once
@@ -215,8 +219,8 @@ def begin_dispatch(
         return None
     snap, row = loaded
     gate, answer = gates.decide(snap, rules)
+    grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
     if isinstance(answer, gates.Hold):
-        grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
         outlasts = answer.until_ms is not None and answer.until_ms > snap.due_ms + grace_ms
         if snap.start_ms is not None and outlasts:
             carry_over(tx, snap, row, answer.until_ms or tx.now_ms, f"held by {gate}: {answer.why}")
@@ -254,6 +258,7 @@ def begin_dispatch(
         key,
         row.attempts + 1,
         snap.due_ms,
+        snap.due_ms + grace_ms,
     )
 
 
@@ -435,6 +440,16 @@ def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | N
     return recorded
 
 
+def release_dispatches(tx: Tx, elements: list[int]) -> None:
+    """Nothing was sent for these (the daemon stopped while the orchestrator could not be
+    reached): clear the intent, so the next start dispatches them instead of reconciling."""
+    tx.execute(
+        "UPDATE elements SET dispatch_started_ms = NULL WHERE id IN"
+        " (SELECT value FROM json_each(?)) AND status IN (?, ?)",
+        (json.dumps(elements), E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
+    )
+
+
 def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
     """After a restart: elements whose dispatch intent was committed but whose answer was not.
     The orchestrator may or may not have the work flow; never send it blindly again."""
@@ -469,13 +484,19 @@ def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
 # -- polling --------------------------------------------------------------------------------
 
 
-def in_flight(conn: Any) -> list[tuple[int, str, str, int | None]]:
-    """(element, name, SO request id, dispatch time) of every triggered element."""
+def in_flight(conn: Any) -> list[tuple[int, str, str, str, int | None]]:
+    """(element, schedule id, name, SO request id, dispatch time) of every triggered element."""
     return conn.execute(
-        "SELECT id, name, so_request_id, dispatch_ms FROM elements WHERE status = ?"
-        " ORDER BY dispatch_ms",
+        "SELECT e.id, s.schedule_id, e.name, e.so_request_id, e.dispatch_ms FROM elements e"
+        " JOIN schedules s ON s.id = e.schedule WHERE e.status = ? ORDER BY e.dispatch_ms",
         (E.TRIGGERED.value,),
     ).fetchall()
+
+
+def record_polls(tx: Tx, outcomes: list[tuple[int, PollOutcome]]) -> list[E | None]:
+    """`record_poll` for a whole round of polls in one transaction; each element's new status
+    (None: still running)."""
+    return [record_poll(tx, element, outcome) for element, outcome in outcomes]
 
 
 def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
@@ -511,5 +532,17 @@ def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
         so_message=outcome.so_message,
         so_ms=tx.now_ms,
         completed_ms=outcome.completed_ms or tx.now_ms,
+        **failure_message(outcome),
     )
     return outcome.status
+
+
+def failure_message(outcome: PollOutcome) -> dict[str, str]:
+    """A work flow that ended badly keeps the orchestrator's reason as its status message (the
+    MESSAGE an operator reads), not only in the SO columns."""
+    if outcome.status is E.COMPLETED:
+        return {}
+    reason = (
+        f"{outcome.so_status}: {outcome.so_message}" if outcome.so_message else outcome.so_status
+    )
+    return {"status_message": f"orchestrator: {reason}"[:4000]}

@@ -177,7 +177,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX availability_element ON availability(element, start_ms);
     ALTER TABLE approvals ADD COLUMN caller TEXT;
     """,
-    # 7: stopping and holding a rollout. Who paused, halted or aborted a schedule, when and
+    # 7: a schedule's elements in group order (its view, the list's counts) without a full scan
+    """
+    CREATE INDEX elements_schedule ON elements(schedule, grp, id);
+    """,
+    # 8: stopping and holding a rollout. Who paused, halted or aborted a schedule, when and
     # why; its failure threshold and the failures already acknowledged by a resume; why an
     # element is held (and by which gate); the global freeze (one row, with its own event
     # sequence).

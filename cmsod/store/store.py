@@ -1,7 +1,15 @@
-"""The Store: one SQLite connection driven from one worker thread.
+"""The Store: one SQLite connection for writes driven from one worker thread, reads on
+connections of their own.
 
 Every transaction is one plain synchronous function `fn(tx, ...)` run whole in the worker, so
 no `await` can ever split a transaction and a cancel can never leave one half open.
+
+Reads (`read`) go to a second, query-only connection with a worker thread of its own: in WAL
+mode readers and the writer do not block each other, so a large search never holds up a
+dispatch commit. A search that may match 100,000 rows is a `stream`: its rows come from one
+snapshot on a connection opened for it, a bounded chunk per hop to the thread, so neither
+the daemon's memory nor the other reads wait on its size. In the inline mode (MockClock tests)
+all of them run inline, one after another.
 
 Durability: WAL with `synchronous=FULL`. NORMAL would already survive `kill -9` (the process
 dies, the OS keeps the WAL), but after a power loss or kernel crash it may roll back the last
@@ -14,14 +22,16 @@ needs (reference/reliability.md A2, B2).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Generator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import trio
 
 from cmsod import cmevents, lifecycle, log, ticketing
 from cmsod.clock import WallClock
@@ -33,6 +43,8 @@ from cmsod.model import ScheduleStatus as S
 from cmsod.store.schema import migrate
 
 T = TypeVar("T")
+
+MAX_STREAMS = 4  # searches streaming at once (each holds a connection); more wait their turn
 
 
 # Columns a transaction may set by name. SQL identifiers cannot be parameters, so they are
@@ -355,7 +367,12 @@ class Store:
         self.on_ticket_ops = on_ticket_ops  # rings the tickets actor when a commit queued some
         self.on_transitions = on_transitions  # counts the committed transitions (metrics)
         self.conn: sqlite3.Connection | None = None
+        self.reader: sqlite3.Connection | None = None
+        # Reads get a worker thread of their own (in the inline mode: inline, as writes).
+        self.read_executor = self._own_executor()
+        self.streams = trio.CapacityLimiter(MAX_STREAMS)
         self.migrations_applied: list[int] = []
+        self.commits = 0  # write transactions committed (figures for tests and benches)
 
     # -- life ------------------------------------------------------------------------------
 
@@ -368,10 +385,23 @@ class Store:
         self.migrations_applied = migrate(conn)
         self.conn = conn
 
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    def _own_executor(self) -> Executor:
+        return ThreadExecutor() if isinstance(self.executor, ThreadExecutor) else self.executor
+
     async def open(self) -> None:
-        await self.executor(self._open)
+        await self.executor(self._open)  # the schema first: the reader opens what it made
+        self.reader = await self.read_executor(self._open_reader)
 
     async def close(self) -> None:
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            await self.read_executor(reader.close)
         if self.conn is not None:
             conn, self.conn = self.conn, None
             await self.executor(conn.close)
@@ -399,6 +429,7 @@ class Store:
                 raise
 
         result, tx = await self.executor(work)
+        self.commits += 1
         for schedule_id, verdict in tx.verdicts:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         for event, fields in tx.notes:
@@ -412,17 +443,48 @@ class Store:
         return result
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` on one consistent snapshot."""
+        """Run `fn(conn, *args)` on one consistent snapshot, on the read connection."""
 
         def work() -> T:
-            conn = self._connection()
+            conn = self.reader
+            if conn is None:
+                raise RuntimeError("store is not open")
             conn.execute("BEGIN")
             try:
                 return fn(conn, *args)
             finally:
                 conn.execute("COMMIT")
 
-        return await self.executor(work)
+        return await self.read_executor(work)
+
+    async def stream(
+        self, fn: Callable[..., Generator[T, None, None]], *args: Any, chunk: int
+    ) -> AsyncGenerator[list[T], None]:
+        """The items of `fn(conn, *args)` (a generator reading as it goes), `chunk` at a time,
+        all from one snapshot on a connection and worker thread of their own. Memory holds one
+        chunk, whatever the number of items. Closing the iterator (or cancelling it) ends the
+        read and closes the connection."""
+        async with self.streams:
+            executor = self._own_executor()
+
+            def start() -> tuple[sqlite3.Connection, Generator[T, None, None]]:
+                if self.conn is None:
+                    raise RuntimeError("store is not open")
+                conn = self._open_reader()
+                conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+                return conn, fn(conn, *args)
+
+            def finish() -> None:
+                items.close()
+                conn.close()  # ends the read transaction
+
+            conn, items = await executor(start)
+            try:
+                while batch := await executor(lambda: list(itertools.islice(items, chunk))):
+                    yield batch
+            finally:
+                with trio.CancelScope(shield=True):
+                    await executor(finish)
 
     def _connection(self) -> sqlite3.Connection:
         if self.conn is None:
