@@ -18,7 +18,7 @@ from cmsod import config
 from cmsod.optimize.planner import Options, plan
 from cmsod.optimize.policies import BUILTIN, allowed_windows, contains
 from cmsod.optimize.problem import Busy, Problem, ProblemGroup, merge
-from cmsod.optimize.solver import Instance, solve
+from cmsod.optimize.solver import FREE, Instance, solve
 
 H = 3_600_000
 M = 60_000
@@ -101,7 +101,6 @@ def test_a_bad_policy_file_names_the_key(tmp_path: Path) -> None:
 def flow_oracle(inst: Instance) -> tuple[int, int]:
     """Min-cost max-flow (networkx network simplex) on the un-collapsed network."""
     g = nx.DiGraph()
-    bin_limit = inst.attribute_limit or inst.limit
     g.add_node("S")
     g.add_node("T")
     for c, slots in enumerate(inst.available):
@@ -109,12 +108,14 @@ def flow_oracle(inst: Instance) -> tuple[int, int]:
             g.add_edge("S", ("e", c, i), capacity=1, weight=0)
             for s in slots:
                 g.add_edge(("e", c, i), ("b", s, inst.attributes[c]), capacity=1, weight=0)
-    for s in range(inst.slots):
+    every = sorted({s for slots in inst.available for s in slots})
+    for s in every:
         for a in set(inst.attributes):
-            g.add_edge(("b", s, a), ("k", s), capacity=bin_limit, weight=0)
+            cap = inst.limit if a == FREE else (inst.attribute_limit or inst.limit)
+            g.add_edge(("b", s, a), ("k", s), capacity=cap, weight=0)
         g.add_edge(("k", s), "T", capacity=inst.limit, weight=s)
     flow = nx.max_flow_min_cost(g, "S", "T")
-    return sum(flow["S"].values()), sum(flow[("k", s)]["T"] * s for s in range(inst.slots))
+    return sum(flow["S"].values()), sum(flow[("k", s)]["T"] * s for s in every)
 
 
 def brute_oracle(inst: Instance) -> tuple[int, int]:
@@ -127,7 +128,8 @@ def brute_oracle(inst: Instance) -> tuple[int, int]:
         for c, s in enumerate(pick):
             if s is not None:
                 load[s] = load.get(s, 0) + 1
-                load[(s, inst.attributes[c])] = load.get((s, inst.attributes[c]), 0) + 1
+                if inst.attributes[c] != FREE:
+                    load[(s, inst.attributes[c])] = load.get((s, inst.attributes[c]), 0) + 1
         if any(v > (inst.limit if isinstance(k, int) else bin_limit) for k, v in load.items()):
             continue
         placed = [s for s in pick if s is not None]
@@ -158,9 +160,9 @@ def instances(draw, max_slots: int = 8, max_classes: int = 8, unit: bool = False
             available.append(sorted(draw(st.sets(st.integers(0, slots - 1)))))
     counts = [1 if unit else draw(st.integers(1, 3)) for _ in range(n)]
     with_attributes = draw(st.booleans())
-    attributes = [draw(st.integers(0, 2)) if with_attributes else 0 for _ in range(n)]
+    # FREE: an element without the limited attribute
+    attributes = [draw(st.integers(FREE, 2)) if with_attributes else FREE for _ in range(n)]
     return Instance(
-        slots=slots,
         limit=draw(st.integers(1, 4)),
         available=available,
         counts=counts,
@@ -178,7 +180,8 @@ def check_feasible(inst: Instance, placed: list[dict[int, int]]) -> None:
         for s, n in slots.items():
             assert s in inst.available[c] and n > 0
             load[s] = load.get(s, 0) + n
-            bins[(s, inst.attributes[c])] = bins.get((s, inst.attributes[c]), 0) + n
+            if inst.attributes[c] != FREE:
+                bins[(s, inst.attributes[c])] = bins.get((s, inst.attributes[c]), 0) + n
     assert all(v <= inst.limit for v in load.values())
     assert all(v <= bin_limit for v in bins.values())
 
@@ -204,7 +207,7 @@ def test_a_long_augmenting_chain() -> None:
     # earlier choice to shift: the greedy must re-plan through the whole chain
     n = 40
     available = [[i, i + 1] for i in range(n)] + [[0]]
-    inst = Instance(slots=n + 1, limit=1, available=available, counts=[1] * (n + 1))
+    inst = Instance(limit=1, available=available, counts=[1] * (n + 1))
     solution = solve(inst)
     assert (solution.scheduled, solution.cost) == flow_oracle(inst)
     assert solution.scheduled == n + 1
@@ -218,23 +221,25 @@ BASE = ms("2026-03-06T00:00:00")  # a Friday, three weeks before Europe's DST ch
 
 @st.composite
 def problems(draw) -> Problem:
-    duration = draw(st.sampled_from([30 * M, H, 2 * H]))
+    duration = draw(st.sampled_from([30 * M, 50 * M, H, 70 * M, 2 * H]))
     groups = []
     element_data: dict[str, dict[str, str]] = {}
     busy: dict[str, list[Busy]] = {}
     for g in range(draw(st.integers(1, 2))):
-        windows = [
-            (BASE + start * H, BASE + (start + length) * H)
+        windows = [  # on 10-minute marks: off the grid of D = 50 min, 70 min, ... too
+            (BASE + start * 10 * M, BASE + (start + length) * 10 * M)
             for start, length in draw(
-                st.lists(st.tuples(st.integers(0, 72), st.integers(1, 48)), min_size=1, max_size=3)
+                st.lists(
+                    st.tuples(st.integers(0, 432), st.integers(3, 288)), min_size=1, max_size=3
+                )
             )
         ]
         names = [f"g{g}e{i}" for i in range(draw(st.integers(1, 8)))]
         for name in names:
-            element_data[name] = {
-                "timezone": draw(st.sampled_from(TZS)),
-                "site": draw(st.sampled_from("ab")),
-            }
+            element_data[name] = {"timezone": draw(st.sampled_from(TZS))}
+            site = draw(st.sampled_from(["a", "b", ""]))  # "": without the limited attribute
+            if site:
+                element_data[name]["site"] = site
             if draw(st.booleans()):
                 busy[name] = [
                     Busy(BASE + s * H, BASE + (s + d) * H, f"ticket T{name}{j}")
@@ -258,10 +263,16 @@ def problems(draw) -> Problem:
     )
 
 
+def clusters(problem: Problem) -> list[tuple[int, int]]:
+    return merge([w for g in problem.groups for w in g.windows])
+
+
 def usable_by_definition(problem: Problem, group: ProblemGroup, name: str, start: int) -> bool:
     """The rules, written the slow and obvious way."""
     end = start + problem.duration_ms
-    if start < problem.not_before_ms or (start - problem.origin_ms) % problem.duration_ms:
+    # on the grid of its cluster (overlapping windows of every group), from the cluster's start
+    anchor = max(s for s, _ in clusters(problem) if s <= start)
+    if start < problem.not_before_ms or (start - anchor) % problem.duration_ms:
         return False
     if not any(s <= start and end <= e for s, e in merge(group.windows)):
         return False
@@ -292,45 +303,36 @@ def test_every_plan_honours_every_constraint_and_is_optimal(
         assert len(running) <= problem.concurrency
         if site_limit:
             for site in "ab":
-                assert sum(problem.element_data[n]["site"] == site for n in running) <= site_limit
+                on_site = [n for n in running if problem.element_data[n].get("site") == site]
+                assert len(on_site) <= site_limit
     for reason, message in result.unplaced.values():
         assert reason in ("AvailabilityConstraint", "ConcurrencyConstraint") and message
     # optimal: the same problem, slots found the obvious way, solved by min-cost flow
     slots = sorted(
-        {
-            start
-            for g in problem.groups
-            for start in range(problem.origin_ms, max(e for _, e in g.windows), problem.duration_ms)
-        }
+        {t for start, end in clusters(problem) for t in range(start, end, problem.duration_ms)}
     )
     assume(len(slots) <= 200)
     classes = [n for g in problem.groups for n in g.elements]
     sites = {"a": 0, "b": 1}
+    origin = min(s for s, _ in clusters(problem))
     inst = Instance(
-        slots=len(slots),
         limit=problem.concurrency,
         available=[
-            [i for i, s in enumerate(slots) if usable_by_definition(problem, group_of[n], n, s)]
+            [
+                (s - origin) // problem.duration_ms + 1  # CMSO's slot number
+                for s in slots
+                if usable_by_definition(problem, group_of[n], n, s)
+            ]
             for n in classes
         ],
         counts=[1] * len(classes),
-        attributes=[sites[problem.element_data[n]["site"]] if site_limit else 0 for n in classes],
+        attributes=[
+            sites.get(problem.element_data[n].get("site", ""), FREE) if site_limit else FREE
+            for n in classes
+        ],
         attribute_limit=site_limit,
     )
-    scheduled, _ = flow_oracle(inst)
-    assert len(result.placed) == scheduled
-    slot_number = {s: (s - problem.origin_ms) // problem.duration_ms + 1 for s in slots}
-    _, oracle_cost = flow_oracle(
-        Instance(
-            slots=max(slot_number.values()) + 1,
-            limit=inst.limit,
-            available=[[slot_number[slots[i]] for i in a] for a in inst.available],
-            counts=inst.counts,
-            attributes=inst.attributes,
-            attribute_limit=site_limit,
-        )
-    )
-    assert result.objective == oracle_cost
+    assert (len(result.placed), result.objective) == flow_oracle(inst)
 
 
 # -- what the operator is told --------------------------------------------------------------
