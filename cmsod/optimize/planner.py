@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from itertools import islice
 
 from cmsod.optimize.policies import Policy, allowed_windows, zone
-from cmsod.optimize.problem import Busy, Grid, Plan, Problem, ProblemGroup, merge
+from cmsod.optimize.problem import Busy, Grid, Plan, Problem, merge
 from cmsod.optimize.solver import FREE, Instance, solve
 
 MAX_SCAN = 2_000_000  # slots offered per group and time zone, at most
@@ -86,7 +86,7 @@ class _Offer:
 
 @dataclass
 class _Class:
-    group: ProblemGroup
+    windows: list[tuple[int, int]]  # of its elements' groups (merged)
     names: list[str]
     slots: list[int]  # slot starts (emptied once handed to the solver)
     offer: _Offer
@@ -106,37 +106,30 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
             known = ", ".join(sorted(policies))
             why = f"unknown policy {problem.policy_id!r} (known: {known})"
             return _failed(problem, names, "AvailabilityConstraint", why)
-    grid = problem.grid()
     try:
-        classes = _classes(problem, grid, policy, options, len(names))
+        grid, classes, instance = instance_for(problem, policy, options)
     except ValueError as exc:  # an unknown time zone in the element data
         return _failed(problem, names, "AvailabilityConstraint", str(exc))
-
-    limited = bool(options.attribute and options.attribute_limit)
-    values = {v: i for i, v in enumerate(sorted({c.attribute for c in classes if c.attribute}))}
-    instance = Instance(
-        limit=problem.concurrency,
-        available=[c.slots for c in classes],
-        counts=[len(c.names) for c in classes],
-        attributes=[values[c.attribute] if c.attribute else FREE for c in classes],
-        attribute_limit=options.attribute_limit if limited else None,
-    )
     solution = solve(instance)
     load: dict[int, int] = {}
-    at_value: dict[tuple[int, str | None], int] = {}
-    for cls, slots in zip(classes, solution.placed, strict=True):
+    for slots in solution.placed:
         for slot, n in slots.items():
             load[slot] = load.get(slot, 0) + n
-            at_value[(slot, cls.attribute)] = at_value.get((slot, cls.attribute), 0) + n
 
     placed: dict[str, int] = {}
     unplaced: dict[str, tuple[str, str]] = {}
+    group_of: dict[str, str] = {}
     for cls, slots in zip(classes, solution.placed, strict=True):
         starts = [s for s, n in sorted(slots.items()) for _ in range(n)]
         placed.update(zip(cls.names, starts, strict=False))
         if len(starts) < len(cls.names):
-            reason = _reason(problem, cls, options, grid, policy, load, at_value)
-            unplaced.update(dict.fromkeys(cls.names[len(starts) :], reason))
+            group_of = group_of or {n: g.group_id for g in problem.groups for n in g.elements}
+            reasons: dict[str, tuple[str, str]] = {}
+            for name in cls.names[len(starts) :]:
+                group_id = group_of[name]
+                if group_id not in reasons:
+                    reasons[group_id] = _reason(problem, cls, group_id, options, grid, policy, load)
+                unplaced[name] = reasons[group_id]
         cls.slots = []
     objective = sum(map(grid.number, placed.values()))
     solve_ms = (time.perf_counter() - began) * 1000
@@ -150,6 +143,26 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
     )
 
 
+def instance_for(
+    problem: Problem, policy: Policy | None, options: Options
+) -> tuple[Grid, list[_Class], Instance]:
+    """The solver's instance: the slots, the element classes and their usable slots (the
+    benchmark hands the same instance to an independent flow solver)."""
+    grid = problem.grid()
+    n = sum(len(g.elements) for g in problem.groups)
+    classes = _classes(problem, grid, policy, options, n)
+    limited = bool(options.attribute and options.attribute_limit)
+    values = {v: i for i, v in enumerate(sorted({c.attribute for c in classes if c.attribute}))}
+    instance = Instance(
+        limit=problem.concurrency,
+        available=[c.slots for c in classes],
+        counts=[len(c.names) for c in classes],
+        attributes=[values[c.attribute] if c.attribute else FREE for c in classes],
+        attribute_limit=options.attribute_limit if limited else None,
+    )
+    return grid, classes, instance
+
+
 def _failed(problem: Problem, names: list[str], reason: str, why: str) -> Plan:
     return Plan({}, {n: (reason, why) for n in names}, problem.duration_ms, why)
 
@@ -157,40 +170,43 @@ def _failed(problem: Problem, names: list[str], reason: str, why: str) -> Plan:
 def _classes(
     problem: Problem, grid: Grid, policy: Policy | None, options: Options, n: int
 ) -> list[_Class]:
-    """Elements of a group with the same time zone, busy times and attribute value form one
-    class (a site-wide blackout gives every element of the site the same busy times)."""
+    """Elements with the same change windows, time zone, busy times and attribute value form
+    one class, whichever group they are in (a request with one group per site and the same
+    windows costs what one group costs; a site-wide blackout gives every element of the site
+    the same busy times)."""
     classes: list[_Class] = []
+    shared: dict[tuple, _Class] = {}
+    offers: dict[tuple, _Offer] = {}
     for group in problem.groups:
-        shared: dict[tuple, _Class] = {}
-        offers: dict[str, _Offer] = {}
+        windows = merge(group.windows)
         for name in group.elements:
             data = problem.element_data.get(name, {})
             tz_name = data.get("timezone") or data.get("timeZone") or "UTC"
             attribute = (data.get(options.attribute) or None) if options.attribute else None
             busy = problem.busy.get(name, [])
-            key = (tz_name, attribute, *busy)
+            key = (*windows, tz_name, attribute, *busy)
             cls = shared.get(key)
             if cls is not None:
                 cls.names.append(name)
                 continue
-            offer = offers.get(tz_name)
+            offer = offers.get((*windows, tz_name))
             if offer is None:
-                offer = offers[tz_name] = _Offer(_offered(grid, group, policy, tz_name))
-            cls = _Class(
-                group, [name], _usable(offer, busy, grid.step, n), offer, busy, tz_name, attribute
-            )
+                offer = _Offer(_offered(grid, windows, policy, tz_name))
+                offers[(*windows, tz_name)] = offer
+            slots = _usable(offer, busy, grid.step, n)
+            cls = _Class(windows, [name], slots, offer, busy, tz_name, attribute)
             shared[key] = cls
             classes.append(cls)
     return classes
 
 
-def _offered(grid: Grid, group: ProblemGroup, policy: Policy | None, tz_name: str) -> Iterator[int]:
-    if policy is None or not group.windows:
-        return grid.slots(group.windows)
-    start = min(s for s, _ in group.windows)
-    end = max(e for _, e in group.windows)
-    allowed = allowed_windows(policy, zone(tz_name), start, end)
-    return grid.slots(group.windows, allowed)
+def _offered(
+    grid: Grid, windows: list[tuple[int, int]], policy: Policy | None, tz_name: str
+) -> Iterator[int]:
+    if policy is None or not windows:
+        return grid.slots(windows)
+    allowed = allowed_windows(policy, zone(tz_name), windows[0][0], windows[-1][1])
+    return grid.slots(windows, allowed)
 
 
 def _usable(offer: _Offer, busy: list[Busy], step: int, n: int) -> list[int]:
@@ -217,16 +233,16 @@ def _usable(offer: _Offer, busy: list[Busy], step: int, n: int) -> list[int]:
 def _reason(
     problem: Problem,
     cls: _Class,
+    group_id: str,
     options: Options,
     grid: Grid,
     policy: Policy | None,
     load: dict[int, int],
-    at_value: dict[tuple[int, str | None], int],
 ) -> tuple[str, str]:
     """Why elements of this class are left out: what took every slot they could use, or which
     limits filled them (the concurrency limit, the attribute limit, or each in some)."""
     if not cls.slots:
-        return "AvailabilityConstraint", _why_none(cls, grid, policy)
+        return "AvailabilityConstraint", _why_none(cls, group_id, grid, policy)
     usable = len(cls.slots)
     full = usable  # slots at the concurrency limit; the others are at the attribute limit
     if cls.attribute is not None and options.attribute_limit:
@@ -240,25 +256,23 @@ def _reason(
         limits = [f"{limits[0]} in {full}", f"{limits[1]} in {usable - full}"]
     return (
         "ConcurrencyConstraint",
-        f"all {usable} slots it could use in group {cls.group.group_id!r} are full "
-        f"({', '.join(limits)})",
+        f"all {usable} slots it could use in group {group_id!r} are full ({', '.join(limits)})",
     )
 
 
-def _why_none(cls: _Class, grid: Grid, policy: Policy | None) -> str:
+def _why_none(cls: _Class, group_id: str, grid: Grid, policy: Policy | None) -> str:
     step_s = grid.step / 1000
-    group = cls.group
     if not cls.offer.starts:
-        in_windows = sum(1 for _ in islice(grid.slots(group.windows), MAX_SCAN))
+        in_windows = sum(1 for _ in islice(grid.slots(cls.windows), MAX_SCAN))
         if in_windows == 0:
             return (
-                f"the change windows of group {group.group_id!r} hold no slot of {step_s:g} s"
+                f"the change windows of group {group_id!r} hold no slot of {step_s:g} s"
                 " that starts after now"
             )
         assert policy is not None
         return (
             f"none of the {in_windows} slots of {step_s:g} s in the change windows of group "
-            f"{group.group_id!r} lies inside policy {policy.name!r} ({policy.description}) "
+            f"{group_id!r} lies inside policy {policy.name!r} ({policy.description}) "
             f"in time zone {cls.tz_name}"
         )
     blockers: dict[str, None] = {}

@@ -76,6 +76,7 @@ class _Solver:
     def __init__(self, inst: Instance) -> None:
         self.inst = inst
         self.unplaced = list(inst.counts)
+        self.attr_cap = inst.attribute_limit or inst.limit
         self.load: dict[int, int] = {}
         self.bin_load: dict[int, dict[int, int]] = {}
         self.in_slot: dict[int, dict[int, int]] = {}  # slot -> class -> n
@@ -101,7 +102,7 @@ class _Solver:
         self.solution = Solution([{} for _ in inst.counts])
 
     def _cap(self, a: int) -> int:
-        return self.inst.limit if a == FREE else (self.inst.attribute_limit or self.inst.limit)
+        return self.inst.limit if a == FREE else self.attr_cap
 
     # -- moving elements -------------------------------------------------------------------
 
@@ -162,7 +163,8 @@ class _Solver:
             if self.total_unplaced == 0:
                 break
             bins: dict[int, list] = {}
-            for c in self.by_slot.pop(slot):
+            classes = self.by_slot.pop(slot)
+            for c in classes:
                 entry = bins.get(attributes[c])
                 if entry is None:
                     bins[attributes[c]] = [[c], 0]
@@ -171,62 +173,142 @@ class _Solver:
             self.bins[slot] = bins
             self.load.setdefault(slot, 0)
             loads = self.bin_load.setdefault(slot, {})
-            for a, entry in bins.items():
-                cap = self._cap(a)
-                for c in entry[0]:
-                    room = min(limit - self.load[slot], cap - loads.get(a, 0))
-                    if room <= 0:
-                        break
-                    if self.unplaced[c]:
+            for c in classes:  # in placement order, across the bins
+                if self.unplaced[c]:
+                    a = attributes[c]
+                    room = min(limit - self.load[slot], self._cap(a) - loads.get(a, 0))
+                    if room > 0:
                         self._place_new(c, slot, min(room, self.unplaced[c]))
-                if self.load[slot] == limit:
-                    break
-            while self.load[slot] < limit and self.total_unplaced:
-                self.solution.searches += 1
-                if not self._augment(slot):
-                    break
-                self.solution.augmentations += 1
+                    if self.load[slot] == limit:
+                        break
+            self._fill(slot)
         return self.solution
 
-    def _augment(self, target: int) -> bool:
-        """One more element into slot `target`, every other slot's count unchanged, if any
-        assignment allows it. Breadth-first search backwards along residual edges from the
-        target slot; a node is (SLOT, k, 0) or (BIN, k, a). Every slot it meets is at most
-        `target`: elements are only ever placed in slots the greedy has reached."""
-        start: Node = (SLOT, target, 0)
-        parent: dict[Node, Node | None] = {start: None}
-        queue = deque([start])
-        while queue:
-            node = queue.popleft()
-            kind, k, a = node
-            if kind == SLOT:
-                loads = self.bin_load[k]
-                for b in self.bins[k]:  # a unit can enter slot k through a bin with room
-                    child = (BIN, k, b)
-                    if child not in parent and loads.get(b, 0) < self._cap(b):
-                        parent[child] = node
-                        queue.append(child)
-                continue
-            c = self._waiting(k, a)
-            if c is not None:
-                self._apply(c, node, parent)
-                return True
-            for k2 in self.movable.get(a, {}).get(k, ()):  # attribute a in slot k2 fits k too
-                child = (BIN, k2, a)
-                if child not in parent:
-                    parent[child] = node
-                    queue.append(child)
-            slot_node = (SLOT, k, 0)  # bin (k, a) may give up an element, slot k refilled
-            if slot_node not in parent and self.bin_load[k].get(a, 0) > 0:
-                parent[slot_node] = node
-                queue.append(slot_node)
-        return False
+    def _fill(self, target: int) -> None:
+        """Elements into slot `target` while any assignment allows one more there, every
+        other slot's count unchanged: augmenting paths in the residual flow network, found in
+        phases (Dinic): one breadth-first search backwards from the target labels the nodes
+        with their distance, then depth-first searches along labelled edges find paths, each
+        applied at once, until none is left; then a new phase. Every edge is checked against
+        the current assignment when a search takes it, so every path applied is valid, and
+        the slot is done only when a fresh breadth-first search finds no path at all: that is
+        what keeps it exact. Labels only save work (a node from which a phase found nothing
+        is not tried again in that phase)."""
+        limit = self.inst.limit
+        while self.load[target] < limit and self.total_unplaced:
+            self.solution.searches += 1
+            kids = self._layers(target)
+            if kids is None:
+                return
+            dead: set[Node] = set()
+            ptr: dict[Node, int] = {}
+            while self.load[target] < limit and self.total_unplaced:
+                path = self._path((SLOT, target, 0), kids, dead, ptr)
+                if path is None:
+                    break
+                self._apply(path)
+                self.solution.augmentations += 1
 
-    def _apply(self, c: int, end: Node, parent: dict[Node, Node | None]) -> None:
-        self._place_new(c, end[1], 1)
-        node = end
-        while (up := parent[node]) is not None:
-            if node[0] == BIN and up[0] == BIN:  # an element of attribute a moves k2 -> k
+    def _children(self, node: Node) -> list[Node]:
+        """Residual edges out of a node of the backward search, as they are now. A node is
+        (SLOT, k, 0): slot k takes one more unit; or (BIN, k, a): bin (k, a) takes one more
+        element, from an unplaced one (the search's goal), from one of attribute a moved out
+        of slot k2 (then bin (k2, a) takes one more), or by slot k taking one more through
+        another bin while bin (k, a) gives one up."""
+        kind, k, a = node
+        loads = self.bin_load[k]
+        if kind == SLOT:
+            attr_cap, limit = self.attr_cap, self.inst.limit
+            return [
+                (BIN, k, b)
+                for b in self.bins[k]
+                if loads.get(b, 0) < (limit if b == FREE else attr_cap)
+            ]
+        out: list[Node] = [(BIN, k2, a) for k2 in self.movable.get(a, {}).get(k, ())]
+        if loads.get(a, 0) > 0:
+            out.append((SLOT, k, 0))
+        return out
+
+    def _valid(self, node: Node, child: Node) -> bool:
+        kind, k, a = node
+        if kind == SLOT:
+            b = child[2]
+            cap = self.inst.limit if b == FREE else self.attr_cap
+            return self.bin_load[k].get(b, 0) < cap
+        if child[0] == SLOT:
+            return self.bin_load[k].get(a, 0) > 0
+        return self.movable.get(a, {}).get(k, {}).get(child[1], 0) > 0
+
+    def _layers(self, target: int) -> dict[Node, list[Node]] | None:
+        """Breadth-first from the target up to the first distance at which a goal (a bin
+        with an unplaced element waiting) appears: each node's children one step further,
+        or None when no goal can be reached. Every slot it meets is at most `target`:
+        elements are only ever placed in slots the greedy has reached."""
+        start: Node = (SLOT, target, 0)
+        dist: dict[Node, int] = {start: 0}
+        kids: dict[Node, list[Node]] = {}
+        level = [start]
+        while level:
+            found = False
+            following: list[Node] = []
+            for node in level:
+                if node[0] == BIN and self._waiting(node[1], node[2]) is not None:
+                    found = True
+                    continue
+                d = dist[node] + 1
+                mine = kids[node] = []
+                for child in self._children(node):
+                    seen = dist.get(child)
+                    if seen is None:
+                        dist[child] = d
+                        following.append(child)
+                        mine.append(child)
+                    elif seen == d:
+                        mine.append(child)
+            if found:
+                return kids
+            level = following
+        return None
+
+    def _path(
+        self,
+        start: Node,
+        kids: dict[Node, list[Node]],
+        dead: set[Node],
+        ptr: dict[Node, int],
+    ) -> list[Node] | None:
+        """Depth-first along the layers to a goal, each edge checked as it is now."""
+        stack = [start]
+        while stack:
+            node = stack[-1]
+            if node[0] == BIN and self._waiting(node[1], node[2]) is not None:
+                return stack
+            children = kids.get(node, [])
+            i = ptr.get(node, 0)
+            while i < len(children):
+                child = children[i]
+                if child not in dead and self._valid(node, child):
+                    break
+                i += 1
+            ptr[node] = i
+            if i < len(children):
+                stack.append(children[i])
+                continue
+            dead.add(node)
+            stack.pop()
+            if stack:
+                ptr[stack[-1]] += 1
+        return None
+
+    def _apply(self, path: list[Node]) -> None:
+        """The path's moves, from its goal back to the target: a new element into the goal's
+        bin, then each element of attribute a moved from slot k2 to slot k."""
+        _, k, a = path[-1]
+        c = self._waiting(k, a)
+        assert c is not None
+        self._place_new(c, k, 1)
+        for up, node in zip(reversed(path[:-1]), reversed(path[1:]), strict=True):
+            if node[0] == BIN and up[0] == BIN:
                 _, k2, a = node
                 k = up[1]
                 moved = next(
@@ -236,7 +318,6 @@ class _Solver:
                 )
                 self._take(moved, k2)
                 self._put(moved, k, 1)
-            node = up
 
 
 def _has(sorted_slots: list[int], slot: int) -> bool:
