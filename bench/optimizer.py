@@ -117,7 +117,8 @@ def _local_night(zone: str, day: datetime) -> tuple[int, int]:
     return int(start.timestamp() * 1000), int((start + timedelta(hours=6)).timestamp() * 1000)
 
 
-def sparse(n: int, seed: int) -> tuple[Problem, Options]:
+def sparse(n: int, seed: int, concurrency: int | None = None) -> tuple[Problem, Options]:
+    """The sparse family; its concurrency limit the Hall-tight one unless given."""
     rng = random.Random(seed)
     first = datetime.fromtimestamp(SPARSE_START / 1000, UTC)
     windows: list[tuple[int, int]] = []
@@ -170,7 +171,7 @@ def sparse(n: int, seed: int) -> tuple[Problem, Options]:
         busy=busy,
     )
     options = Options("site", 2)
-    problem.concurrency = _hall_tight(problem, options)
+    problem.concurrency = concurrency or _hall_tight(problem, options)
     return problem, options
 
 

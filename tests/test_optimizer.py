@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cmsod import config
-from cmsod.optimize.planner import Options, plan
+from cmsod.optimize.planner import Options, instance_for, plan
 from cmsod.optimize.policies import BUILTIN, allowed_windows, contains
 from cmsod.optimize.problem import Busy, Problem, ProblemGroup, merge
 from cmsod.optimize.solver import FREE, Instance, solve
@@ -406,3 +406,121 @@ def test_long_window_with_short_slots_stays_cheap() -> None:
     )
     result = plan(problem, BUILTIN)
     assert len(result.placed) == 50 and result.solve_ms < 5000
+
+
+# -- issue 14: slots from each window's start, groups, the limited attribute, families -------
+
+
+def night_problem(groups: list[ProblemGroup], duration: int, concurrency: int) -> Problem:
+    return Problem(
+        key=1,
+        schedule_id="s",
+        duration_ms=duration,
+        concurrency=concurrency,
+        policy_id=None,
+        not_before_ms=BASE,
+        groups=groups,
+    )
+
+
+def test_windows_off_the_grid_get_slots_from_their_own_start() -> None:
+    # daily windows 00:00-06:00 and D = 70 min (24 h is no multiple of it): each night holds
+    # five slots from its own midnight; one grid from the first night would start the second
+    # night's slots at 00:30 and the third's at 01:00: four slots each
+    nights = [(BASE + d * 24 * H, BASE + d * 24 * H + 6 * H) for d in range(3)]
+    groups = [
+        ProblemGroup("a", nights[:2], [f"a{i}" for i in range(20)]),
+        ProblemGroup("b", nights[1:], [f"b{i}" for i in range(20)]),
+    ]
+    result = plan(night_problem(groups, 70 * M, 2), BUILTIN)
+    assert len(result.placed) == 3 * 5 * 2
+    starts = sorted(set(result.placed.values()))
+    assert starts == [start + k * 70 * M for start, _ in nights for k in range(5)]
+
+
+def test_the_concurrency_limit_holds_at_every_instant_across_groups() -> None:
+    # b's window starts 70 minutes into a's: b's slots lie on a's grid, so no slot of b
+    # overlaps half of one of a's and limit 1 holds at every instant, not only per slot
+    groups = [
+        ProblemGroup("a", [(BASE, BASE + 6 * H)], [f"a{i}" for i in range(10)]),
+        ProblemGroup("b", [(BASE + 70 * M, BASE + 7 * H + 10 * M)], [f"b{i}" for i in range(10)]),
+    ]
+    result = plan(night_problem(groups, H, 1), BUILTIN)
+    spans = sorted((s, s + H) for s in result.placed.values())
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end <= start
+    assert len(spans) == 7  # 00:00 .. 06:00-07:00, the most that fits 7 h 10 min one at a time
+    assert any(n.startswith("b") and s == BASE + 6 * H for n, s in result.placed.items())
+
+
+def test_elements_without_the_limited_attribute_are_not_limited_by_it() -> None:
+    # 2 elements at site A, 2 without a site, one slot, concurrency 4, 1 per site: 3 fit, and
+    # the one left out is told the site limit bound it, not the concurrency limit
+    problem = night_problem([ProblemGroup("g", [(BASE, BASE + H)], ["a1", "a2", "x1", "x2"])], H, 4)
+    problem.element_data = {"a1": {"site": "A"}, "a2": {"site": "A"}, "x2": {"site": ""}}
+    result = plan(problem, BUILTIN, Options("site", 1))
+    assert sorted(result.placed) == ["a1", "x1", "x2"]
+    assert result.unplaced["a2"] == (
+        "ConcurrencyConstraint",
+        "all 1 slots it could use in group 'g' are full (at most 1 with site=A)",
+    )
+
+
+def test_reasons_name_each_limit_that_bound() -> None:
+    # slot 1 is full by the concurrency limit (2 elements without a site), slot 2 by the site
+    # limit: an element of site A left out hears of both
+    problem = night_problem(
+        [
+            ProblemGroup("early", [(BASE, BASE + H)], ["x1", "x2"]),
+            ProblemGroup("g", [(BASE, BASE + 2 * H)], ["a1", "a2"]),
+        ],
+        H,
+        2,
+    )
+    problem.element_data = {"a1": {"site": "A"}, "a2": {"site": "A"}}
+    result = plan(problem, BUILTIN, Options("site", 1))
+    assert len(result.placed) == 3
+    (left,) = result.unplaced
+    assert result.unplaced[left] == (
+        "ConcurrencyConstraint",
+        "all 2 slots it could use in group 'g' are full (concurrencyLimit 2 in 1, "
+        "at most 1 with site=A in 1)",
+    )
+
+
+def test_many_groups_cost_no_more_than_one() -> None:
+    from bench.optimizer import instance
+
+    one, _ = instance("realistic", 3000, seed=3)
+    many, _ = instance("groups", 3000, seed=3)
+    assert len(many.groups) == 1000
+    a, b = plan(one, BUILTIN), plan(many, BUILTIN)
+    assert (len(a.placed), a.objective) == (len(b.placed), b.objective)
+    assert b.work == a.work  # the same slots looked at and searches made, not 1,000 times
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["realistic", "groups", "own", "stayout", "sparse"]),
+    st.integers(5, 40),
+    st.integers(0, 10_000),
+    st.integers(1, 6),
+)
+def test_every_benchmark_family_is_solved_exactly(
+    kind: str, n: int, seed: int, concurrency: int
+) -> None:
+    from bench.optimizer import instance, sparse
+
+    problem, options = sparse(n, seed, concurrency) if kind == "sparse" else instance(kind, n, seed)
+    problem.concurrency = concurrency
+    policy = BUILTIN[problem.policy_id or ""]
+    grid, _, inst = instance_for(problem, policy, options)
+    result = plan(problem, BUILTIN, options)
+    numbered = Instance(
+        limit=inst.limit,
+        available=[[grid.number(s) for s in a] for a in inst.available],
+        counts=inst.counts,
+        attributes=inst.attributes,
+        attribute_limit=inst.attribute_limit,
+    )
+    assert (len(result.placed), result.objective) == flow_oracle(numbered)

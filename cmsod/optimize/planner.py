@@ -132,6 +132,8 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
                 unplaced[name] = reasons[group_id]
         cls.slots = []
     objective = sum(map(grid.number, placed.values()))
+    offers = {id(c.offer): len(c.offer.starts) for c in classes}
+    work = sum(offers.values()) + sum(map(len, instance.available)) + solution.searches
     solve_ms = (time.perf_counter() - began) * 1000
     summary = (
         f"optimal: {len(placed)} scheduled, {len(unplaced)} not scheduled, objective "
@@ -139,7 +141,13 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
         f"{len(classes)} element classes, {solution.augmentations} re-plans, {solve_ms:.0f} ms"
     )
     return Plan(
-        placed, unplaced, problem.duration_ms, summary, objective=objective, solve_ms=solve_ms
+        placed,
+        unplaced,
+        problem.duration_ms,
+        summary,
+        objective=objective,
+        solve_ms=solve_ms,
+        work=work,
     )
 
 

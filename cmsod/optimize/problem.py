@@ -136,6 +136,9 @@ class Plan(msgspec.Struct):
     summary: str = ""
     objective: int = 0  # sum of the placed elements' slot numbers (1-based), CMSO's measure
     solve_ms: float = 0.0
+    # what planning cost, in counts rather than time: slots generated from the windows and
+    # policies, slots handed to the solver (over all element classes), searches it made
+    work: int = 0
 
 
 def merge(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
