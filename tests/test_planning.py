@@ -207,3 +207,27 @@ async def test_inventory_time_zones_and_the_site_limit(
         "node2": "2026-12-02T00:01:00Z",
         "node3": "2026-12-02T00:01:00Z",
     }
+
+
+def test_the_element_cap_is_a_setting(tmp_path: Path) -> None:
+    def plan(nodes: list[str], max_elements: int) -> subprocess.CompletedProcess:
+        body = request("big", now=EPOCH, nodes=nodes, concurrency=1000, normal=60)
+        (tmp_path / "r.json").write_text(json.dumps(body))
+        (tmp_path / "cmsod.toml").write_text(f"[optimizer]\nmax_elements = {max_elements}\n")
+        return subprocess.run(
+            [sys.executable, "-m", "cmsod", "plan", str(tmp_path / "r.json"), "--json"]
+            + ["--config", str(tmp_path / "cmsod.toml"), "--at", "2026-12-01T08:00:00Z"],
+            capture_output=True,
+            text=True,
+        )
+
+    refused = plan(["node1", "node2", "node3"], 2)
+    assert refused.returncode == 65
+    assert refused.stderr.strip() == (
+        "cmsod plan: 400 Scheduler.TOO_MANY_ELEMENTS: schedulingInfo.vnfDetails[].node holds 3 "
+        "elements, more than the 2 allowed ([optimizer] max_elements)"
+    )
+    # more than the 100,000 that was a constant: planned, every element placed
+    many = plan([f"n{i}" for i in range(100_001)], 100_001)
+    assert many.returncode == 0, many.stderr
+    assert len(json.loads(many.stdout)["schedules"][0]["scheduledElements"]) == 100_001
