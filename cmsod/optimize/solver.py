@@ -249,12 +249,14 @@ class _Solver:
         kids: dict[Node, list[Node]] = {}
         level = [start]
         while level:
-            found = False
+            # a goal in this level: the layers so far are the phase's (expanding this level,
+            # often the largest, would only label nodes beyond the shortest paths)
+            if any(
+                node[0] == BIN and self._waiting(node[1], node[2]) is not None for node in level
+            ):
+                return kids
             following: list[Node] = []
             for node in level:
-                if node[0] == BIN and self._waiting(node[1], node[2]) is not None:
-                    found = True
-                    continue
                 d = dist[node] + 1
                 mine = kids[node] = []
                 for child in self._children(node):
@@ -265,8 +267,6 @@ class _Solver:
                         mine.append(child)
                     elif seen == d:
                         mine.append(child)
-            if found:
-                return kids
             level = following
         return None
 
