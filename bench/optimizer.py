@@ -282,13 +282,46 @@ def run_one(side: str, kind: str, n: int, seed: int) -> dict:
     return out
 
 
+def alignment() -> None:
+    """What slots on the cluster's grid leave of each zone's policy periods, against slots that
+    would start at every period's own start: the realistic request (Weekday_00_06, 7 days
+    from Monday 00:00Z) at D = 60 min and CMSO's D = 70 min."""
+    from cmsod.optimize.policies import allowed_windows, zone
+    from cmsod.optimize.problem import merge
+
+    policy = BUILTIN["Weekday_00_06"]
+    window = [(START, START + 7 * 24 * H)]
+    print("policy periods on the grid: slots per zone (grid / from each period's start)")
+    for minutes in (60, 70, 90):
+        step = minutes * M
+        grid = Problem(1, "a", step, 1, None, START, [ProblemGroup("g", window, [])]).grid()
+        cells = []
+        total = [0, 0]
+        for name in ZONES:
+            allowed = allowed_windows(policy, zone(name), *window[0])
+            pieces = [(max(s, START), min(e, window[0][1])) for s, e in merge(allowed)]
+            on_grid = sum(1 for _ in grid.slots(window, allowed))
+            aligned = sum(max(0, (e - s) // step) for s, e in pieces)
+            total[0] += on_grid
+            total[1] += aligned
+            cells.append(f"{name.split('/')[-1]} {on_grid}/{aligned}")
+        lost = 100 * (1 - total[0] / total[1])
+        print(
+            f"  D = {minutes} min: {', '.join(cells)}; all {total[0]}/{total[1]} ({lost:.0f}% lost)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sides", default="cmsod,flow")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--alignment", action="store_true", help="only the policy alignment")
     args = parser.parse_args()
+    if args.alignment:
+        alignment()
+        return
     if args.one:
         side, kind, n = args.one.split(":")
         print(json.dumps(run_one(side, kind, int(n), args.seed)))
