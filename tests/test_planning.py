@@ -10,9 +10,11 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import trio
+
 from cmsod.model import ScheduleStatus as S
 from tests.cmso_requests import approval, request
-from tests.conftest import EPOCH, ControlClient
+from tests.conftest import EPOCH, ControlClient, start_daemon
 from tests.procs import Daemon, cmsoctl
 
 CREATE = "io.cmsod.Schedules.Create"
@@ -61,6 +63,22 @@ async def test_plan_rejects_what_create_rejects(client: ControlClient) -> None:
     immediate = request("now", now=EPOCH, minutes_from_now=None)
     reply = await client.call("io.cmsod.Schedules.Plan", schedule=immediate)
     assert reply["parameters"]["requestError"]["variables"] == ["changeWindow"]
+
+
+async def test_create_and_plan_refuse_more_elements_than_the_setting(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    d = await start_daemon(nursery, tmp_path, optimizer__max_elements=2)
+    client = await d.connect()
+    body = request("big", now=EPOCH, nodes=["n1", "n2", "n3"])
+    for method in (CREATE, "io.cmsod.Schedules.Plan"):
+        error = (await client.call(method, schedule=body))["parameters"]["requestError"]
+        assert error["messageId"] == "Scheduler.TOO_MANY_ELEMENTS"
+        assert error["variables"] == ["schedulingInfo.vnfDetails[].node", "3", "2"]
+    reply = await client.call(CREATE, schedule=request("small", now=EPOCH, nodes=["n1", "n2"]))
+    assert reply["parameters"]["status"] == "Pending Schedule"
+    await client.aclose()
+    d.cancel.cancel()
 
 
 def test_cmsod_plan_offline(tmp_path: Path) -> None:
