@@ -102,6 +102,14 @@ class _Solver:
             deque(map(list.append, map(get, inst.available[c]), repeat(c)), maxlen=0)
         self.total_unplaced = sum(inst.counts[c] for c in order)
         self.solution = Solution([{} for _ in inst.counts])
+        # Nodes from which a search that found nothing could reach no goal, valid while no
+        # element has been put anywhere since (`moves` unchanged): a node's edges change only
+        # when an element is put into a slot, and goals only ever disappear. Consecutive
+        # slots that gain nothing (a night nobody more can use) then cost one search, not one
+        # each.
+        self.moves = 0
+        self.hopeless: set[Node] = set()
+        self.hopeless_at = -1
 
     def _cap(self, a: int) -> int:
         return self.inst.limit if a == FREE else self.attr_cap
@@ -109,6 +117,7 @@ class _Solver:
     # -- moving elements -------------------------------------------------------------------
 
     def _put(self, c: int, slot: int, n: int) -> None:
+        self.moves += 1
         a = self.inst.attributes[c]
         self.load[slot] = self.load.get(slot, 0) + n
         loads = self.bin_load.setdefault(slot, {})
@@ -248,6 +257,10 @@ class _Solver:
         elements are only ever placed in slots the greedy has reached."""
         start: Node = (SLOT, target, 0)
         dist: dict[Node, int] = {start: 0}
+        if self.hopeless_at == self.moves:  # taken as seen: never on a labelled path
+            dist.update(dict.fromkeys(self.hopeless, -1))
+        else:
+            self.hopeless = set()
         kids: dict[Node, list[Node]] = {}
         level = [start]
         while level:
@@ -270,6 +283,8 @@ class _Solver:
                     elif seen == d:
                         mine.append(child)
             level = following
+        self.hopeless.update(dist)  # every node it reached, and none leads to a goal
+        self.hopeless_at = self.moves
         return None
 
     def _path(
