@@ -17,10 +17,12 @@ network; only when a direct placement fails. An element whose attribute is not l
 has none) goes through a bin of its own slot whose capacity is the slot's `limit`, which is no
 limit at all: the same network, so the same proof.
 
-Four things keep it fast. Elements with the same availability and attribute are one *class*
+Five things keep it fast. Elements with the same availability and attribute are one *class*
 with a count (10,000 elements in 5 time zones are 5 classes, plus one per ticketed element).
 Paths are found in phases (`_fill`): one breadth-first labelling serves many depth-first
-paths, and it stops before expanding the level where the first goal appears.
+paths, and it stops before expanding the level where the first goal appears. What a search
+that found nothing reached is skipped by the next searches until an element is put somewhere
+(`hopeless`).
 The augmenting-path search runs over slots and bins, not elements: it keeps, per attribute,
 which slots hold placed elements that could also run in slot s (`movable`), and per bin the
 classes usable there with a pointer past those with nobody left unplaced, so one search
