@@ -88,7 +88,7 @@ class _Offer:
 class _Class:
     windows: list[tuple[int, int]]  # of its elements' groups (merged)
     names: list[str]
-    slots: list[int]  # slot starts (emptied once handed to the solver)
+    slots: list[int]  # the starts of the slots it may use (the solver's list, shared)
     offer: _Offer
     busy: list[Busy]
     tz_name: str
@@ -130,7 +130,6 @@ def plan(problem: Problem, policies: dict[str, Policy], options: Options | None 
                 if group_id not in reasons:
                     reasons[group_id] = _reason(problem, cls, group_id, options, grid, policy, load)
                 unplaced[name] = reasons[group_id]
-        cls.slots = []
     objective = sum(map(grid.number, placed.values()))
     offers = {id(c.offer): len(c.offer.starts) for c in classes}
     work = sum(offers.values()) + sum(map(len, instance.available)) + solution.searches
