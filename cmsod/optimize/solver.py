@@ -21,8 +21,8 @@ Five things keep it fast. Elements with the same availability and attribute are 
 with a count (10,000 elements in 5 time zones are 5 classes, plus one per ticketed element).
 Paths are found in phases (`_fill`): one breadth-first labelling serves many depth-first
 paths, and it stops before expanding the level where the first goal appears. What a search
-that found nothing reached is skipped by the next searches until an element is put somewhere
-(`hopeless`).
+that found nothing reached is skipped by the next searches until a move may give it a new
+edge (`hopeless`).
 The augmenting-path search runs over slots and bins, not elements: it keeps, per attribute,
 which slots hold placed elements that could also run in slot s (`movable`), and per bin the
 classes usable there with a pointer past those with nobody left unplaced, so one search
@@ -104,22 +104,36 @@ class _Solver:
             deque(map(list.append, map(get, inst.available[c]), repeat(c)), maxlen=0)
         self.total_unplaced = sum(inst.counts[c] for c in order)
         self.solution = Solution([{} for _ in inst.counts])
-        # Nodes from which a search that found nothing could reach no goal, valid while no
-        # element has been put anywhere since (`moves` unchanged): a node's edges change only
-        # when an element is put into a slot, and goals only ever disappear. Consecutive
-        # slots that gain nothing (a night nobody more can use) then cost one search, not one
-        # each.
-        self.moves = 0
+        # Nodes from which a search that found nothing could reach no goal: skipped by later
+        # searches until a move may give one of them a new edge (`_revive`); goals only ever
+        # disappear. Consecutive slots that gain nothing (a night nobody more can use) then
+        # cost one search, not one each.
         self.hopeless: set[Node] = set()
-        self.hopeless_at = -1
 
     def _cap(self, a: int) -> int:
         return self.inst.limit if a == FREE else self.attr_cap
 
     # -- moving elements -------------------------------------------------------------------
 
+    def _revive(self, c: int, slot: int) -> None:
+        """Forget the fruitless nodes if putting an element of class c into or taking it out
+        of `slot` may give one of them a new edge: bin (slot, a), slot `slot`, or a bin (s, a)
+        that c could also use (it gains an edge to bin (slot, a)). The fruitless nodes are
+        closed under reachability (everything a search reached), so a node outside them that
+        gains an edge cannot make any of them fruitful."""
+        hopeless = self.hopeless
+        if not hopeless:
+            return
+        a = self.inst.attributes[c]
+        if (
+            (BIN, slot, a) in hopeless
+            or (SLOT, slot, 0) in hopeless
+            or any((BIN, s, a) in hopeless for s in self.inst.available[c])
+        ):
+            hopeless.clear()
+
     def _put(self, c: int, slot: int, n: int) -> None:
-        self.moves += 1
+        self._revive(c, slot)
         a = self.inst.attributes[c]
         self.load[slot] = self.load.get(slot, 0) + n
         loads = self.bin_load.setdefault(slot, {})
@@ -137,6 +151,7 @@ class _Solver:
                 row[slot] = row.get(slot, 0) + n
 
     def _take(self, c: int, slot: int) -> None:
+        self._revive(c, slot)
         a = self.inst.attributes[c]
         self.load[slot] -= 1
         self.bin_load[slot][a] -= 1
@@ -258,11 +273,8 @@ class _Solver:
         or None when no goal can be reached. Every slot it meets is at most `target`:
         elements are only ever placed in slots the greedy has reached."""
         start: Node = (SLOT, target, 0)
-        dist: dict[Node, int] = {start: 0}
-        if self.hopeless_at == self.moves:  # taken as seen: never on a labelled path
-            dist.update(dict.fromkeys(self.hopeless, -1))
-        else:
-            self.hopeless = set()
+        dist: dict[Node, int] = dict.fromkeys(self.hopeless, -1)  # as seen: never on a path
+        dist[start] = 0
         kids: dict[Node, list[Node]] = {}
         level = [start]
         while level:
@@ -286,7 +298,6 @@ class _Solver:
                         mine.append(child)
             level = following
         self.hopeless.update(dist)  # every node it reached, and none leads to a goal
-        self.hopeless_at = self.moves
         return None
 
     def _path(
