@@ -20,6 +20,7 @@ from cmsod.errors import ConfigError
 from cmsod.optimize.policies import BUILTIN as BUILTIN_POLICIES
 from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, zone
 from cmsod.ticketing import DEFAULT_DISPATCH_ALLOWED, DEFAULT_TEMPLATE
+from cmsod.wire.cmso import DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS
 
 POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -50,6 +51,8 @@ class OptimizerConfig(Section, frozen=True):
     inventory: str = ""  # TOML file of element data (time zone, attributes); "" = none
     attribute: str = ""  # an element attribute to limit, e.g. "site"
     attribute_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0  # 0 = no limit
+    # elements per request (Schedules.Create, Schedules.Plan, cmsod plan), at most
+    max_elements: Annotated[int, msgspec.Meta(ge=1, le=MAX_ELEMENTS)] = DEFAULT_MAX_ELEMENTS
 
 
 class DispatcherConfig(Section, frozen=True):

@@ -49,6 +49,9 @@ class RequestError(CmsodError):
         "UNABLE_TO_CREATE_CHANGE_TICKET": (
             "Unable to create change ticket in TM: Schedule ID: {0} : Reason : {1}"
         ),
+        "TOO_MANY_ELEMENTS": (
+            "{0} holds {1} elements, more than the {2} allowed ([optimizer] max_elements)"
+        ),
         "SCHEDULE_CHANGED": (
             "Schedule {0} changed while its change tickets were being opened; try again"
         ),

@@ -136,7 +136,7 @@ async def store_with_tickets(
 
 
 async def create(ctx: Context, p: w.CreateParameters) -> dict[str, Any]:
-    new = lifecycle.validate_request(p.schedule)
+    new = lifecycle.validate_request(p.schedule, ctx.config.optimizer.max_elements)
     if new.immediate:  # accepted as it is stored: its tickets first, nothing kept if refused
         await ctx.store.read(ops.schedule_exists, new.schedule_id)
         cfg = ctx.config.tickets
@@ -241,7 +241,7 @@ async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
 
 async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
     """Plan a request as the optimizer would now, counting work already scheduled; store nothing."""
-    new = lifecycle.validate_request(p.schedule)
+    new = lifecycle.validate_request(p.schedule, ctx.config.optimizer.max_elements)
     if new.immediate:
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
     names = [e.name for g in new.groups for e in g.elements]
