@@ -29,6 +29,8 @@ from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import tm_for
+from cmsod.rest import server as rest
+from cmsod.rest.auth import Credentials
 from cmsod.store import Store, views
 
 EX_CONFIG = 78
@@ -114,6 +116,12 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
             for key in PEER_KEYS
             if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
         ]
+        # The HTTP listener is built once too (socket, TLS, hypercorn's limits).
+        fixed += [
+            f"http.{key}"
+            for key in config.HttpConfig.__struct_fields__
+            if getattr(old.http, key) != getattr(new.http, key)
+        ]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
         changed = [
@@ -177,8 +185,15 @@ async def run(
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
                 path = await root.start(server.serve, ctx)
+                http = await root.start(rest.serve, ctx) if cfg.http.listen else None
                 systemd.notify("READY=1", await status_line(ctx))
-                log.info("daemon.ready", socket=str(path), version=__version__, pid=os.getpid())
+                log.info(
+                    "daemon.ready",
+                    socket=str(path),
+                    http=http,
+                    version=__version__,
+                    pid=os.getpid(),
+                )
                 task_status.started(path)
                 watchdog_s = systemd.watchdog_interval_s()
                 if watchdog_s:
@@ -241,7 +256,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cmsod",
         description="Change-management schedule optimizer daemon.",
-        epilog="cmsod plan REQUEST.json [--unavailability FILE] [--json]: plan offline (see cmsod plan -h)",
+        epilog=(
+            "cmsod plan REQUEST.json [--unavailability FILE] [--json]: plan offline (see cmsod plan -h);"
+            " cmsod http-user NAME LEVEL: a line for [http] credentials_file"
+        ),
     )
     parser.add_argument(
         "--config",
@@ -267,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         from cmsod import plan_cli
 
         return plan_cli.main(argv[1:])
+    if argv[:1] == ["http-user"]:
+        from cmsod.rest import auth
+
+        return auth.main(argv[1:])
     args = parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())
@@ -276,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         planning_for(cfg)  # policy, inventory and credentials files are configuration too
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
             raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
+        if cfg.http.listen:
+            Credentials(Path(cfg.http.credentials_file)).load()
     except ConfigError as exc:
         print(f"cmsod: invalid config {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -283,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    _raise_file_limit(cfg.control.max_connections + 256)
+    _raise_file_limit(cfg.control.max_connections + cfg.http.max_connections + 256)
     log.info(
         "daemon.started",
         version=__version__,
