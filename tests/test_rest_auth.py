@@ -37,7 +37,7 @@ def test_credentials_file_lines() -> None:
     [
         ("ann:root:!", "level must be"),
         ("a n:read:!", "user name"),
-        ("ann:read:secret", "not a $scrypt$ hash"),  # a clear password is refused
+        ("ann:read:secret", r"not a \$scrypt\$ hash"),  # a clear password is refused
         ("ann:read:$scrypt$ln=30,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$" + "A" * 43, "cost"),
         ("ann:read:!\nann:operate:!", "given twice"),
     ],
