@@ -145,8 +145,11 @@ class RestApp:
             *answer.headers,
         ]
         body = answer.body if answer.status != 204 else b""
-        if answer.status == 204:
-            headers = [h for h in headers if h[0] not in (b"content-type", b"content-length")]
+        if not body:  # 202, 204: no body, so no type (and 204 not even a length)
+            drop = (
+                (b"content-type", b"content-length") if answer.status == 204 else (b"content-type",)
+            )
+            headers = [h for h in headers if h[0] not in drop]
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
