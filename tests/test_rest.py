@@ -18,11 +18,13 @@ import trio
 import trio.testing
 import trustme
 
+from cmsod.executor import InlineExecutor
 from cmsod.log import LogfmtFormatter
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.rest import server as rest
-from cmsod.rest.auth import hash_password
+from cmsod.rest.app import RestApp
+from cmsod.rest.auth import Credentials, hash_password
 from cmsod.store import views
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
@@ -387,6 +389,8 @@ async def test_oversize_chunked_body_is_413(http: Rest) -> None:
 async def test_oversize_headers_are_refused(http: Rest) -> None:
     answer = await http.client.get(BASE, headers={"X-Big": "y" * 20_000})
     assert answer.status_code == 431
+    long_query = await http.client.get(f"{BASE}/scheduleDetails", params={"vnfName": "n" * 20_000})
+    assert long_query.status_code == 431
     await nothing_stored(http)
 
 
@@ -519,3 +523,21 @@ async def test_tls_and_client_certificates(nursery: trio.Nursery, tmp_path: Path
         with pytest.raises(httpx.HTTPError):
             await c.get(BASE)
     d.cancel.cancel()
+
+
+async def test_metrics_hook_serves_what_it_is_given(served: tuple[Daemon, str]) -> None:
+    """`/metrics` is served on this listener by whatever renders the exposition (issue 13);
+    without one it is an unknown path."""
+    daemon, _ = served
+    credentials = Credentials(Path(daemon.ctx.config.http.credentials_file))
+    credentials.load()
+    app = RestApp(daemon.ctx, credentials, InlineExecutor(), metrics=lambda: b"cmsod_up 1\n")
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://cmsod", auth=("reader", PASSWORD)
+    ) as client:
+        answer = await client.get("/metrics")
+        assert answer.status_code == 200 and answer.text == "cmsod_up 1\n"
+        assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    async with httpx.AsyncClient(base_url=served[1], auth=("reader", PASSWORD)) as client:
+        assert (await client.get("/metrics")).status_code == 404

@@ -129,3 +129,22 @@ def test_http_section_checks(env: dict[str, str], message: str) -> None:
 
 def test_http_is_off_by_default() -> None:
     assert config.load(None, env={}).http.listen == ""
+
+
+def test_reload_refuses_a_changed_http_section(tmp_path: Path) -> None:
+    """The listener (socket, TLS, hypercorn's limits) is built at start: a reload that changes
+    [http] is refused, naming the keys."""
+    from cmsod import daemon
+    from cmsod.clock import WallClock
+    from cmsod.executor import InlineExecutor
+
+    path = tmp_path / "cmsod.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    ctx = daemon.build_context(config.load(path), WallClock(), InlineExecutor())
+    reload = daemon.make_reload(ctx, path, None)
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[http]\nlisten = "127.0.0.1:8080"\ncredentials_file = "/x"\n'
+    )
+    with pytest.raises(ConfigError, match="http.listen, http.credentials_file cannot change"):
+        reload()

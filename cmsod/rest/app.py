@@ -159,7 +159,8 @@ class RestApp:
         parts = path.strip("/").split("/")
         # h11 bounds only headers still arriving; a block that came whole is measured here
         limit = self.ctx.config.http.max_header_bytes
-        if len(raw) + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > limit:
+        size = len(raw) + len(scope["query_string"])
+        if size + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > limit:
             raise problem(431, "HEADERS_TOO_LARGE", f"headers may have {limit} bytes at most")
         user = await self.authenticate(scope)
         method = scope["method"]
