@@ -61,6 +61,13 @@ def test_the_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(ConfigError, match="credentials_file"):
         credentials.load()
+    credentials.refresh(now=100.0)  # logged, and the users last read are kept
+    assert credentials.user("bob") is not None
+    path.write_text("carl:read:!\n")
+    credentials.refresh(now=100.5)  # looked at once a second at most
+    assert credentials.user("carl") is None
+    credentials.refresh(now=101.0)
+    assert credentials.user("carl") is not None
 
 
 def test_a_verified_password_is_remembered_only_as_a_mac(tmp_path: Path) -> None:

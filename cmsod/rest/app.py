@@ -273,7 +273,7 @@ class RestApp:
 
     async def authenticate(self, scope: Scope) -> User:
         """The user of a client certificate (mutual TLS), else of HTTP basic credentials."""
-        self.credentials.load()
+        self.credentials.refresh(trio.current_time())
         by_cert = self.client_user(scope)
         if by_cert is not None:
             user = self.credentials.user(by_cert)

@@ -8,7 +8,8 @@ in the PHC string format, `$scrypt$ln=15,r=8,p=1$<salt>$<key>` (base64 without p
 client certificate whose common name is `name`). `#` starts a comment. No clear password is
 ever stored, logged or kept in memory past the check: a verified password is remembered only
 as an HMAC under a key that lives in this process, so the costly KDF runs once per user.
-The file is read again when it changes, so adding a user needs no restart.
+The file is read again when it changes (looked at once a second at most), so adding a user
+needs no restart.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+from cmsod import log
 from cmsod.errors import ConfigError
 
 
@@ -121,11 +123,12 @@ class Credentials:
     path: Path
     users: dict[str, User] = field(default_factory=dict)
     stamp: tuple[int, int] | None = None
+    checked: float = float("-inf")
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _verified: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def load(self) -> None:
-        """Raises ConfigError; a file that turns bad later keeps the users last read."""
+        """Read the file if it changed since; raises ConfigError."""
         try:
             info = os.stat(self.path)
             if self.stamp == (info.st_mtime_ns, info.st_size):
@@ -136,6 +139,17 @@ class Credentials:
         self.users = parse_credentials(text, str(self.path))
         self.stamp = (info.st_mtime_ns, info.st_size)
         self._verified.clear()
+
+    def refresh(self, now: float) -> None:
+        """`load` at most once a second: a stat per request would cost more than the rest of
+        the check. A file that turned bad keeps the users last read (and says so)."""
+        if now - self.checked < 1.0:
+            return
+        self.checked = now
+        try:
+            self.load()
+        except ConfigError as exc:
+            log.error("http.credentials_unreadable", reason=str(exc))
 
     def user(self, name: str) -> User | None:
         return self.users.get(name)
