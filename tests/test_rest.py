@@ -541,3 +541,21 @@ async def test_metrics_hook_serves_what_it_is_given(served: tuple[Daemon, str]) 
         assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
     async with httpx.AsyncClient(base_url=served[1], auth=("reader", PASSWORD)) as client:
         assert (await client.get("/metrics")).status_code == 404
+
+
+async def test_a_client_gone_mid_request_leaves_all_or_nothing(
+    served: tuple[Daemon, str], http: Rest
+) -> None:
+    """A client that sends a create and hangs up at once: the listener keeps serving, and the
+    schedule is either stored whole or not at all."""
+    stream, rest_of_body = await send_partly(served[1], "gone", keep=1)
+    await stream.send_all(rest_of_body)
+    await stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    answer = await http.client.get(f"{BASE}/gone")
+    if answer.status_code == 200:
+        assert answer.json()["status"] in (S.PENDING_SCHEDULE, S.PENDING_APPROVAL)
+        assert len(statuses(answer.json())) == 1
+    else:
+        assert answer.status_code == 404
+    assert (await http.client.get(BASE)).status_code == 200
