@@ -511,6 +511,12 @@ async def test_tls_and_client_certificates(nursery: trio.Nursery, tmp_path: Path
     ) as c:
         answer = await c.get(BASE)
         assert answer.status_code == 200 and answer.http_version == "HTTP/1.1"
+    # HTTP/1.1 even when the client offers HTTP/2 (ALPN)
+    async with httpx.AsyncClient(
+        base_url=url, verify=client_context(None), auth=("jf9860", PASSWORD), http2=True
+    ) as c:
+        answer = await c.get(BASE)
+        assert answer.status_code == 200 and answer.http_version == "HTTP/1.1"
     # the certificate of a known user is that user, no password needed: reader may read...
     async with httpx.AsyncClient(base_url=url, verify=client_context("certonly")) as c:
         assert (await c.get(BASE)).status_code == 200
@@ -559,3 +565,25 @@ async def test_a_client_gone_mid_request_leaves_all_or_nothing(
     else:
         assert answer.status_code == 404
     assert (await http.client.get(BASE)).status_code == 200
+
+
+async def test_a_failing_connection_costs_that_connection_only(
+    served: tuple[Daemon, str], http: Rest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hypercorn's HTTP/2 let a KeyError out of a connection (an answer before the body): such
+    an escape must cost that connection, never the listener and the daemon with it."""
+    real = rest.TCPServer
+    failures: list[int] = []
+
+    async def failing_once(*args: Any) -> None:
+        if not failures:
+            failures.append(1)
+            raise KeyError(3)
+        await real(*args)
+
+    monkeypatch.setattr(rest, "TCPServer", failing_once)
+    async with httpx.AsyncClient(base_url=served[1], auth=("reader", PASSWORD)) as fresh:
+        with pytest.raises(httpx.HTTPError):
+            await fresh.get(BASE)
+        assert (await fresh.get(BASE)).status_code == 200
+    assert failures == [1]

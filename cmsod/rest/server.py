@@ -1,7 +1,7 @@
 """The HTTP listener: hypercorn's trio worker serving `RestApp`, inside the daemon's nursery.
 
 Connections are accepted here and handed to hypercorn's trio connection handler (`TCPServer`,
-HTTP/1.1 and HTTP/2 over TLS by ALPN) rather than through `hypercorn.trio.serve`, for two
+HTTP/1.1) rather than through `hypercorn.trio.serve`, for two
 things that function cannot do: a limit on open connections (one more is answered 503 and
 closed), and knowing the client certificate of a connection, whose common name stands for a
 user under mutual TLS. On `ctx.stopping` (SIGTERM) no new connection is accepted; idle ones
@@ -38,7 +38,9 @@ BUSY = (
 def hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
     hc = HypercornConfig()
     hc.h11_max_incomplete_size = cfg.max_header_bytes  # request line and headers
-    hc.h2_max_inbound_frame_size = 16 * 1024
+    # HTTP/1.1 only, also over TLS: CMSO's clients speak it, and hypercorn's HTTP/2 lets an
+    # exception out of a connection when an answer comes before the body (a 413, say).
+    hc.alpn_protocols = ["http/1.1"]
     hc.keep_alive_timeout = cfg.idle_timeout_s  # also bounds a request's headers (slowloris)
     hc.read_timeout = int(cfg.request_timeout_s)  # no byte at all for this long: closed
     hc.ssl_handshake_timeout = cfg.request_timeout_s
@@ -124,6 +126,8 @@ async def serve(
             await TCPServer(app, hc, worker, ConnectionState({}), stream)  # type: ignore[arg-type]
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass  # the client went away, or its TLS handshake failed or took too long
+        except Exception:  # a bug must cost one connection, never the listener (or the daemon)
+            log.error("http.connection_failed", exc_info=True, client=f"{address[0]}:{address[1]}")
         finally:
             active -= 1
             by_address.pop(address, None)
