@@ -29,8 +29,8 @@ from cmsod.optimize.planner import Options, Planning
 from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import tm_for
+from cmsod.rest import auth as rest_auth
 from cmsod.rest import server as rest
-from cmsod.rest.auth import Credentials
 from cmsod.store import Store, views
 
 EX_CONFIG = 78
@@ -286,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return plan_cli.main(argv[1:])
     if argv[:1] == ["http-user"]:
-        from cmsod.rest import auth
-
-        return auth.main(argv[1:])
+        return rest_auth.main(argv[1:])
     args = parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
             raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
         if cfg.http.listen:
-            Credentials(Path(cfg.http.credentials_file)).load()
+            rest_auth.Credentials(Path(cfg.http.credentials_file)).load()
     except ConfigError as exc:
         print(f"cmsod: invalid config {exc}", file=sys.stderr)
         return EX_CONFIG

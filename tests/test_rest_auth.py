@@ -155,3 +155,19 @@ def test_reload_refuses_a_changed_http_section(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="http.listen, http.credentials_file cannot change"):
         reload()
+
+
+def test_check_config_reads_the_credentials_file(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("ann:read:password-in-clear\n")
+    env = {
+        **os.environ,
+        "CMSOD_HTTP__LISTEN": "127.0.0.1:0",
+        "CMSOD_HTTP__CREDENTIALS_FILE": str(users),
+    }
+    command = [sys.executable, "-m", "cmsod", "--state-dir", str(tmp_path), "--check-config"]
+    bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 78 and f"{users}:1: not a $scrypt$ hash" in bad.stderr
+    users.write_text("ann:read:!\n")
+    good = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
