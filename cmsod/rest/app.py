@@ -135,7 +135,7 @@ class RestApp:
             answer = request_error(exc)
         except Exception as exc:  # a bug or a store failure: answer, log, keep serving
             log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
-            answer = problem(500, "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}")
+            answer = problem(500, "INTERNAL_ERROR", f"{type(exc).__name__} (in cmsod's log)")
         headers: Headers = [
             (b"content-type", answer.content_type),
             (b"content-length", str(len(answer.body)).encode()),
