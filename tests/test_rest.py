@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import sqlite3
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 import trio.testing
 import trustme
 
+from cmsod.control import api
 from cmsod.executor import InlineExecutor
 from cmsod.log import LogfmtFormatter
 from cmsod.model import ElementStatus as E
@@ -587,3 +589,18 @@ async def test_a_failing_connection_costs_that_connection_only(
             await fresh.get(BASE)
         assert (await fresh.get(BASE)).status_code == 200
     assert failures == [1]
+
+
+async def test_a_failure_inside_is_a_500_and_the_next_request_is_served(
+    http: Rest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(ctx: Any, parameters: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error at /var/lib/cmsod")
+
+    monkeypatch.setattr(api, "get", broken)
+    answer = await http.client.get(f"{BASE}/any")
+    assert answer.status_code == 500
+    assert answer.json()["requestError"]["text"] == "OperationalError (in cmsod's log)"
+    assert_version_headers(answer)
+    monkeypatch.undo()
+    assert (await http.client.get(f"{BASE}/any")).status_code == 404
