@@ -149,7 +149,7 @@ def main() -> None:
                     details = client.get(f"{BASE}/scheduleDetails", params={"vnfName": "rows-%"})
                     details_s = time.perf_counter() - began
                     assert details.status_code == 200, details.text[:500]
-                    rows, size = len(details.json()), len(details.content)
+                    rows, details_bytes = len(details.json()), len(details.content)
         finally:
             daemon.stop()
     created.sort()
@@ -166,7 +166,9 @@ def main() -> None:
             f" ({size:,} bytes): {total:,} in {elapsed:.2f} s = {total / elapsed:,.0f} requests/s"
         )
     if args.rows:
-        print(f"  scheduleDetails of {rows:,} rows: {details_s:.2f} s, {size / 1e6:.1f} MB")
+        print(
+            f"  scheduleDetails of {rows:,} rows: {details_s:.2f} s, {details_bytes / 1e6:.1f} MB"
+        )
 
 
 if __name__ == "__main__":
