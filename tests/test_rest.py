@@ -539,7 +539,11 @@ async def test_metrics_hook_serves_what_it_is_given(served: tuple[Daemon, str]) 
     daemon, _ = served
     credentials = Credentials(Path(daemon.ctx.config.http.credentials_file))
     credentials.load()
-    app = RestApp(daemon.ctx, credentials, InlineExecutor(), metrics=lambda: b"cmsod_up 1\n")
+
+    async def exposition() -> bytes:
+        return b"cmsod_up 1\n"
+
+    app = RestApp(daemon.ctx, credentials, InlineExecutor(), metrics=exposition)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(
         transport=transport, base_url="http://cmsod", auth=("reader", PASSWORD)

@@ -103,8 +103,9 @@ class Call:
 
 
 class RestApp:
-    """The ASGI callable. `metrics`, when given, renders `/metrics` on this listener (the
-    Prometheus exposition of issue 13 plugs in here once it exists)."""
+    """The ASGI callable. `metrics`, when given, renders `/metrics` on this listener: the
+    Prometheus exposition of issue 13 (on main after this branch was cut, as
+    `cmsod.control.metrics.exposition(ctx)`) plugs in here, in `server.serve`."""
 
     def __init__(
         self,
@@ -112,7 +113,7 @@ class RestApp:
         credentials: Credentials,
         kdf: Executor,
         client_user: Callable[[Scope], str | None] = lambda scope: None,
-        metrics: Callable[[], bytes] | None = None,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.ctx = ctx
         self.credentials = credentials
@@ -168,7 +169,7 @@ class RestApp:
             return _only(method, "GET") or Answer(200, OPENAPI)
         if path == "/metrics" and self.metrics is not None:
             return _only(method, "GET") or Answer(
-                200, self.metrics(), b"text/plain; version=0.0.4; charset=utf-8"
+                200, await self.metrics(), b"text/plain; version=0.0.4; charset=utf-8"
             )
         if len(parts) < 3 or parts[0] != "cmso":
             raise problem(404, "NOT_FOUND", f"no such path {path}", path)
