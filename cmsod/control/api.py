@@ -176,7 +176,9 @@ def too_many(what: str) -> ControlError:
     )
 
 
-async def get(ctx: Context, p: w.ScheduleIdParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+async def get(
+    ctx: Context, p: w.ScheduleIdParameters, more: bool
+) -> AsyncGenerator[dict[str, Any], None]:
     """Streamed: the schedule (each group's `changeManagementSchedules` empty, `elements` its
     count), then replies of `elements`, each with its `groupId`; all from one snapshot."""
     if not more:
@@ -195,7 +197,9 @@ async def get(ctx: Context, p: w.ScheduleIdParameters, more: bool) -> AsyncItera
                 yield {"elements": items}
 
 
-async def list_(ctx: Context, p: w.ListParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+async def list_(
+    ctx: Context, p: w.ListParameters, more: bool
+) -> AsyncGenerator[dict[str, Any], None]:
     """One page (`next`: the cursor for the page after); streamed: every page after `after`."""
     after = p.after
     while True:
@@ -207,13 +211,22 @@ async def list_(ctx: Context, p: w.ListParameters, more: bool) -> AsyncIterator[
 
 async def details(
     ctx: Context, p: w.DetailsParameters, more: bool
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     chunk = STREAM_CHUNK if more else MAX_REPLY_ROWS + 1
     async with contextlib.aclosing(ctx.store.stream(views.details, p.filters, chunk=chunk)) as rows:
         async for batch in rows:
             if not more and len(batch) > MAX_REPLY_ROWS:
                 raise too_many("elements match")
             yield {"details": batch}
+
+
+async def one_reply(replies: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:
+    """The single reply of a paged handler called without `more` (a front door that answers in
+    one body); it is bounded by the handler (io.cmsod.TooManyRows beyond MAX_REPLY_ROWS)."""
+    async with contextlib.aclosing(replies) as pages:
+        async for page in pages:
+            return page
+    return {}
 
 
 async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
@@ -256,7 +269,12 @@ async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
 
 
 async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str, Any]:
-    caller = f"uid {peer.uid} pid {peer.pid}"
+    return await approve_as(ctx, p, f"uid {peer.uid} pid {peer.pid}")
+
+
+async def approve_as(ctx: Context, p: w.ApproveParameters, caller: str) -> dict[str, Any]:
+    """The approval, recorded with who sent it (`caller`: the socket's peer credentials, or the
+    REST API's authenticated user) beside the name it gives."""
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
         ops.tickets_for_approval, p.scheduleId, p.approval, cfg.vnfs_per_ticket, cfg.template
@@ -274,8 +292,7 @@ async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str,
         schedule_id=p.scheduleId,
         approval=p.approval.approvalStatus,
         by=p.approval.approvalUserId,
-        uid=peer.uid,
-        pid=peer.pid,
+        caller=caller,
         status=status.value,
     )
     ctx.bells.dispatcher.ring()
