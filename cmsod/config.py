@@ -20,6 +20,7 @@ from cmsod.errors import ConfigError
 from cmsod.optimize.policies import BUILTIN as BUILTIN_POLICIES
 from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, zone
 from cmsod.ticketing import DEFAULT_DISPATCH_ALLOWED, DEFAULT_TEMPLATE
+from cmsod.wire.cmso import DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS
 
 POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -50,6 +51,8 @@ class OptimizerConfig(Section, frozen=True):
     inventory: str = ""  # TOML file of element data (time zone, attributes); "" = none
     attribute: str = ""  # an element attribute to limit, e.g. "site"
     attribute_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0  # 0 = no limit
+    # elements per request (Schedules.Create, Schedules.Plan, cmsod plan), at most
+    max_elements: Annotated[int, msgspec.Meta(ge=1, le=MAX_ELEMENTS)] = DEFAULT_MAX_ELEMENTS
 
 
 class DispatcherConfig(Section, frozen=True):
@@ -209,6 +212,37 @@ class MetricsConfig(Section, frozen=True):
         return host.strip("[]"), int(port)
 
 
+class HttpConfig(Section, frozen=True):
+    """CMSO's REST API (cmsod/rest): off unless `listen` is set."""
+
+    listen: str = ""  # "host:port", e.g. "0.0.0.0:8443"; "" = no HTTP listener
+    credentials_file: str = ""  # users and their salted password hashes (cmsod http-user)
+    certfile: str = ""  # TLS: both files given = HTTPS only
+    keyfile: str = ""
+    client_ca: str = ""  # mutual TLS: client certificates signed by this CA name a user
+    require_client_cert: bool = False  # with client_ca: refuse clients without a certificate
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
+    request_timeout_s: Positive = 30.0  # the whole request body must arrive within this
+    idle_timeout_s: Positive = 5.0  # a kept-alive connection with no request is closed
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 2048
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            return
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"http.listen must be host:port, not {self.listen!r}")
+        if not self.credentials_file:
+            raise ValueError("http.credentials_file is needed when http.listen is set")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("http.certfile and http.keyfile go together")
+        if self.client_ca and not self.certfile:
+            raise ValueError("http.client_ca needs http.certfile and http.keyfile (TLS)")
+        if self.require_client_cert and not self.client_ca:
+            raise ValueError("http.require_client_cert needs http.client_ca")
+
+
 class SupervisorConfig(Section, frozen=True):
     max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
     window_s: Positive = 60.0
@@ -227,6 +261,7 @@ class Config(Section, frozen=True):
     tls: TlsConfig = TlsConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    http: HttpConfig = HttpConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
 
     # -- derived paths ------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from cmsod.peers import tls
 from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import tm_for
+from cmsod.rest import auth as rest_auth
+from cmsod.rest import server as rest
 from cmsod.store import Store, views
 
 EX_CONFIG = 78
@@ -131,6 +133,12 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
             for key in PEER_KEYS
             if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
         ]
+        # The HTTP listener is built once too (socket, TLS, hypercorn's limits).
+        fixed += [
+            f"http.{key}"
+            for key in config.HttpConfig.__struct_fields__
+            if getattr(old.http, key) != getattr(new.http, key)
+        ]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
         changed = [
@@ -197,8 +205,15 @@ async def run(
                 if cfg.metrics.address is not None:
                     await root.start(metrics.serve, ctx)
                 path = await root.start(server.serve, ctx)
+                http = await root.start(rest.serve, ctx) if cfg.http.listen else None
                 systemd.notify("READY=1", await status_line(ctx))
-                log.info("daemon.ready", socket=str(path), version=__version__, pid=os.getpid())
+                log.info(
+                    "daemon.ready",
+                    socket=str(path),
+                    http=http,
+                    version=__version__,
+                    pid=os.getpid(),
+                )
                 task_status.started(path)
                 watchdog_s = systemd.watchdog_interval_s()
                 if watchdog_s:
@@ -300,7 +315,10 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmsod",
         description="Change-management schedule optimizer daemon.",
-        epilog="cmsod plan REQUEST.json [--unavailability FILE] [--json]: plan offline (see cmsod plan -h)",
+        epilog=(
+            "cmsod plan REQUEST.json [--unavailability FILE] [--json]: plan offline (see cmsod plan -h);"
+            " cmsod http-user NAME LEVEL: a line for [http] credentials_file"
+        ),
     )
     parser.add_argument(
         "--config",
@@ -328,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         from cmsod import plan_cli
 
         return plan_cli.main(argv[1:])
+    if argv[:1] == ["http-user"]:
+        return rest_auth.main(argv[1:])
     args = parser().parse_args(argv)
     config_path = (
         args.config if args.config else (None if args.state_dir else config.default_config_path())
@@ -338,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         tls.context(cfg.tls)
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
             raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
+        if cfg.http.listen:
+            rest_auth.Credentials(Path(cfg.http.credentials_file)).load()
     except ConfigError as exc:
         print(f"cmsod: invalid config {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -353,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: cannot lock state directory {cfg.state_dir}: {exc}", file=sys.stderr)
         return 1
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    _raise_file_limit(cfg.control.max_connections + 256)
+    _raise_file_limit(cfg.control.max_connections + cfg.http.max_connections + 256)
     log.info(
         "daemon.started",
         version=__version__,

@@ -51,6 +51,9 @@ class RequestError(CmsodError):
         ),
         "NOT_RUNNING": "Cannot {0} schedule {1}: it is {2}, not a rollout under way",
         "NOT_STOPPED": "Cannot resume schedule {0}: it is {1}, not Paused or Halted",
+        "TOO_MANY_ELEMENTS": (
+            "{0} holds {1} elements, more than the {2} allowed ([optimizer] max_elements)"
+        ),
         "SCHEDULE_CHANGED": (
             "Schedule {0} changed while its change tickets were being opened; try again"
         ),

@@ -29,7 +29,7 @@ from cmsod.model import (
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.policies import TIME_ZONE_KEYS, zone
-from cmsod.wire.cmso import CallbackData, ScheduleRequest
+from cmsod.wire.cmso import DEFAULT_MAX_ELEMENTS, CallbackData, ScheduleRequest
 
 # -- transition tables (reference/cmso.md 3.2 and 3.3, with the section 9 bugs fixed) ---------
 
@@ -152,7 +152,7 @@ def _invalid(*variables: object, detail: str = "") -> RequestError:
     return RequestError(400, "INVALID_ATTRIBUTE", *variables, detail=detail)
 
 
-def validate_request(req: ScheduleRequest) -> NewSchedule:
+def validate_request(req: ScheduleRequest, max_elements: int = DEFAULT_MAX_ELEMENTS) -> NewSchedule:
     """Check a CMSO v1 create request the way CMSO does and turn it into a NewSchedule.
 
     Differences from CMSO, each the evident fix of a section-9 bug or a 500: a missing
@@ -165,6 +165,12 @@ def validate_request(req: ScheduleRequest) -> NewSchedule:
         raise _missing("schedulingInfo")
     if info.vnfDetails is None:
         raise _missing("vnfDetails")
+    for field, count in (
+        ("schedulingInfo.vnfDetails[].node", sum(len(d.node or ()) for d in info.vnfDetails)),
+        ("schedulingInfo.elements", len(info.elements or ())),
+    ):
+        if count > max_elements:
+            raise RequestError(400, "TOO_MANY_ELEMENTS", field, count, max_elements)
 
     windows_of: list[list[Window]] = []
     for details in info.vnfDetails:

@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
         print(f"cmsod plan: {exc}", file=sys.stderr)
         return EX_DATAERR
     try:
-        new = lifecycle.validate_request(request)
+        new = lifecycle.validate_request(request, cfg.optimizer.max_elements)
     except RequestError as exc:
         print(f"cmsod plan: {exc.status} {exc.message_id}: {exc.text}", file=sys.stderr)
         return EX_DATAERR

@@ -63,7 +63,7 @@ async def store_with_tickets(
 
 
 async def create(ctx: Context, request: ScheduleRequest) -> tuple[str, S]:
-    new = lifecycle.validate_request(request)
+    new = lifecycle.validate_request(request, ctx.config.optimizer.max_elements)
     if new.max_failures is None and new.max_failure_ratio is None:  # the configured default
         limits = ctx.config.dispatcher
         new.max_failures = limits.max_failures if limits.max_failures >= 0 else None
@@ -146,7 +146,7 @@ async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, 
 async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
     """Plan a request as the optimizer would now, counting work already scheduled; store
     nothing. Answers CMSO's optimizer response."""
-    new = lifecycle.validate_request(request)
+    new = lifecycle.validate_request(request, ctx.config.optimizer.max_elements)
     if new.immediate:
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
     names = [e.name for g in new.groups for e in g.elements]
@@ -160,9 +160,9 @@ async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
     return optimizer_response(problem, result)
 
 
-async def approve(ctx: Context, schedule_id: str, approval: Approval, uid: int, pid: int) -> S:
-    """Record an approval sent by process `pid` of user `uid` (the front door vouches)."""
-    caller = f"uid {uid} pid {pid}"
+async def approve(ctx: Context, schedule_id: str, approval: Approval, caller: str) -> S:
+    """Record an approval sent by `caller`, as the front door vouches for it (the socket's peer
+    credentials, or the REST API's authenticated user)."""
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
         schedules.tickets_for_approval, schedule_id, approval, cfg.vnfs_per_ticket, cfg.template
@@ -180,8 +180,7 @@ async def approve(ctx: Context, schedule_id: str, approval: Approval, uid: int, 
         schedule_id=schedule_id,
         approval=approval.approvalStatus,
         by=approval.approvalUserId,
-        uid=uid,
-        pid=pid,
+        caller=caller,
         status=status.value,
     )
     ctx.bells.dispatcher.ring()

@@ -161,7 +161,9 @@ async def test_a_rollout_approved_late_counts_its_transitions_and_lateness(
     await client.ok("io.cmsod.Schedules.Create", schedule=body)
     await client.wait_for("late", "Pending Approval")
     await client.aclose()
-    await trio.sleep_until(trio.current_time() + 120)  # the window opened a minute ago
+    # the window opened a minute ago (and a half second more: lateness must not sit on the
+    # 60 s bucket boundary, whatever virtual time the approval takes)
+    await trio.sleep_until(trio.current_time() + 120.5)
     client = await d.connect()
     late_s = trio.current_time() - began - 60  # planned at the window's start, EPOCH + 60 s
     await client.ok("io.cmsod.Schedules.Approve", scheduleId="late", approval=approval())

@@ -11,9 +11,11 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import trio
+
 from cmsod.model import ScheduleStatus as S
 from tests.cmso_requests import approval, request
-from tests.conftest import EPOCH, ControlClient
+from tests.conftest import EPOCH, ControlClient, start_daemon
 from tests.procs import Daemon, cmsoctl
 
 CREATE = "io.cmsod.Schedules.Create"
@@ -60,6 +62,22 @@ async def test_plan_rejects_what_create_rejects(client: ControlClient) -> None:
     immediate = request("now", now=EPOCH, minutes_from_now=None)
     reply = await client.call("io.cmsod.Schedules.Plan", schedule=immediate)
     assert reply["parameters"]["requestError"]["variables"] == ["changeWindow"]
+
+
+async def test_create_and_plan_refuse_more_elements_than_the_setting(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    d = await start_daemon(nursery, tmp_path, optimizer__max_elements=2)
+    client = await d.connect()
+    body = request("big", now=EPOCH, nodes=["n1", "n2", "n3"])
+    for method in (CREATE, "io.cmsod.Schedules.Plan"):
+        error = (await client.call(method, schedule=body))["parameters"]["requestError"]
+        assert error["messageId"] == "Scheduler.TOO_MANY_ELEMENTS"
+        assert error["variables"] == ["schedulingInfo.vnfDetails[].node", "3", "2"]
+    reply = await client.call(CREATE, schedule=request("small", now=EPOCH, nodes=["n1", "n2"]))
+    assert reply["parameters"]["status"] == "Pending Schedule"
+    await client.aclose()
+    d.cancel.cancel()
 
 
 def test_cmsod_plan_offline(tmp_path: Path) -> None:
@@ -333,3 +351,27 @@ async def test_inventory_time_zones_and_the_site_limit(
         "node2": "2026-12-02T00:01:00Z",
         "node3": "2026-12-02T00:01:00Z",
     }
+
+
+def test_the_element_cap_is_a_setting(tmp_path: Path) -> None:
+    def plan(nodes: list[str], max_elements: int) -> subprocess.CompletedProcess:
+        body = request("big", now=EPOCH, nodes=nodes, concurrency=1000, normal=60)
+        (tmp_path / "r.json").write_text(json.dumps(body))
+        (tmp_path / "cmsod.toml").write_text(f"[optimizer]\nmax_elements = {max_elements}\n")
+        return subprocess.run(
+            [sys.executable, "-m", "cmsod", "plan", str(tmp_path / "r.json"), "--json"]
+            + ["--config", str(tmp_path / "cmsod.toml"), "--at", "2026-12-01T08:00:00Z"],
+            capture_output=True,
+            text=True,
+        )
+
+    refused = plan(["node1", "node2", "node3"], 2)
+    assert refused.returncode == 65
+    assert refused.stderr.strip() == (
+        "cmsod plan: 400 Scheduler.TOO_MANY_ELEMENTS: schedulingInfo.vnfDetails[].node holds 3 "
+        "elements, more than the 2 allowed ([optimizer] max_elements)"
+    )
+    # more than the 100,000 that was a constant: planned, every element placed
+    many = plan([f"n{i}" for i in range(100_001)], 100_001)
+    assert many.returncode == 0, many.stderr
+    assert len(json.loads(many.stdout)["schedules"][0]["scheduledElements"]) == 100_001

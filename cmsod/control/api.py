@@ -124,7 +124,9 @@ def too_many(what: str) -> ControlError:
     )
 
 
-async def get(ctx: Context, p: w.ScheduleIdParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+async def get(
+    ctx: Context, p: w.ScheduleIdParameters, more: bool
+) -> AsyncGenerator[dict[str, Any], None]:
     """Streamed: the schedule (each group's `changeManagementSchedules` empty, `elements` its
     count), then replies of `elements`, each with its `groupId`; all from one snapshot."""
     if not more:
@@ -143,7 +145,9 @@ async def get(ctx: Context, p: w.ScheduleIdParameters, more: bool) -> AsyncItera
                 yield {"elements": items}
 
 
-async def list_(ctx: Context, p: w.ListParameters, more: bool) -> AsyncIterator[dict[str, Any]]:
+async def list_(
+    ctx: Context, p: w.ListParameters, more: bool
+) -> AsyncGenerator[dict[str, Any], None]:
     """One page (`next`: the cursor for the page after); streamed: every page after `after`."""
     after = p.after
     while True:
@@ -155,13 +159,22 @@ async def list_(ctx: Context, p: w.ListParameters, more: bool) -> AsyncIterator[
 
 async def details(
     ctx: Context, p: w.DetailsParameters, more: bool
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     chunk = STREAM_CHUNK if more else MAX_REPLY_ROWS + 1
     async with contextlib.aclosing(usecases.details(ctx, p.filters, chunk)) as rows:
         async for batch in rows:
             if not more and len(batch) > MAX_REPLY_ROWS:
                 raise too_many("elements match")
             yield {"details": batch}
+
+
+async def one_reply(replies: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:
+    """The single reply of a paged handler called without `more` (a front door that answers in
+    one body); it is bounded by the handler (io.cmsod.TooManyRows beyond MAX_REPLY_ROWS)."""
+    async with contextlib.aclosing(replies) as pages:
+        async for page in pages:
+            return page
+    return {}
 
 
 async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
@@ -173,7 +186,13 @@ async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
 
 
 async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str, Any]:
-    status = await usecases.approve(ctx, p.scheduleId, p.approval, peer.uid, peer.pid)
+    return await approve_as(ctx, p, f"uid {peer.uid} pid {peer.pid}")
+
+
+async def approve_as(ctx: Context, p: w.ApproveParameters, caller: str) -> dict[str, Any]:
+    """The approval, recorded with who sent it (`caller`: the socket's peer credentials, or the
+    REST API's authenticated user) beside the name it gives."""
+    status = await usecases.approve(ctx, p.scheduleId, p.approval, caller)
     return {"scheduleId": p.scheduleId, "status": status.value}
 
 

@@ -1,14 +1,25 @@
 """What the optimizer is asked and what it answers.
 
-Slots: one grid per schedule, origin = the earliest change-window start, step D = normal +
-additional duration. A window offers the grid slots that lie wholly inside it (and start no
-earlier than `not_before_ms`). With windows that start on the grid, as CMSO's do, these are
-exactly CMSO's slots ("start at the window start, repeat every D"); one shared grid is what
-lets the concurrency limit hold across groups whose windows overlap.
+Slots (`Grid`): CMSO's rule is "slots start at the window start and repeat every D" (D =
+normal + additional duration). The change windows of all the schedule's groups, merged where
+they overlap or touch, form *clusters*; each cluster has one grid anchored at its earliest
+start, and a window offers the slots of its cluster's grid that lie wholly inside it (and
+start no earlier than `not_before_ms`). A window that starts its cluster, and every window
+that overlaps no other group's, so gets its slots from its own start; a window that starts
+inside another group's loses less than D at its start.
+
+Why the concurrency limit then holds at every instant, not only per slot: two slots of one
+cluster lie on one grid, so they are the same slot or do not overlap; two slots of different
+clusters lie inside disjoint clusters, so they do not overlap either. Elements running at one
+instant therefore all run in one slot, and a limit per slot is a limit per instant: the
+problem stays the per-slot problem the solver solves exactly. (Slots anchored at every
+window's own start would overlap partially across groups; limiting every instant would then
+couple slots pairwise, which no longer is a flow.)
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 
 import msgspec
@@ -69,25 +80,53 @@ class Problem(msgspec.Struct):
     element_data: dict[str, dict[str, str]] = {}
     busy: dict[str, list[Busy]] = {}
 
-    @property
-    def origin_ms(self) -> int:
-        return min(start for g in self.groups for start, _ in g.windows)
+    def grid(self) -> Grid:
+        return Grid(
+            [w for g in self.groups for w in g.windows], self.duration_ms, self.not_before_ms
+        )
 
-    def slots(self, windows: list[tuple[int, int]]) -> Iterator[int]:
-        """Grid indices of the slots wholly inside these windows, ascending, lazily: a window
-        of years holds millions of slots and a plan usually needs few of them."""
-        origin, step = self.origin_ms, self.duration_ms
-        last = -1
-        for start, end in merge(windows):
-            first = max(start, self.not_before_ms)
-            k = max(last + 1, -(-(first - origin) // step))  # ceil division
-            while origin + (k + 1) * step <= end:
-                yield k
-                last = k
-                k += 1
 
-    def slot_start(self, index: int) -> int:
-        return self.origin_ms + index * self.duration_ms
+class Grid:
+    """The schedule's slots, named by their start (ms): one grid per cluster of overlapping
+    windows (see the module's doc). Computed once per plan: the clusters and the origin are a
+    pass over every group's windows, which a request with one group per site has thousands of."""
+
+    def __init__(self, windows: list[tuple[int, int]], step_ms: int, not_before_ms: int) -> None:
+        self.step = step_ms
+        self.not_before_ms = not_before_ms
+        self.clusters = merge(windows)
+        self.anchors = [start for start, _ in self.clusters]
+        self.origin_ms = self.anchors[0] if self.anchors else 0
+
+    def slots(
+        self, windows: list[tuple[int, int]], allowed: list[tuple[int, int]] | None = None
+    ) -> Iterator[int]:
+        """Starts of the slots wholly inside these windows (of one group) and, if given, inside
+        one of the `allowed` periods (sorted, disjoint), ascending, lazily: a window of years
+        holds millions of slots and a plan usually needs few of them."""
+        step = self.step
+        for start, end in merge(windows):  # disjoint, so no slot comes twice
+            anchor = self.anchors[bisect_right(self.anchors, start) - 1]
+            pieces = [(start, end)]
+            if allowed is not None:
+                i = max(bisect_right(allowed, (start,)) - 1, 0)
+                pieces = []
+                while i < len(allowed) and allowed[i][0] < end:
+                    if allowed[i][1] > start:
+                        pieces.append((max(start, allowed[i][0]), min(end, allowed[i][1])))
+                    i += 1
+            for lo, hi in pieces:
+                first = max(lo, self.not_before_ms)
+                t = anchor + -(-(first - anchor) // step) * step  # the first grid point >= first
+                while t + step <= hi:
+                    yield t
+                    t += step
+
+    def number(self, start_ms: int) -> int:
+        """CMSO's slot number (1-based) of a slot: D-steps since the earliest window start.
+        Strictly increasing with the start (a later cluster begins after the last slot of an
+        earlier one ends), so minimising their sum is minimising any increasing cost."""
+        return (start_ms - self.origin_ms) // self.step + 1
 
 
 class Plan(msgspec.Struct):
@@ -98,6 +137,9 @@ class Plan(msgspec.Struct):
     detail: str = ""  # the solver's figures, for --json and the debug log
     objective: int = 0  # sum of the placed elements' slot numbers (1-based), CMSO's measure
     solve_ms: float = 0.0
+    # what planning cost, in counts rather than time: slots generated from the windows and
+    # policies, slots handed to the solver (over all element classes), searches it made
+    work: int = 0
 
 
 def merge(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:

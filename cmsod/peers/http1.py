@@ -220,9 +220,8 @@ class Http1Client:
         except trio.TooSlowError:
             raise ConnectFailed(f"connect timed out after {self.connect_timeout_s:g} s") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            raise ConnectFailed(
-                f"cannot connect to {self.host}:{self.port}: {_reason(exc)}"
-            ) from None
+            # the caller names the peer and its address (its URL): the cause alone here
+            raise ConnectFailed(f"cannot connect: {_reason(exc)}") from None
 
     async def _connect(self) -> Connection:
         tcp = await trio.open_tcp_stream(self.host, self.port)

@@ -15,7 +15,11 @@ import msgspec
 Name = Annotated[str, msgspec.Meta(max_length=1024)]
 Text = Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]
 Count = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
-MAX_ELEMENTS = 100_000
+# The decoder's ceiling on elements per request, so that a hostile body can never allocate
+# without bound; the cap in force is the setting `[optimizer] max_elements` (default 100,000),
+# which `lifecycle.validate_request` checks, naming the field.
+MAX_ELEMENTS = 10_000_000
+DEFAULT_MAX_ELEMENTS = 100_000
 MAX_WINDOWS = 1_000
 
 

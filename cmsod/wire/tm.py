@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from cmsod.wire.cmso import MAX_ELEMENTS, ChangeWindow, ElementInfo, TicketData
+from cmsod.wire.cmso import DEFAULT_MAX_ELEMENTS, ChangeWindow, ElementInfo, TicketData
 
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
@@ -63,4 +63,4 @@ class ActiveTicketsResponse(msgspec.Struct):
     status: Text | None = None  # IN_PROGRESS | COMPLETED | FAILED
     pollingSeconds: int | None = None
     errorMessage: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
-    elements: Annotated[list[TicketData], msgspec.Meta(max_length=MAX_ELEMENTS * 10)] = []
+    elements: Annotated[list[TicketData], msgspec.Meta(max_length=10 * DEFAULT_MAX_ELEMENTS)] = []

@@ -1,0 +1,429 @@
+"""The ASGI application: CMSO's REST paths translated to the control socket's handlers.
+
+Nothing here knows a CMSO rule. A request is authenticated, its body decoded into the same
+wire Struct the socket decodes (with the same limits), the same handler of `control.api` is
+called, and an `io.cmsod.RequestError` becomes CMSO's HTTP answer: its `status` and
+`{"requestError": {...}}`. What is HTTP's own is here: paths and methods, the version headers
+(reference/cmso.md 2.1), the path id matching the body's, who may do what, and the limits on
+what a client may send.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote
+
+import msgspec
+import trio
+
+from cmsod import log
+from cmsod.actors.context import Context
+from cmsod.control import api
+from cmsod.errors import RequestError
+from cmsod.executor import Executor
+from cmsod.lifecycle import validate_request
+from cmsod.rest.auth import (
+    MAX_PASSWORD_BYTES,
+    NO_PASSWORD,
+    Credentials,
+    Level,
+    User,
+    check_password,
+)
+from cmsod.wire import cmso
+from cmsod.wire import control as w
+
+OPENAPI_PATH = "/cmso/openapi.json"
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+VERSION = re.compile(r"^v[12]$", re.IGNORECASE)
+LATEST_VERSION = b"2.0.0"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class Answer(Exception):
+    """An HTTP answer raised from anywhere in the handling of one request."""
+
+    status: int
+    body: bytes = b""
+    content_type: bytes = b"application/json"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def problem(status: int, message_id: str, text: str, *variables: str, **kw: Any) -> Answer:
+    """cmsod's own refusals (auth, limits, routing) in CMSO's requestError shape."""
+    error = {"messageId": f"cmsod.{message_id}", "text": text, "variables": list(variables)}
+    return Answer(status, _encoder.encode({"requestError": error}), **kw)
+
+
+def request_error(exc: RequestError) -> Answer:
+    return Answer(
+        exc.status, _encoder.encode({"requestError": exc.to_parameters()["requestError"]})
+    )
+
+
+def json_answer(status: int, value: Any, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Answer:
+    return Answer(status, _encoder.encode(value), headers=headers)
+
+
+def invalid_body(exc: Exception) -> Answer:
+    """A body that does not decode: CMSO's 400, naming the field where msgspec says which."""
+    text = str(exc)
+    _, _, where = text.rpartition(" - at `$")
+    field = where.rstrip("`").lstrip(".") or "body"
+    return request_error(RequestError(400, "INVALID_ATTRIBUTE", field, text))
+
+
+@dataclass
+class Call:
+    """One request as the routes see it."""
+
+    scope: Scope
+    receive: Receive
+    user: User
+    segments: list[str]  # the path after /cmso/<version>/, each segment percent-decoded
+
+    def query(self) -> dict[str, list[str]]:
+        values: dict[str, list[str]] = {}
+        for name, value in parse_qsl(self.scope["query_string"].decode("latin-1"), True):
+            values.setdefault(name, []).append(value)
+        return values
+
+
+class RestApp:
+    """The ASGI callable. `metrics`, when given, renders `/metrics` on this listener: the
+    Prometheus exposition of issue 13 (on main after this branch was cut, as
+    `cmsod.control.metrics.exposition(ctx)`) plugs in here, in `server.serve`."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        credentials: Credentials,
+        kdf: Executor,
+        client_user: Callable[[Scope], str | None] = lambda scope: None,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.credentials = credentials
+        self.kdf = kdf
+        self.client_user = client_user
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets: not served (hypercorn closes the connection)
+        minor = _header(scope, b"x-minorversion") or b"0"
+        try:
+            answer = await self.answer(scope, receive, minor)
+        except Answer as exc:
+            answer = exc
+        except RequestError as exc:
+            answer = request_error(exc)
+        except Exception as exc:  # a bug or a store failure: answer, log, keep serving
+            log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
+            answer = problem(500, "INTERNAL_ERROR", f"{type(exc).__name__} (in cmsod's log)")
+        headers: Headers = [
+            (b"content-type", answer.content_type),
+            (b"content-length", str(len(answer.body)).encode()),
+            (b"x-latestversion", LATEST_VERSION),
+            (b"x-minorversion", minor[:16]),
+            (b"x-patchversion", b"0"),
+            *answer.headers,
+        ]
+        body = answer.body if answer.status != 204 else b""
+        if not body:  # 202, 204: no body, so no type (and 204 not even a length)
+            drop = (
+                (b"content-type", b"content-length") if answer.status == 204 else (b"content-type",)
+            )
+            headers = [h for h in headers if h[0] not in drop]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def answer(self, scope: Scope, receive: Receive, minor: bytes) -> Answer:
+        raw = scope.get("raw_path") or scope["path"].encode()
+        path = raw.decode("latin-1")
+        parts = path.strip("/").split("/")
+        # h11 bounds only headers still arriving; a block that came whole is measured here
+        limit = self.ctx.config.http.max_header_bytes
+        size = len(raw) + len(scope["query_string"])
+        if size + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > limit:
+            raise problem(431, "HEADERS_TOO_LARGE", f"headers may have {limit} bytes at most")
+        user = await self.authenticate(scope)
+        method = scope["method"]
+        if path == OPENAPI_PATH:
+            return _only(method, "GET") or Answer(200, OPENAPI)
+        if path == "/metrics" and self.metrics is not None:
+            return _only(method, "GET") or Answer(
+                200, await self.metrics(), b"text/plain; version=0.0.4; charset=utf-8"
+            )
+        if len(parts) < 3 or parts[0] != "cmso":
+            raise problem(404, "NOT_FOUND", f"no such path {path}", path)
+        if not VERSION.match(parts[1]):  # CMSO's own answers, text and all (cmso.md 2.1)
+            return Answer(404, b"Unsupported Major version", b"text/plain")
+        if minor != b"0":
+            return Answer(404, b"Unsupported API version", b"text/plain")
+        call = Call(scope, receive, user, [unquote(p) for p in parts[2:]])
+        return await self.route(call, method)
+
+    async def route(self, call: Call, method: str) -> Answer:
+        s = call.segments
+        if s == ["health"]:
+            return _only(method, "GET") or await self.health(call)
+        if s[0] != "schedules":
+            raise problem(404, "NOT_FOUND", "no such path", "/".join(s))
+        if len(s) == 1:
+            return _only(method, "GET") or await self.list(call)
+        if s[1:] == ["scheduleDetails"]:
+            return _only(method, "GET") or await self.details(call)
+        if len(s) == 2:
+            if method == "GET":
+                return await self.get(call, s[1])
+            if method in ("POST", "PUT"):
+                return await self.create(call, s[1])
+            if method == "DELETE":
+                return await self.delete(call, s[1])
+            return _not_allowed("GET, POST, PUT, DELETE")
+        if len(s) == 3 and s[2] == "approvals":
+            return _only(method, "POST") or await self.approve(call, s[1])
+        raise problem(404, "NOT_FOUND", "no such path", "/".join(s))
+
+    # -- the routes: decode, permit, call the socket's handler ---------------------------------
+
+    async def health(self, call: Call) -> Answer:
+        _permit(call, Level.read)
+        _no_query(call, "checkInterfaces")
+        report = await api.status(self.ctx, w.NoParameters())
+        return json_answer(200 if report["healthy"] else 400, report)  # CMSO: 400 unhealthy
+
+    async def list(self, call: Call) -> Answer:
+        _permit(call, Level.read)
+        query = call.query()
+        _no_query(call, "status", "limit", "after")
+        parameters = _convert(
+            {
+                "status": query.get("status"),
+                "limit": _one(query, "limit", "100"),
+                "after": _one(query, "after", None),
+            },
+            w.ListParameters,
+        )
+        result = await api.one_reply(api.list_(self.ctx, parameters, False))
+        headers: tuple[tuple[bytes, bytes], ...] = ()
+        if result["next"] is not None:  # the next page: RFC 8288's Link
+            link = f'<?after={quote(result["next"], safe="")}&limit={parameters.limit}>; rel="next"'
+            headers = ((b"link", link.encode()),)
+        return json_answer(200, result["schedules"], headers)
+
+    async def details(self, call: Call) -> Answer:
+        _permit(call, Level.read)
+        parameters = _convert({"filters": call.query()}, w.DetailsParameters)
+        details = await api.one_reply(api.details(self.ctx, parameters, False))
+        return json_answer(200, details.get("details", []))
+
+    async def get(self, call: Call, schedule_id: str) -> Answer:
+        _permit(call, Level.read)
+        parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
+        return json_answer(
+            200, (await api.one_reply(api.get(self.ctx, parameters, False)))["schedule"]
+        )
+
+    async def create(self, call: Call, schedule_id: str) -> Answer:
+        _permit(call, Level.operate)
+        body = await self.body(call, cmso.ScheduleRequest)
+        if body.scheduleId and body.scheduleId != schedule_id:  # CMSO's "schedulerId" check
+            raise RequestError(400, "INVALID_ATTRIBUTE", "scheduleId", body.scheduleId)
+        if _immediate(body):  # approved as it is created (Tier 2 by its userId), as in CMSO
+            _permit(call, Level.approve)
+        _log_call(call, "create", schedule_id)
+        await api.create(self.ctx, w.CreateParameters(schedule=body))
+        return Answer(202, b"")
+
+    async def approve(self, call: Call, schedule_id: str) -> Answer:
+        _permit(call, Level.approve)
+        body = await self.body(call, cmso.Approval)
+        if body.approvalUserId and body.approvalUserId != call.user.name:
+            log.info("http.approval_user", named=body.approvalUserId, user=call.user.name)
+        approval = msgspec.structs.replace(body, approvalUserId=call.user.name)
+        parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
+        _log_call(call, "approve", schedule_id)
+        await api.approve_as(
+            self.ctx,
+            w.ApproveParameters(scheduleId=parameters.scheduleId, approval=approval),
+            f"http user {call.user.name}",
+        )
+        return Answer(204)
+
+    async def delete(self, call: Call, schedule_id: str) -> Answer:
+        _permit(call, Level.operate)
+        parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
+        _log_call(call, "delete", schedule_id)
+        await api.delete(self.ctx, parameters)
+        return Answer(204)
+
+    # -- what every request goes through -------------------------------------------------------
+
+    async def authenticate(self, scope: Scope) -> User:
+        """The user of a client certificate (mutual TLS), else of HTTP basic credentials."""
+        self.credentials.refresh(trio.current_time())
+        by_cert = self.client_user(scope)
+        if by_cert is not None:
+            user = self.credentials.user(by_cert)
+            if user is not None:
+                return user
+            log.warning("http.denied", reason="certificate of no known user", user=by_cert)
+        header = _header(scope, b"authorization") or b""
+        scheme, _, encoded = header.partition(b" ")
+        try:
+            name, sep, password = base64.b64decode(encoded, validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            sep = b""
+        if scheme.lower() != b"basic" or not sep or len(password) > MAX_PASSWORD_BYTES:
+            raise _unauthorized("HTTP basic credentials are needed")
+        user = self.credentials.user(name.decode("utf-8", "replace"))
+        if user is None or user.hash == NO_PASSWORD:
+            log.warning("http.denied", reason="unknown user", user=name.decode("utf-8", "replace"))
+            raise _unauthorized("wrong user name or password")
+        if not self.credentials.remembered(user, password):
+            if not await self.kdf(lambda: check_password(password, user.hash)):
+                log.warning("http.denied", reason="wrong password", user=user.name)
+                raise _unauthorized("wrong user name or password")
+            self.credentials.remember(user, password)
+        return user
+
+    async def body(self, call: Call, into: type[Any]) -> Any:
+        """The whole body within the size and time limits, decoded into `into`."""
+        cfg = self.ctx.config.http
+        declared = _header(call.scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
+            raise _too_large(cfg.max_body_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(cfg.request_timeout_s):
+            while True:
+                message = await call.receive()
+                if message["type"] == "http.disconnect":
+                    raise Answer(400)  # no one is left to read it
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise _too_large(cfg.max_body_bytes)
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    try:
+                        return msgspec.json.decode(b"".join(chunks), type=into)
+                    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                        raise invalid_body(exc) from None
+                    except RecursionError:
+                        raise invalid_body(ValueError("JSON nested too deeply")) from None
+        log.warning("http.slow_client", user=call.user.name, received=size)
+        raise problem(
+            408,
+            "REQUEST_TIMEOUT",
+            f"the body did not arrive within {cfg.request_timeout_s} s",
+            headers=((b"connection", b"close"),),
+        )
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _only(method: str, allowed: str) -> Answer | None:
+    return None if method == allowed else _not_allowed(allowed)
+
+
+def _not_allowed(allowed: str) -> Answer:
+    return problem(
+        405, "METHOD_NOT_ALLOWED", f"allowed: {allowed}", headers=((b"allow", allowed.encode()),)
+    )
+
+
+def _unauthorized(text: str) -> Answer:
+    return problem(
+        401, "UNAUTHORIZED", text, headers=((b"www-authenticate", b'Basic realm="cmsod"'),)
+    )
+
+
+def _too_large(limit: int) -> Answer:
+    return problem(
+        413,
+        "BODY_TOO_LARGE",
+        f"a body may have {limit} bytes at most",
+        str(limit),
+        headers=((b"connection", b"close"),),
+    )
+
+
+def _permit(call: Call, needed: Level) -> None:
+    if call.user.level < needed:
+        log.warning("http.denied", reason="level", user=call.user.name, needs=needed.name)
+        raise problem(
+            403,
+            "FORBIDDEN",
+            f"user {call.user.name} ({call.user.level.name}) may not do this: it needs {needed.name}",
+            call.user.name,
+            needed.name,
+        )
+
+
+def _log_call(call: Call, action: str, schedule_id: str) -> None:
+    log.info("http.call", action=action, schedule_id=schedule_id, user=call.user.name)
+
+
+def _no_query(call: Call, *known: str) -> None:
+    """A query parameter that would be ignored is refused (CMSO's list ignored them all)."""
+    for name in call.query():
+        if name not in known:
+            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name)
+
+
+def _one(query: dict[str, list[str]], name: str, default: str | None) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else default
+
+
+def _convert(value: dict[str, Any], into: type[Any]) -> Any:
+    try:
+        return msgspec.convert(value, into, strict=False)
+    except msgspec.ValidationError as exc:
+        raise invalid_body(exc) from None
+
+
+def _immediate(body: cmso.ScheduleRequest) -> bool:
+    """Whether the request would be approved as it is created; one that does not validate is
+    refused by `create` itself, with CMSO's error."""
+    try:
+        return validate_request(body).immediate
+    except RequestError:
+        return False

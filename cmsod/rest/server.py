@@ -1,0 +1,154 @@
+"""The HTTP listener: hypercorn's trio worker serving `RestApp`, inside the daemon's nursery.
+
+Connections are accepted here and handed to hypercorn's trio connection handler (`TCPServer`,
+HTTP/1.1) rather than through `hypercorn.trio.serve`, for two
+things that function cannot do: a limit on open connections (one more is answered 503 and
+closed), and knowing the client certificate of a connection, whose common name stands for a
+user under mutual TLS. On `ctx.stopping` (SIGTERM) no new connection is accepted; idle ones
+are closed, requests in progress are answered, within `daemon.shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+from pathlib import Path
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+
+from cmsod import log
+from cmsod.actors.context import Context
+from cmsod.config import HttpConfig
+from cmsod.control.metrics import exposition
+from cmsod.errors import ConfigError
+from cmsod.rest.app import RestApp, Scope
+from cmsod.rest.auth import Credentials
+
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+    b"content-length: 25\r\nconnection: close\r\n\r\ntoo many HTTP connections"
+)
+
+
+def hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.h11_max_incomplete_size = cfg.max_header_bytes  # request line and headers
+    # HTTP/1.1 only, also over TLS: CMSO's clients speak it, and hypercorn's HTTP/2 lets an
+    # exception out of a connection when an answer comes before the body (a 413, say).
+    hc.alpn_protocols = ["http/1.1"]
+    hc.keep_alive_timeout = cfg.idle_timeout_s  # also bounds a request's headers (slowloris)
+    hc.read_timeout = int(cfg.request_timeout_s)  # no byte at all for this long: closed
+    hc.ssl_handshake_timeout = cfg.request_timeout_s
+    hc.errorlog = None  # cmsod logs what matters itself, in its own format
+    hc.accesslog = None
+    hc.include_server_header = False
+    if cfg.certfile:
+        hc.certfile, hc.keyfile = cfg.certfile, cfg.keyfile
+        if cfg.client_ca:
+            hc.ca_certs = cfg.client_ca
+            hc.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_cert else ssl.CERT_OPTIONAL
+    return hc
+
+
+def bind(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"http.listen {listen}: {exc.strerror}") from None
+    sock.listen(1024)
+    return sock
+
+
+def _common_name(stream: trio.SSLStream[trio.SocketStream]) -> str | None:
+    cert = stream.getpeercert()
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+async def serve(
+    ctx: Context, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until `ctx.stopping`; `task_status` gets the bound `host:port`."""
+    cfg = ctx.config.http
+    credentials = Credentials(Path(cfg.credentials_file))
+    credentials.load()
+    hc = hypercorn_config(cfg)
+    try:
+        tls = hc.create_ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"http TLS files: {exc}") from None
+    sock = bind(cfg.listen)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    by_address: dict[tuple[str, int], str] = {}  # client address -> its certificate's user
+
+    def client_user(scope: Scope) -> str | None:
+        client = scope.get("client")
+        return by_address.get(tuple(client)) if client else None  # type: ignore[arg-type]
+
+    # The KDF runs like the rest of the daemon's blocking work: a worker thread of its own in
+    # production, inline under the tests' MockClock (see cmsod.executor).
+    metrics = (lambda: exposition(ctx)) if ctx.config.metrics.address is not None else None
+    app = ASGIWrapper(RestApp(ctx, credentials, type(ctx.compute)(), client_user, metrics))  # type: ignore[arg-type]
+    worker = WorkerContext(None)
+    active = 0
+
+    async def connection(raw: trio.SocketStream) -> None:
+        nonlocal active
+        active += 1
+        address = raw.socket.getpeername()[:2]
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = raw
+        try:
+            if tls is not None:
+                stream = trio.SSLStream(raw, tls, server_side=True, https_compatible=True)
+                with trio.fail_after(hc.ssl_handshake_timeout):
+                    await stream.do_handshake()
+                name = _common_name(stream)
+                if name is not None:
+                    by_address[address] = name
+            if active > cfg.max_connections:
+                log.warning("http.refused", reason="too many connections", active=active)
+                with trio.move_on_after(1.0):
+                    await stream.send_all(BUSY)
+                return
+            await TCPServer(app, hc, worker, ConnectionState({}), stream)  # type: ignore[arg-type]
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            pass  # the client went away, or its TLS handshake failed or took too long
+        except Exception:  # a bug must cost one connection, never the listener (or the daemon)
+            log.error("http.connection_failed", exc_info=True, client=f"{address[0]}:{address[1]}")
+        finally:
+            active -= 1
+            by_address.pop(address, None)
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(
+                functools.partial(
+                    trio.serve_listeners, connection, [listener], handler_nursery=connections
+                )
+            )
+            host, port = sock.getsockname()[:2]
+            where = f"{host}:{port}"
+            log.info("http.listening", address=where, tls=tls is not None)
+            task_status.started(where)
+            await ctx.stopping.wait()
+            accepting.cancel_scope.cancel()
+        await listener.aclose()
+        log.info("http.draining", connections=active)
+        await worker.terminated.set()  # idle connections close; busy ones after their answer
+        connections.cancel_scope.deadline = trio.current_time() + ctx.config.daemon.shutdown_grace_s
