@@ -375,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: cannot lock state directory {cfg.state_dir}: {exc}", file=sys.stderr)
         return 1
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    _raise_file_limit(cfg.control.max_connections + cfg.http.max_connections + 256)
+    _raise_file_limit(
+        cfg.control.max_connections + cfg.http.max_connections + cfg.metrics.max_connections + 256
+    )
     log.info(
         "daemon.started",
         version=__version__,

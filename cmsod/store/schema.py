@@ -179,7 +179,7 @@ MIGRATIONS: list[str] = [
     """,
     # 7: a schedule's elements in group order (its view, the list's counts) without a full scan
     """
-    CREATE INDEX elements_schedule ON elements(schedule, grp, id);
+    CREATE INDEX IF NOT EXISTS elements_schedule ON elements(schedule, grp, id);
     """,
 ]
 
