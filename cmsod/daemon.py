@@ -206,6 +206,8 @@ async def run(
                     await root.start(metrics.serve, ctx)
                 path = await root.start(server.serve, ctx)
                 http = await root.start(rest.serve, ctx) if cfg.http.listen else None
+                if http is None:
+                    ctx.http_drained.set()
                 systemd.notify("READY=1", await status_line(ctx))
                 log.info(
                     "daemon.ready",
@@ -273,6 +275,7 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
             ctx.flush_asked_at = trio.current_time()
             ctx.bells.emitter.ring()
             await ctx.flushed.wait()
+            await ctx.http_drained.wait()  # REST requests in progress answered (its own grace)
         root_scope.cancel()
         return
 
