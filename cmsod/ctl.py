@@ -776,7 +776,7 @@ def parser() -> argparse.ArgumentParser:
         "details",
         help="search elements (CMSO scheduleDetails filters)",
         epilog="filter keys: " + ", ".join(DETAIL_FILTERS + DETAIL_PAGING) + ". Times take "
-        "FROM or FROM,TO (ISO-8601 with a zone); text takes %% as a wildcard.",
+        "FROM or FROM,TO (ISO-8601 with a zone); text takes % as a wildcard.",
     )
     p.add_argument(
         "--filter",

@@ -206,6 +206,8 @@ async def run(
                     await root.start(metrics.serve, ctx)
                 path = await root.start(server.serve, ctx)
                 http = await root.start(rest.serve, ctx) if cfg.http.listen else None
+                if http is None:
+                    ctx.http_drained.set()
                 systemd.notify("READY=1", await status_line(ctx))
                 log.info(
                     "daemon.ready",
@@ -273,6 +275,7 @@ async def _handle_signals(ctx: Context, signals, root_scope: trio.CancelScope) -
             ctx.flush_asked_at = trio.current_time()
             ctx.bells.emitter.ring()
             await ctx.flushed.wait()
+            await ctx.http_drained.wait()  # REST requests in progress answered (its own grace)
         root_scope.cancel()
         return
 
@@ -375,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: cannot lock state directory {cfg.state_dir}: {exc}", file=sys.stderr)
         return 1
     log.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    _raise_file_limit(cfg.control.max_connections + cfg.http.max_connections + 256)
+    _raise_file_limit(
+        cfg.control.max_connections + cfg.http.max_connections + cfg.metrics.max_connections + 256
+    )
     log.info(
         "daemon.started",
         version=__version__,

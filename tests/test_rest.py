@@ -608,3 +608,17 @@ async def test_a_failure_inside_is_a_500_and_the_next_request_is_served(
     assert_version_headers(answer)
     monkeypatch.undo()
     assert (await http.client.get(f"{BASE}/any")).status_code == 404
+
+
+async def test_too_many_rows_for_one_answer_is_a_400_not_a_500(
+    http: Rest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "MAX_REPLY_ROWS", 2)  # the socket streams more; HTTP answers in one
+    body = request("big", ["n1", "n2", "n3"], now=EPOCH)
+    assert (await http.create(body)).status_code == 202
+    for path in (f"{BASE}/big", f"{BASE}/scheduleDetails?vnfName=n%25"):
+        answer = await http.client.get(path)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["requestError"]["messageId"] == "cmsod.TOOMANYROWS"
+    monkeypatch.undo()
+    assert (await http.client.get(f"{BASE}/big")).status_code == 200

@@ -122,6 +122,8 @@ class Context:
     # emitter pass begun after the ask found it empty.
     flush_asked_at: float | None = None
     flushed: trio.Event = field(default_factory=trio.Event)
+    # Stopping: the REST listener answered what was in progress (set at once when it is off).
+    http_drained: trio.Event = field(default_factory=trio.Event)
     reload: Callable[[], list[str]] | None = None  # set by the daemon; returns what changed
     watchers: set[Watcher] = field(default_factory=set)
     ticket_desk: TicketDesk | None = None  # set by the tickets actor when it starts

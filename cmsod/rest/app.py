@@ -25,7 +25,7 @@ import trio
 from cmsod import log
 from cmsod.actors.context import Context
 from cmsod.control import api
-from cmsod.errors import RequestError
+from cmsod.errors import ControlError, RequestError
 from cmsod.executor import Executor
 from cmsod.lifecycle import validate_request
 from cmsod.rest.auth import (
@@ -134,6 +134,8 @@ class RestApp:
             answer = exc
         except RequestError as exc:
             answer = request_error(exc)
+        except ControlError as exc:  # the socket's refusals: too many rows for one answer
+            answer = problem(400, exc.name.rsplit(".", 1)[-1].upper(), str(exc))
         except Exception as exc:  # a bug or a store failure: answer, log, keep serving
             log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
             answer = problem(500, "INTERNAL_ERROR", f"{type(exc).__name__} (in cmsod's log)")

@@ -152,3 +152,4 @@ async def serve(
         log.info("http.draining", connections=active)
         await worker.terminated.set()  # idle connections close; busy ones after their answer
         connections.cancel_scope.deadline = trio.current_time() + ctx.config.daemon.shutdown_grace_s
+    ctx.http_drained.set()  # the daemon stops once this (and its own work) is done

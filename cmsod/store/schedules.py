@@ -137,7 +137,9 @@ def create_schedule(tx: Tx, new: NewSchedule, opened: Opened | None = None) -> S
     )
     tx.transitions += [("schedule", status.value)] + [("element", element_status.value)] * len(vnfs)
     if new.immediate:  # CMSO: auto-approved (Tier 2) by the requesting user, same transaction
-        _record_approval(tx, schedule, new.user_id, "Accepted", "auto-approved (immediate)")
+        _record_approval(
+            tx, schedule, new.user_id, "Accepted", "the immediate request itself (auto-approved)"
+        )
         tx.schedule_to(schedule, new.schedule_id, S.PENDING_APPROVAL, S.ACCEPTED)
         return _schedule_with_tickets(tx, schedule, new.schedule_id, opened or [])
     return status

@@ -179,7 +179,7 @@ MIGRATIONS: list[str] = [
     """,
     # 7: a schedule's elements in group order (its view, the list's counts) without a full scan
     """
-    CREATE INDEX elements_schedule ON elements(schedule, grp, id);
+    CREATE INDEX IF NOT EXISTS elements_schedule ON elements(schedule, grp, id);
     """,
     # 8: stopping and holding a rollout. Who paused, halted or aborted a schedule, when and
     # why; its failure threshold and the failures already acknowledged by a resume; why an
