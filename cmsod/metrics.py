@@ -42,17 +42,7 @@ disable_created_metrics()
 
 # The gates that may hold an element back from dispatch (DESIGN.md §2.8); their series exist
 # from the start, at 0, so a dashboard shows a gate that never held anything.
-GATES = (
-    "ticket",
-    "pause",
-    "freeze",
-    "calendar",
-    "blackout",
-    "alarm",
-    "failure_threshold",
-    "concurrency",
-    "approval",
-)
+GATES = ("immediate", "misfire", "stop", "freeze", "failures", "ticket", "blackout")  # cmsod.gates
 PEER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENESS_BUCKETS = (0.0, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 SOLVE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -71,6 +61,8 @@ class Snapshot:
     schedules: Mapping[str, int] = field(default_factory=dict)  # status -> count
     outboxes: Mapping[str, Outbox] = field(default_factory=dict)  # "events", "tickets"
     restarts: Mapping[str, int] = field(default_factory=dict)  # actor -> restarts
+    held: Mapping[str, int] = field(default_factory=dict)  # gate -> elements it holds now
+    gates_on: Mapping[str, bool] = field(default_factory=dict)  # switch-like gates: freeze
 
 
 def cause(exc: BaseException) -> str:
@@ -175,6 +167,7 @@ class Metrics:
 
     def exposition(self, snapshot: Snapshot) -> bytes:
         """The Prometheus text exposition of everything, with `snapshot`'s figures."""
+        self.set_gates(snapshot.held, snapshot.gates_on)
         return generate_latest(_Scrape(self.registry, snapshot_families(snapshot)))
 
 

@@ -65,19 +65,19 @@ def test_a_cause_is_the_error_class_in_snake_case() -> None:
     assert cause(PartialDelivery(1, "x")) == "partial_delivery"
 
 
-def test_the_gates_are_set_by_one_call_and_start_at_zero() -> None:
+def test_the_gates_come_from_each_scrape_and_start_at_zero() -> None:
     m = Metrics()
     samples = parse(m.exposition(Snapshot()).decode())
     for gate in GATES:
         assert value(samples, "cmsod_elements_held", gate=gate) == 0
         assert value(samples, "cmsod_gate_on", gate=gate) == 0
-    m.set_gates({"ticket": 3, "pause": 12}, {"pause": True, "freeze": True})
-    m.set_gates({"pause": 7}, {"freeze": True})  # the next call replaces the last one
-    samples = parse(m.exposition(Snapshot()).decode())
-    assert value(samples, "cmsod_elements_held", gate="pause") == 7
+    m.exposition(Snapshot(held={"ticket": 3, "stop": 12}, gates_on={"freeze": True}))
+    # the next scrape replaces the last one: a gate that holds nothing any more reads 0
+    samples = parse(m.exposition(Snapshot(held={"stop": 7}, gates_on={"freeze": True})).decode())
+    assert value(samples, "cmsod_elements_held", gate="stop") == 7
     assert value(samples, "cmsod_elements_held", gate="ticket") == 0
     assert value(samples, "cmsod_gate_on", gate="freeze") == 1
-    assert value(samples, "cmsod_gate_on", gate="pause") == 0
+    assert value(samples, "cmsod_gate_on", gate="stop") == 0
 
 
 def test_a_peer_call_is_timed_and_its_error_counted_by_cause() -> None:

@@ -220,6 +220,9 @@ async def test_a_freeze_stops_every_dispatch_until_it_is_off(
     client = await sleep_until(cmsod, client, "10:30")
     assert so.started == []
     assert items(await client.schedule("fz"))["n1"]["heldBy"].startswith("held by freeze")
+    scrape = (await client.ok("io.cmsod.Manager.Metrics"))["text"]
+    assert 'cmsod_gate_on{gate="freeze"} 1.0' in scrape
+    assert 'cmsod_elements_held{gate="freeze"} 2.0' in scrape  # both carried past 10:30
     thawed = await client.ok("io.cmsod.Manager.Freeze", on=False, reason="resolved")
     assert thawed["freeze"] is None
     assert (await client.ok("io.cmsod.Manager.Status"))["freeze"] is None

@@ -434,9 +434,12 @@ def test_ticket_operations_survive_kill_9_and_cmsoctl_shows_them(tmp_path: Path)
             assert tm.of(ticket["changeId"]) == ["create", "get", "update", "close"]
         code, out = cmsoctl(tmp_path, "tickets")
         assert code == 0 and out.count("Approved|Closed") == 2, out
-        code, out = cmsoctl(tmp_path, "ticket", listed[0]["changeId"])
-        assert code == 0 and "Successful As Scheduled" in out and "close" in out, out
-        assert "HTTP 503" in out  # the failed attempts are kept with the operation
+        shown = [cmsoctl(tmp_path, "ticket", t["changeId"]) for t in listed]
+        for code, out in shown:
+            assert code == 0 and "Successful As Scheduled" in out and "close" in out, out
+        # the failed attempts are kept with the operation (of the ticket whose operations were
+        # tried while TM was down: the 4 retries logged may all be one ticket's)
+        assert any("HTTP 503" in out for _, out in shown), shown
         assert daemon.stop() == 0
     finally:
         stop_tm()

@@ -27,7 +27,7 @@ RECEIVE_BYTES = 16 * 1024
 async def exposition(ctx: Context) -> bytes:
     """The text exposition: the store's figures read in the store's thread (never on the event
     loop), the supervisor's restart counts, and the instruments."""
-    schedules, boxes = await ctx.store.read(figures.snapshot)
+    schedules, boxes, (held, gates_on) = await ctx.store.read(figures.snapshot)
     now_ms = ctx.clock.now_ms()
     snapshot = Snapshot(
         schedules=schedules,
@@ -36,6 +36,8 @@ async def exposition(ctx: Context) -> bytes:
             for name, (depth, oldest) in boxes.items()
         },
         restarts={name: f.restarts for name, f in ctx.figures.items()},
+        held=held,
+        gates_on=gates_on,
     )
     return ctx.metrics.exposition(snapshot)
 

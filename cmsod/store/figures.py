@@ -30,8 +30,22 @@ def outboxes(conn: sqlite3.Connection) -> dict[str, tuple[int, int | None]]:
     }
 
 
+def holds(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, bool]]:
+    """Elements held back from dispatch now, by the gate that holds each (as the dispatcher
+    last recorded it), and the switch-like gates that are on (the global freeze)."""
+    held = dict(
+        conn.execute(
+            "SELECT hold_gate, count(*) FROM elements WHERE hold_gate IS NOT NULL GROUP BY hold_gate"
+        ).fetchall()
+    )
+    (frozen,) = conn.execute("SELECT active FROM freeze WHERE id = 1").fetchone() or (0,)
+    return held, {"freeze": bool(frozen)}
+
+
 def snapshot(
     conn: sqlite3.Connection,
-) -> tuple[dict[str, int], dict[str, tuple[int, int | None]]]:
-    """Both, from one consistent read."""
-    return schedules_by_status(conn), outboxes(conn)
+) -> tuple[
+    dict[str, int], dict[str, tuple[int, int | None]], tuple[dict[str, int], dict[str, bool]]
+]:
+    """All of them, from one consistent read."""
+    return schedules_by_status(conn), outboxes(conn), holds(conn)
