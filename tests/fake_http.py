@@ -86,7 +86,13 @@ class FakeHTTP:
         self.reset_next = 0  # reset this many coming connections at once
         self.close_after_reply = False  # a server whose keep-alive ends after each answer
         self.idle: set[trio.abc.Stream] = set()  # connections waiting for a request
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified after each request is handled
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        """Block (a thread beside a server run with `in_thread`) until `condition` holds after
+        some request, woken by each request rather than by polling."""
+        with self._lock:
+            assert self._lock.wait_for(condition, timeout_s), "never happened"
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)  # port 0: any
@@ -142,6 +148,7 @@ class FakeHTTP:
                 with self._lock:
                     self.requests.append(request)
                     reply = self.handler(request)
+                    self._lock.notify_all()
                 if isinstance(reply, Reset):
                     await _reset(socket_stream)
                     return
