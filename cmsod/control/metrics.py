@@ -16,6 +16,7 @@ import trio
 
 from cmsod import log
 from cmsod.actors.context import Context
+from cmsod.control.listening import accepted
 from cmsod.metrics import CONTENT_TYPE, Outbox, Snapshot
 from cmsod.store import figures
 
@@ -73,18 +74,7 @@ async def serve(
 
     async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # out of descriptors: keep serving, as the socket does
-                    # (imported here: the control server imports this module)
-                    from cmsod.control.server import ACCEPT_CAPACITY_ERRNOS, ACCEPT_PAUSE_S
-
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.warning("metrics.accept_failed", reason=exc.strerror)
-                    await trio.sleep(ACCEPT_PAUSE_S)
-                    continue
+            async for stream in accepted(listener, "metrics"):
                 if active >= ctx.config.metrics.max_connections:
                     log.warning("metrics.refused", reason="too many connections", active=active)
                     await trio.aclose_forcefully(stream)

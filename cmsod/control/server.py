@@ -25,12 +25,11 @@ import trio
 
 from cmsod import log
 from cmsod.control.api import Peer, handle_message
+from cmsod.control.listening import accepted
 from cmsod.usecases import Context
 
 REPLY_TIMEOUT_S = 10.0
 # accept() failures that mean "no resources now", not "the socket is broken"
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_PAUSE_S = 0.1
 
 
 def peer_credentials(stream: trio.SocketStream) -> Peer:
@@ -102,21 +101,7 @@ async def serve(
     try:
         task_status.started(path)
         async with trio.open_nursery() as nursery:
-            failed = 0  # accept() failures in the current burst
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    if not failed:
-                        log.error("control.accept_failed", reason=exc.strerror, active=active)
-                    failed += 1
-                    await trio.sleep(ACCEPT_PAUSE_S)
-                    continue
-                if failed:
-                    log.warning("control.accept_recovered", failures=failed)
-                    failed = 0
+            async for stream in accepted(listener, "control"):
                 if active >= ctx.config.control.max_connections:
                     log.warning("control.refused", reason="too many connections", active=active)
                     nursery.start_soon(refuse, stream)
