@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -139,12 +140,14 @@ class TicketsConfig(Section, frozen=True):
 
 
 class EventsConfig(Section, frozen=True):
-    sink: Literal["file", "http", "cloudevents"] = "file"
+    sink: Literal["file", "http", "cloudevents", "kafka"] = "file"
     path: str = ""  # file: "" = <state_dir>/events; one <topic>.jsonl file per topic
     topic: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,200}$")] = "cm-events"
     source: str = "urn:onap:cmsod"
     route_by: str = ""  # a schedule domain-data name: its value v sends to <topic>-<v>
-    url: str = ""  # http: Message Router base URL; cloudevents: the receiver's URL
+    # http: Message Router base URL; cloudevents: the receiver's URL; kafka: the Kafka REST
+    # Proxy's (or Strimzi Kafka Bridge's) base URL, events going to POST {url}/topics/{topic}
+    url: str = ""
     cloudevents_mode: Literal["binary", "batch"] = "binary"  # batch: one POST per batch
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 500
     timeout_s: Positive = 10.0
@@ -157,6 +160,15 @@ class EventsConfig(Section, frozen=True):
             raise ValueError(
                 f"events.url must be an http(s):// URL when events.sink = '{self.sink}'"
             )
+        if self.sink == "kafka":
+            path = urlsplit(self.url).path.rstrip("/")
+            if path.endswith("/topics") or "/topics/" in path:
+                raise ValueError(
+                    "events.url must be the Kafka REST proxy's base URL (events go to "
+                    f"POST {{url}}/topics/{{topic}}), without /topics: {self.url!r}"
+                )
+            if urlsplit(self.url).query:
+                raise ValueError(f"events.url: no query string for the kafka sink: {self.url!r}")
 
 
 class TlsConfig(Section, frozen=True):

@@ -17,6 +17,7 @@ import ssl
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -365,3 +366,134 @@ class FakeTM(FakeHTTP):
     def of(self, change_id: str) -> list[str]:
         """The calls TM answered for one ticket, in order."""
         return [c for c, b in self.calls if b.get("changeId") == change_id]
+
+
+KAFKA_JSON = "application/vnd.kafka.json.v2+json"
+
+
+@dataclass
+class RecordErrors:
+    """A 200 answer in which the record at index `first` is not taken (with `code`) and, from
+    there on, every record of its partition (a partition whose leader is gone) or, with
+    `all_after`, every record (a producer that failed whole). Records of other partitions
+    after `first` are written: the client will send them again (at least once)."""
+
+    first: int
+    code: int = 50003
+    all_after: bool = False
+
+
+@dataclass
+class Written:
+    """The records are written, then the answer is `reply` (slow, garbage, dropped...)."""
+
+    reply: Reply | Raw | Drop
+
+
+class FakeKafkaProxy(FakeHTTP):
+    """A Kafka REST Proxy API v2 (Confluent's REST Proxy; `strimzi` answers as Strimzi's
+    Kafka Bridge does): `POST /topics/{topic}` of `{"records": [{"key", "value"}]}` with
+    `Content-Type: application/vnd.kafka.json.v2+json`. It checks the content type, the
+    Accept header and each record's shape (the key is the value's eventCorrelationId; with
+    `validate`, the value against the CM event schema), puts each record in a partition by a
+    hash of its key and gives it the next offset there.
+
+    `faults` are consumed one per POST: a Reply / Reset / Drop answers instead and writes
+    nothing; a RecordErrors writes all but the failed records; `Written(reply)` writes all,
+    then answers `reply` (a slow answer, garbage, a dropped connection). `written` holds
+    (topic, partition, offset, key, value) in the order written; `posts` the eventIds of each
+    POST taken."""
+
+    def __init__(
+        self,
+        partitions: int = 4,
+        validate: Callable[[dict], None] | None = None,
+        strimzi: bool = False,
+    ) -> None:
+        super().__init__(self.handle)
+        self.partitions = partitions
+        self.validate = validate
+        self.strimzi = strimzi
+        self.faults: list[Any] = []
+        self.written: list[tuple[str, int, int, str, dict]] = []
+        self.ends: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        self.posts: list[list[str]] = []
+        self.refused: list[str] = []  # requests refused for their content type or Accept
+        self.check_shape = True  # (benchmarks: counting only)
+
+    def partition_of(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self.partitions
+
+    def handle(self, request: Request) -> Reply | Raw | Drop | Reset:
+        fault = self.faults.pop(0) if self.faults else None
+        if isinstance(fault, Reply | Reset | Drop | Raw):
+            return fault
+        if request.method != "POST" or not request.path.startswith("/topics/"):
+            return Reply(404, {"error_code": 404, "message": "HTTP 404 Not Found"})
+        topic = request.path.removeprefix("/topics/")
+        if request.headers.get("content-type") != KAFKA_JSON:
+            self.refused.append(f"content-type {request.headers.get('content-type')}")
+            return Reply(415, {"error_code": 415, "message": "HTTP 415 Unsupported Media Type"})
+        if "application/vnd.kafka.v2+json" not in request.headers.get("accept", ""):
+            self.refused.append(f"accept {request.headers.get('accept')}")
+            return Reply(406, {"error_code": 406, "message": "HTTP 406 Not Acceptable"})
+        body = json.loads(request.body)
+        records = body["records"]
+        if self.check_shape:
+            assert list(body) == ["records"], list(body)
+            for record in records:
+                assert sorted(record) == ["key", "value"], record
+                assert isinstance(record["key"], str) and isinstance(record["value"], dict)
+                assert record["key"] == record["value"]["eventCorrelationId"], record["key"]
+                if self.validate is not None:
+                    self.validate(record["value"])
+        self.posts.append([r["value"]["eventId"] for r in records])
+        failing: set[int] = set()
+        if isinstance(fault, RecordErrors):
+            down = self.partition_of(records[fault.first]["key"])
+            failing = {
+                i
+                for i in range(fault.first, len(records))
+                if fault.all_after or self.partition_of(records[i]["key"]) == down
+            }
+        offsets: list[dict[str, Any]] = []
+        for i, record in enumerate(records):
+            partition = self.partition_of(record["key"])
+            if i in failing:
+                assert isinstance(fault, RecordErrors)
+                offsets.append(self._record_error(fault.code))
+                continue
+            offset = self.ends.get((topic, partition), 0)
+            self.ends[(topic, partition)] = offset + 1
+            self.written.append((topic, partition, offset, record["key"], record["value"]))
+            if self.strimzi:
+                offsets.append({"partition": partition, "offset": offset})
+            else:
+                offsets.append(
+                    {"partition": partition, "offset": offset, "error_code": None, "error": None}
+                )
+        if isinstance(fault, Written):
+            return fault.reply
+        if self.strimzi:
+            return Reply(200, {"offsets": offsets})
+        return Reply(200, {"offsets": offsets, "key_schema_id": None, "value_schema_id": None})
+
+    def _record_error(self, code: int) -> dict[str, Any]:
+        if self.strimzi:
+            return {"error_code": code, "message": "Expiring 1 record(s): 30000 ms has passed"}
+        return {
+            "partition": None,
+            "offset": None,
+            "error_code": code,
+            "error": "Expiring 1 record(s) for cm-events-2: 30000 ms has passed",
+        }
+
+    def events(self, topic: str = "cm-events") -> list[dict]:
+        """The events written to a topic, in the order written (duplicates included)."""
+        return [value for t, _, _, _, value in self.written if t == topic]
+
+    def partitions_of_keys(self) -> dict[str, set[int]]:
+        keys: dict[str, set[int]] = {}
+        for _, partition, _, key, _ in self.written:
+            keys.setdefault(key, set()).add(partition)
+        return keys

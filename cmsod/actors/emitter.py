@@ -7,7 +7,8 @@ did not take.
 
 A failing sink is retried with backoff (0.5 s doubling up to `events.retry_max_s`), back to
 0.5 s as soon as the sink takes any event; the outbox keeps everything meanwhile and no other
-actor waits for it.
+actor waits for it. A sink that refuses for good (PartialDelivery.permanent: no such topic,
+no permission) is logged as an error and tried again every `retry_max_s`, never dropped.
 
 An event whose eventSchema/eventSchemaVersion the emitter does not know raises
 `UnknownEventSchema`, is logged as an error with its id and kept, refused, in the outbox
@@ -86,11 +87,17 @@ async def run(
         if failure is None:
             backoff = FIRST_RETRY_S
         else:
+            permanent = isinstance(failure, PartialDelivery) and failure.permanent
             if isinstance(failure, PartialDelivery) and failure.delivered:
                 backoff = FIRST_RETRY_S  # it took some: the sink is back, retry the rest soon
             figures.errors += 1
             figures.last_error = str(failure)
             figures.peer_failing = True
+            if permanent:  # refused until someone acts (a topic, an ACL): kept, tried slowly
+                wait = ctx.config.events.retry_max_s
+                log.error("events.sink_refused", reason=str(failure), retry_in_s=wait)
+                await trio.sleep(wait)
+                continue
             log.warning("events.publish_failed", reason=str(failure), retry_in_s=backoff)
             await trio.sleep(backoff)
             backoff = min(ctx.config.events.retry_max_s, backoff * 2)

@@ -15,6 +15,11 @@ sent (at least once).
   POST of `application/cloudevents-batch+json`, a JSON array of structured-mode events, for a
   receiver that takes it; the binding has no partial answer, so a failed batch is retried
   whole (at least once, the same ids).
+- `KafkaSink`: the Kafka REST Proxy API v2 (Confluent's REST Proxy, Strimzi's Kafka Bridge),
+  `POST {url}/topics/{topic}` with `application/vnd.kafka.json.v2+json`: one record per event,
+  its key the schedule id (one partition per schedule, as NCMP keys its events), its value the
+  envelope's JSON as is. The answer's `offsets` say record by record what Kafka took: the
+  events before the first record not taken are sent, the rest go again from there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import ssl
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -37,11 +42,14 @@ from cmsod.wire.events import CmEvent
 
 
 class PartialDelivery(PeerError):
-    """The first `delivered` events went through, the rest did not."""
+    """The first `delivered` events went through, the rest did not. `permanent`: the sink
+    refused them for a reason a retry alone will not cure (a missing topic, no permission, a
+    record it cannot take): still retried (an event is never dropped), at the slowest pace."""
 
-    def __init__(self, delivered: int, message: str) -> None:
+    def __init__(self, delivered: int, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.delivered = delivered
+        self.permanent = permanent
 
 
 Keyed = list[tuple[str, bytes]]  # (key, event body) in the order they must be delivered
@@ -244,12 +252,144 @@ class CloudEventsSink:
         return len(events)
 
 
+# -- Kafka REST Proxy API v2 ----------------------------------------------------------------
+
+KAFKA_CONTENT_TYPE = "application/vnd.kafka.json.v2+json"
+KAFKA_ACCEPT = "application/vnd.kafka.v2+json, application/vnd.kafka+json, application/json"
+MAX_RECORDS = 10_000  # = the most events.batch_size allows
+ErrorText = Annotated[str, msgspec.Meta(max_length=65536)]
+
+
+class KafkaRecord(msgspec.Struct):
+    key: str
+    value: msgspec.Raw  # the envelope's bytes, embedded as they are
+
+
+class KafkaProduce(msgspec.Struct):
+    records: list[KafkaRecord]
+
+
+class KafkaOffset(msgspec.Struct, frozen=True):
+    """One record's fate. Taken: partition and offset, no error_code. Not taken: Confluent
+    says `error_code` (50003 retriable, 50002 other Kafka error, 40101/40301 authentication /
+    authorization; 2 and 1 before 6.x) and `error`, partition and offset null; Strimzi says
+    `error_code` (500, or 404 for a topic Kafka does not know) and `message`."""
+
+    partition: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    error_code: int | None = None
+    error: ErrorText | None = None
+    message: ErrorText | None = None
+
+    @property
+    def taken(self) -> bool:
+        return self.error_code is None and self.partition is not None and self.offset is not None
+
+
+class KafkaAnswer(msgspec.Struct):
+    offsets: Annotated[list[KafkaOffset], msgspec.Meta(max_length=MAX_RECORDS)]
+    key_schema_id: int | None = None
+    value_schema_id: int | None = None
+
+
+class KafkaError(msgspec.Struct):
+    """A whole request refused: `{"error_code": 40401, "message": "Topic not found."}` (the
+    proxy's code is HTTP status x 100 + a sub-code; Strimzi's is the HTTP status)."""
+
+    error_code: int | None = None
+    message: ErrorText = ""
+
+
+# Answers to a whole request that may go through later as they are: a timeout, too many
+# requests, a proxy or Kafka that cannot serve now. Any other 4xx (400 bad request, 401/403
+# credentials or ACLs, 404 no such topic, 406/415 a media type it does not take, 413/422 a
+# record it refuses) needs an operator first.
+KAFKA_RETRY_STATUS = frozenset({408, 425, 429})
+# Per-record error codes that a retry may cure (Confluent: RetriableException; Strimzi: 500
+# for any producer failure, which is mostly timeouts and leader changes).
+KAFKA_RETRY_RECORD = frozenset({2, 500, 50003, 50302})
+
+
+@dataclass
+class KafkaSink:
+    url: str
+    client: httpx.AsyncClient
+
+    @classmethod
+    def create(cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext) -> KafkaSink:
+        return cls(url.rstrip("/"), _client(timeout_s, ssl_context))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    def records(events: Keyed) -> bytes:
+        return msgspec.json.encode(
+            KafkaProduce([KafkaRecord(key, msgspec.Raw(body)) for key, body in events])
+        )
+
+    async def publish(self, topic: str, events: Keyed) -> int:
+        where = f"kafka rest proxy at {self.url}"
+        try:
+            response = await self.client.post(
+                f"{self.url}/topics/{quote(topic, safe='')}",
+                content=self.records(events),
+                headers={"Content-Type": KAFKA_CONTENT_TYPE, "Accept": KAFKA_ACCEPT},
+            )
+        except httpx.HTTPError as exc:  # not sent, or sent and not answered: all again
+            raise PeerError(f"{where}: {exc!r}") from exc
+        if response.status_code == 200:
+            return self.taken(where, topic, response.content, len(events))
+        try:
+            error = msgspec.json.decode(response.content, type=KafkaError)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            error = KafkaError(message=response.content[:200].decode(errors="replace"))
+        status = response.status_code
+        code = f" (error_code {error.error_code})" if error.error_code is not None else ""
+        retry = status >= 500 or status in KAFKA_RETRY_STATUS
+        raise PartialDelivery(
+            0,
+            f"{where}: topic {topic}: HTTP {status}{code} {error.message}".strip(),
+            permanent=not retry,
+        )
+
+    @staticmethod
+    def taken(where: str, topic: str, content: bytes, sent: int) -> int:
+        """How many events from the front Kafka took, from a 200 answer; PartialDelivery
+        from the first record not taken (an error, or no entry for it), so that a schedule's
+        later event never counts as sent before an earlier one."""
+        try:
+            answer = msgspec.json.decode(content, type=KafkaAnswer)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise PeerError(f"{where}: unreadable answer ({exc}): {content[:200]!r}") from None
+        if len(answer.offsets) > sent:
+            raise PeerError(f"{where}: answered {len(answer.offsets)} offsets for {sent} records")
+        for n, offset in enumerate(answer.offsets):
+            if not offset.taken:
+                why = offset.error or offset.message or "no partition or offset"
+                raise PartialDelivery(
+                    n,
+                    f"{where}: topic {topic}: record {n + 1} of {sent} not taken"
+                    f" (error_code {offset.error_code}): {why}",
+                    permanent=offset.error_code is not None
+                    and offset.error_code not in KAFKA_RETRY_RECORD,
+                )
+        if len(answer.offsets) < sent:
+            raise PartialDelivery(
+                len(answer.offsets),
+                f"{where}: topic {topic}: answered {len(answer.offsets)} of {sent} records",
+            )
+        return sent
+
+
 def sink_for(
     cfg: Any, directory: Path, executor: Executor, ssl_context: ssl.SSLContext
 ) -> EventSink:
     events = cfg.events
     if events.sink == "http":
         return MrSink.create(events.url, events.timeout_s, ssl_context)
+    if events.sink == "kafka":
+        return KafkaSink.create(events.url, events.timeout_s, ssl_context)
     if events.sink == "cloudevents":
         return CloudEventsSink.create(
             events.url, events.timeout_s, ssl_context, events.cloudevents_mode == "batch"
