@@ -454,6 +454,17 @@ async def test_the_httpx_peers_use_the_same_tls_configuration(nursery, ca, tmp_p
         await untrusted.publish("cm-events", [("s1", b"{}")])
     assert "CERTIFICATE_VERIFY_FAILED" in repr(causes(refused.value))
     await untrusted.aclose()
+    from cmsod.peers.sinks import KafkaSink
+    from tests.fake_http import FakeKafkaProxy
+
+    proxy = FakeKafkaProxy()
+    proxy.check_shape = False
+    proxy.ssl_context = tls_server(ca, require_client_cert=True)
+    await nursery.start(proxy.serve)
+    kafka = KafkaSink.create(proxy.url, 5, ctx)  # the REST proxy over mutual TLS
+    assert await kafka.publish("cm-events", [("s1", b'{"eventId": "e1"}')]) == 1
+    await kafka.aclose()
+    assert proxy.written == [("cm-events", proxy.partition_of("s1"), 0, "s1", {"eventId": "e1"})]
 
 
 def causes(exc: BaseException | None) -> list[BaseException]:
