@@ -22,12 +22,12 @@ schedule saying what the view says.
 Stores: `--store sqlite:///path/cmsod.sqlite3` (or a plain path; the default is a file in a
 temporary folder) is passed as `CMSOD_STORE__PATH`; SQLite takes one daemon per store, so
 it runs with `--daemons 1` (the one daemon killed and restarted, frozen and thawed; its
-takeover is its restart). `--store postgresql://...` is passed as `CMSOD_STORE__URL`, i.e.
-`[store] url`, for the PostgreSQL backend; `--env KEY=VALUE` adds any other setting to every
-daemon (e.g. the lease's own key).
+takeover is its restart). `--store postgresql://...` is passed as `CMSOD_STORE__URL` and
+`--lease-s` as `CMSOD_STORE__LEASE_S` (`[store] url` and `lease_s` of the PostgreSQL
+backend); `--env KEY=VALUE` adds any other setting to every daemon.
 
 Usage: python -m bench.ha [--daemons 3] [--store URL] [--elements 2000] [--minutes 3]
-       [--kills 10] [--stops 1] [--lease-s 10] [--seed 1] [--sink kafka|file] [--env K=V]..."""
+       [--kills 10] [--stops 1] [--lease-s 15] [--seed 1] [--sink kafka|file] [--env K=V]..."""
 
 from __future__ import annotations
 
@@ -80,9 +80,9 @@ class SharedSO(FakeSO):
         return reply
 
 
-def store_env(store: str, tmp: Path) -> tuple[dict[str, str], str]:
+def store_env(store: str, tmp: Path, lease_s: float) -> tuple[dict[str, str], str]:
     if store.startswith(("postgresql://", "postgres://")):
-        return {"CMSOD_STORE__URL": store}, "postgresql"
+        return {"CMSOD_STORE__URL": store, "CMSOD_STORE__LEASE_S": f"{lease_s:g}"}, "postgresql"
     path = Path(store.removeprefix("sqlite://")) if store else tmp / "cmsod.sqlite3"
     return {"CMSOD_STORE__PATH": str(path.resolve())}, "sqlite"
 
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0, help="the rollout's due span")
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--stops", type=int, default=1)
-    parser.add_argument("--lease-s", type=float, default=10.0)
+    parser.add_argument("--lease-s", type=float, default=15.0, help="[store] lease_s")
     parser.add_argument("--lead-s", type=float, default=30.0, help="submit to first due")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sink", choices=["kafka", "file"], default="kafka")
@@ -266,7 +266,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as folder:
             tmp = Path(folder)
-            env, backend = store_env(args.store, tmp)
+            env, backend = store_env(args.store, tmp, args.lease_s)
             if backend == "sqlite" and args.daemons != 1:
                 raise SystemExit(
                     "SQLite takes one daemon per store: use --daemons 1, or "
