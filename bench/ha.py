@@ -352,6 +352,13 @@ def main() -> None:
         f"due during a stop: {len(late_at_stops)}, late by up to "
         f"{max(late_at_stops, default=0):.1f} s; {time.time() - began:.0f} s in all"
     )
+    reasons = collections.Counter(
+        f"{i['status']}: {i.get('statusMessage', '')[:100]}"
+        for i in items
+        if i["status"] != "Completed"
+    )
+    for reason, count in reasons.most_common(5):
+        print(f"  {count} x {reason}")
     print(events_line)
     if duplicated or lost or unexplained or phantom:
         raise SystemExit(
