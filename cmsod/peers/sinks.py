@@ -272,7 +272,7 @@ class KafkaProduce(msgspec.Struct):
 class KafkaOffset(msgspec.Struct, frozen=True):
     """One record's fate. Taken: partition and offset, no error_code. Not taken: Confluent
     says `error_code` (50003 retriable, 50002 other Kafka error, 40101/40301 authentication /
-    authorization; 2 and 1 before 6.x) and `error`, partition and offset null; Strimzi says
+    authorization; 2 and 1 in older versions) and `error`, partition and offset null; Strimzi says
     `error_code` (500, or 404 for a topic Kafka does not know) and `message`."""
 
     partition: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
