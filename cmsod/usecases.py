@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from cmsod import __version__, explain, lifecycle, log
+from cmsod import __version__, explain, gates, lifecycle, log
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
 from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError, RequestError
@@ -202,7 +202,8 @@ async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
 
 async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> S:
     grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
-    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms)
+    calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
+    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
     ctx.bells.dispatcher.ring()
     return status
 
