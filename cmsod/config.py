@@ -416,8 +416,8 @@ def _toml_times(value: object) -> object:
         return {k: _toml_times(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_toml_times(v) for v in value]
-    if isinstance(value, datetime.datetime) and value.tzinfo is None:
-        return value.strftime("%Y-%m-%dT%H:%M")
+    if isinstance(value, datetime.datetime):  # one with an offset: refused, as a string
+        return value.strftime("%Y-%m-%dT%H:%M") if value.tzinfo is None else value.isoformat()
     if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
         return value.isoformat()
     return value

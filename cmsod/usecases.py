@@ -253,6 +253,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
+    alarms_cfg, source = ctx.config.alarms, ctx.alert_source
     components = [
         component("Scheduler Database", str(ctx.config.store_path), db_ok),
         component(
@@ -265,12 +266,38 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
             "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
         ),
     ]
+    if ctx.alerts is not None:  # the alarm gate's Alertmanager: failing holds or lets go
+        components.append(component("Alert Source", alarms_cfg.url, source.ok is not False))
     # Healthy only when every part is: a daemon that cannot reach its orchestrator is degraded
     # (and `cmsoctl status` exits 3), whatever else works.
     problems = [f"{c['name']} {c['status']}" for c in components if not c["healthy"]]
     problems += [f"actor {name} stalled" for name in sorted(stalled)]
+    now_ms = ctx.clock.now_ms()
     return {
         "freeze": frozen,
+        "calendars": [
+            {
+                "name": period.name,
+                "source": period.source,
+                "from": lifecycle.format_time(start),
+                "to": lifecycle.format_time(end),
+                "inForce": start <= now_ms,
+                "period": period.describe(),
+                "reason": period.reason,
+            }
+            for start, end, period in ctx.planning.calendars.next_periods(now_ms)
+        ],
+        "alarms": None
+        if ctx.alerts is None
+        else {
+            "url": alarms_cfg.url,
+            "onError": alarms_cfg.on_error,
+            "ok": source.ok,
+            "lastError": source.last_error,
+            "lastAsked": lifecycle.format_time(source.asked_ms),
+            "queries": source.queries,
+            "firing": source.firing,
+        },
         "healthy": not problems,
         "problems": problems,
         "buildInfo": f"cmsod {__version__}",
