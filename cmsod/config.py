@@ -436,7 +436,7 @@ def _deny_line(text: str, index: int) -> str:
 def load_calendars(cfg: Config) -> calendars.Calendars:
     """Every deny period: the files of [calendars] in order, then the inline ones. A bad one
     is a ConfigError naming the file, the line of its [[deny]] table and the field."""
-    periods = cfg.calendars.inline()
+    periods: list[calendars.Period] = []
     for name in cfg.calendars.files:
         path = Path(name)
         try:
@@ -453,7 +453,7 @@ def load_calendars(cfg: Config) -> calendars.Calendars:
             index = re.search(r"deny\[(\d+)\]", str(exc))
             line = _deny_line(text, int(index.group(1))) if index else ""
             raise ConfigError(f"calendar {path}{line}: {exc}") from None
-    return calendars.Calendars(tuple(periods))
+    return calendars.Calendars((*periods, *cfg.calendars.inline()))
 
 
 ENV_PREFIX = "CMSOD_"

@@ -338,3 +338,27 @@ async def test_a_bad_calendar_on_reload_keeps_the_old_one(
     assert [p.name for p in cmsod.ctx.planning.calendars.periods] == ["x"]
     assert calendars.Calendars() == calendars.Calendars(())
     await client.aclose()
+
+
+def test_the_readme_examples_work(tmp_path: Path) -> None:
+    """The TOML of README's "Freeze calendars" and "Alarm gate": the configuration blocks
+    load, the calendar file's periods compile (and the shipped example file's)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Freeze calendars", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```toml\n")[1:]]
+    assert len(blocks) == 3
+    shipped = Path(__file__).parent.parent / "etc" / "cmsod" / "calendars" / "holidays.toml"
+    (tmp_path / "a.toml").write_text(
+        blocks[0].replace("/etc/cmsod/calendars/holidays.toml", str(shipped))
+    )
+    cal = config.load_calendars(config.load(tmp_path / "a.toml", env={}))
+    assert [p.name for p in cal.periods][-1] == "Core network upgrade"
+    assert len(cal.periods) == 5
+    assert [p.name for p in periods(blocks[1]).periods] == [
+        "Christmas",
+        "New Year",
+        "PAR1 power works",
+    ]
+    (tmp_path / "b.toml").write_text(blocks[2])
+    alarms_cfg = config.load(tmp_path / "b.toml", env={}).alarms
+    assert alarms_cfg.queries[1] == ('site="{site}"', 'severity=~"critical|major"')
