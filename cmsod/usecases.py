@@ -133,6 +133,19 @@ async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, 
         ticket_check=cfg.tickets.mode,
         dispatch_allowed=cfg.tickets.dispatch_allowed,
     )
+    snap = await ctx.store.read(dispatch.snapshot_now, facts.element, facts.schedule_id, now_ms)
+    if snap is not None:  # waiting for a dispatch: ask the gates that need no peer, now
+        asked = gates.standard(
+            gates.TicketGate(None),
+            rules.misfire_grace_ms,
+            rules.dispatch_immediate,
+            gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory),
+        )
+        facts.gates_now = [
+            (name, answer.why, answer.until_ms)
+            for name, answer in gates.evaluate(snap, asked)
+            if name in explain.REASKED and isinstance(answer, gates.Hold)
+        ]
     return {
         "element": facts.element,
         "scheduleId": facts.schedule_id,

@@ -296,6 +296,17 @@ async def test_a_period_added_by_a_reload_after_approval_holds_and_carries_over(
         ("eu maintenance", at("08:30"), False),
         ("short", at("10:00"), False),
     ]
+    # `why` asks the calendar gate now, before n2 is due: it would be held
+    why = await client.ok("io.cmsod.Schedules.Why", element="n2", scheduleId="cal")
+    (held,) = [r for r in why["reasons"] if r["kind"] == "calendar"]
+    assert held == {
+        "kind": "calendar",
+        "words": "held by calendar: calendar 'eu maintenance' (freeze.toml) until"
+        " 2026-12-01T09:30:00Z",
+        "until": at("09:30"),
+    }
+    why = await client.ok("io.cmsod.Schedules.Why", element="n1", scheduleId="cal")
+    assert not [r for r in why["reasons"] if r["kind"] == "calendar"]
     view = await client.wait_for("cal", *DONE)
     element = items(view)
     assert element["n1"]["dispatchTime"] == at("08:01")  # not in the eu region

@@ -223,6 +223,20 @@ def load_snapshot(
     return snapshot, Loaded(element, schedule, grp, request, key, attempts, data)
 
 
+def snapshot_now(conn: Any, name: str, schedule_id: str, now_ms: int) -> gates.Snapshot | None:
+    """The snapshot the gates would see of this element now (`why` asks them again), read on
+    a read connection; None when it does not wait for a dispatch."""
+    row = conn.execute(
+        "SELECT e.id FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " WHERE s.schedule_id = ? AND e.name = ?",
+        (schedule_id, name),
+    ).fetchone()
+    if row is None:
+        return None
+    loaded = load_snapshot(Tx(conn, now_ms, "", ""), row[0])  # SELECTs only
+    return None if loaded is None else loaded[0]
+
+
 def _data(data: bytes | None) -> dict[str, str]:
     return msgspec.json.decode(data, type=dict[str, str]) if data else {}
 
