@@ -31,6 +31,7 @@ matches the element's attributes: its data in the request over the inventory's, 
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated
@@ -95,23 +96,19 @@ class Period(msgspec.Struct, frozen=True):
         return all(attributes.get(k) == v for k, v in self.scope)
 
     def spans(self, from_ms: int, to_ms: int) -> list[tuple[int, int]]:
-        """Its occurrences that overlap [from_ms, to_ms), as UTC ms [start, end)."""
-        tz = ZoneInfo(self.tz)
+        """Its occurrences that overlap [from_ms, to_ms), as UTC ms [start, end). Each year's
+        occurrence is computed once (a due batch asks the same periods for every element)."""
         if not self.yearly:
-            span = (_ms(self.start, tz), _ms(self.end, tz))
-            return [span] if span[0] < to_ms and span[1] > from_ms else []
-        first = datetime.fromtimestamp(from_ms / 1000, UTC).year - 1
-        last = datetime.fromtimestamp(min(to_ms, MAX_MS) / 1000, UTC).year
+            span = _occurrence(self, 0)
+            return [span] if span is not None and span[0] < to_ms and span[1] > from_ms else []
+        # the years around the span (approximately: occurrences outside it are dropped below)
+        first = 1970 + from_ms // YEAR_MS - 2
+        last = min(1970 + min(to_ms, MAX_MS) // YEAR_MS + 1, first + MAX_YEARS, 9998)
         out = []
-        for year in range(first, min(last, first + MAX_YEARS) + 1):
-            wraps = self.end[1:] <= self.start[1:]  # Dec 31 to Jan 2: ends the next year
-            try:
-                a = _ms((year, *self.start[1:]), tz)
-                b = _ms((year + wraps, *self.end[1:]), tz)
-            except ValueError:  # Feb 29 in a common year: not this year
-                continue
-            if a < to_ms and b > from_ms:
-                out.append((a, b))
+        for year in range(max(first, 1), last + 1):
+            span = _occurrence(self, year)
+            if span is not None and span[0] < to_ms and span[1] > from_ms:
+                out.append(span)
         return out
 
     def describe(self) -> str:
@@ -125,6 +122,21 @@ class Period(msgspec.Struct, frozen=True):
 
 
 MAX_MS = 253402300799000  # 9999-12-31T23:59:59Z
+YEAR_MS = 31_556_952_000  # a Gregorian year on average
+
+
+@functools.lru_cache(maxsize=65536)
+def _occurrence(period: Period, year: int) -> tuple[int, int] | None:
+    """The period's occurrence in `year` (0: a period that is not yearly), UTC ms; None when
+    it has none that year (Feb 29 in a common year)."""
+    tz = ZoneInfo(period.tz)
+    if not period.yearly:
+        return _ms(period.start, tz), _ms(period.end, tz)
+    wraps = period.end[1:] <= period.start[1:]  # Dec 31 to Jan 2: ends the next year
+    try:
+        return _ms((year, *period.start[1:]), tz), _ms((year + wraps, *period.end[1:]), tz)
+    except ValueError:
+        return None
 
 
 def _ms(t: tuple[int, int, int, int, int], tz: ZoneInfo) -> int:
@@ -178,14 +190,39 @@ def _point(text: str, yearly: bool, where: str) -> tuple[int, int, int, int, int
     return (y, mo, d, hh, mm)
 
 
-class Calendars(msgspec.Struct, frozen=True):
+class Calendars:
     """Every period in force (files and inline), and what each element's attributes make of
-    them."""
+    them. Immutable once built; it remembers the periods' occurrences over the spans it was
+    asked about (a due batch asks about one slot for many elements)."""
 
-    periods: tuple[Period, ...] = ()
+    __slots__ = ("_memo", "periods")
+
+    def __init__(self, periods: tuple[Period, ...] = ()) -> None:
+        self.periods = tuple(periods)
+        self._memo: dict[tuple[int, int], list[tuple[Period, list[tuple[int, int]]]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.periods)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Calendars) and other.periods == self.periods
+
+    def __hash__(self) -> int:
+        return hash(self.periods)
+
+    def __repr__(self) -> str:
+        return f"Calendars({self.periods!r})"
+
+    def occurring(self, from_ms: int, to_ms: int) -> list[tuple[Period, list[tuple[int, int]]]]:
+        """The periods with an occurrence over [from_ms, to_ms), with those occurrences."""
+        key = (from_ms, to_ms)
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            found = [(p, spans) for p in self.periods if (spans := p.spans(from_ms, to_ms))]
+            self._memo[key] = found
+        return found
 
     def denied(
         self, name: str, attributes: dict[str, str], from_ms: int, to_ms: int
@@ -193,13 +230,19 @@ class Calendars(msgspec.Struct, frozen=True):
         """The periods denying this element over [from_ms, to_ms): (start, end, what)."""
         if not self.periods:
             return []
-        attrs = {"vnfName": name, **attributes}
-        return sorted(
-            (a, b, p.what)
-            for p in self.periods
-            if p.applies(attrs)
-            for a, b in p.spans(from_ms, to_ms)
-        )
+        occurring = self.occurring(from_ms, to_ms)
+        if not occurring:
+            return []
+        attrs: dict[str, str] | None = None
+        out = []
+        for period, spans in occurring:
+            if period.scope:
+                attrs = attrs if attrs is not None else {"vnfName": name, **attributes}
+                if not period.applies(attrs):
+                    continue
+            out += [(a, b, period.what) for a, b in spans]
+        out.sort()
+        return out
 
     def next_periods(self, now_ms: int, count: int = 5) -> list[tuple[int, int, Period]]:
         """The periods in force now or next (for `status`), soonest first."""

@@ -258,6 +258,8 @@ class CalendarGate(msgspec.Struct, frozen=True):
             return GO
         begin = max(s.now_ms, s.start_ms or s.now_ms)
         end = begin + max(s.duration_ms, 1)
+        if not self.calendars.occurring(begin, end):  # the common case: nothing to match
+            return GO
         attributes = merged_attributes(s.name, s.data, self.inventory)
         hits = self.calendars.denied(s.name, attributes, begin, end)
         if not hits:

@@ -70,6 +70,9 @@ class BatchCache:
         self._failures: dict[int, gates.Failures] = {}
         self._elements = elements
         self._book: dict[str, list[tuple[int, int, str]]] | None = None
+        self.rules: list[gates.Gate] | None = None  # the batch's gates, and from them:
+        self.grace_ms = 0
+        self.calendar: gates.CalendarGate | None = None
 
     def unavailable(self, names: list[str]) -> tuple[tuple[int, int, str], ...]:
         """The book's entries on these elements (one and those it requires) ending after now."""
@@ -260,8 +263,10 @@ def begin_dispatch(
         return None
     snap, row = loaded
     gate, answer = gates.decide(snap, rules)
-    grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
-    calendar = next((r for r in rules if isinstance(r, gates.CalendarGate)), None)
+    if cache is not None and cache.rules is rules:  # found once per due batch
+        grace_ms, calendar = cache.grace_ms, cache.calendar
+    else:
+        grace_ms, calendar = _grace_and_calendar(rules)
     if isinstance(answer, gates.Hold):
         outlasts = answer.until_ms is not None and answer.until_ms > snap.due_ms + grace_ms
         if snap.start_ms is not None and outlasts:
@@ -303,6 +308,11 @@ def begin_dispatch(
         snap.due_ms,
         snap.due_ms + grace_ms,
     )
+
+
+def _grace_and_calendar(rules: list[gates.Gate]) -> tuple[int, gates.CalendarGate | None]:
+    grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
+    return grace_ms, next((r for r in rules if isinstance(r, gates.CalendarGate)), None)
 
 
 def hold(tx: Tx, snap: gates.Snapshot, row: Loaded, gate: str, answer: gates.Hold) -> None:
@@ -483,6 +493,8 @@ def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> li
     """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds)."""
     expire_freeze(tx)
     cache = BatchCache(tx, elements)
+    cache.rules = rules
+    cache.grace_ms, cache.calendar = _grace_and_calendar(rules)
     jobs = [begin_dispatch(tx, e, rules, cache) for e in elements]
     return [job for job in jobs if job is not None]
 
