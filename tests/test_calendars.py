@@ -287,6 +287,12 @@ async def test_a_period_added_by_a_reload_after_approval_holds_and_carries_over(
         from = "2026-12-01T10:00"
         to = "2026-12-01T10:03"
         scope = { vnfName = "n3" }
+
+        [[deny]]
+        name = "n2 later"
+        from = "2026-12-01T11:00"
+        to = "2026-12-01T11:30"
+        scope = { vnfName = "n2" }
         """
     )
     reloaded = await client.ok("io.cmsod.Manager.Reload")
@@ -295,6 +301,7 @@ async def test_a_period_added_by_a_reload_after_approval_holds_and_carries_over(
     assert [(c["name"], c["from"], c["inForce"]) for c in status["calendars"]] == [
         ("eu maintenance", at("08:30"), False),
         ("short", at("10:00"), False),
+        ("n2 later", at("11:00"), False),
     ]
     # `why` asks the calendar gate now, before n2 is due: it would be held
     why = await client.ok("io.cmsod.Schedules.Why", element="n2", scheduleId="cal")
@@ -311,10 +318,11 @@ async def test_a_period_added_by_a_reload_after_approval_holds_and_carries_over(
     element = items(view)
     assert element["n1"]["dispatchTime"] == at("08:01")  # not in the eu region
     # n2 (eu) at 09:01 would overlap the period: held past it, so past its slot's grace,
-    # carried over to the next free slot (10:01 is n3's)
-    assert element["n2"]["dispatchTime"] == at("11:01")
+    # carried over to the next free slot clear of its periods (10:01 is n3's, 11:01 would
+    # overlap "n2 later")
+    assert element["n2"]["dispatchTime"] == at("12:01")
     assert element["n2"]["statusMessage"] == (
-        "carried over to 2026-12-01T11:01:00Z: held by calendar: calendar 'eu maintenance'"
+        "carried over to 2026-12-01T12:01:00Z: held by calendar: calendar 'eu maintenance'"
         " (freeze.toml) until 2026-12-01T09:30:00Z"
     )
     # n3 at 10:01 is inside "short": held until 10:03 (within the grace), then sent
