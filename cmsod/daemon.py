@@ -377,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         tls.context(cfg.tls)
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
             raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
+        if cfg.alarms.credentials_file and not os.access(cfg.alarms.credentials_file, os.R_OK):
+            raise ConfigError(
+                f"alarms.credentials_file {cfg.alarms.credentials_file}: cannot read it"
+            )
         if cfg.http.listen:
             rest_auth.Credentials(Path(cfg.http.credentials_file)).load()
     except ConfigError as exc:
