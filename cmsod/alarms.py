@@ -26,7 +26,10 @@ Query = tuple[str, ...]  # matchers, ready to send
 
 
 def _unquote(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
+    """A quoted matcher value as Alertmanager reads it: `\\n`, `\\"` and `\\\\` are escapes, any
+    other backslash is itself (so a regex's `\\d` stays)."""
+    escapes = {"n": "\n", '"': '"', "\\": "\\"}
+    return re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), text)
 
 
 def quote(value: str) -> str:

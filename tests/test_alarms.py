@@ -38,6 +38,9 @@ def test_templates_become_matchers_quoted_as_alertmanager_reads_them() -> None:
         ('region=~"eu\\\\.west\\\\(1\\\\)-.*"',)
     ]
     assert alarms.queries([['site!="{site}"']], "n1", {"site": "a"}) == [('site!="a"',)]
+    # the template's own escapes as Alertmanager reads them; a regex's \d stays
+    assert alarms.queries([['x=~"\\d+\\.{vnfName}"']], "n1", {}) == [('x=~"\\\\d+\\\\.n1"',)]
+    assert alarms.queries([['x="a\\"b\\\\c\\n"']], "n1", {}) == [('x="a\\"b\\\\c\\n"',)]
 
 
 def test_a_bad_template_is_refused_naming_it(tmp_path: Path) -> None:
