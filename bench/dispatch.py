@@ -7,7 +7,10 @@ flight (the fake SO answers IN_PROGRESS for ever) polled at the default interval
 every second, the daemon process's CPU and memory are read from /proc.
 With --all-gates every dispatch gate has something to check: a failure threshold on every
 schedule, a freeze turned on and off again, a blackout in the book on each burst element
-(long after its slot), so each due element's snapshot reads them all.
+(long after its slot), freeze calendars (a yearly period for every element months away, one
+scoped to a site no element has over now), so each due element's snapshot reads them all.
+BENCH_CALENDARS=0 leaves the calendars out. (The alarm gate is not in it: it asks
+Alertmanager over HTTP, one request per distinct query of a due batch; see bench/README.md.)
 Usage: python bench/dispatch.py [--skip-polling] [--all-gates]"""
 
 from __future__ import annotations
@@ -95,7 +98,21 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp)
-            daemon = Daemon(state, extra_env=env)
+            config_file = None
+            if args.all_gates and os.environ.get("BENCH_CALENDARS", "1") == "1":
+                soon, today = datetime.now(UTC) + timedelta(days=100), datetime.now(UTC)
+                (state / "calendar.toml").write_text(
+                    f'[[deny]]\nname = "later"\nfrom = "{soon:%m-%d}"\nto = "{soon:%m-%d}"\n'
+                    "yearly = true\n"
+                    f'[[deny]]\nname = "elsewhere"\nfrom = "{today - timedelta(days=1):%Y-%m-%d}"\n'
+                    f'to = "{today + timedelta(days=1):%Y-%m-%d}"\nscope = {{ site = "NOWHERE" }}\n'
+                )
+                config_file = state / "cmsod.toml"
+                config_file.write_text(
+                    f'[daemon]\nstate_dir = "{state}"\n'
+                    f'[calendars]\nfiles = ["{state / "calendar.toml"}"]\n'
+                )
+            daemon = Daemon(state, config_file, extra_env=env)
             socket = str(state / "control.sock")
             try:
                 if args.all_gates:

@@ -7,6 +7,7 @@ the key (`_s`). The defaults here are the embedded defaults: loop-back peers, ev
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import tomllib
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from cmsod import calendars
 from cmsod.errors import ConfigError
 from cmsod.optimize.policies import BUILTIN as BUILTIN_POLICIES
 from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, zone
@@ -255,6 +257,58 @@ class HttpConfig(Section, frozen=True):
             raise ValueError("http.require_client_cert needs http.client_ca")
 
 
+class CalendarsConfig(Section, frozen=True):
+    """Freeze calendars: periods no change may run in (cmsod/calendars.py has the format)."""
+
+    # TOML files of [[deny]] periods, read at start-up and by every reload
+    files: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...],
+        msgspec.Meta(max_length=calendars.MAX_FILES),
+    ] = ()
+    timezone: Annotated[str, msgspec.Meta(max_length=100)] = "UTC"  # of the inline periods
+    # inline periods, as in a file: [[calendars.deny]] name = ..., date = ... or from/to
+    deny: Annotated[tuple[calendars.Deny, ...], msgspec.Meta(max_length=calendars.MAX_PERIODS)] = ()
+
+    def __post_init__(self) -> None:
+        self.inline()  # said now, naming the period and the field
+
+    def inline(self) -> list[calendars.Period]:
+        content = calendars.CalendarFile(list(self.deny), self.timezone)
+        return calendars.compile_file(content, "cmsod.toml")
+
+
+MatcherTemplate = Annotated[
+    str,
+    msgspec.Meta(pattern=r'^[A-Za-z_][A-Za-z0-9_]*(=|!=|=~|!~)"([^"\\]|\\.)*"$', max_length=1000),
+]
+
+
+class AlarmsConfig(Section, frozen=True):
+    """The alarm gate: Prometheus Alertmanager (API v2) is asked before each dispatch whether
+    alerts fire on the element or its site (cmsod/peers/alerts.py)."""
+
+    url: str = ""  # e.g. http://alertmanager:9093; "" = no alarm gate
+    # Each query is a list of matchers, ANDed (Alertmanager's filter); the element is held
+    # when any query finds an active alert. `{name}` is one of the element's attributes
+    # (`{vnfName}` its name); a query naming an attribute the element lacks is skipped for it.
+    queries: Annotated[
+        tuple[
+            Annotated[tuple[MatcherTemplate, ...], msgspec.Meta(min_length=1, max_length=20)], ...
+        ],
+        msgspec.Meta(max_length=20),
+    ] = (('instance="{vnfName}"',),)
+    on_error: Literal["hold", "go"] = "hold"  # Alertmanager unreachable or a bad answer
+    recheck_s: Positive = 60.0  # a held element is asked about again after this
+    connect_timeout_s: Positive = 2.0
+    read_timeout_s: Positive = 5.0
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8  # queries at once
+    credentials_file: str = ""  # one line user:password for basic auth; "" = none
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError("alarms.url must be an http:// or https:// URL")
+
+
 class SupervisorConfig(Section, frozen=True):
     max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
     window_s: Positive = 60.0
@@ -274,6 +328,8 @@ class Config(Section, frozen=True):
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     http: HttpConfig = HttpConfig()
+    calendars: CalendarsConfig = CalendarsConfig()
+    alarms: AlarmsConfig = AlarmsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
 
     # -- derived paths ------------------------------------------------------------------------
@@ -366,6 +422,52 @@ def load_inventory(path: Path | None) -> dict[str, dict[str, str]]:
     return elements
 
 
+def _toml_times(value: object) -> object:
+    """TOML's own dates and local times as the strings a calendar period takes."""
+    if isinstance(value, dict):
+        return {k: _toml_times(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_toml_times(v) for v in value]
+    if isinstance(value, datetime.datetime):  # one with an offset: refused, as a string
+        return value.strftime("%Y-%m-%dT%H:%M") if value.tzinfo is None else value.isoformat()
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return value
+
+
+def _deny_line(text: str, index: int) -> str:
+    """Where the index-th [[deny]] table starts in a file, as ' (line N)'."""
+    heads = [
+        n
+        for n, line in enumerate(text.splitlines(), 1)
+        if re.match(r"^\s*\[\[\s*(calendars\s*\.\s*)?deny\s*\]\]", line)
+    ]
+    return f" (line {heads[index]})" if 0 <= index < len(heads) else ""
+
+
+def load_calendars(cfg: Config) -> calendars.Calendars:
+    """Every deny period: the files of [calendars] in order, then the inline ones. A bad one
+    is a ConfigError naming the file, the line of its [[deny]] table and the field."""
+    periods: list[calendars.Period] = []
+    for name in cfg.calendars.files:
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = _toml_times(tomllib.loads(text))
+        except OSError as exc:
+            raise ConfigError(f"calendar {path}: cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"calendar {path}: not valid TOML: {exc}") from None
+        try:
+            content = msgspec.convert(data, calendars.CalendarFile)
+            periods += calendars.compile_file(content, path.name)
+        except (msgspec.ValidationError, ValueError) as exc:
+            index = re.search(r"deny\[(\d+)\]", str(exc))
+            line = _deny_line(text, int(index.group(1))) if index else ""
+            raise ConfigError(f"calendar {path}{line}: {exc}") from None
+    return calendars.Calendars((*periods, *cfg.calendars.inline()))
+
+
 ENV_PREFIX = "CMSOD_"
 
 
@@ -388,7 +490,8 @@ def load(
     if path is not None:
         where = str(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            data = _toml_times(tomllib.loads(text))  # type: ignore[assignment]
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -396,7 +499,9 @@ def load(
         try:
             msgspec.convert(data, Config)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            index = re.search(r"deny\[(\d+)\]", str(exc))
+            line = _deny_line(text, int(index.group(1))) if index else ""
+            raise ConfigError(f"{where}{line}: {exc}") from None
 
     overrides = []
     for name, value in env.items():

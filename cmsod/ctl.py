@@ -444,6 +444,9 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             f"time       {p['currentTime']}",
         ]
         lines += [f"component  {c['name']}: {c['status']} ({c['url']})" for c in p["components"]]
+        lines += calendar_lines(p.get("calendars") or [])
+        if p.get("alarms"):
+            lines.append(alarms_line(p["alarms"]))
         counts = p.get("counts", {})
         lines.append(
             "schedules  "
@@ -526,6 +529,30 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
         )
     return f"{p['scheduleId']}: {p['status']}"
+
+
+def calendar_lines(periods: list[dict[str, Any]]) -> list[str]:
+    """The freeze calendars' periods in force now, then the next one."""
+    now = [p for p in periods if p["inForce"]]
+    upcoming = [p for p in periods if not p["inForce"]][:1]
+    lines = [
+        f"CALENDAR   in force until {p['to']}: {p['name']!r} ({p['source']}; {p['period']})"
+        for p in now
+    ]
+    lines += [
+        f"calendar   next {p['from']} .. {p['to']}: {p['name']!r} ({p['source']}; {p['period']})"
+        for p in upcoming
+    ]
+    return lines or (["calendar   none in force or coming"] if periods == [] else [])
+
+
+def alarms_line(a: dict[str, Any]) -> str:
+    state = {None: "not asked yet", True: "answering", False: "FAILING"}[a.get("ok")]
+    fail = "hold (fail closed)" if a["onError"] == "hold" else "go (fail open)"
+    line = f"alarms     {a['url']}: {state}; when it cannot be asked: {fail}"
+    if a.get("ok") is False and a.get("lastError"):
+        line += f"; {a['lastError']}"
+    return line
 
 
 def freeze_line(f: dict[str, Any] | None) -> str:

@@ -36,6 +36,7 @@ from cmsod.errors import ConfigError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.optimize.planner import Options, Planning
 from cmsod.peers import tls
+from cmsod.peers.alerts import Alertmanager
 from cmsod.peers.sinks import sink_for
 from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import tm_for
@@ -56,15 +57,24 @@ ACTORS = [  # dependency order: what others wake comes up first
 
 
 PEER_KEYS = ("mode", "url", "credentials_file", "connect_timeout_s", "read_timeout_s")
+ALARM_PEER_KEYS = (
+    "url",
+    "credentials_file",
+    "connect_timeout_s",
+    "read_timeout_s",
+    "max_concurrent",
+)
 
 
 def planning_for(cfg: config.Config) -> Planning:
-    """Policies, inventory and options from the configuration; raises ConfigError."""
+    """Policies, inventory, options and freeze calendars from the configuration; raises
+    ConfigError."""
     options = Options(cfg.optimizer.attribute or None, cfg.optimizer.attribute_limit or None)
     return Planning(
         config.load_policies(cfg.policies_dir),
         config.load_inventory(cfg.inventory_path),
         options,
+        config.load_calendars(cfg),
     )
 
 
@@ -97,6 +107,7 @@ def build_context(
         sink=sink_for(cfg, cfg.events_dir, own_thread(), ssl_context),
         planning=planning_for(cfg),
         compute=own_thread(),
+        alerts=Alertmanager(cfg.alarms, ssl_context) if cfg.alarms.url else None,
     )
     store.on_commit = ctx.bells.emitter.ring
     store.on_ticket_ops = ctx.bells.tickets.ring
@@ -132,6 +143,11 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
             for section in ("so", "tickets")
             for key in PEER_KEYS
             if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+        ]
+        fixed += [
+            f"alarms.{key}"
+            for key in ALARM_PEER_KEYS
+            if getattr(old.alarms, key) != getattr(new.alarms, key)
         ]
         # The HTTP listener is built once too (socket, TLS, hypercorn's limits).
         fixed += [
@@ -361,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         tls.context(cfg.tls)
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
             raise ConfigError(f"so.credentials_file {cfg.so.credentials_file}: cannot read it")
+        if cfg.alarms.credentials_file and not os.access(cfg.alarms.credentials_file, os.R_OK):
+            raise ConfigError(
+                f"alarms.credentials_file {cfg.alarms.credentials_file}: cannot read it"
+            )
         if cfg.http.listen:
             rest_auth.Credentials(Path(cfg.http.credentials_file)).load()
     except ConfigError as exc:

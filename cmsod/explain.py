@@ -57,6 +57,14 @@ class Facts(msgspec.Struct, kw_only=True):
     blocks: list[Block] = []  # book entries overlapping its slot, or from now on if none
     other_work: list[Block] = []
     other_schedules: list[str] = []  # other schedules this element is in
+    # The gates asked again now (`REASKED`: those that need no peer), each that would hold it:
+    # (gate, why, until or None); None when they were not asked.
+    gates_now: list[tuple[str, str, int | None]] | None = None
+
+
+# Gates `why` asks again itself; a hold recorded by another (alarm, ticket: their peers are
+# asked only at dispatch) is shown as recorded at the dispatcher's last look.
+REASKED = frozenset({"stop", "freeze", "failures", "calendar"})
 
 
 class Rules(msgspec.Struct, kw_only=True):
@@ -239,7 +247,14 @@ def _waiting_to_run(f: Facts, status: E, rules: Rules) -> list[Reason]:
                     f"{rules.misfire_grace_ms // 1000} s past: it will end Past due",
                 )
             )
-    if f.hold_ms is not None and f.hold_ms > now:
+    for gate, why, until_ms in f.gates_now or []:
+        reasons.append(
+            Reason(
+                gate, f"held by {gate}: {why}", until=None if until_ms is None else _at(until_ms)
+            )
+        )
+    reasked = f.gates_now is not None and f.hold_gate in REASKED  # the answer now supersedes
+    if f.hold_ms is not None and f.hold_ms > now and not reasked:
         # a gate holds it: until a time, or (pause, halt, freeze) until released
         until = None if f.hold_ms >= HELD_UNTIL_RELEASED_MS else _at(f.hold_ms)
         reasons.append(Reason(f.hold_gate or "ticket", f.hold_why or "held", until=until))

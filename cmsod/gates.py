@@ -17,7 +17,8 @@ from typing import Protocol
 
 import msgspec
 
-from cmsod import lifecycle, ticketing
+from cmsod import alarms, lifecycle, ticketing
+from cmsod.calendars import Calendars, merged_attributes
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.problem import merge
@@ -84,6 +85,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # (start, end, what), e.g. a blackout added after approval
     unavailable: tuple[tuple[int, int, str], ...] = ()
     held_why: str | None = None  # what held it last, if anything did
+    data: dict[str, str] = {}  # its data in the request (attributes such as its site)
 
     @property
     def due_ms(self) -> int:
@@ -242,14 +244,87 @@ class BookGate(msgspec.Struct, frozen=True):
         return Hold(until, f"{whats} until {lifecycle.format_time(until)}")
 
 
-def standard(ticket: TicketGate, misfire_grace_ms: int, dispatch_immediate: bool) -> list[Gate]:
+class CalendarGate(msgspec.Struct, frozen=True):
+    """The freeze calendars of the configuration (as reloaded last): a deny period that
+    overlaps the element's run, for every element or one its attributes match, holds it past
+    the period."""
+
+    calendars: Calendars = Calendars()
+    inventory: dict[str, dict[str, str]] = {}
+    name: str = "calendar"
+
+    def __call__(self, s: Snapshot) -> Answer:
+        if not self.calendars:
+            return GO
+        begin = max(s.now_ms, s.start_ms or s.now_ms)
+        end = begin + max(s.duration_ms, 1)
+        if not self.calendars.occurring(begin, end):  # the common case: nothing to match
+            return GO
+        attributes = merged_attributes(s.name, s.data, self.inventory)
+        hits = self.calendars.denied(s.name, attributes, begin, end)
+        if not hits:
+            return GO
+        until = max(b for _, b, _ in hits)
+        whats = ", ".join(dict.fromkeys(what for _, _, what in hits))
+        return Hold(until, f"{whats} until {lifecycle.format_time(until)}")
+
+    def blocked(self, s: Snapshot, from_ms: int, to_ms: int) -> list[tuple[int, int]]:
+        """The periods denying this element over [from_ms, to_ms) (carry-over avoids them)."""
+        attributes = merged_attributes(s.name, s.data, self.inventory)
+        return [(a, b) for a, b, _ in self.calendars.denied(s.name, attributes, from_ms, to_ms)]
+
+
+class AlarmGate(msgspec.Struct, frozen=True):
+    """Alerts firing on the element or its site. The dispatcher asked the alert source, just
+    before, every query (`cmsod.alarms`) of the due batch: `firing` says what fires per query,
+    `failed` why a query could not be asked. Firing: held, looked at again after
+    `recheck_ms`, carried over once the hold outlasts its slot. Not asked: held too, unless
+    `fail_open` (alarms.on_error = "go")."""
+
+    queries: tuple[tuple[str, ...], ...] = ()  # the configured templates; () = no alarm gate
+    inventory: dict[str, dict[str, str]] = {}
+    firing: dict[tuple[str, ...], str] = {}
+    failed: dict[tuple[str, ...], str] = {}
+    fail_open: bool = False
+    recheck_ms: int = 60_000
+    name: str = "alarm"
+
+    def __call__(self, s: Snapshot) -> Answer:
+        if not self.queries:
+            return GO
+        attributes = merged_attributes(s.name, s.data, self.inventory)
+        failures = []
+        for query in alarms.queries(self.queries, s.name, attributes):
+            fires = self.firing.get(query)
+            if fires is not None:
+                return Hold(s.now_ms + self.recheck_ms, f"{fires} ({', '.join(query)})")
+            if query in self.failed:
+                failures.append(self.failed[query])
+        if failures and not self.fail_open:
+            return Hold(
+                s.now_ms + self.recheck_ms,
+                f"the alert source could not be asked (alarms.on_error = hold): {failures[0]}",
+            )
+        return GO
+
+
+def standard(
+    ticket: TicketGate,
+    misfire_grace_ms: int,
+    dispatch_immediate: bool,
+    calendar: CalendarGate | None = None,
+    alarm: AlarmGate | None = None,
+) -> list[Gate]:
     """The gates in the order they are asked: stops first (pause, freeze, failures: an
-    operator's word), then what the element's own slot allows, last the misfire grace."""
+    operator's word), then the configured deny periods, then what the element's own slot
+    allows (the book, alerts, its ticket), last the misfire grace."""
     return [
         StopGate(),
         FreezeGate(),
         FailureGate(),
+        calendar or CalendarGate(),
         BookGate(),
+        alarm or AlarmGate(),
         msgspec.structs.replace(ticket, misfire_grace_ms=misfire_grace_ms),
         ImmediateGate(dispatch_immediate),
         MisfireGate(misfire_grace_ms),

@@ -42,7 +42,17 @@ disable_created_metrics()
 
 # The gates that may hold an element back from dispatch (DESIGN.md §2.8); their series exist
 # from the start, at 0, so a dashboard shows a gate that never held anything.
-GATES = ("immediate", "misfire", "stop", "freeze", "failures", "ticket", "blackout")  # cmsod.gates
+GATES = (  # cmsod.gates
+    "immediate",
+    "misfire",
+    "stop",
+    "freeze",
+    "failures",
+    "calendar",
+    "blackout",
+    "alarm",
+    "ticket",
+)
 PEER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENESS_BUCKETS = (0.0, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 SOLVE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -127,6 +137,12 @@ class Metrics:
             "cmsod_gate_on",
             "1 while a switch-like gate (pause, freeze, alarm, ...) is on, else 0.",
             ["gate"],
+            registry=r,
+        )
+        self.alert_source_up = Gauge(
+            "cmsod_alert_source_up",
+            "1 while the alarm gate's Alertmanager answered its last queries, 0 while it"
+            " failed (absent until first asked, or with no alarm gate).",
             registry=r,
         )
         self.set_gates({}, {})

@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
             config.load_policies(cfg.policies_dir),
             config.load_inventory(cfg.inventory_path),
             Options(cfg.optimizer.attribute or None, cfg.optimizer.attribute_limit or None),
+            config.load_calendars(cfg),
         )
     except ConfigError as exc:
         print(f"cmsod plan: invalid config {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from cmsod import __version__, explain, lifecycle, log
+from cmsod import __version__, explain, gates, lifecycle, log
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
 from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError, RequestError
@@ -133,6 +133,19 @@ async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, 
         ticket_check=cfg.tickets.mode,
         dispatch_allowed=cfg.tickets.dispatch_allowed,
     )
+    snap = await ctx.store.read(dispatch.snapshot_now, facts.element, facts.schedule_id, now_ms)
+    if snap is not None:  # waiting for a dispatch: ask the gates that need no peer, now
+        asked = gates.standard(
+            gates.TicketGate(None),
+            rules.misfire_grace_ms,
+            rules.dispatch_immediate,
+            gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory),
+        )
+        facts.gates_now = [
+            (name, answer.why, answer.until_ms)
+            for name, answer in gates.evaluate(snap, asked)
+            if name in explain.REASKED and isinstance(answer, gates.Hold)
+        ]
     return {
         "element": facts.element,
         "scheduleId": facts.schedule_id,
@@ -202,7 +215,8 @@ async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
 
 async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> S:
     grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
-    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms)
+    calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
+    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
     ctx.bells.dispatcher.ring()
     return status
 
@@ -252,6 +266,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     def peer_ok(*actors: str) -> bool:  # healthy unless the last call to it failed
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
+    alarms_cfg, source = ctx.config.alarms, ctx.alert_source
     components = [
         component("Scheduler Database", str(ctx.config.store_path), db_ok),
         component(
@@ -264,12 +279,38 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
             "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
         ),
     ]
+    if ctx.alerts is not None:  # the alarm gate's Alertmanager: failing holds or lets go
+        components.append(component("Alert Source", alarms_cfg.url, source.ok is not False))
     # Healthy only when every part is: a daemon that cannot reach its orchestrator is degraded
     # (and `cmsoctl status` exits 3), whatever else works.
     problems = [f"{c['name']} {c['status']}" for c in components if not c["healthy"]]
     problems += [f"actor {name} stalled" for name in sorted(stalled)]
+    now_ms = ctx.clock.now_ms()
     return {
         "freeze": frozen,
+        "calendars": [
+            {
+                "name": period.name,
+                "source": period.source,
+                "from": lifecycle.format_time(start),
+                "to": lifecycle.format_time(end),
+                "inForce": start <= now_ms,
+                "period": period.describe(),
+                "reason": period.reason,
+            }
+            for start, end, period in ctx.planning.calendars.next_periods(now_ms)
+        ],
+        "alarms": None
+        if ctx.alerts is None
+        else {
+            "url": alarms_cfg.url,
+            "onError": alarms_cfg.on_error,
+            "ok": source.ok,
+            "lastError": source.last_error,
+            "lastAsked": lifecycle.format_time(source.asked_ms),
+            "queries": source.queries,
+            "firing": source.firing,
+        },
         "healthy": not problems,
         "problems": problems,
         "buildInfo": f"cmsod {__version__}",

@@ -12,6 +12,7 @@ own thread for a daemon process with `in_thread()`. `host` may be "::1" (IPv6 lo
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import struct
@@ -21,6 +22,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 
@@ -497,3 +499,75 @@ class FakeKafkaProxy(FakeHTTP):
         for _, partition, _, key, _ in self.written:
             keys.setdefault(key, set()).add(partition)
         return keys
+
+
+class FakeAlertmanager(FakeHTTP):
+    """Prometheus Alertmanager's API v2, `GET /api/v2/alerts`: the alerts it holds, as the
+    real one serves them (gettableAlerts), filtered by the request's `filter` matchers (`=`,
+    `!=`, `=~`, `!~`, values in Alertmanager's quoting) and its active/silenced/inhibited
+    flags. `fire(name, **labels)` starts an alert, `resolve(name)` ends it; `fault` replaces
+    every answer while set (a `Reply(500)`, `Raw(b"garbage")`, `Reset()`, or a slow
+    `Reply(delay_s=...)`)."""
+
+    MATCHER = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)(=~|!~|!=|=)"((?:[^"\\]|\\.)*)"$')
+
+    def __init__(self) -> None:
+        super().__init__(self.handle)
+        self.alerts: dict[str, dict[str, Any]] = {}  # by fingerprint
+        self.fault: Reply | Raw | Drop | Reset | None = None
+        self.queries: list[list[str]] = []  # the filter matchers of each request
+
+    def fire(self, name: str, silenced: bool = False, **labels: str) -> str:
+        fingerprint = f"{len(self.alerts) + 1:016x}"
+        self.alerts[fingerprint] = {
+            "labels": {"alertname": name, **labels},
+            "annotations": {"summary": f"{name} on {labels}"},
+            "startsAt": "2026-12-01T07:55:00.000Z",
+            "endsAt": "2026-12-01T09:55:00.000Z",
+            "updatedAt": "2026-12-01T07:55:00.000Z",
+            "fingerprint": fingerprint,
+            "receivers": [{"name": "ops"}],
+            "generatorURL": "http://prometheus:9090/graph",
+            "status": {
+                "state": "suppressed" if silenced else "active",
+                "silencedBy": ["silence-1"] if silenced else [],
+                "inhibitedBy": [],
+                "mutedBy": [],
+            },
+        }
+        return fingerprint
+
+    def resolve(self, name: str) -> None:
+        for fingerprint in [f for f, a in self.alerts.items() if a["labels"]["alertname"] == name]:
+            del self.alerts[fingerprint]
+
+    def handle(self, request: Request) -> Reply | Raw | Drop | Reset:
+        url = urlsplit(request.path)
+        if request.method != "GET" or url.path != "/api/v2/alerts":
+            return Reply(404, b"not found")
+        query = parse_qs(url.query)
+        filters = query.get("filter", [])
+        self.queries.append(filters)
+        if self.fault is not None:
+            return self.fault
+        matchers = []
+        for text in filters:
+            m = self.MATCHER.match(text)
+            if m is None:
+                return Reply(400, b'"bad matcher"')
+            label, op, raw = m.groups()
+            value = re.sub(r"\\(.)", lambda g: "\n" if g.group(1) == "n" else g.group(1), raw)
+            matchers.append((label, op, value))
+
+        def matches(alert: dict[str, Any]) -> bool:
+            for label, op, value in matchers:
+                have = alert["labels"].get(label, "")
+                ok = re.fullmatch(value, have) is not None if "~" in op else have == value
+                if ok == op.startswith("!"):
+                    return False
+            state = alert["status"]["state"]
+            if query.get("silenced") == ["false"] and alert["status"]["silencedBy"]:
+                return False
+            return not (query.get("active") == ["true"] and state == "unprocessed")
+
+        return Reply(200, [a for a in self.alerts.values() if matches(a)])

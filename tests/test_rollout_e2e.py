@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cmso_requests import iso, request
-from tests.fake_http import FakeSO
+from tests.fake_http import FakeAlertmanager, FakeSO
 from tests.procs import Daemon, cmsoctl
 
 
@@ -138,3 +138,33 @@ def test_a_freeze_holds_everything_through_kill_9_until_it_is_off(
     ]
     assert carried  # their slots had passed: carried over into the next free ones
     assert daemon.stop() == 0
+
+
+def test_an_alarm_hold_survives_kill_9_and_the_element_runs_once_when_it_ends(
+    tmp_path: Path, so: FakeSO
+) -> None:
+    am = FakeAlertmanager()
+    stop_am = am.in_thread()
+    try:
+        am.fire("LinkDown", instance="a1")
+        settings = env(so, CMSOD_ALARMS__URL=am.url, CMSOD_ALARMS__RECHECK_S="1")
+        daemon = Daemon(tmp_path, extra_env=settings)
+        submit_and_approve(tmp_path, daemon, "al", ["a1", "a2"], soon(3), concurrency=2)
+        daemon.wait_log(r"event=element\.held schedule_id=al vnf=a1 gate=alarm", timeout=60)
+        daemon.wait_log(r"event=element\.dispatched schedule_id=al vnf=a2", timeout=60)
+        daemon.kill()
+        asked = len(am.requests)
+        daemon = Daemon(tmp_path, extra_env=settings)
+        code, out = cmsoctl(tmp_path, "why", "a1")
+        assert code == 0 and "held by alarm: alerts firing: LinkDown since" in out, out
+        am.wait_for(lambda: len(am.requests) > asked + 1)  # the restarted daemon asks again
+        code, out = cmsoctl(tmp_path, "status")
+        assert code == 0 and f"alarms     {am.url}: answering" in out, out
+        assert [vnf for _, vnf in so.started] == ["a2"]
+        am.resolve("LinkDown")
+        daemon.wait_log(r"event=schedule\.finished schedule_id=al", timeout=60)
+        assert sorted(vnf for _, vnf in so.started) == ["a1", "a2"]  # each once
+        assert view(tmp_path, "al")["status"] == "Completed"
+        assert daemon.stop() == 0
+    finally:
+        stop_am()

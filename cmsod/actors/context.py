@@ -14,6 +14,7 @@ from cmsod.errors import PeerError
 from cmsod.executor import Executor, InlineExecutor
 from cmsod.metrics import Metrics
 from cmsod.optimize.planner import Options, Planning
+from cmsod.peers.alerts import Alertmanager
 from cmsod.peers.sinks import EventSink
 from cmsod.peers.so import Orchestrator
 from cmsod.peers.tm import TicketSystem
@@ -105,6 +106,17 @@ class ActorFigures:
 
 
 @dataclass
+class AlertSourceState:
+    """What the alarm gate's last look at the alert source found (for `status`)."""
+
+    ok: bool | None = None  # None: not asked yet
+    last_error: str | None = None
+    asked_ms: int | None = None  # when it was last asked (wall clock, ms)
+    queries: int = 0  # queries asked in total
+    firing: int = 0  # of those, found firing alerts
+
+
+@dataclass
 class Context:
     config: Config
     store: Store
@@ -129,6 +141,8 @@ class Context:
     ticket_desk: TicketDesk | None = None  # set by the tickets actor when it starts
     watchers_dropped: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+    alerts: Alertmanager | None = None  # the alarm gate's alert source, when configured
+    alert_source: AlertSourceState = field(default_factory=AlertSourceState)
 
     def beat(self, actor: str) -> ActorFigures:
         figures = self.figures.setdefault(actor, ActorFigures())

@@ -14,11 +14,13 @@ work may have started.
 
 from __future__ import annotations
 
+import msgspec
 import trio
 
-from cmsod import gates, lifecycle, log
+from cmsod import alarms, gates, lifecycle, log
 from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
+from cmsod.calendars import merged_attributes
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
 from cmsod.store import dispatch
 
@@ -54,12 +56,18 @@ async def run(
                     dispatch.due_elements, ctx.clock.now_ms() + lead_ms, BATCH
                 )
                 if due:
-                    ticket = await tickets.gate_for(ctx, {c for _, c in due if c is not None})
+                    ticket = await tickets.gate_for(
+                        ctx, {d.change_id for d in due if d.change_id is not None}
+                    )
                     rules = gates.standard(
-                        ticket, int(cfg.misfire_grace_s * 1000), cfg.dispatch_immediate
+                        ticket,
+                        int(cfg.misfire_grace_s * 1000),
+                        cfg.dispatch_immediate,
+                        gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory),
+                        await alarm_gate(ctx, due),
                     )
                     jobs = await ctx.store.tx(
-                        dispatch.begin_dispatches, [element for element, _ in due], rules
+                        dispatch.begin_dispatches, [d.element for d in due], rules
                     )
                     for job in jobs:
                         calls.start_soon(send, ctx, job, limiter, results_in.clone())
@@ -73,6 +81,62 @@ async def run(
             log.info("dispatcher.draining", in_flight=len(calls.child_tasks))
     ctx.drained.set()
     await trio.sleep_forever()  # stopped, not crashed: wait to be cancelled with the rest
+
+
+async def alarm_gate(ctx: Context, due: list[dispatch.Due]) -> gates.AlarmGate:
+    """Ask the alert source about the due batch: each distinct query once (the batch's
+    elements share their sites' queries), all at once within `alarms.max_concurrent`."""
+    cfg = ctx.config.alarms
+    source = ctx.alerts
+    if source is None or not cfg.queries:
+        return gates.AlarmGate()
+    inventory = ctx.planning.inventory
+    wanted: set[alarms.Query] = set()
+    for d in due:
+        data = msgspec.json.decode(d.data, type=dict[str, str]) if d.data else {}
+        attributes = merged_attributes(d.name, data, inventory)
+        wanted.update(alarms.queries(cfg.queries, d.name, attributes))
+    firing: dict[alarms.Query, str] = {}
+    failed: dict[alarms.Query, str] = {}
+
+    async def ask(query: alarms.Query) -> None:
+        try:
+            with ctx.metrics.call("alertmanager", "alerts"):
+                found = await source.alerts(query)
+        except PeerError as exc:
+            failed[query] = str(exc)
+            return
+        what = alarms.firing(found)
+        if what is not None:
+            firing[query] = what
+
+    async with trio.open_nursery() as nursery:
+        for query in wanted:
+            nursery.start_soon(ask, query)
+    state = ctx.alert_source
+    if wanted:
+        ok = not failed
+        if ok != state.ok:
+            if ok:
+                log.info("alarms.source_ok", url=cfg.url)
+            else:
+                log.warning(
+                    "alarms.source_failed",
+                    reason=next(iter(failed.values())),
+                    on_error=cfg.on_error,
+                )
+        state.ok, state.asked_ms = ok, ctx.clock.now_ms()
+        state.last_error = next(iter(failed.values()), state.last_error)
+        state.queries += len(wanted)
+        state.firing += len(firing)
+    return gates.AlarmGate(
+        cfg.queries,
+        inventory,
+        firing,
+        failed,
+        fail_open=cfg.on_error == "go",
+        recheck_ms=int(cfg.recheck_s * 1000),
+    )
 
 
 async def send(

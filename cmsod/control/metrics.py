@@ -30,6 +30,10 @@ async def exposition(ctx: Context) -> bytes:
     loop), the supervisor's restart counts, and the instruments."""
     schedules, boxes, (held, gates_on) = await ctx.store.read(figures.snapshot)
     now_ms = ctx.clock.now_ms()
+    in_force = ctx.planning.calendars.next_periods(now_ms, 1)
+    gates_on = {**gates_on, "calendar": bool(in_force and in_force[0][0] <= now_ms)}
+    if ctx.alerts is not None and ctx.alert_source.ok is not None:
+        ctx.metrics.alert_source_up.set(1 if ctx.alert_source.ok else 0)
     snapshot = Snapshot(
         schedules=schedules,
         outboxes={

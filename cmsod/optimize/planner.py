@@ -26,10 +26,11 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 
+from cmsod.calendars import Calendars
 from cmsod.optimize.policies import TIME_ZONE_KEYS, Policy, allowed_windows, zone
 from cmsod.optimize.problem import Busy, Grid, Plan, Problem, merge
 from cmsod.optimize.solver import FREE, Instance, solve
@@ -45,20 +46,46 @@ class Options:
 
 @dataclass
 class Planning:
-    """What planning needs besides the problem: policies, the inventory and the options."""
+    """What planning needs besides the problem: policies, the inventory, the options and the
+    freeze calendars."""
 
     policies: dict[str, Policy]
     inventory: dict[str, dict[str, str]]
     options: Options
+    calendars: Calendars = field(default_factory=Calendars)
 
     def plan(self, problem: Problem) -> Plan:
-        """Plan with the inventory's element data under the request's own."""
+        """Plan with the inventory's element data under the request's own; the freeze
+        calendars' periods are busy times (deny beats allow: no slot overlaps one)."""
         if self.inventory:
             names = [n for g in problem.groups for n in g.elements]
             problem.element_data = {
                 n: {**self.inventory.get(n, {}), **problem.element_data.get(n, {})} for n in names
             }
+        if self.calendars:
+            problem.busy = calendar_busy(problem, self.calendars)
         return plan(problem, self.policies, self.options)
+
+
+def calendar_busy(problem: Problem, calendars: Calendars) -> dict[str, list[Busy]]:
+    """The problem's busy times with the calendars' periods over its windows added: each
+    period is expanded once, then given to the elements its scope matches."""
+    windows = [w for g in problem.groups for w in g.windows]
+    if not windows:
+        return problem.busy
+    lo, hi = min(a for a, _ in windows), max(b for _, b in windows)
+    expanded = [(p, [Busy(a, b, p.what) for a, b in p.spans(lo, hi)]) for p in calendars.periods]
+    expanded = [(p, spans) for p, spans in expanded if spans]
+    if not expanded:
+        return problem.busy
+    busy = {name: list(spans) for name, spans in problem.busy.items()}
+    for group in problem.groups:
+        for name in group.elements:
+            attrs = {"vnfName": name, **problem.element_data.get(name, {})}
+            for period, spans in expanded:
+                if period.applies(attrs):
+                    busy.setdefault(name, []).extend(spans)
+    return busy
 
 
 class _Offer:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from cmsod import explain, gates, lifecycle, ticketing
+from cmsod import cmevents, explain, gates, lifecycle, ticketing
 from cmsod.model import (
     ELEMENT_DISPATCHABLE,
     ELEMENT_FAILED_RUN,
@@ -60,12 +60,35 @@ class Loaded(msgspec.Struct):
 
 
 class BatchCache:
-    """What the snapshots of one due batch share, read once per transaction."""
+    """What the snapshots of one due batch share, read once per transaction: the freeze, each
+    schedule's failure counts, and the availability book's entries on the batch's elements
+    (one query for the whole batch, not one per element)."""
 
-    def __init__(self, tx: Tx) -> None:
+    def __init__(self, tx: Tx, elements: list[int] | None = None) -> None:
         self.tx = tx
         self._freeze: gates.Freeze | None | bool = False
         self._failures: dict[int, gates.Failures] = {}
+        self._elements = elements
+        self._book: dict[str, list[tuple[int, int, str]]] | None = None
+        self.rules: list[gates.Gate] | None = None  # the batch's gates, and from them:
+        self.grace_ms = 0
+        self.calendar: gates.CalendarGate | None = None
+
+    def unavailable(self, names: list[str]) -> tuple[tuple[int, int, str], ...]:
+        """The book's entries on these elements (one and those it requires) ending after now."""
+        if self._elements is None:  # one element alone (resume, why)
+            return tuple(book.entries_on(self.tx.conn, names, self.tx.now_ms))
+        if self._book is None:
+            wanted: set[str] = set()
+            for name, data in self.tx.execute(
+                "SELECT name, data FROM elements WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(self._elements),),
+            ):
+                wanted.update(_needs(name, _data(data)))
+            self._book = book.entries_by_element(self.tx.conn, sorted(wanted), self.tx.now_ms)
+        if len(names) == 1:
+            return tuple(self._book.get(names[0], ()))
+        return tuple(sorted(e for n in names for e in self._book.get(n, ())))
 
     def freeze(self) -> gates.Freeze | None:
         if self._freeze is False:
@@ -180,6 +203,7 @@ def load_snapshot(
     ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
+    element_data = _data(data)
     snapshot = gates.Snapshot(
         now_ms=tx.now_ms,
         schedule_id=schedule_id,
@@ -195,15 +219,35 @@ def load_snapshot(
         stopped_why=stopped_why,
         freeze=cache.freeze(),
         failures=cache.failures(schedule, max_failures, max_ratio, acked),
-        unavailable=tuple(book.entries_on(tx.conn, _needs(name, data), tx.now_ms)),
+        unavailable=cache.unavailable(_needs(name, element_data)),
         held_why=held_why,
+        data=element_data,
     )
     return snapshot, Loaded(element, schedule, grp, request, key, attempts, data)
 
 
-def _needs(name: str, data: bytes | None) -> list[str]:
+def snapshot_now(conn: Any, name: str, schedule_id: str, now_ms: int) -> gates.Snapshot | None:
+    """The snapshot the gates would see of this element now (`why` asks them again), read on
+    a read connection; None when it does not wait for a dispatch."""
+    row = conn.execute(
+        "SELECT e.id FROM elements e JOIN schedules s ON s.id = e.schedule"
+        " WHERE s.schedule_id = ? AND e.name = ?",
+        (schedule_id, name),
+    ).fetchone()
+    if row is None:
+        return None
+    loaded = load_snapshot(Tx(conn, now_ms, "", ""), row[0])  # SELECTs only
+    return None if loaded is None else loaded[0]
+
+
+def _data(data: bytes | None) -> dict[str, str]:
+    return msgspec.json.decode(data, type=dict[str, str]) if data else {}
+
+
+def _needs(name: str, element_data: dict[str, str]) -> list[str]:
     """The element and those it requires: whose unavailability holds it."""
-    element_data = msgspec.json.decode(data, type=dict[str, str]) if data else {}
+    if "requires" not in element_data:
+        return [name]
     return list(requirements([name], {name: element_data}))
 
 
@@ -219,11 +263,15 @@ def begin_dispatch(
         return None
     snap, row = loaded
     gate, answer = gates.decide(snap, rules)
-    grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
+    if cache is not None and cache.rules is rules:  # found once per due batch
+        grace_ms, calendar = cache.grace_ms, cache.calendar
+    else:
+        grace_ms, calendar = _grace_and_calendar(rules)
     if isinstance(answer, gates.Hold):
         outlasts = answer.until_ms is not None and answer.until_ms > snap.due_ms + grace_ms
         if snap.start_ms is not None and outlasts:
-            carry_over(tx, snap, row, answer.until_ms or tx.now_ms, f"held by {gate}: {answer.why}")
+            why = f"held by {gate}: {answer.why}"
+            carry_over(tx, snap, row, answer.until_ms or tx.now_ms, why, calendar)
         else:
             hold(tx, snap, row, gate, answer)
         return None
@@ -231,7 +279,7 @@ def begin_dispatch(
         tx.schedule_to(row.schedule, snap.schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
     if isinstance(answer, gates.End):
         if answer.status is E.PAST_DUE and snap.held_why is not None:
-            carry_over(tx, snap, row, tx.now_ms, snap.held_why)
+            carry_over(tx, snap, row, tx.now_ms, snap.held_why, calendar)
             return None
         tx.element_to(
             element,
@@ -262,8 +310,14 @@ def begin_dispatch(
     )
 
 
+def _grace_and_calendar(rules: list[gates.Gate]) -> tuple[int, gates.CalendarGate | None]:
+    grace_ms = next((r.grace_ms for r in rules if isinstance(r, gates.MisfireGate)), 0)
+    return grace_ms, next((r for r in rules if isinstance(r, gates.CalendarGate)), None)
+
+
 def hold(tx: Tx, snap: gates.Snapshot, row: Loaded, gate: str, answer: gates.Hold) -> None:
-    """Keep it waiting until `answer.until_ms` (or until released); say so once per hold."""
+    """Keep it waiting until `answer.until_ms` (or until released); say so once per hold (a
+    CM event on the element, its status unchanged, and a log line)."""
     until = INDEFINITE_MS if answer.until_ms is None else answer.until_ms
     why = f"held by {gate}: {answer.why}"
     tx.execute(
@@ -271,6 +325,19 @@ def hold(tx: Tx, snap: gates.Snapshot, row: Loaded, gate: str, answer: gates.Hol
         (until, gate, why, row.element),
     )
     if why != snap.held_why:
+        value: dict[str, Any] = {
+            "vnf-name": snap.name,
+            "status": snap.status.value,
+            "hold-gate": gate,
+            "hold-why": why,
+        }
+        if answer.until_ms is not None:
+            value["hold-until-time"] = lifecycle.format_time(answer.until_ms)
+        tx.edit(
+            row.schedule,
+            snap.schedule_id,
+            cmevents.element_edit(snap.schedule_id, snap.name, value),
+        )
         tx.note("element.held", schedule_id=snap.schedule_id, vnf=snap.name, gate=gate, why=why)
 
 
@@ -285,10 +352,16 @@ def release_holds(tx: Tx, gate: str, schedule: int | None = None) -> int:
 
 
 def carry_over(
-    tx: Tx, snap: gates.Snapshot, row: Loaded, not_before_ms: int, held_why: str
+    tx: Tx,
+    snap: gates.Snapshot,
+    row: Loaded,
+    not_before_ms: int,
+    held_why: str,
+    calendar: gates.CalendarGate | None = None,
 ) -> int | None:
     """Re-place an element held past its slot into the next free slot of its windows (same
-    grid, same concurrency limit, clear of the book and of other schedules' work), keeping
+    grid, same concurrency limit, clear of the book, of the freeze calendars' periods and of
+    other schedules' work), keeping
     its approval and ticket (whose planned dates follow). With no slot left it is `Past due`,
     the message naming what held it. Returns the new start."""
     windows = tx.execute(
@@ -306,8 +379,10 @@ def carry_over(
         (row.schedule, row.element, E.SCHEDULED.value, E.TRIGGERED.value),
     ):
         taken[start] = taken.get(start, 0) + 1
-    names = _needs(snap.name, row.data)
+    names = _needs(snap.name, snap.data)
     blocked = [(a, b) for a, b, _ in book.entries_on(tx.conn, names, not_before_ms)]
+    if calendar is not None and calendar.calendars and windows:
+        blocked += calendar.blocked(snap, not_before_ms, max(b for _, b in windows))
     blocked += [
         (b.start_ms, b.end_ms)
         for spans in book.other_work(tx.conn, row.schedule, [snap.name]).values()
@@ -391,14 +466,23 @@ def next_due_ms(conn: Any) -> int | None:
     return due
 
 
-def due_elements(conn: Any, until_ms: int, limit: int) -> list[tuple[int, str | None]]:
+class Due(msgspec.Struct, array_like=True, frozen=True):
+    """An element due now: what the dispatcher asks the peers about before the gates run."""
+
+    element: int
+    change_id: str | None
+    name: str
+    data: bytes | None
+
+
+def due_elements(conn: Any, until_ms: int, limit: int) -> list[Due]:
     """Elements to dispatch now, earliest first: immediates, then those starting by `until_ms`;
-    each with its change ticket."""
+    each with its change ticket, name and data (the alarm gate's queries)."""
     return [
-        (element, change_id)
-        for (element, change_id) in conn.execute(
-            "SELECT id, tm_change_id FROM elements WHERE dispatch_started_ms IS NULL AND"
-            " (status = ? OR (status = ? AND start_ms <= ?)) AND coalesce(hold_ms, 0) <= ?"
+        Due(element, change_id, name, data)
+        for (element, change_id, name, data) in conn.execute(
+            "SELECT id, tm_change_id, name, data FROM elements WHERE dispatch_started_ms IS NULL"
+            " AND (status = ? OR (status = ? AND start_ms <= ?)) AND coalesce(hold_ms, 0) <= ?"
             " ORDER BY coalesce(start_ms, 0), id LIMIT ?",
             (E.SCHEDULED_IMMEDIATE.value, E.SCHEDULED.value, until_ms, until_ms, limit),
         )
@@ -408,7 +492,9 @@ def due_elements(conn: Any, until_ms: int, limit: int) -> list[tuple[int, str | 
 def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> list[DispatchJob]:
     """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds)."""
     expire_freeze(tx)
-    cache = BatchCache(tx)
+    cache = BatchCache(tx, elements)
+    cache.rules = rules
+    cache.grace_ms, cache.calendar = _grace_and_calendar(rules)
     jobs = [begin_dispatch(tx, e, rules, cache) for e in elements]
     return [job for job in jobs if job is not None]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from cmsod import cmevents, lifecycle, ticketing
+from cmsod import cmevents, gates, lifecycle, ticketing
 from cmsod.errors import RequestError
 from cmsod.model import (
     APPROVAL_DOMAIN,
@@ -475,7 +475,14 @@ def pause(tx: Tx, schedule_id: str, by: str, why: str) -> S:
     return S.PAUSED
 
 
-def resume(tx: Tx, schedule_id: str, by: str, why: str, misfire_grace_ms: int) -> S:
+def resume(
+    tx: Tx,
+    schedule_id: str,
+    by: str,
+    why: str,
+    misfire_grace_ms: int,
+    calendar: gates.CalendarGate | None = None,
+) -> S:
     """Back to where it was; the failures so far are acknowledged (the threshold counts anew);
     elements whose slot passed while it was stopped are carried over into the free slots
     left in their windows, now, so the answer shows the new plan."""
@@ -510,7 +517,8 @@ def resume(tx: Tx, schedule_id: str, by: str, why: str, misfire_grace_ms: int) -
         loaded = dispatch.load_snapshot(tx, element)
         if loaded is not None:
             snap, row = loaded
-            dispatch.carry_over(tx, snap, row, tx.now_ms, snap.held_why or f"{status.value}")
+            held = snap.held_why or f"{status.value}"
+            dispatch.carry_over(tx, snap, row, tx.now_ms, held, calendar)
     return new
 
 
