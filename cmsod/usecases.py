@@ -12,15 +12,17 @@ import functools
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import msgspec
 import trio
 
-from cmsod import __version__, explain, lifecycle, log
+from cmsod import __version__, explain, lifecycle, log, plans
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
 from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError, RequestError
+from cmsod.model import APPROVAL_TYPE
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
-from cmsod.optimize.problem import problem_for
+from cmsod.optimize.problem import Plan, problem_for
 from cmsod.store import book, dispatch, outboxes, schedules, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import Approval, ScheduleRequest
@@ -143,9 +145,9 @@ async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, 
     }
 
 
-async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
+async def plan(ctx: Context, request: ScheduleRequest) -> tuple[dict[str, Any], str | None]:
     """Plan a request as the optimizer would now, counting work already scheduled; store
-    nothing. Answers CMSO's optimizer response."""
+    nothing. Answers CMSO's optimizer response, and the plan's fingerprint."""
     new = lifecycle.validate_request(request, ctx.config.optimizer.max_elements)
     if new.immediate:
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
@@ -157,23 +159,77 @@ async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
     )
     problem = problem_for(new, ctx.clock.now_ms(), busy)
     result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
-    return optimizer_response(problem, result)
+    return optimizer_response(problem, result), plan_fingerprint(new.schedule_id, result)
 
 
-async def approve(ctx: Context, schedule_id: str, approval: Approval, caller: str) -> S:
+def plan_fingerprint(schedule_id: str, result: Plan) -> str | None:
+    """The fingerprint the plan would have once stored (the optimizer records each placed
+    element's slot as start .. start + duration)."""
+    return plans.fingerprint(
+        schedule_id,
+        {name: (start, start + result.duration_ms) for name, start in result.placed.items()},
+    )
+
+
+class Approved(msgspec.Struct):
+    """What an approval did: the schedule's status, the plan approved (its fingerprint), and
+    what a re-plan asked with it changed."""
+
+    status: S
+    plan: str | None
+    replanned: schedules.Replanned | None = None
+
+
+async def approve(
+    ctx: Context,
+    schedule_id: str,
+    approval: Approval,
+    caller: str,
+    plan: str | None = None,
+    replan: bool = False,
+) -> Approved:
     """Record an approval sent by `caller`, as the front door vouches for it (the socket's peer
-    credentials, or the REST API's authenticated user)."""
+    credentials, or the REST API's authenticated user). `plan`: the fingerprint of the plan
+    the approver saw; an acceptance is refused if the plan is no longer that one or if slots
+    of it have begun, unless `replan`: then those slots are re-placed first and the
+    acceptance is of the new plan (README "Approving the plan you saw")."""
+    replanned = None
+    if (
+        replan
+        and approval.approvalStatus == "Accepted"
+        and approval.approvalType == APPROVAL_TYPE
+        and approval.approvalUserId
+    ):
+        by = f"{approval.approvalUserId} ({caller})"
+        replanned = await ctx.store.tx(schedules.replan, schedule_id, plan, by)
+        plan = replanned.plan
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
-        schedules.tickets_for_approval, schedule_id, approval, cfg.vnfs_per_ticket, cfg.template
+        schedules.tickets_for_approval,
+        schedule_id,
+        approval,
+        cfg.vnfs_per_ticket,
+        cfg.template,
+        plan,
+        ctx.clock.now_ms(),
     )
     if needed is None:  # recorded, but does not accept the schedule (or rejects it)
-        status = await ctx.store.tx(schedules.approve, schedule_id, approval, caller)
+        status, approved = await ctx.store.tx(
+            schedules.approve, schedule_id, approval, caller, plan
+        )
     else:
         user_id, tickets = needed
         opened = await open_tickets(ctx, schedule_id, user_id, tickets)
-        status = await store_with_tickets(
-            ctx, schedule_id, user_id, opened, schedules.approve, schedule_id, approval, caller
+        status, approved = await store_with_tickets(
+            ctx,
+            schedule_id,
+            user_id,
+            opened,
+            schedules.approve,
+            schedule_id,
+            approval,
+            caller,
+            plan,
         )
     log.info(
         "schedule.approval",
@@ -182,9 +238,10 @@ async def approve(ctx: Context, schedule_id: str, approval: Approval, caller: st
         by=approval.approvalUserId,
         caller=caller,
         status=status.value,
+        plan=approved,
     )
     ctx.bells.dispatcher.ring()
-    return status
+    return Approved(status, approved, replanned)
 
 
 async def delete(ctx: Context, schedule_id: str) -> S:
@@ -295,9 +352,11 @@ def reload(ctx: Context) -> list[str]:
     if ctx.reload is None:
         raise ControlError("reload is not available")
     try:
-        return ctx.reload()
+        changed = ctx.reload()
     except ConfigError as exc:
         raise ControlError(str(exc)) from None
+    ctx.bells.dispatcher.ring()  # (an approval timeout may have changed)
+    return changed
 
 
 async def watch(
