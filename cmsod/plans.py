@@ -39,6 +39,12 @@ def fingerprint(schedule_id: str, slots: Slots) -> str | None:
     return hashlib.sha256(body).hexdigest()[:FINGERPRINT_HEX]
 
 
+def of_placement(schedule_id: str, placed: Mapping[str, int], duration_ms: int) -> str | None:
+    """The fingerprint an optimizer result will have once stored (each placed element's slot
+    is start .. start + duration): what `cmsoctl plan` and `cmsod plan` show."""
+    return fingerprint(schedule_id, {n: (s, s + duration_ms) for n, s in placed.items()})
+
+
 def encode(slots: Slots) -> bytes:
     """The slots as stored beside their fingerprint (to name the difference later)."""
     return msgspec.json.encode([[name, *slots[name]] for name in sorted(slots)])

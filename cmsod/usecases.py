@@ -22,7 +22,7 @@ from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError,
 from cmsod.model import APPROVAL_TYPE
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
-from cmsod.optimize.problem import Plan, problem_for
+from cmsod.optimize.problem import problem_for
 from cmsod.store import book, dispatch, outboxes, schedules, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import Approval, ScheduleRequest
@@ -159,15 +159,8 @@ async def plan(ctx: Context, request: ScheduleRequest) -> tuple[dict[str, Any], 
     )
     problem = problem_for(new, ctx.clock.now_ms(), busy)
     result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
-    return optimizer_response(problem, result), plan_fingerprint(new.schedule_id, result)
-
-
-def plan_fingerprint(schedule_id: str, result: Plan) -> str | None:
-    """The fingerprint the plan would have once stored (the optimizer records each placed
-    element's slot as start .. start + duration)."""
-    return plans.fingerprint(
-        schedule_id,
-        {name: (start, start + result.duration_ms) for name, start in result.placed.items()},
+    return optimizer_response(problem, result), plans.of_placement(
+        new.schedule_id, result.placed, result.duration_ms
     )
 
 
