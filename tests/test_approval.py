@@ -415,3 +415,41 @@ def test_an_overdue_pending_approval_expires_at_once_after_kill_9(tmp_path: Path
         for value in next(iter(edit["value"].values()))
     ]
     assert statuses.count(S.EXPIRED) == 3  # the schedule and its two elements, once
+
+
+def test_cmsoctl_approve_says_the_plan_and_what_moved() -> None:
+    from cmsod import ctl
+
+    assert ctl.human("approve", {"scheduleId": "s", "status": "Rejected"}) == "s: Rejected"
+    reply = {
+        "scheduleId": "s",
+        "status": "Scheduled",
+        "planFingerprint": "bbbbbbbbbbbb",
+        "replanned": {
+            "seenFingerprint": "aaaaaaaaaaaa",
+            "changes": [
+                {
+                    "vnfName": "n1",
+                    "oldStartTime": at("08:01"),
+                    "oldFinishTime": at("09:01"),
+                    "startTime": at("11:01"),
+                    "finishTime": at("12:01"),
+                }
+            ],
+        },
+    }
+    lines = ctl.human("approve", reply).splitlines()
+    assert lines[:3] == [
+        "s: Scheduled (plan bbbbbbbbbbbb)",
+        "re-planned from aaaaaaaaaaaa to bbbbbbbbbbbb: 1 slot changed",
+        "",
+    ]
+    assert lines[3].split() == ["VNF", "WAS", "START", "WAS", "END", "START", "END"]
+    assert lines[4].split() == ["n1", at("08:01"), at("09:01"), at("11:01"), at("12:01")]
+    args = ctl.parser().parse_args(["approve", "s", "--plan", "aaaaaaaaaaaa", "--replan"])
+    assert ctl.request_for(args)[1] | {"approval": None} == {
+        "scheduleId": "s",
+        "approval": None,
+        "plan": "aaaaaaaaaaaa",
+        "replan": True,
+    }
