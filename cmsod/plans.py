@@ -33,10 +33,13 @@ def fingerprint(schedule_id: str, slots: Slots) -> str | None:
     """The plan's fingerprint; None for a schedule with no slot (not planned yet, immediate)."""
     if not slots:
         return None
-    body = msgspec.json.encode(
-        [FORMAT, schedule_id, [[name, *slots[name]] for name in sorted(slots)]]
-    )
+    body = msgspec.json.encode([FORMAT, schedule_id, _rows(slots)])
     return hashlib.sha256(body).hexdigest()[:FINGERPRINT_HEX]
+
+
+def _rows(slots: Slots) -> list[tuple[str, int, int]]:
+    """[name, start, finish] sorted by name (names are unique within a schedule)."""
+    return [(name, start, finish) for name, (start, finish) in sorted(slots.items())]
 
 
 def of_placement(schedule_id: str, placed: Mapping[str, int], duration_ms: int) -> str | None:
@@ -47,7 +50,7 @@ def of_placement(schedule_id: str, placed: Mapping[str, int], duration_ms: int) 
 
 def encode(slots: Slots) -> bytes:
     """The slots as stored beside their fingerprint (to name the difference later)."""
-    return msgspec.json.encode([[name, *slots[name]] for name in sorted(slots)])
+    return msgspec.json.encode(_rows(slots))
 
 
 def decode(data: bytes | str) -> dict[str, Slot]:
