@@ -217,7 +217,7 @@ def _check_plan(db: Any, schedule: int, schedule_id: str, given: str | None, now
 
 
 def _approval_outcome(
-    db: Any, schedule_id: str, approval: Approval, plan: str | None = None, now_ms: int = 0
+    db: Any, schedule_id: str, approval: Approval, plan: str | None, now_ms: int
 ) -> tuple[int, S, bool]:
     """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400);
     then cmsod's own: an acceptance of a plan that changed, or whose slots began (409).
@@ -250,8 +250,8 @@ def tickets_for_approval(
     approval: Approval,
     per_ticket: int,
     template: dict[str, str],
-    plan: str | None = None,
-    now_ms: int = 0,
+    plan: str | None,
+    now_ms: int,
 ) -> tuple[str, list[NewTicket]] | None:
     """The schedule's user and the tickets to open before this approval is recorded, or None
     when it does not accept the schedule. Raises the errors `approve` would, so a bad
