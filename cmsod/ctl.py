@@ -813,8 +813,9 @@ def parser() -> argparse.ArgumentParser:
     approve = sub.choices["approve"]
     approve.description = (
         "Accept a schedule pending approval. With --plan, only the plan you saw (its "
-        "fingerprint, from `show`): if the plan changed since, or slots of it began, the "
-        "approval is refused and the error names what moved or began. With --replan, "
+        "fingerprint, from `show`): if the plan changed since, or slots of it passed (start "
+        "+ misfire grace before now), the approval is refused and the error names them. "
+        "With --replan, "
         "those slots are re-placed first (by the carry-over's rules) and the answer shows "
         "what moved and the new fingerprint."
     )
@@ -827,7 +828,7 @@ def parser() -> argparse.ArgumentParser:
     approve.add_argument(
         "--replan",
         action="store_true",
-        help="re-place slots that began (or take the plan as it now is) instead of refusing",
+        help="re-place slots that passed (or take the plan as it now is) instead of refusing",
     )
     for name, text in [
         ("pause", "hold every element of a running schedule not yet dispatched"),

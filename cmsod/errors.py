@@ -59,8 +59,8 @@ class RequestError(CmsodError):
             " show), or approve with --replan"
         ),
         "PLAN_PASSED": (
-            "Slots of plan {1} of schedule {0} began before now ({2}): approve with --replan"
-            " to re-place them first"
+            "Slots of plan {1} of schedule {0} passed (start + misfire grace before now, {2}):"
+            " approve with --replan to re-place them first"
         ),
         "NO_SLOT_LEFT": (
             "Schedule {0} cannot be re-planned: its change windows have no free slot left"

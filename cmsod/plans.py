@@ -95,11 +95,13 @@ def difference(old: Slots, new: Slots) -> list[Change]:
     ]
 
 
-def passed(slots: Slots, now_ms: int) -> list[str]:
-    """The elements whose slot has begun: its start is before now. (The misfire grace is not
-    counted: it covers cmsod's own lateness, not an approval given after the start, which
-    approves a plan that can no longer be kept as it was shown.)"""
-    return sorted((n for n, (start, _) in slots.items() if start < now_ms), key=lambda n: slots[n])
+def passed(slots: Slots, now_ms: int, grace_ms: int = 0) -> list[str]:
+    """The elements whose slot has passed: its start plus the misfire grace is before now, so
+    the dispatcher would no longer send it (it would end `Past due`), earliest first. One a
+    little late, within the grace, is still sent as approved, as the dispatcher does for
+    any element (the same rule as the carry-over at a resume)."""
+    limit = now_ms - grace_ms
+    return sorted((n for n, (start, _) in slots.items() if start < limit), key=lambda n: slots[n])
 
 
 def _listed(lines: list[str]) -> str:
@@ -114,11 +116,12 @@ def refusal(
     slots: Slots,
     given_slots: Slots | None,
     now_ms: int,
+    grace_ms: int = 0,
 ) -> RequestError | None:
     """Why an approval of `given` (the fingerprint the approver saw; None: whatever the plan
     is) must be refused now, or None. The plan changed: 409 PLAN_CHANGED naming each slot
-    that moved (old -> new) when the old plan is known. Slots have begun: 409 PLAN_PASSED
-    naming them. Either is lifted by re-planning first (`approve --replan`)."""
+    that moved (old -> new) when the old plan is known. Slots have passed (`passed`): 409
+    PLAN_PASSED naming them. Either is lifted by re-planning first (`approve --replan`)."""
     current = fingerprint(schedule_id, slots)
     if given is not None and given != current:
         if given_slots is None:
@@ -128,7 +131,7 @@ def refusal(
         return RequestError(
             409, "PLAN_CHANGED", schedule_id, given, current or "none", detail=detail
         )
-    late = passed(slots, now_ms)
+    late = passed(slots, now_ms, grace_ms)
     if late:
         words = [f"{n} {format_time(slots[n][0])}" for n in late]
         return RequestError(
@@ -137,7 +140,7 @@ def refusal(
             schedule_id,
             current or "none",
             format_time(now_ms),
-            detail=f"{len(late)} slot(s) began: " + _listed(words),
+            detail=f"{len(late)} slot(s) passed: " + _listed(words),
         )
     return None
 
@@ -158,14 +161,15 @@ def replan(
     duration_ms: int,
     concurrency: int,
     now_ms: int,
+    grace_ms: int = 0,
 ) -> tuple[dict[str, Slot], list[str]]:
-    """Re-place the elements whose slot has begun into the next free slot of their windows
-    from now, by the carry-over's rules (`gates.next_free_slot`: the schedule's slot grid,
+    """Re-place the elements whose slot has passed (`passed`) into the next free slot of their
+    windows from now, by the carry-over's rules (`gates.next_free_slot`: the schedule's slot grid,
     its concurrency limit, clear of blocked spans); the others keep theirs. Earliest first.
     Returns the new plan and the elements that have no free slot left."""
     items = list(elements)
     plan = {e.name: e.slot for e in items}
-    late = set(passed(plan, now_ms))
+    late = set(passed(plan, now_ms, grace_ms))
     taken: dict[int, int] = {}
     for e in items:
         if e.name not in late:

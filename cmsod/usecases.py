@@ -184,9 +184,10 @@ async def approve(
     """Record an approval sent by `caller`, as the front door vouches for it (the socket's peer
     credentials, or the REST API's authenticated user). `plan`: the fingerprint of the plan
     the approver saw; an acceptance is refused if the plan is no longer that one or if slots
-    of it have begun, unless `replan`: then those slots are re-placed first and the
-    acceptance is of the new plan (README "Approving the plan you saw")."""
+    of it have passed (start + misfire grace), unless `replan`: then those are re-placed
+    first and the acceptance is of the new plan (README "Approving the plan you saw")."""
     replanned = None
+    grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
     if (
         replan
         and approval.approvalStatus == "Accepted"
@@ -194,7 +195,7 @@ async def approve(
         and approval.approvalUserId
     ):
         by = f"{approval.approvalUserId} ({caller})"
-        replanned = await ctx.store.tx(schedules.replan, schedule_id, plan, by)
+        replanned = await ctx.store.tx(schedules.replan, schedule_id, plan, by, grace_ms)
         plan = replanned.plan
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
@@ -205,10 +206,11 @@ async def approve(
         cfg.template,
         plan,
         ctx.clock.now_ms(),
+        grace_ms,
     )
     if needed is None:  # recorded, but does not accept the schedule (or rejects it)
         status, approved = await ctx.store.tx(
-            schedules.approve, schedule_id, approval, caller, plan
+            schedules.approve, schedule_id, approval, caller, plan, grace_ms
         )
     else:
         user_id, tickets = needed
@@ -223,6 +225,7 @@ async def approve(
             approval,
             caller,
             plan,
+            grace_ms,
         )
     log.info(
         "schedule.approval",

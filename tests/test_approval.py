@@ -1,5 +1,5 @@
 """Approval bound to the plan (issue 12 point 8): the plan's fingerprint, approvals refused
-when the plan changed or its slots began, `--replan`, pending approvals that expire (at the
+when the plan changed or its slots passed, `--replan`, pending approvals that expire (at the
 first slot, at a configured timeout, after a kill -9), over the socket and over REST. Under
 MockClock against the loop-back SO, the fake TM and a real HTTP listener; the restart with
 the real daemon."""
@@ -59,7 +59,7 @@ def test_the_fingerprint_is_stable_and_moves_with_any_slot() -> None:
     assert plans.of_placement("s", {"n1": T0, "n2": T0 + H}, H) == fingerprint
 
 
-def test_a_refusal_names_what_moved_or_began() -> None:
+def test_a_refusal_names_what_moved_or_passed() -> None:
     old = {"n1": (T0, T0 + H), "n2": (T0 + H, T0 + 2 * H)}
     new = {"n1": (T0 + 3 * H, T0 + 4 * H), "n2": (T0 + H, T0 + 2 * H)}
     seen = plans.fingerprint("s", old)
@@ -77,11 +77,15 @@ def test_a_refusal_names_what_moved_or_began() -> None:
     assert unknown is not None and "0123456789ab is not a plan cmsod made" in unknown.text
     began = plans.refusal("s", seen, old, old, T0 + H + 1)
     assert began is not None and began.code == "PLAN_PASSED"
-    assert began.text.endswith("2 slot(s) began: n1 2026-12-01T08:01:00Z; n2 2026-12-01T09:01:00Z")
-    assert plans.refusal("s", seen, old, old, T0) is None  # starting now has not begun
+    assert began.text.endswith("2 slot(s) passed: n1 2026-12-01T08:01:00Z; n2 2026-12-01T09:01:00Z")
+    assert plans.refusal("s", seen, old, old, T0) is None  # starting now has not passed
+    grace = 300_000  # within the misfire grace it is still sent as approved, late
+    assert plans.refusal("s", seen, old, old, T0 + grace, grace) is None
+    late = plans.refusal("s", seen, old, old, T0 + grace + 1, grace)
+    assert late is not None and late.text.endswith("1 slot(s) passed: n1 2026-12-01T08:01:00Z")
     many = {f"n{i:03}": (T0 + i, T0 + H) for i in range(30)}
     text = plans.refusal("s", None, many, None, T0 + H).text  # type: ignore[union-attr]
-    assert text.count(" 2026-") == plans.MAX_LISTED and text.endswith("; and 10 more")
+    assert text.count(" n0") == plans.MAX_LISTED and text.endswith("; and 10 more")
 
 
 def test_replan_moves_only_begun_slots_by_the_carry_over_rules() -> None:
@@ -91,7 +95,7 @@ def test_replan_moves_only_begun_slots_by_the_carry_over_rules() -> None:
         plans.Element("n2", (T0 + H, T0 + 2 * H), window, blocked=((T0 + 3 * H, T0 + 4 * H),)),
         plans.Element("n3", (T0 + 2 * H, T0 + 3 * H), window),
     ]
-    now = T0 + H + 30 * 60_000  # 09:31: n1 and n2 began
+    now = T0 + H + 30 * 60_000  # 09:31: n1 and n2 passed (no grace)
     after, stuck = plans.replan(elements, T0, H, 1, now)
     assert stuck == []
     assert after == {
@@ -101,6 +105,8 @@ def test_replan_moves_only_begun_slots_by_the_carry_over_rules() -> None:
     }
     _, stuck = plans.replan(elements, T0, H, 1, T0 + 5 * H + 1)
     assert stuck == ["n1", "n2", "n3"]  # no slot left in the window
+    within, _ = plans.replan(elements, T0, H, 1, now, grace_ms=H)  # n2 is within its grace
+    assert within["n2"] == (T0 + H, T0 + 2 * H) and within["n1"] == (T0 + 3 * H, T0 + 4 * H)
 
 
 def test_expiry_is_at_the_first_slot_unless_a_timeout_is_set() -> None:
@@ -175,7 +181,7 @@ async def test_show_gives_the_fingerprint_and_the_approval_records_it(
     assert [e["approved-plan"] for e in edits(tmp_path) if "approved-plan" in e] == [shown]
 
 
-async def test_an_approval_after_slots_began_is_refused_unless_replanned(
+async def test_an_approval_after_slots_passed_is_refused_unless_replanned(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     cmsod = await start_daemon(
@@ -187,14 +193,14 @@ async def test_an_approval_after_slots_began_is_refused_unless_replanned(
     client = await later(cmsod, client, "09:30")
     assert (await client.schedule("late"))["status"] == S.PENDING_APPROVAL  # a day to approve
 
-    for plan in ({"plan": seen}, {}):  # with or without the fingerprint: slots began
+    for plan in ({"plan": seen}, {}):  # with or without the fingerprint: slots passed
         status, message_id, text = error_of(
             await client.call(APPROVE, scheduleId="late", approval=approval(), **plan)
         )
         assert (status, message_id) == (409, "Scheduler.PLAN_PASSED")
-        assert text.endswith("2 slot(s) began: n1 2026-12-01T08:01:00Z; n2 2026-12-01T09:01:00Z"), (
-            text
-        )
+        assert text.endswith(
+            "2 slot(s) passed: n1 2026-12-01T08:01:00Z; n2 2026-12-01T09:01:00Z"
+        ), text
 
     done = await client.ok(APPROVE, scheduleId="late", approval=approval(), plan=seen, replan=True)
     assert done["status"] == S.SCHEDULED and done["planFingerprint"] not in (None, seen)
@@ -230,6 +236,25 @@ async def test_an_approval_after_slots_began_is_refused_unless_replanned(
     # opened for the new plan: CMSO plans each ticket over its group's span, now 10:01..13:01
     assert {(t["plannedStartDate"], t["plannedEndDate"]) for t in tickets} == {
         (at("10:01"), at("13:01"))
+    }
+
+
+async def test_an_approval_a_little_late_is_kept_and_sent_late_within_the_grace(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    cmsod = await start_daemon(
+        nursery, tmp_path, optimizer__approval_timeout_s=DAY_S, dispatcher__lead_time_s=0
+    )
+    client = await cmsod.connect()
+    seen = (await planned(client, "soon", ["n1", "n2"]))["planFingerprint"]
+    client = await later(cmsod, client, "08:03")  # 2 minutes late, within the 300 s grace
+    done = await client.ok(APPROVE, scheduleId="soon", approval=approval(), plan=seen)
+    assert done["status"] == S.SCHEDULED and done["planFingerprint"] == seen
+    view = await client.wait_for("soon", S.COMPLETED, S.COMPLETED_WITH_ERRORS)
+    assert view["status"] == S.COMPLETED
+    assert {n: e["dispatchTime"] for n, e in items(view).items()} == {
+        "n1": at("08:03"),
+        "n2": at("09:01"),
     }
 
 

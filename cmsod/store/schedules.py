@@ -205,22 +205,24 @@ def _keep_plan(tx: Tx, schedule: int, schedule_id: str, made_by: str) -> str | N
     return fingerprint
 
 
-def _check_plan(db: Any, schedule: int, schedule_id: str, given: str | None, now_ms: int) -> str:
+def _check_plan(
+    db: Any, schedule: int, schedule_id: str, given: str | None, now_ms: int, grace_ms: int
+) -> str:
     """The fingerprint of the plan this approval accepts; refused (409) when the plan is no
-    longer `given`, or when slots of it have begun (plans.refusal)."""
+    longer `given`, or when slots of it have passed (plans.refusal)."""
     slots = load_slots(db, schedule)
     given_slots = known_plan(db, schedule, given) if given is not None else None
-    refused = plans.refusal(schedule_id, given, slots, given_slots, now_ms)
+    refused = plans.refusal(schedule_id, given, slots, given_slots, now_ms, grace_ms)
     if refused is not None:
         raise refused
     return plans.fingerprint(schedule_id, slots) or ""
 
 
 def _approval_outcome(
-    db: Any, schedule_id: str, approval: Approval, plan: str | None, now_ms: int
+    db: Any, schedule_id: str, approval: Approval, plan: str | None, now_ms: int, grace_ms: int
 ) -> tuple[int, S, bool]:
     """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400);
-    then cmsod's own: an acceptance of a plan that changed, or whose slots began (409).
+    then cmsod's own: an acceptance of a plan that changed, or whose slots passed (409).
     Returns the schedule, its status and whether this approval accepts it."""
     if approval.approvalStatus not in ("Accepted", "Rejected"):
         raise RequestError(
@@ -235,7 +237,7 @@ def _approval_outcome(
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
     if approval.approvalStatus != "Accepted":
         return schedule, status, False
-    _check_plan(db, schedule, schedule_id, plan, now_ms)
+    _check_plan(db, schedule, schedule_id, plan, now_ms, grace_ms)
     (others,) = db.execute(
         "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?"
         " AND user_id != ?",
@@ -252,11 +254,12 @@ def tickets_for_approval(
     template: dict[str, str],
     plan: str | None,
     now_ms: int,
+    grace_ms: int,
 ) -> tuple[str, list[NewTicket]] | None:
     """The schedule's user and the tickets to open before this approval is recorded, or None
     when it does not accept the schedule. Raises the errors `approve` would, so a bad
     approval opens nothing."""
-    schedule, _, accepts = _approval_outcome(conn, schedule_id, approval, plan, now_ms)
+    schedule, _, accepts = _approval_outcome(conn, schedule_id, approval, plan, now_ms, grace_ms)
     if not accepts:
         return None
     (user_id,) = conn.execute("SELECT user_id FROM schedules WHERE id = ?", (schedule,)).fetchone()
@@ -286,6 +289,7 @@ def approve(
     approval: Approval,
     caller: str,
     plan: str | None = None,
+    grace_ms: int = 0,
     opened: Opened | None = None,
 ) -> tuple[S, str | None]:
     """Record an approval, with who sent it (`caller`, from the socket's peer credentials:
@@ -294,7 +298,9 @@ def approve(
     accepts the schedule brings the change tickets opened for it (`tickets_for_approval`):
     accepted and scheduled in this one transaction. Returns the schedule's status and the
     fingerprint of the plan approved."""
-    schedule, status, accepts = _approval_outcome(tx, schedule_id, approval, plan, tx.now_ms)
+    schedule, status, accepts = _approval_outcome(
+        tx, schedule_id, approval, plan, tx.now_ms, grace_ms
+    )
     fingerprint = plans.fingerprint(schedule_id, load_slots(tx, schedule))
     _record_approval(
         tx,
@@ -637,8 +643,8 @@ class Replanned(msgspec.Struct):
     changes: list[plans.Change]
 
 
-def replan(tx: Tx, schedule_id: str, seen: str | None, by: str) -> Replanned:
-    """Re-place the elements of a schedule pending approval whose slots have begun, by the
+def replan(tx: Tx, schedule_id: str, seen: str | None, by: str, grace_ms: int) -> Replanned:
+    """Re-place the elements of a schedule pending approval whose slots have passed, by the
     carry-over's rules (plans.replan), before it is approved; the others keep their slots.
     Refused, changing nothing, when one of them has no free slot left (409 NO_SLOT_LEFT)."""
     schedule, status = _schedule_row(tx, schedule_id)
@@ -646,7 +652,7 @@ def replan(tx: Tx, schedule_id: str, seen: str | None, by: str) -> Replanned:
         raise RequestError(412, "NOT_PENDING_APPROVAL", APPROVAL_DOMAIN, schedule_id, status.value)
     before = load_slots(tx, schedule)
     seen_slots = known_plan(tx, schedule, seen) if seen is not None else None
-    late = set(plans.passed(before, tx.now_ms))
+    late = set(plans.passed(before, tx.now_ms, grace_ms))
     if late:
         concurrency, duration_s = tx.execute(
             "SELECT concurrency, normal_s + additional_s FROM schedules WHERE id = ?", (schedule,)
@@ -681,7 +687,7 @@ def replan(tx: Tx, schedule_id: str, seen: str | None, by: str) -> Replanned:
                 blocked += tuple((b.start_ms, b.end_ms) for b in others.get(name, ()))
             elements.append(plans.Element(name, before[name], windows[grp], blocked))
         after, stuck = plans.replan(
-            elements, origin_ms, duration_s * 1000, concurrency or 1, tx.now_ms
+            elements, origin_ms, duration_s * 1000, concurrency or 1, tx.now_ms, grace_ms
         )
         if stuck:
             raise RequestError(
@@ -699,7 +705,7 @@ def replan(tx: Tx, schedule_id: str, seen: str | None, by: str) -> Replanned:
                 finish_ms=change.new[1],
                 status_message=(
                     f"re-planned by {by}: its slot {lifecycle.format_time(change.old[0])}"
-                    " began before the approval"
+                    " passed before the approval"
                 )[:4000],
             )
         for grp, first, last, finish in tx.execute(

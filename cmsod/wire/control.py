@@ -131,7 +131,7 @@ Fingerprint = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{12}$")]
 
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):
     """`plan`: the fingerprint of the plan the approver saw (`show`); `replan`: re-place the
-    slots that began (or approve the plan as it now is) instead of refusing."""
+    slots that passed (or approve the plan as it now is) instead of refusing."""
 
     scheduleId: Name
     approval: Approval
