@@ -91,6 +91,7 @@ def main() -> None:
         "CMSOD_POLLER__MAX_CONCURRENT": os.environ.get("BENCH_POLL_CONCURRENCY", "50"),
         "CMSOD_POLLER__INTERVAL_S": "3600",
         "CMSOD_CONTROL__IDLE_TIMEOUT_S": "600",
+        "CMSOD_OPTIMIZER__APPROVAL_TIMEOUT_S": "3600",  # approved seconds before the start
     }
     if args.all_gates:
         env["CMSOD_DISPATCHER__MAX_FAILURE_RATIO"] = "0.5"

@@ -189,6 +189,7 @@ def main() -> None:
         "CMSOD_DISPATCHER__MAX_CONCURRENT": "100",  # as bench/dispatch.py
         "CMSOD_POLLER__INTERVAL_S": "3600",
         "CMSOD_CONTROL__IDLE_TIMEOUT_S": "600",
+        "CMSOD_OPTIMIZER__APPROVAL_TIMEOUT_S": "3600",  # approved seconds before the start
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -56,6 +56,9 @@ class OptimizerConfig(Section, frozen=True):
     attribute_limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0  # 0 = no limit
     # elements per request (Schedules.Create, Schedules.Plan, cmsod plan), at most
     max_elements: Annotated[int, msgspec.Meta(ge=1, le=MAX_ELEMENTS)] = DEFAULT_MAX_ELEMENTS
+    # a schedule left `Pending Approval` this long after its plan is `Expired`; 0 = once its
+    # first slot begins
+    approval_timeout_s: Seconds = 0.0
 
 
 class DispatcherConfig(Section, frozen=True):

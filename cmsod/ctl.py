@@ -14,6 +14,7 @@ import argparse
 import errno
 import getpass
 import os
+import re
 import socket
 import sys
 import time
@@ -244,6 +245,8 @@ def show_schedule(s: dict[str, Any], statuses: list[str] | None = None) -> str:
     ]
     if "optimizerStatus" in s:
         lines.append(f"optimizer  {s['optimizerStatus']}: {s.get('optimizerMessage', '')}")
+    if "planFingerprint" in s:  # what `approve --plan` names
+        lines.append(f"plan       {s['planFingerprint']}")
     if "control" in s:  # who last paused, halted, resumed or aborted it
         c = s["control"]
         lines.append(f"{c['action']:<10} by {c['by']} at {c['time']}: {c['reason'] or '-'}")
@@ -263,7 +266,9 @@ def show_schedule(s: dict[str, Any], statuses: list[str] | None = None) -> str:
     for a in s.get("scheduleApprovals", []):
         lines.append(
             f"approval   {a['status']} by {a['userId']} ({a['approvalType']})"
-            f" at {a['approvalDateTime']}" + (f", sent by {a['caller']}" if a.get("caller") else "")
+            f" at {a['approvalDateTime']}"
+            + (f", sent by {a['caller']}" if a.get("caller") else "")
+            + (f", plan {a['planFingerprint']}" if a.get("planFingerprint") else "")
         )
     elements = [
         {**e, "groupId": g["groupId"]}
@@ -308,7 +313,7 @@ def show_schedule(s: dict[str, Any], statuses: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def show_plan(response: dict[str, Any]) -> str:
+def show_plan(response: dict[str, Any], fingerprint: str | None = None) -> str:
     solution = response["schedules"][0]
     lines = [
         table(
@@ -336,6 +341,42 @@ def show_plan(response: dict[str, Any]) -> str:
             )
         )
     lines.append(f"{response['status']}: {response['summary']}")
+    if fingerprint:
+        lines.append(f"plan {fingerprint} (the same plan, once stored, has this fingerprint)")
+    return "\n".join(lines)
+
+
+def show_approval(p: dict[str, Any]) -> str:
+    """The status, the plan approved and, after --replan, what moved from the plan seen."""
+    line = f"{p['scheduleId']}: {p['status']}"
+    if p.get("planFingerprint"):
+        line += f" (plan {p['planFingerprint']})"
+    lines = [line]
+    replanned = p.get("replanned")
+    if replanned is not None:
+        changes = replanned["changes"]
+        lines.append(
+            f"re-planned from {replanned.get('seenFingerprint') or 'no plan'}"
+            f" to {p.get('planFingerprint') or 'no plan'}: {len(changes) or 'no'}"
+            f" slot{'s' if len(changes) != 1 else ''} changed"
+        )
+        if changes:
+            lines.append("")
+            lines.append(
+                table(
+                    [
+                        [
+                            c["vnfName"],
+                            c.get("oldStartTime"),
+                            c.get("oldFinishTime"),
+                            c.get("startTime"),
+                            c.get("finishTime"),
+                        ]
+                        for c in changes
+                    ],
+                    ["VNF", "WAS START", "WAS END", "START", "END"],
+                )
+            )
     return "\n".join(lines)
 
 
@@ -414,7 +455,9 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
     if command == "show":
         return show_schedule(p["schedule"], args.status if args else None)
     if command == "plan":
-        return show_plan(p["optimizer"])
+        return show_plan(p["optimizer"], p.get("planFingerprint"))
+    if command == "approve":
+        return show_approval(p)
     if command == "why":
         return show_why(p)
     if command == "metrics":
@@ -671,7 +714,7 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             filters.setdefault(key, []).append(value)
         return "io.cmsod.Schedules.Details", {"filters": filters}
     if c in ("approve", "reject"):
-        return "io.cmsod.Schedules.Approve", {
+        p = {
             "scheduleId": args.id,
             "approval": {
                 "approvalUserId": args.user,
@@ -679,6 +722,12 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 "approvalStatus": "Accepted" if c == "approve" else "Rejected",
             },
         }
+        if c == "approve":
+            if args.plan:
+                p["plan"] = args.plan
+            if args.replan:
+                p["replan"] = True
+        return "io.cmsod.Schedules.Approve", p
     if c == "delete":
         return "io.cmsod.Schedules.Delete", {"scheduleId": args.id}
     if c in ("pause", "resume", "abort"):
@@ -733,6 +782,12 @@ def columns(text: str) -> int:
     return value
 
 
+def fingerprint(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{12}", text):
+        raise argparse.ArgumentTypeError(f"not a plan fingerprint (12 hex digits): {text!r}")
+    return text
+
+
 def time_zone(text: str) -> ZoneInfo:
     try:
         return ZoneInfo(text)
@@ -782,6 +837,26 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("id")
         p.add_argument("--user", default=getpass.getuser(), help="approving user id (default: you)")
+    approve = sub.choices["approve"]
+    approve.description = (
+        "Accept a schedule pending approval. With --plan, only the plan you saw (its "
+        "fingerprint, from `show`): if the plan changed since, or slots of it passed (start "
+        "+ misfire grace before now), the approval is refused and the error names them. "
+        "With --replan, "
+        "those slots are re-placed first (by the carry-over's rules) and the answer shows "
+        "what moved and the new fingerprint."
+    )
+    approve.add_argument(
+        "--plan",
+        metavar="FINGERPRINT",
+        type=fingerprint,
+        help="approve only this plan (the fingerprint `show` gives)",
+    )
+    approve.add_argument(
+        "--replan",
+        action="store_true",
+        help="re-place slots that passed (or take the plan as it now is) instead of refusing",
+    )
     for name, text in [
         ("pause", "hold every element of a running schedule not yet dispatched"),
         ("resume", "resume a paused or halted schedule (held elements go to free slots)"),

@@ -54,6 +54,17 @@ class RequestError(CmsodError):
         "TOO_MANY_ELEMENTS": (
             "{0} holds {1} elements, more than the {2} allowed ([optimizer] max_elements)"
         ),
+        "PLAN_CHANGED": (
+            "The plan of schedule {0} is {2}, not {1} as approved: look at it again (cmsoctl"
+            " show), or approve with --replan"
+        ),
+        "PLAN_PASSED": (
+            "Slots of plan {1} of schedule {0} passed (start + misfire grace before now, {2}):"
+            " approve with --replan to re-place them first"
+        ),
+        "NO_SLOT_LEFT": (
+            "Schedule {0} cannot be re-planned: its change windows have no free slot left"
+        ),
         "SCHEDULE_CHANGED": (
             "Schedule {0} changed while its change tickets were being opened; try again"
         ),

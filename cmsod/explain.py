@@ -314,6 +314,8 @@ def _ended(f: Facts, status: E) -> Reason:
     if status is E.APPROVAL_REJECTED:
         who = ", ".join(u for u, verdict, _ in f.approvals if verdict == "Rejected")
         return Reason("approval", f"schedule {f.schedule_id} was rejected by {who or 'someone'}")
+    if status is E.EXPIRED:
+        return Reason("approval", f.status_message or f"schedule {f.schedule_id} expired")
     if status in (E.CANCELLED, E.DELETED):
         when = f" at {_at(f.delete_ms)}" if f.delete_ms else ""
         return Reason("schedule", f"schedule {f.schedule_id} was deleted{when}: {status.value}")

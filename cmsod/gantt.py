@@ -27,6 +27,7 @@ STATUS_STYLE: dict[str, tuple[str, str, str]] = {
     "Error": ("#ad1457", "35", "E"),
     "Not scheduled by optimizer": ("#bdbdbd", "90", "-"),
     "Approval Rejected": ("#616161", "90", "-"),
+    "Expired": ("#616161", "90", "-"),
     "Cancelled": ("#616161", "90", "-"),
     "Deleted": ("#616161", "90", "-"),
 }

@@ -45,7 +45,7 @@ SCHEDULE_TRANSITIONS: dict[S | None, frozenset[S]] = {
             S.DELETED,
         }
     ),
-    S.PENDING_APPROVAL: frozenset({S.ACCEPTED, S.REJECTED, S.DELETED}),
+    S.PENDING_APPROVAL: frozenset({S.ACCEPTED, S.REJECTED, S.DELETED, S.EXPIRED}),
     S.ACCEPTED: frozenset({S.SCHEDULED, S.CANCELLED}),
     S.SCHEDULED: frozenset({S.NOTIFICATIONS_INITIATED, S.CANCELLED, S.PAUSED}),
     S.NOTIFICATIONS_INITIATED: frozenset(
@@ -68,6 +68,7 @@ SCHEDULE_TRANSITIONS: dict[S | None, frozenset[S]] = {
     S.OPTIMIZATION_FAILED: frozenset({S.DELETED}),
     S.SCHEDULE_FAILED: frozenset({S.DELETED}),
     S.REJECTED: frozenset({S.DELETED}),
+    S.EXPIRED: frozenset({S.DELETED}),
     S.COMPLETED: frozenset({S.DELETED}),
     S.COMPLETED_WITH_ERRORS: frozenset({S.DELETED}),
     S.CANCELLED: frozenset(),
@@ -78,13 +79,21 @@ ELEMENT_TRANSITIONS: dict[E | None, frozenset[E]] = {
     None: frozenset({E.PENDING_SCHEDULE, E.PENDING_APPROVAL}),
     E.PENDING_SCHEDULE: frozenset({E.PENDING_APPROVAL, E.NOT_SCHEDULED, E.DELETED}),
     E.PENDING_APPROVAL: frozenset(
-        {E.SCHEDULED, E.SCHEDULED_IMMEDIATE, E.APPROVAL_REJECTED, E.DELETED, E.CANCELLED}
+        {
+            E.SCHEDULED,
+            E.SCHEDULED_IMMEDIATE,
+            E.APPROVAL_REJECTED,
+            E.DELETED,
+            E.CANCELLED,
+            E.EXPIRED,
+        }
     ),
     E.NOT_SCHEDULED: frozenset({E.APPROVAL_REJECTED, E.DELETED}),
     E.SCHEDULED: frozenset({E.TRIGGERED, E.PAST_DUE, E.SCHEDULING_FAILED, E.ERROR, E.CANCELLED}),
     E.SCHEDULED_IMMEDIATE: frozenset({E.TRIGGERED, E.SCHEDULING_FAILED, E.ERROR, E.CANCELLED}),
     E.TRIGGERED: frozenset({E.COMPLETED, E.FAILED, E.ERROR}),
     E.APPROVAL_REJECTED: frozenset({E.DELETED}),
+    E.EXPIRED: frozenset({E.DELETED}),
     E.COMPLETED: frozenset(),
     E.FAILED: frozenset(),
     E.PAST_DUE: frozenset(),
@@ -333,6 +342,7 @@ def delete_plan(schedule: S, elements: Iterable[E]) -> tuple[S, dict[E, E]]:
             E.PENDING_APPROVAL,
             E.NOT_SCHEDULED,
             E.APPROVAL_REJECTED,
+            E.EXPIRED,
         ):
             changes[status] = E.DELETED
     return new_schedule, changes

@@ -27,6 +27,9 @@ class ScheduleStatus(StrEnum):
     # threshold; either is resumed or aborted (README "Stopping and holding a rollout").
     PAUSED = "Paused"
     HALTED = "Halted"
+    # cmsod's own: left `Pending Approval` past its approval timeout (README "Approving the
+    # plan you saw"); nothing of it runs.
+    EXPIRED = "Expired"
 
 
 class ElementStatus(StrEnum):
@@ -44,6 +47,7 @@ class ElementStatus(StrEnum):
     ERROR = "Error"
     CANCELLED = "Cancelled"
     DELETED = "Deleted"
+    EXPIRED = "Expired"  # cmsod's own: its schedule expired pending approval
 
 
 S = ScheduleStatus
@@ -59,6 +63,7 @@ SCHEDULE_FINAL = frozenset(
         S.COMPLETED_WITH_ERRORS,
         S.CANCELLED,
         S.DELETED,
+        S.EXPIRED,
     }
 )
 
@@ -76,7 +81,7 @@ ELEMENT_DONE_FAILED = frozenset(
 )
 # Elements that take no part in execution: `Not scheduled by optimizer` ones are never
 # dispatched (CMSO bug 5 fixed). They neither block nor spoil a schedule's verdict.
-ELEMENT_NOT_PART = frozenset({E.NOT_SCHEDULED, E.APPROVAL_REJECTED})
+ELEMENT_NOT_PART = frozenset({E.NOT_SCHEDULED, E.APPROVAL_REJECTED, E.EXPIRED})
 ELEMENT_FINAL = ELEMENT_DONE_OK | ELEMENT_DONE_FAILED | ELEMENT_NOT_PART
 # What counts against a schedule's failure threshold (a cancelled element did not fail), and
 # the elements it is counted over.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from cmsod import config, lifecycle
+from cmsod import config, lifecycle, plans
 from cmsod.errors import ConfigError, RequestError
 from cmsod.optimize.planner import Options, Planning, optimizer_response
 from cmsod.optimize.problem import Busy, problem_for
@@ -109,9 +109,10 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(
             msgspec.json.format(msgspec.json.encode(response), indent=2).decode() + "\n"
         )
+    fingerprint = plans.of_placement(new.schedule_id, result.placed, result.duration_ms)
     print(
         f"objective {result.objective} ({len(result.placed)} scheduled, {len(result.unplaced)} not); "
-        f"solved in {result.solve_ms:.1f} ms",
+        f"solved in {result.solve_ms:.1f} ms; plan {fingerprint or 'none'}",
         file=sys.stderr,
     )
     return 0

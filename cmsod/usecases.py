@@ -12,12 +12,14 @@ import functools
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import msgspec
 import trio
 
-from cmsod import __version__, explain, gates, lifecycle, log
+from cmsod import __version__, explain, gates, lifecycle, log, plans
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
 from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError, RequestError
+from cmsod.model import APPROVAL_TYPE
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
@@ -156,9 +158,9 @@ async def why(ctx: Context, element: str, schedule_id: str | None) -> dict[str, 
     }
 
 
-async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
+async def plan(ctx: Context, request: ScheduleRequest) -> tuple[dict[str, Any], str | None]:
     """Plan a request as the optimizer would now, counting work already scheduled; store
-    nothing. Answers CMSO's optimizer response."""
+    nothing. Answers CMSO's optimizer response, and the plan's fingerprint."""
     new = lifecycle.validate_request(request, ctx.config.optimizer.max_elements)
     if new.immediate:
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "changeWindow")
@@ -170,23 +172,74 @@ async def plan(ctx: Context, request: ScheduleRequest) -> dict[str, Any]:
     )
     problem = problem_for(new, ctx.clock.now_ms(), busy)
     result = await ctx.compute(functools.partial(ctx.planning.plan, problem))
-    return optimizer_response(problem, result)
+    return optimizer_response(problem, result), plans.of_placement(
+        new.schedule_id, result.placed, result.duration_ms
+    )
 
 
-async def approve(ctx: Context, schedule_id: str, approval: Approval, caller: str) -> S:
+class Approved(msgspec.Struct):
+    """What an approval did: the schedule's status, the plan approved (its fingerprint), and
+    what a re-plan asked with it changed."""
+
+    status: S
+    plan: str | None
+    replanned: schedules.Replanned | None = None
+
+
+async def approve(
+    ctx: Context,
+    schedule_id: str,
+    approval: Approval,
+    caller: str,
+    plan: str | None = None,
+    replan: bool = False,
+) -> Approved:
     """Record an approval sent by `caller`, as the front door vouches for it (the socket's peer
-    credentials, or the REST API's authenticated user)."""
+    credentials, or the REST API's authenticated user). `plan`: the fingerprint of the plan
+    the approver saw; an acceptance is refused if the plan is no longer that one or if slots
+    of it have passed (start + misfire grace), unless `replan`: then those are re-placed
+    first and the acceptance is of the new plan (README "Approving the plan you saw")."""
+    replanned = None
+    grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
+    if (
+        replan
+        and approval.approvalStatus == "Accepted"
+        and approval.approvalType == APPROVAL_TYPE
+        and approval.approvalUserId
+    ):
+        by = f"{approval.approvalUserId} ({caller})"
+        calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
+        replanned = await ctx.store.tx(schedules.replan, schedule_id, plan, by, grace_ms, calendar)
+        plan = replanned.plan
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
-        schedules.tickets_for_approval, schedule_id, approval, cfg.vnfs_per_ticket, cfg.template
+        schedules.tickets_for_approval,
+        schedule_id,
+        approval,
+        cfg.vnfs_per_ticket,
+        cfg.template,
+        plan,
+        ctx.clock.now_ms(),
+        grace_ms,
     )
     if needed is None:  # recorded, but does not accept the schedule (or rejects it)
-        status = await ctx.store.tx(schedules.approve, schedule_id, approval, caller)
+        status, approved = await ctx.store.tx(
+            schedules.approve, schedule_id, approval, caller, plan, grace_ms
+        )
     else:
         user_id, tickets = needed
         opened = await open_tickets(ctx, schedule_id, user_id, tickets)
-        status = await store_with_tickets(
-            ctx, schedule_id, user_id, opened, schedules.approve, schedule_id, approval, caller
+        status, approved = await store_with_tickets(
+            ctx,
+            schedule_id,
+            user_id,
+            opened,
+            schedules.approve,
+            schedule_id,
+            approval,
+            caller,
+            plan,
+            grace_ms,
         )
     log.info(
         "schedule.approval",
@@ -195,9 +248,10 @@ async def approve(ctx: Context, schedule_id: str, approval: Approval, caller: st
         by=approval.approvalUserId,
         caller=caller,
         status=status.value,
+        plan=approved,
     )
     ctx.bells.dispatcher.ring()
-    return status
+    return Approved(status, approved, replanned)
 
 
 async def delete(ctx: Context, schedule_id: str) -> S:
@@ -336,9 +390,11 @@ def reload(ctx: Context) -> list[str]:
     if ctx.reload is None:
         raise ControlError("reload is not available")
     try:
-        return ctx.reload()
+        changed = ctx.reload()
     except ConfigError as exc:
         raise ControlError(str(exc)) from None
+    ctx.bells.dispatcher.ring()  # (an approval timeout may have changed)
+    return changed
 
 
 async def watch(

@@ -21,6 +21,9 @@ ENV = {  # short intervals so the end-to-end tests run in seconds
     "CMSOD_SO__SIMULATED_DURATION_S": "0.5",
     "CMSOD_DISPATCHER__LEAD_TIME_S": "0",
     "CMSOD_OPTIMIZER__INTERVAL_S": "0.5",
+    # schedules planned to start a few seconds after they are submitted: on a loaded machine
+    # the approval may come after the first slot began, which would expire them by default
+    "CMSOD_OPTIMIZER__APPROVAL_TIMEOUT_S": "3600",
 }
 
 

@@ -381,3 +381,40 @@ def test_the_readme_examples_work(tmp_path: Path) -> None:
     (tmp_path / "b.toml").write_text(blocks[2])
     alarms_cfg = config.load(tmp_path / "b.toml", env={}).alarms
     assert alarms_cfg.queries[1] == ('site="{site}"', 'severity=~"critical|major"')
+
+
+async def test_approve_replan_places_passed_slots_clear_of_the_calendars(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """`approve --replan` re-places passed slots by the carry-over's rules, calendars included:
+    a period in force over the first free slots pushes the element past it."""
+    so = FakeSO()
+    await nursery.start(so.serve)
+    calendar = tmp_path / "freeze.toml"
+    calendar.write_text("")
+    path = write_config(tmp_path, so, calendar)
+    path.write_text(path.read_text() + "[optimizer]\napproval_timeout_s = 86400\n")
+    cmsod = await daemon_from_file(nursery, path)
+    client = await cmsod.connect()
+    body = request("rp", now=EPOCH, nodes=["n1", "n2", "n3"], concurrency=1)
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    view = await client.wait_for("rp", S.PENDING_APPROVAL)
+    assert [e["startTime"] for e in items(view).values()] == [at("08:01"), at("09:01"), at("10:01")]
+    calendar.write_text(
+        '[[deny]]\nname = "n1 works"\nfrom = "2026-12-01T10:30"\nto = "2026-12-01T12:30"\n'
+        'scope = { vnfName = "n1" }\n'
+    )
+    assert (await client.ok("io.cmsod.Manager.Reload"))["reloaded"] is True
+    await client.aclose()
+    await trio.sleep((parse_time_ms(at("09:30")) - cmsod.ctx.clock.now_ms()) / 1000)
+    client = await cmsod.connect()
+    done = await client.ok(
+        "io.cmsod.Schedules.Approve",
+        scheduleId="rp",
+        approval=approval(),
+        plan=view["planFingerprint"],
+        replan=True,
+    )
+    moved = {c["vnfName"]: c["startTime"] for c in done["replanned"]["changes"]}
+    # n2 takes the first free slot (11:01); n1's 11:01 and 12:01 runs overlap its period
+    assert moved == {"n1": at("13:01"), "n2": at("11:01")}

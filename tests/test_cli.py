@@ -41,14 +41,22 @@ def test_show_list_why_and_approval_identity(tmp_path: Path) -> None:
         assert code == 0, out
         assert [line.split()[0] for line in out.splitlines()[1:]] == ["newer", "older"]
 
-        code, out = cmsoctl(tmp_path, "approve", "older", "--user", "alice")
+        code, out = cmsoctl(tmp_path, "show", "older")
         assert code == 0, out
+        (plan,) = [line.split()[1] for line in out.splitlines() if line.startswith("plan ")]
+        code, out = cmsoctl(tmp_path, "approve", "older", "--plan", "nothex")
+        assert code == 2 and "not a plan fingerprint (12 hex digits)" in out
+        code, out = cmsoctl(tmp_path, "approve", "older", "--plan", "0123456789ab")
+        assert code == 1 and "409 Scheduler.PLAN_CHANGED: The plan of schedule older is " in out
+        code, out = cmsoctl(tmp_path, "approve", "older", "--user", "alice", "--plan", plan)
+        assert code == 0 and out == f"older: Scheduled (plan {plan})\n", out
         code, out = cmsoctl(tmp_path, "show", "older")
         assert code == 0, out
         lines = out.splitlines()
         (approval,) = [line for line in lines if line.startswith("approval")]
         assert approval.startswith("approval   Accepted by alice (Tier 2) at ")
-        assert approval.endswith(f", sent by uid {os.getuid()} pid " + approval.split()[-1])
+        pid = approval.split()[-3].rstrip(",")
+        assert approval.endswith(f", sent by uid {os.getuid()} pid {pid}, plan {plan}")
         assert "elements   3 Scheduled" in lines
         (progress,) = [line for line in lines if line.startswith("progress")]
         assert progress.startswith("progress   0 of 3 done; next slot ")

@@ -32,7 +32,9 @@ def test_status_texts_are_cmsos() -> None:
         "Deleted",
         "Paused",  # cmsod's own: a rollout stopped by an operator or its failure threshold
         "Halted",
+        "Expired",  # cmsod's own: left pending approval past its timeout
     ]
+    assert E.EXPIRED.value == "Expired"
     assert E.NOT_SCHEDULED.value == "Not scheduled by optimizer"
     assert E.PAST_DUE.value == "Past due"
 

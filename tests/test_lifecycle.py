@@ -28,7 +28,11 @@ def statuses(view: dict) -> dict[str, str]:
     }
 
 
-async def test_approved_too_late_is_past_due(autojump_clock, nursery, tmp_path: Path) -> None:
+async def test_left_pending_past_its_first_slot_it_expires(
+    autojump_clock, nursery, tmp_path: Path
+) -> None:
+    """An approver who comes back after the first slot began finds the schedule `Expired`
+    (not approved then dispatched `Past due`, as CMSO would): nothing of it runs."""
     cmsod = await start_daemon(nursery, tmp_path)
     client = await cmsod.connect()
     await client.ok(
@@ -36,15 +40,16 @@ async def test_approved_too_late_is_past_due(autojump_clock, nursery, tmp_path: 
     )
     view = await client.wait_for("late", S.PENDING_APPROVAL)
     start = view["groups"][0]["changeManagementSchedules"][0]["startTime"]
-    autojump_clock.jump(3600)  # the approver comes back an hour later, past the 300 s grace
+    autojump_clock.jump(3600)  # the approver comes back an hour later
     await client.aclose()  # (an hour idle is past the socket's idle timeout: connect anew)
     client = await cmsod.connect()
-    await client.ok(APPROVE, scheduleId="late", approval=approval())
-    view = await client.wait_for("late", S.COMPLETED, S.COMPLETED_WITH_ERRORS)
-    assert view["status"] == S.COMPLETED_WITH_ERRORS
+    view = await client.wait_for("late", S.EXPIRED)
+    assert view["control"]["action"] == "expire" and view["control"]["by"] == "cmsod"
+    assert view["control"]["reason"] == f"not approved before its first slot began ({start})"
     element = view["groups"][0]["changeManagementSchedules"][0]
-    assert element["status"] == E.PAST_DUE
-    assert start in element["statusMessage"] and "misfire grace" in element["statusMessage"]
+    assert element["status"] == E.EXPIRED and start in element["statusMessage"]
+    refused = await client.call(APPROVE, scheduleId="late", approval=approval())
+    assert refused["parameters"]["status"] == 412  # CMSO's NOT_PENDING_APPROVAL
     assert isinstance(cmsod.ctx.so, LoopbackSO) and cmsod.ctx.so.dispatched == []
 
 

@@ -150,7 +150,7 @@ def test_a_reload_refuses_a_new_listen_address(tmp_path: Path) -> None:
 # -- a known rollout, in process ------------------------------------------------------------
 
 
-async def test_a_rollout_approved_late_counts_its_transitions_and_lateness(
+async def test_a_rollout_resumed_late_counts_its_transitions_and_lateness(
     autojump_clock, nursery, tmp_path
 ) -> None:
     d = await start_daemon(nursery, tmp_path, so__simulated_duration_s=30)
@@ -160,13 +160,17 @@ async def test_a_rollout_approved_late_counts_its_transitions_and_lateness(
     body = request("late", nodes, now=EPOCH, minutes_from_now=1, normal=60, concurrency=3)
     await client.ok("io.cmsod.Schedules.Create", schedule=body)
     await client.wait_for("late", "Pending Approval")
+    # approved in time, then paused before its slot (an approval after the slot began is
+    # refused: the plan it approves has passed)
+    await client.ok("io.cmsod.Schedules.Approve", scheduleId="late", approval=approval())
+    await client.ok("io.cmsod.Schedules.Pause", scheduleId="late")
     await client.aclose()
     # the window opened a minute ago (and a half second more: lateness must not sit on the
-    # 60 s bucket boundary, whatever virtual time the approval takes)
+    # 60 s bucket boundary, whatever virtual time the resume takes)
     await trio.sleep_until(trio.current_time() + 120.5)
     client = await d.connect()
     late_s = trio.current_time() - began - 60  # planned at the window's start, EPOCH + 60 s
-    await client.ok("io.cmsod.Schedules.Approve", scheduleId="late", approval=approval())
+    await client.ok("io.cmsod.Schedules.Resume", scheduleId="late")  # within the grace
     await client.wait_for("late", "Completed")
 
     async def published() -> bool:
@@ -188,12 +192,13 @@ async def test_a_rollout_approved_late_counts_its_transitions_and_lateness(
         "Optimization In Progress": 1,
         "Pending Approval": 1,
         "Accepted": 1,
-        "Scheduled": 1,
+        "Scheduled": 2,
+        "Paused": 1,
         "Notifications Initiated": 1,
         "Completed": 1,
     }
     assert value(samples, "cmsod_schedules", status="Completed") == 1
-    # all three dispatched at once when approved, a minute after their planned start
+    # all three dispatched at once when resumed, a minute after their planned start
     assert 60 < late_s < 120
     assert value(samples, "cmsod_dispatch_lateness_seconds_count") == 3
     assert value(samples, "cmsod_dispatch_lateness_seconds_sum") == pytest.approx(3 * late_s)

@@ -1,6 +1,7 @@
 """The dispatcher: sends each element's work flow to the orchestrator at `start - lead_time`,
 once the gates let it go (`cmsod.gates`: its change ticket, as `tickets.gate_for` found it, the
-misfire grace, ...).
+misfire grace, ...). It also keeps the other deadline of a plan: a schedule left pending
+approval past its approval timeout expires (`expire_approvals`).
 
 At most once: the intents of a due batch (each with its X-TransactionId key) are committed in
 one transaction before any call, and the answers are committed after, in batches, by the
@@ -22,7 +23,7 @@ from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.calendars import merged_attributes
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
-from cmsod.store import dispatch
+from cmsod.store import dispatch, schedules
 
 BATCH = 1000
 RETRY_BASE_S = 0.25
@@ -73,10 +74,13 @@ async def run(
                         calls.start_soon(send, ctx, job, limiter, results_in.clone())
                 if len(due) == BATCH:
                     continue
+                expiry_ms = await expire_approvals(ctx)
                 next_ms = await ctx.store.read(dispatch.next_due_ms)
                 wait_s = (
                     3600.0 if next_ms is None else (next_ms - lead_ms - ctx.clock.now_ms()) / 1000
                 )
+                if expiry_ms is not None:
+                    wait_s = min(wait_s, (expiry_ms - ctx.clock.now_ms()) / 1000)
                 await ctx.bells.dispatcher.wait(wait_s)
             log.info("dispatcher.draining", in_flight=len(calls.child_tasks))
     ctx.drained.set()
@@ -137,6 +141,18 @@ async def alarm_gate(ctx: Context, due: list[dispatch.Due]) -> gates.AlarmGate:
         fail_open=cfg.on_error == "go",
         recheck_ms=int(cfg.recheck_s * 1000),
     )
+
+
+async def expire_approvals(ctx: Context) -> int | None:
+    """Schedules left pending approval past their timeout expire (schedules.expire_pending);
+    answers when the next one would. Driven from the store like the due elements: after a
+    restart, the overdue ones expire at once."""
+    timeout_ms = int(ctx.config.optimizer.approval_timeout_s * 1000)
+    expiry_ms = await ctx.store.read(schedules.next_expiry_ms, timeout_ms)
+    if expiry_ms is None or expiry_ms > ctx.clock.now_ms():
+        return expiry_ms
+    await ctx.store.tx(schedules.expire_pending, timeout_ms)
+    return await ctx.store.read(schedules.next_expiry_ms, timeout_ms)
 
 
 async def send(

@@ -13,6 +13,7 @@ from cmsod import log
 from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.errors import PeerError
+from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.problem import Plan, Problem
 from cmsod.peers.tm import TicketsFailed
 from cmsod.store import book, schedules
@@ -40,6 +41,8 @@ async def run(
                 schedules.record_plan, problem.key, plan, ctx.config.optimizer.allow_partial
             )
             figures.done += 1
+            if status is S.PENDING_APPROVAL:  # a new approval deadline for the dispatcher
+                ctx.bells.dispatcher.ring()
             if status is not None:
                 log.info(
                     "schedule.optimized",

@@ -182,7 +182,8 @@ async def why(ctx: Context, p: w.WhyParameters) -> dict[str, Any]:
 
 
 async def plan(ctx: Context, p: w.PlanParameters) -> dict[str, Any]:
-    return {"optimizer": await usecases.plan(ctx, p.schedule)}
+    response, fingerprint = await usecases.plan(ctx, p.schedule)
+    return {"optimizer": response, "planFingerprint": fingerprint}
 
 
 async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str, Any]:
@@ -192,8 +193,18 @@ async def approve(ctx: Context, p: w.ApproveParameters, peer: Peer) -> dict[str,
 async def approve_as(ctx: Context, p: w.ApproveParameters, caller: str) -> dict[str, Any]:
     """The approval, recorded with who sent it (`caller`: the socket's peer credentials, or the
     REST API's authenticated user) beside the name it gives."""
-    status = await usecases.approve(ctx, p.scheduleId, p.approval, caller)
-    return {"scheduleId": p.scheduleId, "status": status.value}
+    done = await usecases.approve(ctx, p.scheduleId, p.approval, caller, p.plan, p.replan)
+    reply: dict[str, Any] = {
+        "scheduleId": p.scheduleId,
+        "status": done.status.value,
+        "planFingerprint": done.plan,
+    }
+    if done.replanned is not None:  # the difference from the plan seen, and the new plan
+        reply["replanned"] = {
+            "seenFingerprint": done.replanned.seen,
+            "changes": [c.to_view() for c in done.replanned.changes],
+        }
+    return reply
 
 
 async def delete(ctx: Context, p: w.ScheduleIdParameters) -> dict[str, Any]:

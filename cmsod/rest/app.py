@@ -261,14 +261,28 @@ class RestApp:
         if body.approvalUserId and body.approvalUserId != call.user.name:
             log.info("http.approval_user", named=body.approvalUserId, user=call.user.name)
         approval = msgspec.structs.replace(body, approvalUserId=call.user.name)
-        parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
-        _log_call(call, "approve", schedule_id)
-        await api.approve_as(
-            self.ctx,
-            w.ApproveParameters(scheduleId=parameters.scheduleId, approval=approval),
-            f"http user {call.user.name}",
+        # cmsod's own, as query parameters (CMSO's body unchanged): the plan approved, by the
+        # fingerprint the client saw (`planFingerprint` of the GET), and re-plan first
+        _no_query(call, "plan", "replan")
+        query = call.query()
+        parameters = _convert(
+            {
+                "scheduleId": schedule_id,
+                "approval": msgspec.to_builtins(approval),
+                "plan": _one(query, "plan", None),
+                "replan": _one(query, "replan", "false"),
+            },
+            w.ApproveParameters,
         )
-        return Answer(204)
+        _log_call(call, "approve", schedule_id)
+        reply = await api.approve_as(self.ctx, parameters, f"http user {call.user.name}")
+        approved = reply["planFingerprint"]
+        headers: tuple[tuple[bytes, bytes], ...] = (
+            ((b"x-cmsod-plan", approved.encode()),) if approved else ()
+        )
+        if parameters.replan:  # asked for the difference: answered with it
+            return json_answer(200, reply, headers)
+        return Answer(204, headers=headers)
 
     async def delete(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.operate)

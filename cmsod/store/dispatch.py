@@ -47,6 +47,10 @@ FAILED_RUN = tuple(sorted(s.value for s in ELEMENT_FAILED_RUN))
 NOT_COUNTED = tuple(sorted(s.value for s in ELEMENT_NOT_COUNTED))
 
 
+def _marks(values: tuple[str, ...]) -> str:
+    return ", ".join("?" * len(values))
+
+
 class Loaded(msgspec.Struct):
     """What applying the gates' answer needs besides the snapshot."""
 
@@ -102,8 +106,9 @@ class BatchCache:
             return gates.Failures()
         if schedule not in self._failures:
             failed, total = self.tx.execute(
-                "SELECT coalesce(sum(status IN (?, ?, ?, ?)), 0),"
-                " coalesce(sum(status NOT IN (?, ?, ?)), 0) FROM elements WHERE schedule = ?",
+                f"SELECT coalesce(sum(status IN ({_marks(FAILED_RUN)})), 0),"
+                f" coalesce(sum(status NOT IN ({_marks(NOT_COUNTED)})), 0) FROM elements"
+                " WHERE schedule = ?",
                 (*FAILED_RUN, *NOT_COUNTED, schedule),
             ).fetchone()
             self._failures[schedule] = gates.Failures(

@@ -10,7 +10,8 @@ from typing import Any
 
 import msgspec
 
-from cmsod import cmevents, gates, lifecycle, ticketing
+from cmsod import cmevents, gates, lifecycle, plans, ticketing
+from cmsod.calendars import merged_attributes
 from cmsod.errors import RequestError
 from cmsod.model import (
     APPROVAL_DOMAIN,
@@ -24,9 +25,9 @@ from cmsod.model import (
 )
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.optimize.problem import Plan, Problem, ProblemGroup
+from cmsod.optimize.problem import Plan, Problem, ProblemGroup, requirements
 from cmsod.store import dispatch
-from cmsod.store.book import book_busy, merge_busy, other_work
+from cmsod.store.book import book_busy, entries_on, merge_busy, other_work
 from cmsod.store.store import Tx
 from cmsod.ticketing import NewTicket, Opened, TicketGroup
 from cmsod.wire.cmso import Approval
@@ -157,18 +158,72 @@ def _schedule_row(tx: Tx, schedule_id: str) -> tuple[int, S]:
     return row[0], S(row[1])
 
 
-def _record_approval(tx: Tx, schedule: int, user_id: str, status: str, caller: str) -> None:
+def _record_approval(
+    tx: Tx, schedule: int, user_id: str, status: str, caller: str, plan: str | None = None
+) -> None:
     tx.execute(
-        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms, caller)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
+        "INSERT INTO approvals (schedule, user_id, approval_type, status, approval_ms, caller,"
+        " plan) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (schedule, user_id, approval_type)"
         " DO UPDATE SET status = excluded.status, approval_ms = excluded.approval_ms,"
-        " caller = excluded.caller",
-        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms, caller),
+        " caller = excluded.caller, plan = excluded.plan",
+        (schedule, user_id, APPROVAL_TYPE, status, tx.now_ms, caller, plan),
     )
 
 
-def _approval_outcome(db: Any, schedule_id: str, approval: Approval) -> tuple[int, S, bool]:
-    """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400).
+# -- the plan an approval is bound to -------------------------------------------------------
+
+
+def load_slots(db: Any, schedule: int) -> dict[str, plans.Slot]:
+    """The schedule's plan as it stands: every element with a slot."""
+    return {
+        name: (start, finish)
+        for name, start, finish in db.execute(
+            "SELECT name, start_ms, finish_ms FROM elements WHERE schedule = ?"
+            " AND start_ms IS NOT NULL AND finish_ms IS NOT NULL",
+            (schedule,),
+        )
+    }
+
+
+def known_plan(db: Any, schedule: int, fingerprint: str) -> dict[str, plans.Slot] | None:
+    """A plan cmsod made for this schedule earlier, by its fingerprint."""
+    row = db.execute(
+        "SELECT slots FROM plans WHERE schedule = ? AND fingerprint = ?", (schedule, fingerprint)
+    ).fetchone()
+    return None if row is None else plans.decode(row[0])
+
+
+def _keep_plan(tx: Tx, schedule: int, schedule_id: str, made_by: str) -> str | None:
+    """Remember the schedule's plan as it now stands, under its fingerprint."""
+    slots = load_slots(tx, schedule)
+    fingerprint = plans.fingerprint(schedule_id, slots)
+    if fingerprint is not None:
+        tx.execute(
+            "INSERT INTO plans (schedule, fingerprint, slots, made_ms, made_by)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (schedule, fingerprint) DO NOTHING",
+            (schedule, fingerprint, plans.encode(slots).decode(), tx.now_ms, made_by),
+        )
+    return fingerprint
+
+
+def _check_plan(
+    db: Any, schedule: int, schedule_id: str, given: str | None, now_ms: int, grace_ms: int
+) -> str:
+    """The fingerprint of the plan this approval accepts; refused (409) when the plan is no
+    longer `given`, or when slots of it have passed (plans.refusal)."""
+    slots = load_slots(db, schedule)
+    given_slots = known_plan(db, schedule, given) if given is not None else None
+    refused = plans.refusal(schedule_id, given, slots, given_slots, now_ms, grace_ms)
+    if refused is not None:
+        raise refused
+    return plans.fingerprint(schedule_id, slots) or ""
+
+
+def _approval_outcome(
+    db: Any, schedule_id: str, approval: Approval, plan: str | None, now_ms: int, grace_ms: int
+) -> tuple[int, S, bool]:
+    """CMSO 2.5, in its order: body enums (400), not found (404), not pending (412), user (400);
+    then cmsod's own: an acceptance of a plan that changed, or whose slots passed (409).
     Returns the schedule, its status and whether this approval accepts it."""
     if approval.approvalStatus not in ("Accepted", "Rejected"):
         raise RequestError(
@@ -183,6 +238,7 @@ def _approval_outcome(db: Any, schedule_id: str, approval: Approval) -> tuple[in
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
     if approval.approvalStatus != "Accepted":
         return schedule, status, False
+    _check_plan(db, schedule, schedule_id, plan, now_ms, grace_ms)
     (others,) = db.execute(
         "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?"
         " AND user_id != ?",
@@ -192,12 +248,19 @@ def _approval_outcome(db: Any, schedule_id: str, approval: Approval) -> tuple[in
 
 
 def tickets_for_approval(
-    conn: Any, schedule_id: str, approval: Approval, per_ticket: int, template: dict[str, str]
+    conn: Any,
+    schedule_id: str,
+    approval: Approval,
+    per_ticket: int,
+    template: dict[str, str],
+    plan: str | None,
+    now_ms: int,
+    grace_ms: int,
 ) -> tuple[str, list[NewTicket]] | None:
     """The schedule's user and the tickets to open before this approval is recorded, or None
     when it does not accept the schedule. Raises the errors `approve` would, so a bad
     approval opens nothing."""
-    schedule, _, accepts = _approval_outcome(conn, schedule_id, approval)
+    schedule, _, accepts = _approval_outcome(conn, schedule_id, approval, plan, now_ms, grace_ms)
     if not accepts:
         return None
     (user_id,) = conn.execute("SELECT user_id FROM schedules WHERE id = ?", (schedule,)).fetchone()
@@ -222,15 +285,31 @@ def tickets_for_approval(
 
 
 def approve(
-    tx: Tx, schedule_id: str, approval: Approval, caller: str, opened: Opened | None = None
-) -> S:
+    tx: Tx,
+    schedule_id: str,
+    approval: Approval,
+    caller: str,
+    plan: str | None = None,
+    grace_ms: int = 0,
+    opened: Opened | None = None,
+) -> tuple[S, str | None]:
     """Record an approval, with who sent it (`caller`, from the socket's peer credentials:
-    the user id in the body is only what the sender says). The one that accepts the schedule
-    brings the change tickets opened for it (`tickets_for_approval`): accepted and scheduled
-    in this one transaction."""
-    schedule, status, accepts = _approval_outcome(tx, schedule_id, approval)
+    the user id in the body is only what the sender says) and the plan it approves (its
+    fingerprint: `plan`, the one the approver saw, else the plan as it stands). The one that
+    accepts the schedule brings the change tickets opened for it (`tickets_for_approval`):
+    accepted and scheduled in this one transaction. Returns the schedule's status and the
+    fingerprint of the plan approved."""
+    schedule, status, accepts = _approval_outcome(
+        tx, schedule_id, approval, plan, tx.now_ms, grace_ms
+    )
+    fingerprint = plans.fingerprint(schedule_id, load_slots(tx, schedule))
     _record_approval(
-        tx, schedule, approval.approvalUserId or "", approval.approvalStatus or "", caller
+        tx,
+        schedule,
+        approval.approvalUserId or "",
+        approval.approvalStatus or "",
+        caller,
+        fingerprint,
     )
     if approval.approvalStatus == "Rejected":
         tx.schedule_to(schedule, schedule_id, status, S.REJECTED)
@@ -239,13 +318,20 @@ def approve(
             (schedule, E.PENDING_APPROVAL.value, E.NOT_SCHEDULED.value),
         ).fetchall():
             tx.element_to(element, schedule, schedule_id, name, E(old), E.APPROVAL_REJECTED)
-        return S.REJECTED
+        return S.REJECTED, fingerprint
     if not accepts:
-        return status
+        return status, fingerprint
     if opened is None:
         raise RequestError(409, "SCHEDULE_CHANGED", schedule_id)
-    tx.schedule_to(schedule, schedule_id, status, S.ACCEPTED)
-    return _schedule_with_tickets(tx, schedule, schedule_id, opened)
+    tx.schedule_to(schedule, schedule_id, status, S.ACCEPTED, approved_plan=fingerprint)
+    tx.note(
+        "schedule.plan_approved",
+        schedule_id=schedule_id,
+        plan=fingerprint,
+        by=approval.approvalUserId,
+        caller=caller,
+    )
+    return _schedule_with_tickets(tx, schedule, schedule_id, opened), fingerprint
 
 
 def _schedule_with_tickets(tx: Tx, schedule: int, schedule_id: str, opened: Opened) -> S:
@@ -436,6 +522,7 @@ def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | N
         optimizer_message=plan.summary,
         **figures,
     )
+    _keep_plan(tx, schedule, schedule_id, "optimizer")
     return S.PENDING_APPROVAL
 
 
@@ -551,3 +638,176 @@ def abort(tx: Tx, schedule_id: str, by: str, why: str) -> S:
         tx.schedule_to(schedule, schedule_id, status, S.CANCELLED, **control)
     tx.note("schedule.aborted", schedule_id=schedule_id, by=by, why=why)
     return S.NOTIFICATIONS_INITIATED if ran else S.CANCELLED
+
+
+# -- re-planning at an approval, and pending approvals that expire ---------------------------
+
+
+class Replanned(msgspec.Struct):
+    """What `approve --replan` did: the plan the approver saw (else the plan before), the plan
+    now, and each element whose slot differs between them."""
+
+    seen: str | None
+    plan: str | None
+    changes: list[plans.Change]
+
+
+def replan(
+    tx: Tx,
+    schedule_id: str,
+    seen: str | None,
+    by: str,
+    grace_ms: int,
+    calendar: gates.CalendarGate | None = None,
+) -> Replanned:
+    """Re-place the elements of a schedule pending approval whose slots have passed, by the
+    carry-over's rules (plans.replan), before it is approved; the others keep their slots.
+    Refused, changing nothing, when one of them has no free slot left (409 NO_SLOT_LEFT)."""
+    schedule, status = _schedule_row(tx, schedule_id)
+    if status is not S.PENDING_APPROVAL:
+        raise RequestError(412, "NOT_PENDING_APPROVAL", APPROVAL_DOMAIN, schedule_id, status.value)
+    before = load_slots(tx, schedule)
+    seen_slots = known_plan(tx, schedule, seen) if seen is not None else None
+    late = set(plans.passed(before, tx.now_ms, grace_ms))
+    if late:
+        concurrency, duration_s = tx.execute(
+            "SELECT concurrency, normal_s + additional_s FROM schedules WHERE id = ?", (schedule,)
+        ).fetchone()
+        (origin_ms,) = tx.execute(
+            "SELECT min(w.start_ms) FROM windows w JOIN cm_groups g ON g.id = w.grp"
+            " WHERE g.schedule = ?",
+            (schedule,),
+        ).fetchone()
+        windows: dict[int, tuple[tuple[int, int], ...]] = {}
+        rows = tx.execute(
+            "SELECT id, name, grp, data FROM elements WHERE schedule = ? AND status = ?"
+            " AND start_ms IS NOT NULL",
+            (schedule, E.PENDING_APPROVAL.value),
+        ).fetchall()
+        ids = {name: element for element, name, _, _ in rows}
+        others = other_work(tx.conn, schedule, sorted(late))
+        elements = []
+        for _, name, grp, data in rows:
+            if grp not in windows:
+                windows[grp] = tuple(
+                    (a, b)
+                    for a, b in tx.execute(
+                        "SELECT start_ms, end_ms FROM windows WHERE grp = ?", (grp,)
+                    )
+                )
+            blocked: tuple[tuple[int, int], ...] = ()
+            if name in late:
+                element_data = msgspec.json.decode(data, type=dict[str, str]) if data else {}
+                needs = list(requirements([name], {name: element_data}))
+                blocked = tuple((a, b) for a, b, _ in entries_on(tx.conn, needs, tx.now_ms))
+                blocked += tuple((b.start_ms, b.end_ms) for b in others.get(name, ()))
+                if calendar is not None and calendar.calendars and windows[grp]:
+                    attributes = merged_attributes(name, element_data, calendar.inventory)
+                    end_ms = max(b for _, b in windows[grp])
+                    blocked += tuple(
+                        (a, b)
+                        for a, b, _ in calendar.calendars.denied(
+                            name, attributes, tx.now_ms, end_ms
+                        )
+                    )
+            elements.append(plans.Element(name, before[name], windows[grp], blocked))
+        after, stuck = plans.replan(
+            elements, origin_ms, duration_s * 1000, concurrency or 1, tx.now_ms, grace_ms
+        )
+        if stuck:
+            raise RequestError(
+                409, "NO_SLOT_LEFT", schedule_id, detail="no free slot for " + ", ".join(stuck)
+            )
+        for change in plans.difference(before, after):
+            assert change.old is not None and change.new is not None
+            tx.element_set(
+                ids[change.vnfName],
+                schedule,
+                schedule_id,
+                change.vnfName,
+                E.PENDING_APPROVAL,
+                start_ms=change.new[0],
+                finish_ms=change.new[1],
+                status_message=(
+                    f"re-planned by {by}: its slot {lifecycle.format_time(change.old[0])}"
+                    " passed before the approval"
+                )[:4000],
+            )
+        for grp, first, last, finish in tx.execute(
+            "SELECT grp, min(start_ms), max(start_ms), max(finish_ms) FROM elements"
+            " WHERE schedule = ? AND start_ms IS NOT NULL GROUP BY grp",
+            (schedule,),
+        ).fetchall():
+            tx.execute(
+                "UPDATE cm_groups SET start_ms = ?, finish_ms = ?, last_instance_ms = ?"
+                " WHERE id = ?",
+                (first, finish, last, grp),
+            )
+    fingerprint = _keep_plan(tx, schedule, schedule_id, f"replan by {by}")
+    now = load_slots(tx, schedule)
+    changes = plans.difference(seen_slots if seen_slots is not None else before, now)
+    if late:
+        tx.note(
+            "schedule.replanned",
+            schedule_id=schedule_id,
+            was=plans.fingerprint(schedule_id, before),
+            plan=fingerprint,
+            moved=len(late),
+            by=by,
+        )
+    return Replanned(seen or plans.fingerprint(schedule_id, before), fingerprint, changes)
+
+
+def next_expiry_ms(conn: Any, timeout_ms: int) -> int | None:
+    """When the next schedule left pending approval expires (plans.expires_at), None when
+    none waits for approval."""
+    if timeout_ms > 0:
+        (planned,) = conn.execute(
+            "SELECT min(optimizer_return_ms) FROM schedules WHERE status = ?",
+            (S.PENDING_APPROVAL.value,),
+        ).fetchone()
+        return None if planned is None else planned + timeout_ms
+    (first,) = conn.execute(  # (elements_status_start: no scan)
+        "SELECT min(start_ms) FROM elements WHERE status = ?", (E.PENDING_APPROVAL.value,)
+    ).fetchone()
+    return first
+
+
+def expire_pending(tx: Tx, timeout_ms: int) -> list[str]:
+    """Schedules left `Pending Approval` past their approval timeout are `Expired`, their
+    waiting elements too, with a message saying why. (They have no change tickets yet:
+    those are opened at acceptance.) Returns their ids."""
+    expired = []
+    for schedule, schedule_id, planned, first in tx.execute(
+        "SELECT s.id, s.schedule_id, s.optimizer_return_ms, min(e.start_ms) FROM schedules s"
+        " LEFT JOIN elements e ON e.schedule = s.id AND e.start_ms IS NOT NULL"
+        " WHERE s.status = ? GROUP BY s.id, s.schedule_id, s.optimizer_return_ms",
+        (S.PENDING_APPROVAL.value,),
+    ).fetchall():
+        deadline = plans.expires_at(first, planned, timeout_ms)
+        if deadline is None or deadline > tx.now_ms:
+            continue
+        why = plans.expiry_reason(first, planned, timeout_ms)
+        tx.schedule_to(
+            schedule,
+            schedule_id,
+            S.PENDING_APPROVAL,
+            S.EXPIRED,
+            **_control("expire", "cmsod", why, tx.now_ms),
+        )
+        for element, name in tx.execute(
+            "SELECT id, name FROM elements WHERE schedule = ? AND status = ?",
+            (schedule, E.PENDING_APPROVAL.value),
+        ).fetchall():
+            tx.element_to(
+                element,
+                schedule,
+                schedule_id,
+                name,
+                E.PENDING_APPROVAL,
+                E.EXPIRED,
+                status_message=f"its schedule expired: {why}"[:4000],
+            )
+        tx.note("schedule.expired", schedule_id=schedule_id, why=why)
+        expired.append(schedule_id)
+    return expired

@@ -206,6 +206,21 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO freeze (id) VALUES (1);
     """,
+    # 9: approval bound to the plan. Each plan cmsod made for a schedule (by the optimizer, or
+    # re-planned at an approval) with its fingerprint and slots, so a refusal can name what
+    # moved since the plan an approver saw; the plan an approval approved.
+    """
+    CREATE TABLE plans (
+        schedule INTEGER NOT NULL REFERENCES schedules(id),
+        fingerprint TEXT NOT NULL,
+        slots TEXT NOT NULL,
+        made_ms INTEGER NOT NULL,
+        made_by TEXT NOT NULL,
+        PRIMARY KEY (schedule, fingerprint)
+    );
+    ALTER TABLE approvals ADD COLUMN plan TEXT;
+    ALTER TABLE schedules ADD COLUMN approved_plan TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -62,6 +62,7 @@ SCHEDULE_COLUMNS = frozenset(
         "control_why",
         "control_ms",
         "failures_acknowledged",
+        "approved_plan",
     }
 )
 ELEMENT_COLUMNS = frozenset(

@@ -12,12 +12,14 @@ import sqlite3
 from collections.abc import Generator
 from typing import Any
 
+from cmsod import plans
 from cmsod.errors import RequestError
 from cmsod.explain import Block, Facts
 from cmsod.gates import Freeze
 from cmsod.lifecycle import format_time, parse_time_ms
 from cmsod.model import APPROVAL_DOMAIN, APPROVALS_REQUIRED, ElementStatus
 from cmsod.store.book import ACTIVE_WORK
+from cmsod.store.schedules import load_slots
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 
 
@@ -74,10 +76,11 @@ def _schedule_view(conn: sqlite3.Connection, row: tuple, with_info: bool = True)
                     "userId": u,
                     "approvalType": t,
                     "caller": caller,  # who sent it (peer credentials); userId is what it said
+                    "planFingerprint": plan,  # the plan it approved (or rejected)
                 }
             )
-            for u, t, st, ms, caller in conn.execute(
-                "SELECT user_id, approval_type, status, approval_ms, caller FROM approvals"
+            for u, t, st, ms, caller, plan in conn.execute(
+                "SELECT user_id, approval_type, status, approval_ms, caller, plan FROM approvals"
                 " WHERE schedule = ? ORDER BY approval_ms",
                 (schedule,),
             )
@@ -171,6 +174,10 @@ def schedule_head(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
             "reason": why,
             "time": format_time(control_ms),
         }
+    # the plan as it stands (plans.fingerprint): what `approve --plan` names
+    fingerprint = plans.fingerprint(schedule_id, load_slots(conn, row[0]))
+    if fingerprint is not None:
+        view["planFingerprint"] = fingerprint
     if max_failures is not None or max_ratio is not None:
         view["failureThreshold"] = _clean(
             {"maxFailures": max_failures, "maxFailureRatio": max_ratio}

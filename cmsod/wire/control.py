@@ -125,6 +125,15 @@ class FreezeParameters(msgspec.Struct, forbid_unknown_fields=True):
     by: Name = ""
 
 
+# A plan's fingerprint (cmsod.plans): 12 lowercase hex digits.
+Fingerprint = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{12}$")]
+
+
 class ApproveParameters(msgspec.Struct, forbid_unknown_fields=True):
+    """`plan`: the fingerprint of the plan the approver saw (`show`); `replan`: re-place the
+    slots that passed (or approve the plan as it now is) instead of refusing."""
+
     scheduleId: Name
     approval: Approval
+    plan: Fingerprint | None = None
+    replan: bool = False
