@@ -139,7 +139,10 @@ async def test_a_missing_topic_is_an_error_retried_at_the_slowest_pace_until_it_
     caplog.set_level(logging.ERROR, logger="cmsod")
     logging.getLogger("cmsod").propagate = True
     try:
-        cmsod = await kafka_daemon(nursery, tmp_path, proxy, events__retry_max_s=20)
+        # a day to approve: it must not expire (one more event) while the topic is missing
+        cmsod = await kafka_daemon(
+            nursery, tmp_path, proxy, events__retry_max_s=20, optimizer__approval_timeout_s=86400
+        )
         client = await cmsod.connect()
         await client.ok("io.cmsod.Schedules.Create", schedule=request("nt", now=EPOCH))
         await outbox_empty(cmsod)
