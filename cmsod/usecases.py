@@ -230,6 +230,11 @@ async def freeze(
     return views.freeze_view(frozen)
 
 
+async def freeze_in_force(ctx: Context) -> dict[str, Any] | None:
+    """The global freeze as `status` shows it: None when off or past its end."""
+    return await ctx.store.read(views.freeze_in_force, ctx.clock.now_ms())
+
+
 # -- the daemon -------------------------------------------------------------------------------
 
 
@@ -240,7 +245,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     frozen: dict[str, Any] | None = None
     try:
         counts = await ctx.store.read(views.status_counts)
-        frozen = await ctx.store.read(views.freeze_in_force, ctx.clock.now_ms())
+        frozen = await freeze_in_force(ctx)
         db_ok = True
     except Exception as exc:  # the health report must answer even when the store cannot
         counts, db_ok = {"error": str(exc)}, False

@@ -622,3 +622,126 @@ async def test_too_many_rows_for_one_answer_is_a_400_not_a_500(
         assert answer.json()["requestError"]["messageId"] == "cmsod.TOOMANYROWS"
     monkeypatch.undo()
     assert (await http.client.get(f"{BASE}/big")).status_code == 200
+
+
+# -- cmsod's own extensions: stopping a rollout, the global freeze -----------------------------
+
+X = "/cmso/v1/x-cmsod"
+
+
+async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http: Rest) -> None:
+    reader, operator = http.as_user("reader"), http.as_user("operator")
+    try:
+        await http.create(request("ext", ["n1", "n2"], now=EPOCH, minutes_from_now=20))
+        await http.wait_for("ext", S.PENDING_APPROVAL)
+        assert (await http.approve("ext", approval())).status_code == 204
+        await http.wait_for("ext", S.SCHEDULED)
+        # a read-only user may not, and nothing changes
+        for action in ("pause", "abort", "resume"):
+            refused = await reader.client.post(f"{X}/schedules/ext/{action}", json={"reason": "x"})
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["requestError"]["variables"] == ["reader", "operate"]
+        view = await http.schedule("ext")
+        assert view["status"] == S.SCHEDULED and "control" not in view
+
+        paused = await operator.client.post(
+            f"{X}/schedules/ext/pause", json={"reason": "odd alarms"}
+        )
+        assert paused.status_code == 200, paused.text
+        assert paused.json() == {"scheduleId": "ext", "status": S.PAUSED}
+        assert_version_headers(paused)
+        view = await http.schedule("ext")
+        assert view["status"] == S.PAUSED
+        control = view["control"]
+        assert (control["action"], control["by"], control["reason"]) == (
+            "pause",
+            "operator (http)",  # the authenticated user, whatever a client might claim
+            "odd alarms",
+        )
+        claimed = await operator.client.post(f"{X}/schedules/ext/pause", json={"by": "someone"})
+        assert claimed.status_code == 400
+        assert claimed.json()["requestError"]["messageId"] == "Scheduler.INVALID_ATTRIBUTE"
+
+        resumed = await operator.client.post(f"{X}/schedules/ext/resume")  # no body: no reason
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json() == {"scheduleId": "ext", "status": S.SCHEDULED}
+        assert (await http.schedule("ext"))["control"]["action"] == "resume"
+
+        aborted = await operator.client.post(
+            f"{X}/schedules/ext/abort", json={"reason": "wrong firmware"}
+        )
+        assert aborted.json() == {"scheduleId": "ext", "status": S.CANCELLED}  # nothing ran
+        view = await http.schedule("ext")
+        assert view["status"] == S.CANCELLED
+        for element in statuses(view):
+            assert statuses(view)[element] == E.CANCELLED
+        messages = {
+            e["statusMessage"] for g in view["groups"] for e in g["changeManagementSchedules"]
+        }
+        assert messages == {"aborted by operator (http): wrong firmware"}
+
+        # CMSO's errors, in its requestError shape
+        again = await operator.client.post(f"{X}/schedules/ext/pause")
+        assert again.status_code == 412
+        assert again.json()["requestError"]["messageId"] == "Scheduler.NOT_RUNNING"
+        missing = await operator.client.post(f"{X}/schedules/nope/abort")
+        assert missing.status_code == 404
+        long = await operator.client.post(f"{X}/schedules/ext/pause", json={"reason": "r" * 1001})
+        assert long.status_code == 400
+        assert long.json()["requestError"]["variables"][0] == "reason"
+        assert (await operator.client.get(f"{X}/schedules/ext/pause")).status_code == 405
+        assert (await operator.client.post(f"{X}/schedules/ext/halt")).status_code == 404
+    finally:
+        await reader.client.aclose()
+        await operator.client.aclose()
+
+
+async def test_extensions_freeze_on_status_and_off(autojump_clock, http: Rest) -> None:
+    reader, operator = http.as_user("reader"), http.as_user("operator")
+    try:
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+        refused = await reader.client.put(f"{X}/freeze", json={"reason": "no"})
+        assert refused.status_code == 403
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+
+        past = await operator.client.put(f"{X}/freeze", json={"until": "2026-12-01T07:00:00Z"})
+        assert past.status_code == 400
+        assert past.json()["requestError"]["variables"][0] == "until"
+        on = await operator.client.put(
+            f"{X}/freeze", json={"reason": "incident 42", "until": "2026-12-02T08:00:00Z"}
+        )
+        assert on.status_code == 200, on.text
+        frozen = on.json()["freeze"]
+        assert frozen["status"] == "Frozen" and frozen["by"] == "operator (http)"
+        assert (frozen["reason"], frozen["until"]) == ("incident 42", "2026-12-02T08:00:00Z")
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": frozen}
+        health = await reader.client.get("/cmso/v1/health")
+        assert health.json()["freeze"] == frozen
+
+        assert (await reader.client.delete(f"{X}/freeze")).status_code == 403
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": frozen}
+        off = await operator.client.request("DELETE", f"{X}/freeze", json={"reason": "resolved"})
+        assert off.status_code == 200, off.text
+        assert off.json() == {"freeze": None}
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+        assert (await operator.client.post(f"{X}/freeze")).status_code == 405
+    finally:
+        await reader.client.aclose()
+        await operator.client.aclose()
+
+
+async def test_every_documented_operation_is_routed(http: Rest) -> None:
+    """docs/openapi.json and the routes agree: no documented path or method is unknown to
+    the listener, and cmsod's own are tagged as its extensions."""
+    document = (await http.client.get("/cmso/openapi.json")).json()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            answer = await http.client.request(method.upper(), path.format(scheduleId="x"))
+            assert answer.status_code != 405, (method, path)
+            if answer.status_code == 404 and answer.headers["content-type"] == "application/json":
+                assert answer.json()["requestError"]["messageId"] != "cmsod.NOT_FOUND", path
+            assert operation["tags"] == (
+                ["cmsod extensions"] if "/x-cmsod/" in path else ["CMSO"]
+            ), path

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, quote, unquote
 import msgspec
 import trio
 
-from cmsod import log
+from cmsod import log, usecases
 from cmsod.actors.context import Context
 from cmsod.control import api
 from cmsod.errors import ControlError, RequestError
@@ -38,11 +38,16 @@ from cmsod.rest.auth import (
 )
 from cmsod.wire import cmso
 from cmsod.wire import control as w
+from cmsod.wire import rest as x
 
 OPENAPI_PATH = "/cmso/openapi.json"
 OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 VERSION = re.compile(r"^v[12]$", re.IGNORECASE)
 LATEST_VERSION = b"2.0.0"
+# cmsod's own routes beside CMSO's, under /cmso/<version>/x-cmsod/ (OpenAPI tag "cmsod
+# extensions"): the controls of "Stop, hold and gate a rollout", which CMSO never had.
+EXTENSIONS = "x-cmsod"
+STOPS = {"pause": usecases.pause, "resume": usecases.resume, "abort": usecases.abort}
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -186,6 +191,8 @@ class RestApp:
         s = call.segments
         if s == ["health"]:
             return _only(method, "GET") or await self.health(call)
+        if s[0] == EXTENSIONS:
+            return await self.extension(call, method)
         if s[0] != "schedules":
             raise problem(404, "NOT_FOUND", "no such path", "/".join(s))
         if len(s) == 1:
@@ -277,6 +284,44 @@ class RestApp:
         await api.delete(self.ctx, parameters)
         return Answer(204)
 
+    # -- cmsod's extensions: stop a rollout, freeze everything ----------------------------------
+
+    async def extension(self, call: Call, method: str) -> Answer:
+        s = call.segments[1:]
+        if s == ["freeze"]:
+            if method == "GET":
+                return await self.freeze_status(call)
+            if method in ("PUT", "DELETE"):
+                return await self.freeze(call, method == "PUT")
+            return _not_allowed("GET, PUT, DELETE")
+        if len(s) == 3 and s[0] == "schedules" and s[2] in STOPS:
+            return _only(method, "POST") or await self.stop(call, s[1], s[2])
+        raise problem(404, "NOT_FOUND", "no such path", "/".join([EXTENSIONS, *s]))
+
+    async def stop(self, call: Call, schedule_id: str, action: str) -> Answer:
+        """Pause, resume or abort a rollout, as `cmsoctl pause|resume|abort` does."""
+        _permit(call, Level.operate)
+        parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
+        body = await self.body(call, x.StopBody, empty={})
+        _log_call(call, action, schedule_id)
+        status = await STOPS[action](self.ctx, parameters.scheduleId, _by(call), body.reason)
+        return json_answer(200, {"scheduleId": parameters.scheduleId, "status": status.value})
+
+    async def freeze(self, call: Call, on: bool) -> Answer:
+        """The global freeze on (PUT) or off (DELETE), as `cmsoctl freeze on|off` does."""
+        _permit(call, Level.operate)
+        body = await self.body(call, x.FreezeBody, empty={})
+        if not on and body.until is not None:
+            raise RequestError(400, "INVALID_ATTRIBUTE", "until", body.until)
+        _log_call(call, "freeze" if on else "thaw", None)
+        frozen = await usecases.freeze(self.ctx, on, _by(call), body.reason, body.until)
+        return json_answer(200, {"freeze": frozen})
+
+    async def freeze_status(self, call: Call) -> Answer:
+        _permit(call, Level.read)
+        _no_query(call)
+        return json_answer(200, {"freeze": await usecases.freeze_in_force(self.ctx)})
+
     # -- what every request goes through -------------------------------------------------------
 
     async def authenticate(self, scope: Scope) -> User:
@@ -307,8 +352,9 @@ class RestApp:
             self.credentials.remember(user, password)
         return user
 
-    async def body(self, call: Call, into: type[Any]) -> Any:
-        """The whole body within the size and time limits, decoded into `into`."""
+    async def body(self, call: Call, into: type[Any], empty: Any = None) -> Any:
+        """The whole body within the size and time limits, decoded into `into`; no body at all
+        is `empty` when given (an extension's optional reason)."""
         cfg = self.ctx.config.http
         declared = _header(call.scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
@@ -326,8 +372,11 @@ class RestApp:
                     raise _too_large(cfg.max_body_bytes)
                 chunks.append(chunk)
                 if not message.get("more_body"):
+                    whole = b"".join(chunks)
                     try:
-                        return msgspec.json.decode(b"".join(chunks), type=into)
+                        if empty is not None and not whole.strip():
+                            return msgspec.convert(empty, into)
+                        return msgspec.json.decode(whole, type=into)
                     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                         raise invalid_body(exc) from None
                     except RecursionError:
@@ -399,7 +448,12 @@ def _permit(call: Call, needed: Level) -> None:
         )
 
 
-def _log_call(call: Call, action: str, schedule_id: str) -> None:
+def _by(call: Call) -> str:
+    """Who stopped or froze it, as recorded (the control socket records `name (uid N)`)."""
+    return f"{call.user.name} (http)"
+
+
+def _log_call(call: Call, action: str, schedule_id: str | None) -> None:
     log.info("http.call", action=action, schedule_id=schedule_id, user=call.user.name)
 
 
