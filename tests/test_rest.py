@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -28,6 +29,7 @@ from cmsod.rest import server as rest
 from cmsod.rest.app import RestApp
 from cmsod.rest.auth import Credentials, hash_password
 from cmsod.store import views
+from cmsod.wire import control as w
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
 from tests.test_acceptance import (
@@ -613,15 +615,116 @@ async def test_a_failure_inside_is_a_500_and_the_next_request_is_served(
 async def test_too_many_rows_for_one_answer_is_a_400_not_a_500(
     http: Rest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "MAX_REPLY_ROWS", 2)  # the socket streams more; HTTP answers in one
+    """A schedule's view is one body (400 past MAX_REPLY_ROWS); scheduleDetails is streamed,
+    so it answers every row whatever their number."""
+    monkeypatch.setattr(api, "MAX_REPLY_ROWS", 2)
+    monkeypatch.setattr(api, "STREAM_CHUNK", 2)  # the details in chunks of 2
     body = request("big", ["n1", "n2", "n3"], now=EPOCH)
     assert (await http.create(body)).status_code == 202
-    for path in (f"{BASE}/big", f"{BASE}/scheduleDetails?vnfName=n%25"):
-        answer = await http.client.get(path)
-        assert answer.status_code == 400, answer.text
-        assert answer.json()["requestError"]["messageId"] == "cmsod.TOOMANYROWS"
+    answer = await http.client.get(f"{BASE}/big")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["requestError"]["messageId"] == "cmsod.TOOMANYROWS"
+    details = await http.client.get(f"{BASE}/scheduleDetails?vnfName=n%25")
+    assert details.status_code == 200
+    assert [d["vnfName"] for d in details.json()] == ["n1", "n2", "n3"]
     monkeypatch.undo()
     assert (await http.client.get(f"{BASE}/big")).status_code == 200
+
+
+async def create_rows(daemon: Daemon, count: int, per_schedule: int = 10_000) -> list[str]:
+    """Schedules of `count` elements in all (stored through the use case: the HTTP body limit
+    of these tests is small); their element names in scheduleDetails' order."""
+    names: list[str] = []
+    for first in range(0, count, per_schedule):
+        nodes = [f"e{n:06d}" for n in range(first, min(count, first + per_schedule))]
+        body = request(
+            f"rows-{first:06d}", nodes, now=EPOCH, minutes_from_now=600, concurrency=per_schedule
+        )
+        await api.create(daemon.ctx, msgspec.convert({"schedule": body}, w.CreateParameters))
+        names += nodes
+    return names
+
+
+async def test_scheduledetails_streams_every_row_in_one_answer(
+    served: tuple[Daemon, str], http: Rest
+) -> None:
+    """25,000 rows (more than MAX_REPLY_ROWS, many chunks): all there, in order, one JSON
+    array, sent without a length (chunked) from one snapshot."""
+    names = await create_rows(served[0], 25_000)
+    async with http.client.stream(
+        "GET", f"{BASE}/scheduleDetails", params={"request.scheduleId": "rows-%"}
+    ) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in answer.headers
+        assert_version_headers(answer)
+        body = await answer.aread()
+    rows = json.loads(body)
+    assert len(rows) == 25_000 > api.MAX_REPLY_ROWS
+    assert [r["vnfName"] for r in rows] == names
+    assert rows[-1]["scheduleRequest"]["scheduleId"] == "rows-020000"
+    assert served[0].ctx.store.streams.borrowed_tokens == 0  # the read is over
+
+
+async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
+    served: tuple[Daemon, str], http: Rest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that reads the start of a large scheduleDetails and hangs up: the read behind
+    it ends (its store stream freed), and the listener goes on serving."""
+    caplog.set_level(logging.INFO, logger="cmsod")
+    daemon, url = served
+    await create_rows(daemon, 12_000)  # more than the socket buffers hold
+    host, port = url.removeprefix("http://").split(":")
+    credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        f"GET {BASE}/scheduleDetails?vnfName=e% HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Basic {credentials}\r\n\r\n".encode()
+    )
+    head = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    await stream.aclose()
+
+    async def stream_ended() -> bool:
+        return daemon.ctx.store.streams.borrowed_tokens == 0
+
+    await wait_until(stream_ended, "the store stream freed", within_s=30)
+    formatter = LogfmtFormatter(journal=False)
+    gone = [formatter.format(r) for r in caplog.records if "client_gone" in formatter.format(r)]
+    assert len(gone) == 1 and "path=/cmso/v1/schedules/scheduleDetails" in gone[0], gone
+    rows = await http.details(**{"request.scheduleId": "rows-000000"})
+    assert rows.status_code == 200 and len(rows.json()) == 10_000
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    autojump_clock, served: tuple[Daemon, str], http: Rest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that reads the head of a large answer and then nothing, connection open: cut
+    off once a send waited request_timeout_s (5 s here; hypercorn sends under a shield, so
+    without the deadline it held the answer's task and the store stream for ever)."""
+    caplog.set_level(logging.INFO, logger="cmsod")
+    daemon, url = served
+    await create_rows(daemon, 12_000)  # more than the socket buffers hold
+    host, port = url.removeprefix("http://").split(":")
+    credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        f"GET {BASE}/scheduleDetails?vnfName=e% HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Basic {credentials}\r\n\r\n".encode()
+    )
+    head = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+
+    async def stream_ended() -> bool:
+        return daemon.ctx.store.streams.borrowed_tokens == 0
+
+    await wait_until(stream_ended, "the store stream freed", within_s=30)
+    formatter = LogfmtFormatter(journal=False)
+    gone = [formatter.format(r) for r in caplog.records if "slow_reader" in formatter.format(r)]
+    assert len(gone) == 1 and "timeout_s=5" in gone[0], gone
+    rows = await http.details(**{"request.scheduleId": "rows-000000"})
+    assert rows.status_code == 200 and len(rows.json()) == 10_000
+    await stream.aclose()
 
 
 # -- cmsod's own extensions: stopping a rollout, the global freeze -----------------------------

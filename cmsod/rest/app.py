@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Answer(Exception):
     body: bytes = b""
     content_type: bytes = b"application/json"
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    stream: AsyncGenerator[bytes, None] | None = None  # the body, in chunks (no length)
 
 
 def problem(status: int, message_id: str, text: str, *variables: str, **kw: Any) -> Answer:
@@ -144,6 +146,9 @@ class RestApp:
         except Exception as exc:  # a bug or a store failure: answer, log, keep serving
             log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
             answer = problem(500, "INTERNAL_ERROR", f"{type(exc).__name__} (in cmsod's log)")
+        if answer.stream is not None:
+            await self.stream(scope, receive, send, answer, minor)
+            return
         headers: Headers = [
             (b"content-type", answer.content_type),
             (b"content-length", str(len(answer.body)).encode()),
@@ -160,6 +165,42 @@ class RestApp:
             headers = [h for h in headers if h[0] not in drop]
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def stream(
+        self, scope: Scope, receive: Receive, send: Send, answer: Answer, minor: bytes
+    ) -> None:
+        """A body of unknown length, sent as it is made (chunked: HTTP/1.1 frames each send).
+        A client that hangs up ends it (and the read behind it); a failure once the status is
+        sent can only cut the body short, which the client sees as a broken answer."""
+        assert answer.stream is not None
+        headers: Headers = [
+            (b"content-type", answer.content_type),
+            (b"x-latestversion", LATEST_VERSION),
+            (b"x-minorversion", minor[:16]),
+            (b"x-patchversion", b"0"),
+            *answer.headers,
+        ]
+        sent = 0
+        async with contextlib.aclosing(answer.stream) as chunks, trio.open_nursery() as nursery:
+
+            async def hang_up() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                log.info("http.client_gone", path=scope["path"], sent=sent)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(hang_up)
+            try:
+                await send(
+                    {"type": "http.response.start", "status": answer.status, "headers": headers}
+                )
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent += len(chunk)
+                await send({"type": "http.response.body", "body": b""})
+            except Exception:  # the status is out: the connection closes mid-body
+                log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
+            nursery.cancel_scope.cancel()
 
     async def answer(self, scope: Scope, receive: Receive, minor: bytes) -> Answer:
         raw = scope.get("raw_path") or scope["path"].encode()
@@ -239,10 +280,20 @@ class RestApp:
         return json_answer(200, result["schedules"], headers)
 
     async def details(self, call: Call) -> Answer:
+        """Every matching row in one answer, however many: read from one snapshot and sent
+        STREAM_CHUNK rows at a time as a JSON array (memory holds a chunk). A refusal (a bad
+        filter, nothing found) comes with the first chunk, so before the status is sent."""
         _permit(call, Level.read)
         parameters = _convert({"filters": call.query()}, w.DetailsParameters)
-        details = await api.one_reply(api.details(self.ctx, parameters, False))
-        return json_answer(200, details.get("details", []))
+        pages = api.details(self.ctx, parameters, True)
+        try:
+            first = await anext(pages)
+        except StopAsyncIteration:
+            return Answer(200, b"[]")
+        except BaseException:
+            await pages.aclose()
+            raise
+        return Answer(200, stream=_json_array(first["details"], pages))
 
     async def get(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.read)
@@ -401,6 +452,24 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def _json_array(
+    first: list[Any], pages: AsyncGenerator[dict[str, Any], None]
+) -> AsyncGenerator[bytes, None]:
+    """`[` + every row of `first` and of each page's `details` + `]`, a page per chunk."""
+    async with contextlib.aclosing(pages):
+        opening = b"["
+        rows = first
+        while True:
+            if rows:
+                yield opening + _encoder.encode(rows)[1:-1]
+                opening = b","
+            page = await anext(pages, None)
+            if page is None:
+                break
+            rows = page["details"]
+    yield b"]" if opening == b"," else b"[]"
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
