@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -70,7 +71,7 @@ def bind(listen: str) -> socket.socket:
         sock.bind((host, int(port)))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"http.listen {listen}: {exc.strerror}") from None
+        raise ConfigError(f"http.listen = {listen!r}: {exc.strerror}") from None
     sock.listen(1024)
     return sock
 
@@ -105,11 +106,23 @@ def _common_name(stream: trio.SSLStream[trio.SocketStream]) -> str | None:
     return None
 
 
-async def serve(
-    ctx: Context, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve until `ctx.stopping`; `task_status` gets the bound `host:port`."""
-    cfg = ctx.config.http
+@dataclass
+class Bound:
+    """What the listener needs before it serves: read and bound at start-up, before the
+    daemon's actors, so that a taken port or a bad file refuses the start (EX_CONFIG)."""
+
+    credentials: Credentials
+    hc: HypercornConfig
+    tls: ssl.SSLContext | None
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def listen(cfg: HttpConfig) -> Bound:
+    """The credentials read, the TLS context made and the socket bound; ConfigError saying
+    which key is wrong."""
     credentials = Credentials(Path(cfg.credentials_file))
     credentials.load()
     hc = hypercorn_config(cfg)
@@ -117,7 +130,21 @@ async def serve(
         tls = hc.create_ssl_context()
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"http TLS files: {exc}") from None
-    sock = bind(cfg.listen)
+    return Bound(credentials, hc, tls, bind(cfg.listen))
+
+
+async def serve(
+    ctx: Context,
+    bound: Bound | None = None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve on `bound` (made by `listen`, here when not given) until `ctx.stopping`;
+    `task_status` gets the bound `host:port`."""
+    cfg = ctx.config.http
+    if bound is None:
+        bound = listen(cfg)
+    credentials, hc, tls, sock = bound.credentials, bound.hc, bound.tls, bound.sock
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     by_address: dict[tuple[str, int], str] = {}  # client address -> its certificate's user
 
