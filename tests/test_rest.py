@@ -26,7 +26,7 @@ from cmsod.log import LogfmtFormatter
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.rest import server as rest
-from cmsod.rest.app import RestApp
+from cmsod.rest.app import RestApp, ViewCache
 from cmsod.rest.auth import Credentials, hash_password
 from cmsod.store import views
 from cmsod.wire import control as w
@@ -848,3 +848,44 @@ async def test_every_documented_operation_is_routed(http: Rest) -> None:
             assert operation["tags"] == (
                 ["cmsod extensions"] if "/x-cmsod/" in path else ["CMSO"]
             ), path
+
+
+async def test_view_cache_reads_once_per_commit_and_shares_a_read() -> None:
+    cache = ViewCache(entries=2)
+    version = [0]
+    reads: list[str] = []
+    gate = trio.Event()
+
+    def reader(key: str, fail: bool = False) -> Any:
+        async def read() -> bytes:
+            reads.append(key)
+            await gate.wait()
+            if fail:
+                raise KeyError(key)
+            return f"{key}@{version[0]}".encode()
+
+        return read
+
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):  # five clients at once: one read
+            nursery.start_soon(
+                lambda: _append(got, cache.get("a", lambda: version[0], reader("a")))
+            )
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert got == [b"a@0"] * 5 and reads == ["a"]
+    assert await cache.get("a", lambda: version[0], reader("a")) == b"a@0"  # kept
+    version[0] = 1  # a commit: read again
+    assert await cache.get("a", lambda: version[0], reader("a")) == b"a@1"
+    assert reads == ["a", "a"]
+    with pytest.raises(KeyError):  # a failure is not kept
+        await cache.get("gone", lambda: version[0], reader("gone", fail=True))
+    assert "gone" not in cache.entries and not cache.reading
+    for key in ("b", "c"):  # two entries at most: the oldest goes
+        await cache.get(key, lambda: version[0], reader(key))
+    assert list(cache.entries) == ["b", "c"]
+
+
+async def _append(into: list[bytes], value: Any) -> None:
+    into.append(await value)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import re
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,46 @@ def invalid_body(exc: Exception) -> Answer:
     return request_error(RequestError(400, "INVALID_ATTRIBUTE", field, text))
 
 
+class ViewCache:
+    """Encoded answers of `GET /schedules/{id}`, each valid until the store's next commit.
+    CMSO's clients poll a schedule until its status changes: a view is read and encoded once
+    per change, not once per request, and requests for a view being read wait for that read
+    instead of starting their own. At most `entries` views of `max_bytes` each (larger ones
+    are not kept); a failed read (404, too many rows) is not kept either."""
+
+    def __init__(self, entries: int = 128, max_bytes: int = 256 * 1024) -> None:
+        self.size = entries
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self.reading: dict[str, trio.Event] = {}
+
+    async def get(
+        self, key: str, version: Callable[[], int], read: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        while True:
+            now = version()  # before the read: what it sees is at least this recent
+            hit = self.entries.get(key)
+            if hit is not None and hit[0] == now:
+                self.entries.move_to_end(key)
+                return hit[1]
+            busy = self.reading.get(key)
+            if busy is None:
+                break
+            await busy.wait()  # then look again: it may have failed, or be of an older commit
+        done = self.reading[key] = trio.Event()
+        try:
+            body = await read()
+        finally:
+            del self.reading[key]
+            done.set()
+        if len(body) <= self.max_bytes:
+            self.entries[key] = (now, body)
+            self.entries.move_to_end(key)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return body
+
+
 @dataclass
 class Call:
     """One request as the routes see it."""
@@ -127,6 +168,7 @@ class RestApp:
         self.kdf = kdf
         self.client_user = client_user
         self.metrics = metrics
+        self.views = ViewCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -298,9 +340,13 @@ class RestApp:
     async def get(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.read)
         parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
-        return json_answer(
-            200, (await api.one_reply(api.get(self.ctx, parameters, False)))["schedule"]
-        )
+
+        async def read() -> bytes:
+            view = await api.one_reply(api.get(self.ctx, parameters, False))
+            return _encoder.encode(view["schedule"])
+
+        store = self.ctx.store
+        return Answer(200, await self.views.get(schedule_id, lambda: store.commits, read))
 
     async def create(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.operate)
