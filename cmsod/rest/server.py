@@ -90,6 +90,8 @@ class SendDeadline:
         return getattr(self._stream, name)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:  # h11's end of a body of known length: nothing to send (a third of
+            return  # the sends of an answer, each a cancel scope and a lock in hypercorn)
         with trio.move_on_after(self._timeout_s) as scope:
             await self._stream.send_all(data)
         if scope.cancelled_caught:
