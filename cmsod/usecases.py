@@ -91,13 +91,11 @@ async def create(ctx: Context, request: ScheduleRequest) -> tuple[str, S]:
     return new.schedule_id, status
 
 
-async def get_schedule(ctx: Context, schedule_id: str) -> dict[str, Any]:
-    return await ctx.store.read(views.get_schedule, schedule_id)
-
-
-async def schedule_head(ctx: Context, schedule_id: str) -> dict[str, Any]:
-    """The view without its elements, `elements` their count."""
-    return await ctx.store.read(views.schedule_head, schedule_id)
+async def get_schedule(
+    ctx: Context, schedule_id: str, max_elements: int | None = None
+) -> dict[str, Any]:
+    """The whole view, in one read; only its head past `max_elements` elements."""
+    return await ctx.store.read(views.get_schedule, schedule_id, max_elements)
 
 
 def schedule_stream(
