@@ -24,6 +24,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/crash.py
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/http.py
+	$(BIN)/python bench/http_floor.py
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \

@@ -8,7 +8,8 @@ Starts `cmsod --state-dir <tmp>` with `[http] listen` on a loopback port and a c
 2. `--concurrent` connections at once, each sending `--per-connection` GETs of a 1-element
    schedule, then of an `--elements`-element one (HTTP/1.1 keep-alive, raw trio sockets so that the client
    costs little of the 2 cores it shares with the daemon): requests/s;
-3. creates schedules totalling `--rows` elements and times one scheduleDetails of all rows.
+3. creates schedules totalling `--rows` elements and times one scheduleDetails of all rows
+   (streamed: time to the first byte and to the last, and the daemon's resident memory).
 Usage: python bench/http.py [--elements 100] [--runs 50] [--concurrent 1000] [--rows 100000]
 """
 
@@ -22,9 +23,11 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 
@@ -38,6 +41,30 @@ from tests.procs import Daemon  # noqa: E402
 
 BASE = "/cmso/v1/schedules"
 USER, PASSWORD = "bench", "bench-password"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssPeak:
+    """The largest resident size of process `pid`, looked at every 10 ms until stop()."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.done = pid, rss_mb(pid), threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.01):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def schedule_body(schedule_id: str, elements: int) -> dict:
@@ -145,11 +172,21 @@ def main() -> None:
                     assert answer.status_code == 202, answer.text
                     made += n
                 if args.rows:
+                    rss_before = rss_mb(daemon.proc.pid)
+                    peak = RssPeak(daemon.proc.pid)
                     began = time.perf_counter()
-                    details = client.get(f"{BASE}/scheduleDetails", params={"vnfName": "rows-%"})
+                    with client.stream(
+                        "GET", f"{BASE}/scheduleDetails", params={"vnfName": "rows-%"}
+                    ) as details:
+                        assert details.status_code == 200, details.read()[:500]
+                        chunks = details.iter_bytes()
+                        body = [next(chunks)]
+                        first_byte_s = time.perf_counter() - began
+                        body += list(chunks)
                     details_s = time.perf_counter() - began
-                    assert details.status_code == 200, details.text[:500]
-                    rows, details_bytes = len(details.json()), len(details.content)
+                    peak.stop()
+                    content = b"".join(body)
+                    rows, details_bytes = len(json.loads(content)), len(content)
         finally:
             daemon.stop()
     created.sort()
@@ -167,7 +204,9 @@ def main() -> None:
         )
     if args.rows:
         print(
-            f"  scheduleDetails of {rows:,} rows: {details_s:.2f} s, {details_bytes / 1e6:.1f} MB"
+            f"  scheduleDetails of {rows:,} rows (streamed): {details_s:.2f} s, first byte after"
+            f" {first_byte_s * 1000:.0f} ms, {details_bytes / 1e6:.1f} MB; daemon RSS"
+            f" {rss_before:.0f} MB before, {peak.peak:.0f} MB at most during it"
         )
 
 

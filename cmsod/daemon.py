@@ -206,6 +206,15 @@ async def run(
     """The daemon's life inside trio: returns after a clean stop."""
     cfg = ctx.config
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    # The listeners are bound first: a port in use (or a bad credentials or TLS file) is a
+    # configuration error refused at once, before the store is opened or any work started.
+    metrics_listeners = await metrics.listen(ctx) if cfg.metrics.address is not None else None
+    try:
+        http_bound = rest.listen(cfg.http) if cfg.http.listen else None
+    except BaseException:
+        for listener in metrics_listeners or ():
+            listener.socket.close()
+        raise
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         await ctx.store.open()
         log.info(
@@ -218,10 +227,10 @@ async def run(
             async with trio.open_nursery() as root:
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
-                if cfg.metrics.address is not None:
-                    await root.start(metrics.serve, ctx)
+                if metrics_listeners is not None:
+                    await root.start(metrics.serve, ctx, metrics_listeners)
                 path = await root.start(server.serve, ctx)
-                http = await root.start(rest.serve, ctx) if cfg.http.listen else None
+                http = await root.start(rest.serve, ctx, http_bound) if http_bound else None
                 if http is None:
                     ctx.http_drained.set()
                 systemd.notify("READY=1", await status_line(ctx))
@@ -415,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(start)
+    except ConfigError as exc:  # found at start-up, before any work: a listen port in use
+        print(f"cmsod: cannot start: {exc}", file=sys.stderr)
+        systemd.notify(f"STATUS=refused: {exc}")
+        return EX_CONFIG
     except Exception:
         log.error("daemon.failed", exc_info=True)
         systemd.notify("STATUS=failed, see the log")

@@ -93,13 +93,11 @@ async def create(ctx: Context, request: ScheduleRequest) -> tuple[str, S]:
     return new.schedule_id, status
 
 
-async def get_schedule(ctx: Context, schedule_id: str) -> dict[str, Any]:
-    return await ctx.store.read(views.get_schedule, schedule_id)
-
-
-async def schedule_head(ctx: Context, schedule_id: str) -> dict[str, Any]:
-    """The view without its elements, `elements` their count."""
-    return await ctx.store.read(views.schedule_head, schedule_id)
+async def get_schedule(
+    ctx: Context, schedule_id: str, max_elements: int | None = None
+) -> dict[str, Any]:
+    """The whole view, in one read; only its head past `max_elements` elements."""
+    return await ctx.store.read(views.get_schedule, schedule_id, max_elements)
 
 
 def schedule_stream(
@@ -298,6 +296,11 @@ async def freeze(
     return views.freeze_view(frozen)
 
 
+async def freeze_in_force(ctx: Context) -> dict[str, Any] | None:
+    """The global freeze as `status` shows it: None when off or past its end."""
+    return await ctx.store.read(views.freeze_in_force, ctx.clock.now_ms())
+
+
 # -- the daemon -------------------------------------------------------------------------------
 
 
@@ -308,7 +311,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     frozen: dict[str, Any] | None = None
     try:
         counts = await ctx.store.read(views.status_counts)
-        frozen = await ctx.store.read(views.freeze_in_force, ctx.clock.now_ms())
+        frozen = await freeze_in_force(ctx)
         db_ok = True
     except Exception as exc:  # the health report must answer even when the store cannot
         counts, db_ok = {"error": str(exc)}, False

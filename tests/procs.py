@@ -34,7 +34,11 @@ class Daemon:
     alive: ClassVar[set[subprocess.Popen]] = set()
 
     def __init__(
-        self, state_dir: Path, config: Path | None = None, extra_env: dict | None = None
+        self,
+        state_dir: Path,
+        config: Path | None = None,
+        extra_env: dict | None = None,
+        ready: bool = True,  # False: do not wait for daemon.ready (a start meant to fail)
     ) -> None:
         self.state_dir = state_dir
         self.lines: list[str] = []
@@ -49,7 +53,8 @@ class Daemon:
         self._changed = threading.Condition()
         # read the log all the time: a full pipe would block the daemon in a log write
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait_log(r"event=daemon\.ready")
+        if ready:
+            self.wait_log(r"event=daemon\.ready")
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -76,6 +81,15 @@ class Daemon:
                 assert not self._ended, f"daemon exited:\n{tail}"
                 self._changed.wait(left)
         return found
+
+    def exited(self, timeout: float = 30.0) -> int:
+        """The exit code, once the process has ended and its log is all read."""
+        code = self.proc.wait(timeout)
+        Daemon.alive.discard(self.proc)
+        with self._changed:
+            while not self._ended:
+                self._changed.wait(timeout)
+        return code
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

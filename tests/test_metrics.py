@@ -316,7 +316,7 @@ async def test_a_listen_address_in_use_says_which_key(nursery, tmp_path) -> None
         d.ctx.config, metrics=MetricsConfig(listen=f"{host}:{port}")
     )
     with pytest.raises(
-        OSError, match=rf"metrics.listen = '127.0.0.1:{port}': Address already in use"
+        ConfigError, match=rf"metrics.listen = '127.0.0.1:{port}': Address already in use"
     ):
         await http_metrics.serve(d.ctx)
 

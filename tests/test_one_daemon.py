@@ -5,13 +5,17 @@ not outlive a daemon killed with SIGKILL."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cmsod.daemon import EX_IN_USE
+import pytest
+
+from cmsod.daemon import EX_CONFIG, EX_IN_USE
+from cmsod.rest.auth import hash_password
 from tests.cmso_requests import request
 from tests.procs import Daemon, cmsoctl
 
@@ -60,3 +64,38 @@ def test_a_second_daemon_on_the_same_state_dir_touches_nothing(tmp_path: Path) -
     code, out = cmsoctl(tmp_path, "show", "one")
     assert code == 0 and "Pending Approval" in out, out
     assert again.stop() == 0
+
+
+@pytest.mark.parametrize("section", ["metrics", "http"])
+def test_a_listen_port_in_use_refuses_the_start(tmp_path: Path, section: str) -> None:
+    """The metrics and REST listeners are bound before the store is opened or an actor
+    started: a port held by another process is EX_CONFIG, in one line naming the key."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    users = tmp_path / "users"
+    users.write_text(f"ann:read:{hash_password('x', 4)}\n")
+    listen = {"metrics": "127.0.0.1:0", "http": "127.0.0.1:0", section: f"127.0.0.1:{port}"}
+    env = {
+        "CMSOD_METRICS__LISTEN": listen["metrics"],
+        "CMSOD_HTTP__LISTEN": listen["http"],
+        "CMSOD_HTTP__CREDENTIALS_FILE": str(users),
+    }
+    try:
+        daemon = Daemon(tmp_path, extra_env=env, ready=False)
+        assert daemon.exited() == EX_CONFIG
+    finally:
+        held.close()
+    said = [line for line in daemon.lines if line.startswith("cmsod:")]
+    assert said == [
+        f"cmsod: cannot start: {section}.listen = '127.0.0.1:{port}': Address already in use"
+    ], daemon.lines
+    assert not [line for line in daemon.lines if "store.opened" in line or "actor." in line]
+    assert not (tmp_path / "cmsod.sqlite3").exists()
+    # and with the port free, the same configuration starts (both listeners bound)
+    daemon = Daemon(tmp_path, extra_env={**env, f"CMSOD_{section.upper()}__LISTEN": "127.0.0.1:0"})
+    assert daemon.wait_log(r"event=metrics\.listening") and daemon.wait_log(
+        r"event=http\.listening"
+    )
+    assert daemon.stop() == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -25,9 +26,10 @@ from cmsod.log import LogfmtFormatter
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.rest import server as rest
-from cmsod.rest.app import RestApp
+from cmsod.rest.app import RestApp, ViewCache
 from cmsod.rest.auth import Credentials, hash_password
 from cmsod.store import views
+from cmsod.wire import control as w
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
 from tests.test_acceptance import (
@@ -613,12 +615,277 @@ async def test_a_failure_inside_is_a_500_and_the_next_request_is_served(
 async def test_too_many_rows_for_one_answer_is_a_400_not_a_500(
     http: Rest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "MAX_REPLY_ROWS", 2)  # the socket streams more; HTTP answers in one
+    """A schedule's view is one body (400 past MAX_REPLY_ROWS); scheduleDetails is streamed,
+    so it answers every row whatever their number."""
+    monkeypatch.setattr(api, "MAX_REPLY_ROWS", 2)
+    monkeypatch.setattr(api, "STREAM_CHUNK", 2)  # the details in chunks of 2
     body = request("big", ["n1", "n2", "n3"], now=EPOCH)
     assert (await http.create(body)).status_code == 202
-    for path in (f"{BASE}/big", f"{BASE}/scheduleDetails?vnfName=n%25"):
-        answer = await http.client.get(path)
-        assert answer.status_code == 400, answer.text
-        assert answer.json()["requestError"]["messageId"] == "cmsod.TOOMANYROWS"
+    answer = await http.client.get(f"{BASE}/big")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["requestError"]["messageId"] == "cmsod.TOOMANYROWS"
+    details = await http.client.get(f"{BASE}/scheduleDetails?vnfName=n%25")
+    assert details.status_code == 200
+    assert [d["vnfName"] for d in details.json()] == ["n1", "n2", "n3"]
     monkeypatch.undo()
     assert (await http.client.get(f"{BASE}/big")).status_code == 200
+
+
+async def create_rows(daemon: Daemon, count: int, per_schedule: int = 10_000) -> list[str]:
+    """Schedules of `count` elements in all (stored through the use case: the HTTP body limit
+    of these tests is small); their element names in scheduleDetails' order."""
+    names: list[str] = []
+    for first in range(0, count, per_schedule):
+        nodes = [f"e{n:06d}" for n in range(first, min(count, first + per_schedule))]
+        body = request(
+            f"rows-{first:06d}", nodes, now=EPOCH, minutes_from_now=600, concurrency=per_schedule
+        )
+        await api.create(daemon.ctx, msgspec.convert({"schedule": body}, w.CreateParameters))
+        names += nodes
+    return names
+
+
+async def test_scheduledetails_streams_every_row_in_one_answer(
+    served: tuple[Daemon, str], http: Rest
+) -> None:
+    """25,000 rows (more than MAX_REPLY_ROWS, many chunks): all there, in order, one JSON
+    array, sent without a length (chunked) from one snapshot."""
+    names = await create_rows(served[0], 25_000)
+    async with http.client.stream(
+        "GET", f"{BASE}/scheduleDetails", params={"request.scheduleId": "rows-%"}
+    ) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in answer.headers
+        assert_version_headers(answer)
+        body = await answer.aread()
+    rows = json.loads(body)
+    assert len(rows) == 25_000 > api.MAX_REPLY_ROWS
+    assert [r["vnfName"] for r in rows] == names
+    assert rows[-1]["scheduleRequest"]["scheduleId"] == "rows-020000"
+    assert served[0].ctx.store.streams.borrowed_tokens == 0  # the read is over
+
+
+async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
+    served: tuple[Daemon, str], http: Rest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that reads the start of a large scheduleDetails and hangs up: the read behind
+    it ends (its store stream freed), and the listener goes on serving."""
+    caplog.set_level(logging.INFO, logger="cmsod")
+    daemon, url = served
+    await create_rows(daemon, 12_000)  # more than the socket buffers hold
+    host, port = url.removeprefix("http://").split(":")
+    credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        f"GET {BASE}/scheduleDetails?vnfName=e% HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Basic {credentials}\r\n\r\n".encode()
+    )
+    head = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    await stream.aclose()
+
+    async def stream_ended() -> bool:
+        return daemon.ctx.store.streams.borrowed_tokens == 0
+
+    await wait_until(stream_ended, "the store stream freed", within_s=30)
+    formatter = LogfmtFormatter(journal=False)
+    gone = [formatter.format(r) for r in caplog.records if "client_gone" in formatter.format(r)]
+    assert len(gone) == 1 and "path=/cmso/v1/schedules/scheduleDetails" in gone[0], gone
+    rows = await http.details(**{"request.scheduleId": "rows-000000"})
+    assert rows.status_code == 200 and len(rows.json()) == 10_000
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    autojump_clock, served: tuple[Daemon, str], http: Rest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that reads the head of a large answer and then nothing, connection open: cut
+    off once a send waited request_timeout_s (5 s here; hypercorn sends under a shield, so
+    without the deadline it held the answer's task and the store stream for ever)."""
+    caplog.set_level(logging.INFO, logger="cmsod")
+    daemon, url = served
+    await create_rows(daemon, 12_000)  # more than the socket buffers hold
+    host, port = url.removeprefix("http://").split(":")
+    credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        f"GET {BASE}/scheduleDetails?vnfName=e% HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Basic {credentials}\r\n\r\n".encode()
+    )
+    head = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+
+    async def stream_ended() -> bool:
+        return daemon.ctx.store.streams.borrowed_tokens == 0
+
+    await wait_until(stream_ended, "the store stream freed", within_s=30)
+    formatter = LogfmtFormatter(journal=False)
+    gone = [formatter.format(r) for r in caplog.records if "slow_reader" in formatter.format(r)]
+    assert len(gone) == 1 and "timeout_s=5" in gone[0], gone
+    rows = await http.details(**{"request.scheduleId": "rows-000000"})
+    assert rows.status_code == 200 and len(rows.json()) == 10_000
+    await stream.aclose()
+
+
+# -- cmsod's own extensions: stopping a rollout, the global freeze -----------------------------
+
+X = "/cmso/v1/x-cmsod"
+
+
+async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http: Rest) -> None:
+    reader, operator = http.as_user("reader"), http.as_user("operator")
+    try:
+        await http.create(request("ext", ["n1", "n2"], now=EPOCH, minutes_from_now=20))
+        await http.wait_for("ext", S.PENDING_APPROVAL)
+        assert (await http.approve("ext", approval())).status_code == 204
+        await http.wait_for("ext", S.SCHEDULED)
+        # a read-only user may not, and nothing changes
+        for action in ("pause", "abort", "resume"):
+            refused = await reader.client.post(f"{X}/schedules/ext/{action}", json={"reason": "x"})
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["requestError"]["variables"] == ["reader", "operate"]
+        view = await http.schedule("ext")
+        assert view["status"] == S.SCHEDULED and "control" not in view
+
+        paused = await operator.client.post(
+            f"{X}/schedules/ext/pause", json={"reason": "odd alarms"}
+        )
+        assert paused.status_code == 200, paused.text
+        assert paused.json() == {"scheduleId": "ext", "status": S.PAUSED}
+        assert_version_headers(paused)
+        view = await http.schedule("ext")
+        assert view["status"] == S.PAUSED
+        control = view["control"]
+        assert (control["action"], control["by"], control["reason"]) == (
+            "pause",
+            "operator (http)",  # the authenticated user, whatever a client might claim
+            "odd alarms",
+        )
+        claimed = await operator.client.post(f"{X}/schedules/ext/pause", json={"by": "someone"})
+        assert claimed.status_code == 400
+        assert claimed.json()["requestError"]["messageId"] == "Scheduler.INVALID_ATTRIBUTE"
+
+        resumed = await operator.client.post(f"{X}/schedules/ext/resume")  # no body: no reason
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json() == {"scheduleId": "ext", "status": S.SCHEDULED}
+        assert (await http.schedule("ext"))["control"]["action"] == "resume"
+
+        aborted = await operator.client.post(
+            f"{X}/schedules/ext/abort", json={"reason": "wrong firmware"}
+        )
+        assert aborted.json() == {"scheduleId": "ext", "status": S.CANCELLED}  # nothing ran
+        view = await http.schedule("ext")
+        assert view["status"] == S.CANCELLED
+        for element in statuses(view):
+            assert statuses(view)[element] == E.CANCELLED
+        messages = {
+            e["statusMessage"] for g in view["groups"] for e in g["changeManagementSchedules"]
+        }
+        assert messages == {"aborted by operator (http): wrong firmware"}
+
+        # CMSO's errors, in its requestError shape
+        again = await operator.client.post(f"{X}/schedules/ext/pause")
+        assert again.status_code == 412
+        assert again.json()["requestError"]["messageId"] == "Scheduler.NOT_RUNNING"
+        missing = await operator.client.post(f"{X}/schedules/nope/abort")
+        assert missing.status_code == 404
+        long = await operator.client.post(f"{X}/schedules/ext/pause", json={"reason": "r" * 1001})
+        assert long.status_code == 400
+        assert long.json()["requestError"]["variables"][0] == "reason"
+        assert (await operator.client.get(f"{X}/schedules/ext/pause")).status_code == 405
+        assert (await operator.client.post(f"{X}/schedules/ext/halt")).status_code == 404
+    finally:
+        await reader.client.aclose()
+        await operator.client.aclose()
+
+
+async def test_extensions_freeze_on_status_and_off(autojump_clock, http: Rest) -> None:
+    reader, operator = http.as_user("reader"), http.as_user("operator")
+    try:
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+        refused = await reader.client.put(f"{X}/freeze", json={"reason": "no"})
+        assert refused.status_code == 403
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+
+        past = await operator.client.put(f"{X}/freeze", json={"until": "2026-12-01T07:00:00Z"})
+        assert past.status_code == 400
+        assert past.json()["requestError"]["variables"][0] == "until"
+        on = await operator.client.put(
+            f"{X}/freeze", json={"reason": "incident 42", "until": "2026-12-02T08:00:00Z"}
+        )
+        assert on.status_code == 200, on.text
+        frozen = on.json()["freeze"]
+        assert frozen["status"] == "Frozen" and frozen["by"] == "operator (http)"
+        assert (frozen["reason"], frozen["until"]) == ("incident 42", "2026-12-02T08:00:00Z")
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": frozen}
+        health = await reader.client.get("/cmso/v1/health")
+        assert health.json()["freeze"] == frozen
+
+        assert (await reader.client.delete(f"{X}/freeze")).status_code == 403
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": frozen}
+        off = await operator.client.request("DELETE", f"{X}/freeze", json={"reason": "resolved"})
+        assert off.status_code == 200, off.text
+        assert off.json() == {"freeze": None}
+        assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+        assert (await operator.client.post(f"{X}/freeze")).status_code == 405
+    finally:
+        await reader.client.aclose()
+        await operator.client.aclose()
+
+
+async def test_every_documented_operation_is_routed(http: Rest) -> None:
+    """docs/openapi.json and the routes agree: no documented path or method is unknown to
+    the listener, and cmsod's own are tagged as its extensions."""
+    document = (await http.client.get("/cmso/openapi.json")).json()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            answer = await http.client.request(method.upper(), path.format(scheduleId="x"))
+            assert answer.status_code != 405, (method, path)
+            if answer.status_code == 404 and answer.headers["content-type"] == "application/json":
+                assert answer.json()["requestError"]["messageId"] != "cmsod.NOT_FOUND", path
+            assert operation["tags"] == (
+                ["cmsod extensions"] if "/x-cmsod/" in path else ["CMSO"]
+            ), path
+
+
+async def test_view_cache_reads_once_per_commit_and_shares_a_read() -> None:
+    cache = ViewCache(entries=2)
+    version = [0]
+    reads: list[str] = []
+    gate = trio.Event()
+
+    def reader(key: str, fail: bool = False) -> Any:
+        async def read() -> bytes:
+            reads.append(key)
+            await gate.wait()
+            if fail:
+                raise KeyError(key)
+            return f"{key}@{version[0]}".encode()
+
+        return read
+
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):  # five clients at once: one read
+            nursery.start_soon(
+                lambda: _append(got, cache.get("a", lambda: version[0], reader("a")))
+            )
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert got == [b"a@0"] * 5 and reads == ["a"]
+    assert await cache.get("a", lambda: version[0], reader("a")) == b"a@0"  # kept
+    version[0] = 1  # a commit: read again
+    assert await cache.get("a", lambda: version[0], reader("a")) == b"a@1"
+    assert reads == ["a", "a"]
+    with pytest.raises(KeyError):  # a failure is not kept
+        await cache.get("gone", lambda: version[0], reader("gone", fail=True))
+    assert "gone" not in cache.entries and not cache.reading
+    for key in ("b", "c"):  # two entries at most: the oldest goes
+        await cache.get(key, lambda: version[0], reader(key))
+    assert list(cache.entries) == ["b", "c"]
+
+
+async def _append(into: list[bytes], value: Any) -> None:
+    into.append(await value)

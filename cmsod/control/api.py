@@ -129,11 +129,11 @@ async def get(
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Streamed: the schedule (each group's `changeManagementSchedules` empty, `elements` its
     count), then replies of `elements`, each with its `groupId`; all from one snapshot."""
-    if not more:
-        head = await usecases.schedule_head(ctx, p.scheduleId)
-        if head["elements"] > MAX_REPLY_ROWS:
+    if not more:  # one read: the view, or its head when it is too large for one reply
+        view = await usecases.get_schedule(ctx, p.scheduleId, MAX_REPLY_ROWS)
+        if view["elements"] > MAX_REPLY_ROWS:
             raise too_many("elements in this schedule")
-        yield {"schedule": await usecases.get_schedule(ctx, p.scheduleId)}
+        yield {"schedule": view}
         return
     stream = usecases.schedule_stream(ctx, p.scheduleId, STREAM_CHUNK)
     async with contextlib.aclosing(stream) as chunks:

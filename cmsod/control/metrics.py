@@ -17,6 +17,7 @@ import trio
 from cmsod import log
 from cmsod.actors.context import Context
 from cmsod.control.listening import accepted
+from cmsod.errors import ConfigError
 from cmsod.metrics import CONTENT_TYPE, Outbox, Snapshot
 from cmsod.store import figures
 
@@ -47,18 +48,28 @@ async def exposition(ctx: Context) -> bytes:
     return ctx.metrics.exposition(snapshot)
 
 
-async def serve(
-    ctx: Context, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Listen on `[metrics] listen` until cancelled; started() with the bound addresses
-    (host:port, the real port when 0 was asked)."""
+async def listen(ctx: Context) -> list[trio.SocketListener]:
+    """Bind `[metrics] listen` (the daemon does it before its actors start, so that a port in
+    use refuses the start as a configuration error); ConfigError naming the key."""
     cfg = ctx.config.metrics
     assert cfg.address is not None
     host, port = cfg.address
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:  # in use, not an address of this host, a port below 1024...
-        raise OSError(exc.errno, f"metrics.listen = {cfg.listen!r}: {exc.strerror}") from None
+        raise ConfigError(f"metrics.listen = {cfg.listen!r}: {exc.strerror}") from None
+
+
+async def serve(
+    ctx: Context,
+    listeners: list[trio.SocketListener] | None = None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve on `listeners` (bound by `listen`, here when not given) until cancelled;
+    started() with the bound addresses (host:port, the real port when 0 was asked)."""
+    if listeners is None:
+        listeners = await listen(ctx)
     bound = [_name(listener.socket.getsockname()) for listener in listeners]
     log.info("metrics.listening", address=",".join(bound))
     active = 0

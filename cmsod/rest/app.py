@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from urllib.parse import parse_qsl, quote, unquote
 import msgspec
 import trio
 
-from cmsod import log
+from cmsod import log, usecases
 from cmsod.actors.context import Context
 from cmsod.control import api
 from cmsod.errors import ControlError, RequestError
@@ -38,11 +40,16 @@ from cmsod.rest.auth import (
 )
 from cmsod.wire import cmso
 from cmsod.wire import control as w
+from cmsod.wire import rest as x
 
 OPENAPI_PATH = "/cmso/openapi.json"
 OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 VERSION = re.compile(r"^v[12]$", re.IGNORECASE)
 LATEST_VERSION = b"2.0.0"
+# cmsod's own routes beside CMSO's, under /cmso/<version>/x-cmsod/ (OpenAPI tag "cmsod
+# extensions"): the controls of "Stop, hold and gate a rollout", which CMSO never had.
+EXTENSIONS = "x-cmsod"
+STOPS = {"pause": usecases.pause, "resume": usecases.resume, "abort": usecases.abort}
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -60,6 +67,7 @@ class Answer(Exception):
     body: bytes = b""
     content_type: bytes = b"application/json"
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    stream: AsyncGenerator[bytes, None] | None = None  # the body, in chunks (no length)
 
 
 def problem(status: int, message_id: str, text: str, *variables: str, **kw: Any) -> Answer:
@@ -84,6 +92,46 @@ def invalid_body(exc: Exception) -> Answer:
     _, _, where = text.rpartition(" - at `$")
     field = where.rstrip("`").lstrip(".") or "body"
     return request_error(RequestError(400, "INVALID_ATTRIBUTE", field, text))
+
+
+class ViewCache:
+    """Encoded answers of `GET /schedules/{id}`, each valid until the store's next commit.
+    CMSO's clients poll a schedule until its status changes: a view is read and encoded once
+    per change, not once per request, and requests for a view being read wait for that read
+    instead of starting their own. At most `entries` views of `max_bytes` each (larger ones
+    are not kept); a failed read (404, too many rows) is not kept either."""
+
+    def __init__(self, entries: int = 128, max_bytes: int = 256 * 1024) -> None:
+        self.size = entries
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self.reading: dict[str, trio.Event] = {}
+
+    async def get(
+        self, key: str, version: Callable[[], int], read: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        while True:
+            now = version()  # before the read: what it sees is at least this recent
+            hit = self.entries.get(key)
+            if hit is not None and hit[0] == now:
+                self.entries.move_to_end(key)
+                return hit[1]
+            busy = self.reading.get(key)
+            if busy is None:
+                break
+            await busy.wait()  # then look again: it may have failed, or be of an older commit
+        done = self.reading[key] = trio.Event()
+        try:
+            body = await read()
+        finally:
+            del self.reading[key]
+            done.set()
+        if len(body) <= self.max_bytes:
+            self.entries[key] = (now, body)
+            self.entries.move_to_end(key)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return body
 
 
 @dataclass
@@ -120,6 +168,7 @@ class RestApp:
         self.kdf = kdf
         self.client_user = client_user
         self.metrics = metrics
+        self.views = ViewCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -139,6 +188,9 @@ class RestApp:
         except Exception as exc:  # a bug or a store failure: answer, log, keep serving
             log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
             answer = problem(500, "INTERNAL_ERROR", f"{type(exc).__name__} (in cmsod's log)")
+        if answer.stream is not None:
+            await self.stream(scope, receive, send, answer, minor)
+            return
         headers: Headers = [
             (b"content-type", answer.content_type),
             (b"content-length", str(len(answer.body)).encode()),
@@ -155,6 +207,42 @@ class RestApp:
             headers = [h for h in headers if h[0] not in drop]
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def stream(
+        self, scope: Scope, receive: Receive, send: Send, answer: Answer, minor: bytes
+    ) -> None:
+        """A body of unknown length, sent as it is made (chunked: HTTP/1.1 frames each send).
+        A client that hangs up ends it (and the read behind it); a failure once the status is
+        sent can only cut the body short, which the client sees as a broken answer."""
+        assert answer.stream is not None
+        headers: Headers = [
+            (b"content-type", answer.content_type),
+            (b"x-latestversion", LATEST_VERSION),
+            (b"x-minorversion", minor[:16]),
+            (b"x-patchversion", b"0"),
+            *answer.headers,
+        ]
+        sent = 0
+        async with contextlib.aclosing(answer.stream) as chunks, trio.open_nursery() as nursery:
+
+            async def hang_up() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                log.info("http.client_gone", path=scope["path"], sent=sent)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(hang_up)
+            try:
+                await send(
+                    {"type": "http.response.start", "status": answer.status, "headers": headers}
+                )
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent += len(chunk)
+                await send({"type": "http.response.body", "body": b""})
+            except Exception:  # the status is out: the connection closes mid-body
+                log.error("http.failed", exc_info=True, method=scope["method"], path=scope["path"])
+            nursery.cancel_scope.cancel()
 
     async def answer(self, scope: Scope, receive: Receive, minor: bytes) -> Answer:
         raw = scope.get("raw_path") or scope["path"].encode()
@@ -186,6 +274,8 @@ class RestApp:
         s = call.segments
         if s == ["health"]:
             return _only(method, "GET") or await self.health(call)
+        if s[0] == EXTENSIONS:
+            return await self.extension(call, method)
         if s[0] != "schedules":
             raise problem(404, "NOT_FOUND", "no such path", "/".join(s))
         if len(s) == 1:
@@ -232,17 +322,31 @@ class RestApp:
         return json_answer(200, result["schedules"], headers)
 
     async def details(self, call: Call) -> Answer:
+        """Every matching row in one answer, however many: read from one snapshot and sent
+        STREAM_CHUNK rows at a time as a JSON array (memory holds a chunk). A refusal (a bad
+        filter, nothing found) comes with the first chunk, so before the status is sent."""
         _permit(call, Level.read)
         parameters = _convert({"filters": call.query()}, w.DetailsParameters)
-        details = await api.one_reply(api.details(self.ctx, parameters, False))
-        return json_answer(200, details.get("details", []))
+        pages = api.details(self.ctx, parameters, True)
+        try:
+            first = await anext(pages)
+        except StopAsyncIteration:
+            return Answer(200, b"[]")
+        except BaseException:
+            await pages.aclose()
+            raise
+        return Answer(200, stream=_json_array(first["details"], pages))
 
     async def get(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.read)
         parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
-        return json_answer(
-            200, (await api.one_reply(api.get(self.ctx, parameters, False)))["schedule"]
-        )
+
+        async def read() -> bytes:
+            view = await api.one_reply(api.get(self.ctx, parameters, False))
+            return _encoder.encode(view["schedule"])
+
+        store = self.ctx.store
+        return Answer(200, await self.views.get(schedule_id, lambda: store.commits, read))
 
     async def create(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.operate)
@@ -291,6 +395,44 @@ class RestApp:
         await api.delete(self.ctx, parameters)
         return Answer(204)
 
+    # -- cmsod's extensions: stop a rollout, freeze everything ----------------------------------
+
+    async def extension(self, call: Call, method: str) -> Answer:
+        s = call.segments[1:]
+        if s == ["freeze"]:
+            if method == "GET":
+                return await self.freeze_status(call)
+            if method in ("PUT", "DELETE"):
+                return await self.freeze(call, method == "PUT")
+            return _not_allowed("GET, PUT, DELETE")
+        if len(s) == 3 and s[0] == "schedules" and s[2] in STOPS:
+            return _only(method, "POST") or await self.stop(call, s[1], s[2])
+        raise problem(404, "NOT_FOUND", "no such path", "/".join([EXTENSIONS, *s]))
+
+    async def stop(self, call: Call, schedule_id: str, action: str) -> Answer:
+        """Pause, resume or abort a rollout, as `cmsoctl pause|resume|abort` does."""
+        _permit(call, Level.operate)
+        parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
+        body = await self.body(call, x.StopBody, empty={})
+        _log_call(call, action, schedule_id)
+        status = await STOPS[action](self.ctx, parameters.scheduleId, _by(call), body.reason)
+        return json_answer(200, {"scheduleId": parameters.scheduleId, "status": status.value})
+
+    async def freeze(self, call: Call, on: bool) -> Answer:
+        """The global freeze on (PUT) or off (DELETE), as `cmsoctl freeze on|off` does."""
+        _permit(call, Level.operate)
+        body = await self.body(call, x.FreezeBody, empty={})
+        if not on and body.until is not None:
+            raise RequestError(400, "INVALID_ATTRIBUTE", "until", body.until)
+        _log_call(call, "freeze" if on else "thaw", None)
+        frozen = await usecases.freeze(self.ctx, on, _by(call), body.reason, body.until)
+        return json_answer(200, {"freeze": frozen})
+
+    async def freeze_status(self, call: Call) -> Answer:
+        _permit(call, Level.read)
+        _no_query(call)
+        return json_answer(200, {"freeze": await usecases.freeze_in_force(self.ctx)})
+
     # -- what every request goes through -------------------------------------------------------
 
     async def authenticate(self, scope: Scope) -> User:
@@ -321,8 +463,9 @@ class RestApp:
             self.credentials.remember(user, password)
         return user
 
-    async def body(self, call: Call, into: type[Any]) -> Any:
-        """The whole body within the size and time limits, decoded into `into`."""
+    async def body(self, call: Call, into: type[Any], empty: Any = None) -> Any:
+        """The whole body within the size and time limits, decoded into `into`; no body at all
+        is `empty` when given (an extension's optional reason)."""
         cfg = self.ctx.config.http
         declared = _header(call.scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
@@ -340,8 +483,11 @@ class RestApp:
                     raise _too_large(cfg.max_body_bytes)
                 chunks.append(chunk)
                 if not message.get("more_body"):
+                    whole = b"".join(chunks)
                     try:
-                        return msgspec.json.decode(b"".join(chunks), type=into)
+                        if empty is not None and not whole.strip():
+                            return msgspec.convert(empty, into)
+                        return msgspec.json.decode(whole, type=into)
                     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                         raise invalid_body(exc) from None
                     except RecursionError:
@@ -366,6 +512,24 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def _json_array(
+    first: list[Any], pages: AsyncGenerator[dict[str, Any], None]
+) -> AsyncGenerator[bytes, None]:
+    """`[` + every row of `first` and of each page's `details` + `]`, a page per chunk."""
+    async with contextlib.aclosing(pages):
+        opening = b"["
+        rows = first
+        while True:
+            if rows:
+                yield opening + _encoder.encode(rows)[1:-1]
+                opening = b","
+            page = await anext(pages, None)
+            if page is None:
+                break
+            rows = page["details"]
+    yield b"]" if opening == b"," else b"[]"
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -413,7 +577,12 @@ def _permit(call: Call, needed: Level) -> None:
         )
 
 
-def _log_call(call: Call, action: str, schedule_id: str) -> None:
+def _by(call: Call) -> str:
+    """Who stopped or froze it, as recorded (the control socket records `name (uid N)`)."""
+    return f"{call.user.name} (http)"
+
+
+def _log_call(call: Call, action: str, schedule_id: str | None) -> None:
     log.info("http.call", action=action, schedule_id=schedule_id, user=call.user.name)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -43,7 +44,11 @@ def hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
     # exception out of a connection when an answer comes before the body (a 413, say).
     hc.alpn_protocols = ["http/1.1"]
     hc.keep_alive_timeout = cfg.idle_timeout_s  # also bounds a request's headers (slowloris)
-    hc.read_timeout = int(cfg.request_timeout_s)  # no byte at all for this long: closed
+    # No read timeout: it would cut off an answer that takes longer than it to send (a client
+    # sends nothing while it reads a streamed scheduleDetails). What it guarded is bounded
+    # elsewhere: headers by keep_alive_timeout, a body by the app (408 after
+    # request_timeout_s), a client that stops reading by `SendDeadline`.
+    hc.read_timeout = None
     hc.ssl_handshake_timeout = cfg.request_timeout_s
     hc.errorlog = None  # cmsod logs what matters itself, in its own format
     hc.accesslog = None
@@ -66,9 +71,32 @@ def bind(listen: str) -> socket.socket:
         sock.bind((host, int(port)))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"http.listen {listen}: {exc.strerror}") from None
+        raise ConfigError(f"http.listen = {listen!r}: {exc.strerror}") from None
     sock.listen(1024)
     return sock
+
+
+class SendDeadline:
+    """A connection's stream whose every send must finish within `timeout_s`, else the client
+    is cut off (BrokenResourceError, as when it hangs up). hypercorn sends under a shielded
+    cancel scope: without this a client that stops reading held its connection, and the
+    answer's task, for ever (and SIGTERM's drain with them). Everything else is the stream's."""
+
+    def __init__(self, stream: trio.abc.Stream, timeout_s: float) -> None:
+        self._stream = stream
+        self._timeout_s = timeout_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:  # h11's end of a body of known length: nothing to send (a third of
+            return  # the sends of an answer, each a cancel scope and a lock in hypercorn)
+        with trio.move_on_after(self._timeout_s) as scope:
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            log.warning("http.slow_reader", timeout_s=self._timeout_s)
+            raise trio.BrokenResourceError(f"the client took no data for {self._timeout_s} s")
 
 
 def _common_name(stream: trio.SSLStream[trio.SocketStream]) -> str | None:
@@ -80,11 +108,23 @@ def _common_name(stream: trio.SSLStream[trio.SocketStream]) -> str | None:
     return None
 
 
-async def serve(
-    ctx: Context, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve until `ctx.stopping`; `task_status` gets the bound `host:port`."""
-    cfg = ctx.config.http
+@dataclass
+class Bound:
+    """What the listener needs before it serves: read and bound at start-up, before the
+    daemon's actors, so that a taken port or a bad file refuses the start (EX_CONFIG)."""
+
+    credentials: Credentials
+    hc: HypercornConfig
+    tls: ssl.SSLContext | None
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def listen(cfg: HttpConfig) -> Bound:
+    """The credentials read, the TLS context made and the socket bound; ConfigError saying
+    which key is wrong."""
     credentials = Credentials(Path(cfg.credentials_file))
     credentials.load()
     hc = hypercorn_config(cfg)
@@ -92,7 +132,21 @@ async def serve(
         tls = hc.create_ssl_context()
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"http TLS files: {exc}") from None
-    sock = bind(cfg.listen)
+    return Bound(credentials, hc, tls, bind(cfg.listen))
+
+
+async def serve(
+    ctx: Context,
+    bound: Bound | None = None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve on `bound` (made by `listen`, here when not given) until `ctx.stopping`;
+    `task_status` gets the bound `host:port`."""
+    cfg = ctx.config.http
+    if bound is None:
+        bound = listen(cfg)
+    credentials, hc, tls, sock = bound.credentials, bound.hc, bound.tls, bound.sock
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     by_address: dict[tuple[str, int], str] = {}  # client address -> its certificate's user
 
@@ -125,7 +179,8 @@ async def serve(
                 with trio.move_on_after(1.0):
                     await stream.send_all(BUSY)
                 return
-            await TCPServer(app, hc, worker, ConnectionState({}), stream)  # type: ignore[arg-type]
+            bounded = SendDeadline(stream, cfg.request_timeout_s)
+            await TCPServer(app, hc, worker, ConnectionState({}), bounded)  # type: ignore[arg-type]
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass  # the client went away, or its TLS handshake failed or took too long
         except Exception:  # a bug must cost one connection, never the listener (or the daemon)

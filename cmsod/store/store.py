@@ -373,7 +373,9 @@ class Store:
         self.read_executor = self._own_executor()
         self.streams = trio.CapacityLimiter(MAX_STREAMS)
         self.migrations_applied: list[int] = []
-        self.commits = 0  # write transactions committed (figures for tests and benches)
+        # write transactions committed: figures for tests and benches, and what a cached read
+        # is valid for (nothing else writes: the state directory is one daemon's)
+        self.commits = 0
 
     # -- life ------------------------------------------------------------------------------
 
@@ -422,6 +424,9 @@ class Store:
                 result = fn(tx, *args)
                 tx.finish()
                 conn.execute("COMMIT")
+                # counted here, not after the await: a caller cancelled meanwhile must not
+                # leave a commit uncounted (the REST listener's view cache keys on it)
+                self.commits += 1
                 return result, tx
             except BaseException:
                 # After SQLITE_FULL the transaction may already be gone (reliability.md A2).
@@ -430,7 +435,6 @@ class Store:
                 raise
 
         result, tx = await self.executor(work)
-        self.commits += 1
         for schedule_id, verdict in tx.verdicts:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         for event, fields in tx.notes:

@@ -131,9 +131,15 @@ def _element_view(row: tuple) -> dict[str, Any]:
     return view
 
 
-def get_schedule(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
-    """The whole view: the schedule, its groups and every element in them."""
+def get_schedule(
+    conn: sqlite3.Connection, schedule_id: str, max_elements: int | None = None
+) -> dict[str, Any]:
+    """The whole view: the schedule, its groups and every element in them. Past
+    `max_elements` elements, only the head (`schedule_head`: `elements` their count), so
+    that a caller answering in one body can refuse it without a second read."""
     view = schedule_head(conn, schedule_id)
+    if max_elements is not None and view["elements"] > max_elements:
+        return view
     by_group = {g["groupId"]: g["changeManagementSchedules"] for g in view["groups"]}
     for item in schedule_elements(conn, schedule_id):
         by_group[item.pop("groupId")].append(item)
