@@ -253,7 +253,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
         return not any(a in ctx.figures and ctx.figures[a].peer_failing for a in actors)
 
     components = [
-        component("Scheduler Database", str(ctx.config.store_path), db_ok),
+        component("Scheduler Database", ctx.config.store_shown, db_ok),
         component(
             "SO Interface",
             ctx.config.so.url or ctx.config.so.mode,

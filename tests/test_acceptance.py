@@ -26,6 +26,8 @@ FUTURE_CASES = {
     "one-vnf-one-window-update": dict(nodes=["node1"], workflow="Update"),
 }
 
+pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
+
 
 def statuses(view: dict) -> dict[str, str]:
     return {

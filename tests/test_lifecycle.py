@@ -3,7 +3,6 @@ and the crash window between a dispatch intent and the orchestrator's answer."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -16,7 +15,9 @@ from cmsod.model import ScheduleStatus as S
 from cmsod.peers.so import LoopbackSO, SoStatus
 from cmsod.wire.events import CmEvent
 from tests.cmso_requests import approval, request
-from tests.conftest import EPOCH, start_daemon, wait_until
+from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 CREATE = "io.cmsod.Schedules.Create"
 APPROVE = "io.cmsod.Schedules.Approve"
@@ -156,10 +157,7 @@ async def test_restart_rebuilds_work_from_the_store(
     client = await second.connect()
     view = await client.wait_for("survivor", S.COMPLETED, S.COMPLETED_WITH_ERRORS)
     assert view["status"] == S.COMPLETED
-    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
-        attempts = db.execute(
-            "SELECT name, dispatch_attempts FROM elements ORDER BY name"
-        ).fetchall()
+    attempts = store_rows(tmp_path, "SELECT name, dispatch_attempts FROM elements ORDER BY name")
     assert attempts == [("node1", 1), ("node2", 1), ("node3", 1)]
     second.cancel.cancel()
 

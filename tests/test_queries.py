@@ -27,6 +27,8 @@ DETAILS, GET, LIST = (
     "io.cmsod.Schedules.List",
 )
 
+pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
+
 
 async def streamed(client: ControlClient, method: str, **parameters: Any) -> list[dict[str, Any]]:
     """Every reply to a call with `more: true`, up to the one that does not continue."""

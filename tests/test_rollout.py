@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from cmsod.lifecycle import parse_time_ms
@@ -19,6 +20,8 @@ from tests.fake_http import FakeSO
 from tests.test_so_http import daemon_for
 
 DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
+
+pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
 
 
 async def daemon(nursery: trio.Nursery, tmp_path: Path, so: FakeSO, **overrides: Any) -> Daemon:

@@ -18,6 +18,8 @@ from tests.cmso_requests import iso, request
 from tests.fake_http import FakeSO
 from tests.procs import Daemon, cmsoctl
 
+pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
+
 
 @pytest.fixture
 def so() -> Iterator[FakeSO]:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from cmsod.lifecycle import parse_time_ms
@@ -37,6 +38,8 @@ CREATE_KEYS = {
     "reason",
     "assetList",
 }
+
+pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
 
 
 async def daemon_for(nursery: trio.Nursery, tmp_path: Path, tm: FakeTM, **overrides: Any) -> Daemon:
