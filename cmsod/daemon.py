@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import functools
 import os
 import resource
 import secrets
@@ -215,6 +216,9 @@ async def run(
             ctx.store.on_lease_lost = lost.set
             async with trio.open_nursery() as root:
                 root.start_soon(_fleet, ctx, lost)
+                if ctx.store.postgres and isinstance(ctx.store.executor, ThreadExecutor):
+                    # (not under MockClock: a thread blocked in LISTEN lets virtual time race)
+                    root.start_soon(ctx.store.listen, functools.partial(_ring_all, ctx))
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
                 if cfg.metrics.address is not None:
@@ -285,6 +289,12 @@ def _took_over(ctx: Context, done: fleet.Round) -> None:
     if done.gone or done.reconciled or done.polls:
         for bell in ctx.bells.all():
             bell.ring()
+
+
+def _ring_all(ctx: Context) -> None:
+    """Another daemon stored work (NOTIFY): every actor looks at the store again."""
+    for bell in ctx.bells.all():
+        bell.ring()
 
 
 async def _fleet(ctx: Context, lost: trio.Event) -> None:

@@ -26,7 +26,8 @@ FUTURE_CASES = {
     "one-vnf-one-window-update": dict(nodes=["node1"], workflow="Update"),
 }
 
-pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
+# Every test here runs on SQLite and on PostgreSQL (the `backend` fixture).
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def statuses(view: dict) -> dict[str, str]:

@@ -17,8 +17,6 @@ from cmsod.wire.events import CmEvent
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
 
-pytestmark = pytest.mark.usefixtures("backend")
-
 CREATE = "io.cmsod.Schedules.Create"
 APPROVE = "io.cmsod.Schedules.Approve"
 
@@ -29,6 +27,7 @@ def statuses(view: dict) -> dict[str, str]:
     }
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_approved_too_late_is_past_due(autojump_clock, nursery, tmp_path: Path) -> None:
     cmsod = await start_daemon(nursery, tmp_path)
     client = await cmsod.connect()
@@ -79,6 +78,7 @@ async def test_elements_that_do_not_fit(
     assert sorted(v for _, v in cmsod.ctx.so.dispatched) == ["node1", "node2"]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_concurrency_limit_holds_and_windows_are_all_used(
     autojump_clock, nursery, tmp_path: Path
 ) -> None:
@@ -104,6 +104,7 @@ async def test_concurrency_limit_holds_and_windows_are_all_used(
     ]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_not_pending_approval_is_412(autojump_clock, client) -> None:
     await client.ok(CREATE, schedule=request("early", now=EPOCH, minutes_from_now=30))
     await client.wait_for("early", S.PENDING_APPROVAL)
@@ -175,6 +176,7 @@ class SilentSO(LoopbackSO):
 
 
 @pytest.mark.parametrize("resend", [False, True])
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_dispatch_caught_between_intent_and_answer(
     autojump_clock, nursery, tmp_path: Path, resend: bool
 ) -> None:
@@ -210,6 +212,7 @@ async def test_dispatch_caught_between_intent_and_answer(
     second.cancel.cancel()
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_every_transition_is_an_event_in_order(
     autojump_clock, nursery, tmp_path: Path
 ) -> None:

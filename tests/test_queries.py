@@ -4,6 +4,7 @@ a plain call bounded with a clear error."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ DETAILS, GET, LIST = (
     "io.cmsod.Schedules.List",
 )
 
-pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
+# Every test here runs on SQLite and on PostgreSQL (the `backend` fixture).
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 async def streamed(client: ControlClient, method: str, **parameters: Any) -> list[dict[str, Any]]:
@@ -131,7 +133,7 @@ async def test_list_follows_its_cursor_when_streamed(client: ControlClient) -> N
 
 
 async def store_with(tmp_path: Path, count: int) -> Store:
-    store = Store(tmp_path / "cmsod.db", ThreadExecutor())
+    store = Store(os.environ.get("CMSOD_STORE__URL") or tmp_path / "cmsod.db", ThreadExecutor())
     await store.open()
     body = request("big", [f"n{i}" for i in range(count)], now=EPOCH, minutes_from_now=600)
     new = lifecycle.validate_request(msgspec.convert(body, ScheduleRequest))

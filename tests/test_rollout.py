@@ -21,8 +21,6 @@ from tests.test_so_http import daemon_for
 
 DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
 
-pytestmark = pytest.mark.usefixtures("backend")  # MEASURE
-
 
 async def daemon(nursery: trio.Nursery, tmp_path: Path, so: FakeSO, **overrides: Any) -> Daemon:
     """The daemon against the fake SO, dispatching at the start times themselves."""
@@ -139,6 +137,7 @@ async def test_pause_holds_the_rest_and_resume_carries_it_over(
     }
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_abort_cancels_what_was_not_dispatched(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -238,6 +237,7 @@ async def test_a_freeze_stops_every_dispatch_until_it_is_off(
     assert freezes == ["Frozen", "Thawed"]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_a_freeze_until_ends_by_itself(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -60,6 +60,7 @@ class LeaseLost(RuntimeError):
 
 
 MAX_STREAMS = 4  # searches streaming at once (each holds a connection); more wait their turn
+NOTIFY_CHANNEL = "cmsod"  # LISTEN/NOTIFY: a commit that stored work wakes the other daemons
 WRITE_LOCK = 0x636D736F_77726974  # pg_advisory_xact_lock key of write transactions: "cmsowrit"
 
 
@@ -481,6 +482,9 @@ class Store:
                 tx = Tx(conn, now_ms, topic, source, route_by, owner)
                 result = fn(tx, *args)
                 tx.finish()
+                if self.postgres and (tx._edits or tx.ticket_ops):
+                    # the other daemons' doorbells, delivered at commit (`listen`)
+                    conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, owner or ""))
                 conn.execute("COMMIT")
                 return result, tx
             except BaseException:
@@ -559,6 +563,33 @@ class Store:
             finally:
                 with trio.CancelScope(shield=True):
                     await executor(finish)
+
+    async def listen(self, ring: Callable[[], None]) -> None:
+        """PostgreSQL: doorbells across daemons. A connection of its own LISTENs, in a worker
+        thread of its own, for the NOTIFY that other daemons' commits send when they store
+        work (`tx`), and calls `ring` (in trio) for each batch of them. Runs until cancelled;
+        a lost connection is opened again (a second later)."""
+        me = self.owner or ""
+
+        def wait(conn: Any) -> bool:
+            return any(n.payload != me for n in conn.raw.notifies(timeout=1.0, stop_after=1))
+
+        while True:
+            conn = None
+            try:
+                conn = await trio.to_thread.run_sync(
+                    lambda: backend.connect_postgres(self.path, application="cmsod listener")
+                )
+                await trio.to_thread.run_sync(conn.raw.execute, f"LISTEN {NOTIFY_CHANNEL}")
+                while True:
+                    if await trio.to_thread.run_sync(wait, conn, abandon_on_cancel=True):
+                        ring()
+            except Exception as exc:
+                log.warning("store.listen_failed", reason=str(exc))
+                await trio.sleep(1.0)
+            finally:
+                if conn is not None:
+                    conn.close()
 
     def _connection(self) -> Any:
         if self.conn is None:
