@@ -21,7 +21,7 @@ from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError,
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
-from cmsod.store import book, dispatch, outboxes, schedules, views
+from cmsod.store import book, dispatch, fleet, outboxes, schedules, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import Approval, ScheduleRequest
 from cmsod.wire.events import EVENT_TYPES
@@ -241,9 +241,10 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     try:
         counts = await ctx.store.read(views.status_counts)
         frozen = await ctx.store.read(views.freeze_in_force, ctx.clock.now_ms())
+        daemons = await ctx.store.read(fleet.daemons, ctx.clock.now_ms())
         db_ok = True
     except Exception as exc:  # the health report must answer even when the store cannot
-        counts, db_ok = {"error": str(exc)}, False
+        counts, db_ok, daemons = {"error": str(exc)}, False, []
     stalled = stalled_actors(ctx, now, STALL_S)
 
     def component(name: str, url: str, ok: bool) -> dict[str, Any]:
@@ -287,6 +288,9 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
             for name, f in sorted(ctx.figures.items())
         },
         "counts": counts,
+        # every daemon sharing the store (several on PostgreSQL), with what each holds
+        "daemon": ctx.store.owner,
+        "daemons": daemons,
     }
 
 

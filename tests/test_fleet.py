@@ -111,6 +111,11 @@ async def test_two_daemons_one_killed_the_other_finishes_its_rollout(
     await client.aclose()
     client = await second.connect()
     assert (await client.schedule("ha"))["status"] == S.NOTIFICATIONS_INITIATED  # not taken yet
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert {d["id"]: d["dispatching"] for d in status["daemons"]} == {
+        first.ctx.store.owner: 1,  # its intent, unanswered
+        second.ctx.store.owner: 0,
+    }
     first.ctx.store.owner = None  # dies without a word: no clean leave, its lease lapses
     first.cancel.cancel()
     died = trio.current_time()
@@ -121,6 +126,10 @@ async def test_two_daemons_one_killed_the_other_finishes_its_rollout(
     assert second.ctx.so.dispatched == []  # never re-sent blindly
     owners = store_rows(tmp_path, "SELECT owner FROM elements")
     assert owners == [(second.ctx.store.owner,)]
+    status = await client.ok("io.cmsod.Manager.Status")  # `cmsoctl status`: who is alive
+    assert [(d["id"], d["alive"], d["leases"]) for d in status["daemons"]] == [
+        (second.ctx.store.owner, True, ["events", "tickets"])
+    ]
     second.cancel.cancel()
 
 
