@@ -6,7 +6,8 @@ One daemon per state directory: `<state_dir>/cmsod.lock` is held with flock(2) f
 process's whole life (the kernel lets go when it ends, kill -9 included) and names the
 holder's pid. A second daemon on the same directory exits with EX_IN_USE before it opens the
 store or starts anything, so it can neither re-publish the outbox nor reconcile the first
-one's dispatches.
+one's dispatches. (Daemons sharing a PostgreSQL store each have their own state directory;
+cmsod/store/fleet.py decides who does what in the store.)
 
 Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches; in-flight calls, then
 publishing the events already committed, get `shutdown_grace_s`; then a clean exit); SIGHUP
@@ -471,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
     try:
-        if not cfg.store_url:  # SQLite: one daemon per state directory
-            lock_state_dir(cfg.state_dir)  # before anything that reads or writes the state
+        # Before anything that reads or writes the state. On PostgreSQL the store is shared
+        # (fleet.py guards it); the lock still keeps the socket and event files one daemon's.
+        lock_state_dir(cfg.state_dir)
     except StateDirInUse as exc:
         print(f"cmsod: {exc}", file=sys.stderr)
         return EX_IN_USE
