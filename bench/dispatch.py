@@ -8,7 +8,10 @@ every second, the daemon process's CPU and memory are read from /proc.
 With --all-gates every dispatch gate has something to check: a failure threshold on every
 schedule, a freeze turned on and off again, a blackout in the book on each burst element
 (long after its slot), so each due element's snapshot reads them all.
-Usage: python bench/dispatch.py [--skip-polling] [--all-gates]"""
+With --store postgresql://... the daemons share a fresh schema on that server (dropped at the
+end), and --daemons N starts N of them, each with its own state folder (the schedules are
+submitted through the first; every daemon claims its share of each burst).
+Usage: python bench/dispatch.py [--skip-polling] [--all-gates] [--store URL] [--daemons N]"""
 
 from __future__ import annotations
 
@@ -76,8 +79,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-polling", action="store_true")
     parser.add_argument("--all-gates", action="store_true")
+    parser.add_argument("--store", default="", help="postgresql://... (default: SQLite)")
+    parser.add_argument("--daemons", type=int, default=1, help="several: PostgreSQL only")
     args = parser.parse_args()
+    if args.daemons > 1 and not args.store:
+        parser.error("several daemons share a store on PostgreSQL only: --store postgresql://...")
     print(describe())
+    schema = f"bench_{os.getpid()}"
+    if args.store:
+        import psycopg
+
+        from tests.pg import with_schema
+
+        with psycopg.connect(args.store, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+            version = conn.info.server_version
+        print(f"store: PostgreSQL {version // 10000}.{version % 10000}, {args.daemons} daemon(s)")
+    else:
+        print("store: SQLite, 1 daemon")
     so = FakeSO(["IN_PROGRESS"])
     stop = so.in_thread()
     env = {
@@ -91,10 +110,14 @@ def main() -> None:
     }
     if args.all_gates:
         env["CMSOD_DISPATCHER__MAX_FAILURE_RATIO"] = "0.5"
+    if args.store:
+        env["CMSOD_STORE__URL"] = with_schema(args.store, schema)
+        args.skip_polling = args.skip_polling or args.daemons > 1
     print(f"gates: {'all active' if args.all_gates else 'nothing to check'}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp)
+            others = [Daemon(state / f"d{i}", extra_env=env) for i in range(1, args.daemons)]
             daemon = Daemon(state, extra_env=env)
             socket = str(state / "control.sock")
             try:
@@ -179,9 +202,13 @@ def main() -> None:
                             f"(over {elapsed:.0f} s)"
                         )
             finally:
-                daemon.stop()
+                for d in [daemon, *others]:
+                    d.stop()
     finally:
         stop()
+        if args.store:
+            with psycopg.connect(args.store, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 if __name__ == "__main__":
