@@ -264,6 +264,8 @@ async def _join_fleet(ctx: Context) -> None:
     lease_ms = int(ctx.config.store.lease_s * 1000)
     await store.tx(fleet.register, me, socket.gethostname(), os.getpid(), lease_ms)
     store.owner = me
+    if store.postgres:
+        store.lease_until = trio.current_time() + lease_ms / 1000
     done = await store.tx(
         fleet.heartbeat, me, lease_ms, ctx.config.so.resend_unconfirmed, not store.postgres
     )
@@ -313,9 +315,11 @@ async def _fleet(ctx: Context, lost: trio.Event) -> None:
         if lost.is_set():
             break
         try:
+            began = trio.current_time()
             done = await store.tx(
                 fleet.heartbeat, store.owner, lease_ms, ctx.config.so.resend_unconfirmed
             )
+            store.lease_until = began + lease_ms / 1000
         except LeaseLost:
             break
         except Exception as exc:  # the database is away: try again at the next beat

@@ -94,6 +94,13 @@ async def send(
             attempt += 1
             try:
                 async with limiter:  # not held while waiting to try again
+                    if ctx.store.lease_lapsed():
+                        # Frozen past its lease: another daemon may be taking this element
+                        # over. Send nothing; release it (a fenced write: refused if it was
+                        # taken, so the taker's reconciliation stands; else it goes again).
+                        log.warning("element.not_sent", vnf=job.name, reason="lease lapsed")
+                        await results.send((job, (job.element, None, None)))
+                        return
                     with ctx.metrics.call("so", "dispatch"):
                         request_id = await ctx.so.dispatch(job.name, job.request, job.key)
             except NotDelivered as exc:

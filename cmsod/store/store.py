@@ -401,6 +401,7 @@ class Store:
         self.commits = 0  # write transactions committed (figures for tests and benches)
         self.owner: str | None = None  # this daemon's id once registered (fleet.py)
         self.lease_lost = False
+        self.lease_until: float | None = None  # trio time the lease lapses (PostgreSQL)
         self.held_leases: set[str] = {"events", "tickets"}  # fleet.py's named leases held
         self.on_lease_lost: Callable[[], None] | None = None
 
@@ -563,6 +564,12 @@ class Store:
             finally:
                 with trio.CancelScope(shield=True):
                     await executor(finish)
+
+    def lease_lapsed(self) -> bool:
+        """Past this daemon's lease by its own clock: others may be taking its work over."""
+        if self.lease_lost:
+            return True
+        return self.lease_until is not None and trio.current_time() >= self.lease_until
 
     async def listen(self, ring: Callable[[], None]) -> None:
         """PostgreSQL: doorbells across daemons. A connection of its own LISTENs, in a worker
