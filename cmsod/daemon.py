@@ -262,7 +262,8 @@ async def _join_fleet(ctx: Context) -> None:
     store = ctx.store
     me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     lease_ms = int(ctx.config.store.lease_s * 1000)
-    await store.tx(fleet.register, me, socket.gethostname(), os.getpid(), lease_ms)
+    home = f"{socket.gethostname()}:{ctx.config.state_dir.resolve()}"
+    await store.tx(fleet.register, me, socket.gethostname(), os.getpid(), lease_ms, home)
     store.owner = me
     if store.postgres:
         store.lease_until = trio.current_time() + lease_ms / 1000

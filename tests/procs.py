@@ -21,6 +21,7 @@ ENV = {  # short intervals so the end-to-end tests run in seconds
     "CMSOD_SO__SIMULATED_DURATION_S": "0.5",
     "CMSOD_DISPATCHER__LEAD_TIME_S": "0",
     "CMSOD_OPTIMIZER__INTERVAL_S": "0.5",
+    "CMSOD_STORE__LEASE_S": "3",  # PostgreSQL: a frozen daemon's work is taken in seconds
 }
 
 

@@ -223,6 +223,6 @@ def test_the_store_url_from_the_file_a_credential_or_the_command_line(
     assert redact(other) == other
     (tmp_path / "store-url").write_text("mysql://x\n")
     with pytest.raises(ConfigError, match="not a postgresql:// URL"):
-        config.load(None, env={}, state_dir=str(tmp_path)).store_url
+        _ = config.load(None, env={}, state_dir=str(tmp_path)).store_url
     with pytest.raises(ConfigError, match=r"store.url must be a postgresql:// URL"):
         config.load(None, env={"CMSOD_STORE__URL": "sqlite:///x"})

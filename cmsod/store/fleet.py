@@ -38,11 +38,14 @@ from cmsod.store.store import LeaseLost, Tx
 LEASES = ("events", "tickets")
 
 
-def register(tx: Tx, me: str, host: str, pid: int, lease_ms: int) -> None:
+def register(tx: Tx, me: str, host: str, pid: int, lease_ms: int, home: str = "") -> None:
+    """`home`: host and state directory. The directory's lock says that the daemon that had it
+    before is gone (killed, restarted by systemd): it is taken over at this start, not after
+    its lease."""
     tx.execute(
-        "INSERT INTO daemons (id, host, pid, started_ms, heartbeat_ms, lease_expiry_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (me, host, pid, tx.now_ms, tx.now_ms, tx.now_ms + lease_ms),
+        "INSERT INTO daemons (id, host, home, pid, started_ms, heartbeat_ms, lease_expiry_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (me, host, home or me, pid, tx.now_ms, tx.now_ms, tx.now_ms + lease_ms),
     )
 
 
@@ -71,8 +74,9 @@ def heartbeat(tx: Tx, me: str, lease_ms: int, resend: bool, others_dead: bool = 
     done.gone = [
         d
         for (d,) in tx.execute(
-            "SELECT id FROM daemons WHERE id != ? AND (? = 1 OR lease_expiry_ms <= ?) ORDER BY id",
-            (me, int(others_dead), tx.now_ms),
+            "SELECT id FROM daemons WHERE id != ? AND (? = 1 OR lease_expiry_ms <= ?"
+            " OR home = (SELECT home FROM daemons WHERE id = ?)) ORDER BY id",
+            (me, int(others_dead), tx.now_ms, me),
         )
     ]
     take_over(tx, me, done, resend)

@@ -226,6 +226,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE daemons (
         id TEXT PRIMARY KEY,
         host TEXT NOT NULL,
+        home TEXT NOT NULL,  -- host and state directory: one daemon at a time (its lock)
         pid INTEGER NOT NULL,
         started_ms INTEGER NOT NULL,
         heartbeat_ms INTEGER NOT NULL,
