@@ -407,11 +407,6 @@ class Store:
 
     # -- life ------------------------------------------------------------------------------
 
-    @property
-    def where(self) -> str:
-        """The store as it may be logged: the file, or the URL without its password."""
-        return backend.redact(self.path) if self.postgres else self.path
-
     def _open(self) -> None:
         if self.postgres:
             pg = backend.connect_postgres(self.path, application="cmsod writer")
