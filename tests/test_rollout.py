@@ -137,7 +137,6 @@ async def test_pause_holds_the_rest_and_resume_carries_it_over(
     }
 
 
-@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_abort_cancels_what_was_not_dispatched(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

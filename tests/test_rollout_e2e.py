@@ -81,7 +81,6 @@ def test_a_failing_rollout_halts_at_its_threshold_and_survives_kill_9(
     assert daemon.stop() == 0
 
 
-@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 def test_a_blackout_added_after_approval_is_never_violated(tmp_path: Path, so: FakeSO) -> None:
     daemon = Daemon(tmp_path, extra_env=env(so))
     start = soon(4)
