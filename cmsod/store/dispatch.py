@@ -66,6 +66,18 @@ class BatchCache:
         self.tx = tx
         self._freeze: gates.Freeze | None | bool = False
         self._failures: dict[int, gates.Failures] = {}
+        self._book: bool | None = None
+
+    def entries_on(self, names: list[str]) -> tuple[tuple[int, int, str], ...]:
+        """The book's entries on these elements; none read at all when the book has none
+        ending after now (one query per batch instead of one per element)."""
+        if self._book is None:
+            (self._book,) = self.tx.execute(
+                "SELECT EXISTS (SELECT 1 FROM availability WHERE end_ms > ?)", (self.tx.now_ms,)
+            ).fetchone()
+        if not self._book:
+            return ()
+        return tuple(book.entries_on(self.tx.conn, names, self.tx.now_ms))
 
     def freeze(self) -> gates.Freeze | None:
         if self._freeze is False:
@@ -150,6 +162,7 @@ def load_snapshot(
         " FROM elements e JOIN schedules s ON s.id = e.schedule"
         " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id WHERE e.id = ?",
         (element,),
+        flush=False,  # (deferred writes are other elements' rows; schedules are not deferred)
     ).fetchone()
     if row is None:
         return None
@@ -195,7 +208,7 @@ def load_snapshot(
         stopped_why=stopped_why,
         freeze=cache.freeze(),
         failures=cache.failures(schedule, max_failures, max_ratio, acked),
-        unavailable=tuple(book.entries_on(tx.conn, _needs(name, data), tx.now_ms)),
+        unavailable=cache.entries_on(_needs(name, data)),
         held_why=held_why,
     )
     return snapshot, Loaded(element, schedule, grp, request, key, attempts, data)
@@ -244,7 +257,7 @@ def begin_dispatch(
         )
         return None
     key = row.key or str(uuid.uuid4())
-    tx.execute(
+    tx.defer(
         "UPDATE elements SET dispatch_key = ?, dispatch_started_ms = ?,"
         " dispatch_attempts = dispatch_attempts + 1, owner = ? WHERE id = ?",
         (key, tx.now_ms, tx.owner, element),
@@ -266,7 +279,7 @@ def hold(tx: Tx, snap: gates.Snapshot, row: Loaded, gate: str, answer: gates.Hol
     """Keep it waiting until `answer.until_ms` (or until released); say so once per hold."""
     until = INDEFINITE_MS if answer.until_ms is None else answer.until_ms
     why = f"held by {gate}: {answer.why}"
-    tx.execute(
+    tx.defer(
         "UPDATE elements SET hold_ms = ?, hold_gate = ?, hold_why = ? WHERE id = ?",
         (until, gate, why, row.element),
     )
@@ -419,13 +432,18 @@ def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | N
     message or None). An element no longer waiting for its answer is left alone, and so is
     one no longer this daemon's (another took it over and reconciled it: fleet.py)."""
     recorded = 0
-    for element, request_id, failure in results:
-        found = tx.execute(
-            "SELECT e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
+    rows = {  # one read for the batch (an answer changes only its own element's row)
+        row[0]: row[1:]
+        for row in tx.execute(
+            "SELECT e.id, e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
             " JOIN schedules s ON s.id = e.schedule"
-            " WHERE e.id = ? AND e.dispatch_started_ms IS NOT NULL",
-            (element,),
-        ).fetchone()
+            " WHERE e.id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
+            " AND e.dispatch_started_ms IS NOT NULL",
+            (json.dumps([element for element, _, _ in results]),),
+        )
+    }
+    for element, request_id, failure in results:
+        found = rows.get(element)
         if found is None or E(found[3]) not in ELEMENT_DISPATCHABLE:
             continue
         if found[4] != tx.owner:

@@ -142,7 +142,8 @@ class Tx:
         route_by: str = "",
         owner: str | None = None,
     ) -> None:
-        self.conn = conn
+        self._conn = conn
+        self._pending: list[tuple[str, list[tuple | list]]] = []  # deferred writes, in order
         self.owner = owner  # this daemon's id (fleet.py): what it claims is claimed for it
         self.postgres = isinstance(conn, backend.PgConnection)  # the few per-backend statements
         self.now_ms = now_ms
@@ -158,8 +159,35 @@ class Tx:
         self.ticket_ops = 0  # ticket operations this transaction queued
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
 
-    def execute(self, sql: str, params: tuple | list = ()) -> Any:
-        return self.conn.execute(sql, params)
+    @property
+    def conn(self) -> Any:
+        """The connection, the deferred writes flushed first (a read sees them)."""
+        self.flush()
+        return self._conn
+
+    def execute(self, sql: str, params: tuple | list = (), flush: bool = True) -> Any:
+        """`flush=False`: a read of rows no deferred write touches (one element's own row
+        while the batch's other elements' writes wait), so they stay batched."""
+        if flush:
+            self.flush()
+        return self._conn.execute(sql, params)
+
+    def defer(self, sql: str, params: tuple | list) -> None:
+        """A write whose result nothing reads, sent with the next statement (or at the end):
+        a run of the same statement goes as one executemany. On PostgreSQL that is one round
+        trip (psycopg's pipeline) instead of one per element of a batch."""
+        if self._pending and self._pending[-1][0] == sql:
+            self._pending[-1][1].append(params)
+        else:
+            self._pending.append((sql, [params]))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for sql, rows in pending:
+            if len(rows) == 1:
+                self._conn.execute(sql, rows[0])
+            else:
+                self._conn.executemany(sql, rows)
 
     def edit(self, schedule: int, schedule_id: str, edit: tuple[str, str, dict]) -> None:
         self._schedule_ids[schedule] = schedule_id
@@ -191,7 +219,7 @@ class Tx:
     ) -> None:
         lifecycle.check_element(old, new)
         sets, values = _assignments(columns, ELEMENT_COLUMNS)
-        self.execute(
+        self.defer(
             f"UPDATE elements SET status = ?{sets} WHERE id = ?", [new.value, *values, element]
         )
         self.transitions.append(("element", new.value))
@@ -219,9 +247,7 @@ class Tx:
     ) -> None:
         """Change an element's columns without a status change (a carry-over's new slot)."""
         sets, values = _assignments(columns, ELEMENT_COLUMNS)
-        self.execute(
-            f"UPDATE elements SET status = ?{sets} WHERE id = ?", [status, *values, element]
-        )
+        self.defer(f"UPDATE elements SET status = ?{sets} WHERE id = ?", [status, *values, element])
         value: dict[str, Any] = {"vnf-name": name, "status": status.value}
         value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
@@ -478,6 +504,7 @@ class Store:
                 tx = Tx(conn, now_ms, topic, source, route_by, owner)
                 result = fn(tx, *args)
                 tx.finish()
+                tx.flush()
                 if self.postgres and (tx._edits or tx.ticket_ops):
                     # the other daemons' doorbells, delivered at commit (`listen`)
                     conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, owner or ""))
