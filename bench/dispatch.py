@@ -51,6 +51,10 @@ def due_times(state: Path, schedule_id: str) -> dict[str, float]:
 def approve_when_pending(state: Path, schedule_id: str) -> None:
     for _ in range(600):
         code, out = cmsoctl(state, "--json", "show", schedule_id)
+        if code != 0:  # say what the daemon answered, and look again
+            print(f"  (show {schedule_id}: {out.strip()[-300:]})")
+            time.sleep(0.5)
+            continue
         if json.loads(out)["schedule"]["status"] == "Pending Approval":
             assert cmsoctl(state, "approve", schedule_id)[0] == 0
             return
