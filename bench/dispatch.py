@@ -11,7 +11,11 @@ schedule, a freeze turned on and off again, a blackout in the book on each burst
 scoped to a site no element has over now), so each due element's snapshot reads them all.
 BENCH_CALENDARS=0 leaves the calendars out. (The alarm gate is not in it: it asks
 Alertmanager over HTTP, one request per distinct query of a due batch; see bench/README.md.)
-Usage: python bench/dispatch.py [--skip-polling] [--all-gates]"""
+
+With --store postgresql://... the daemons share a fresh schema on that server (dropped at the
+end), and --daemons N starts N of them, each with its own state folder (the schedules are
+submitted through the first; every daemon claims its share of each burst).
+Usage: python bench/dispatch.py [--skip-polling] [--all-gates] [--store URL] [--daemons N]"""
 
 from __future__ import annotations
 
@@ -51,6 +55,10 @@ def due_times(state: Path, schedule_id: str) -> dict[str, float]:
 def approve_when_pending(state: Path, schedule_id: str) -> None:
     for _ in range(600):
         code, out = cmsoctl(state, "--json", "show", schedule_id)
+        if code != 0:  # say what the daemon answered, and look again
+            print(f"  (show {schedule_id}: {out.strip()[-300:]})")
+            time.sleep(0.5)
+            continue
         if json.loads(out)["schedule"]["status"] == "Pending Approval":
             assert cmsoctl(state, "approve", schedule_id)[0] == 0
             return
@@ -79,8 +87,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-polling", action="store_true")
     parser.add_argument("--all-gates", action="store_true")
+    parser.add_argument("--store", default="", help="postgresql://... (default: SQLite)")
+    parser.add_argument("--daemons", type=int, default=1, help="several: PostgreSQL only")
     args = parser.parse_args()
+    if args.daemons > 1 and not args.store:
+        parser.error("several daemons share a store on PostgreSQL only: --store postgresql://...")
     print(describe())
+    schema = f"bench_{os.getpid()}"
+    if args.store:
+        import psycopg
+
+        from tests.pg import with_schema
+
+        with psycopg.connect(args.store, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+            version = conn.info.server_version
+        print(f"store: PostgreSQL {version // 10000}.{version % 10000}, {args.daemons} daemon(s)")
+    else:
+        print("store: SQLite, 1 daemon")
     so = FakeSO(["IN_PROGRESS"])
     stop = so.in_thread()
     env = {
@@ -95,6 +119,9 @@ def main() -> None:
     }
     if args.all_gates:
         env["CMSOD_DISPATCHER__MAX_FAILURE_RATIO"] = "0.5"
+    if args.store:
+        env["CMSOD_STORE__URL"] = with_schema(args.store, schema)
+        args.skip_polling = args.skip_polling or args.daemons > 1
     print(f"gates: {'all active' if args.all_gates else 'nothing to check'}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +140,7 @@ def main() -> None:
                     f'[daemon]\nstate_dir = "{state}"\n'
                     f'[calendars]\nfiles = ["{state / "calendar.toml"}"]\n'
                 )
+            others = [Daemon(state / f"d{i}", extra_env=env) for i in range(1, args.daemons)]
             daemon = Daemon(state, config_file, extra_env=env)
             socket = str(state / "control.sock")
             try:
@@ -197,9 +225,13 @@ def main() -> None:
                             f"(over {elapsed:.0f} s)"
                         )
             finally:
-                daemon.stop()
+                for d in [daemon, *others]:
+                    d.stop()
     finally:
         stop()
+        if args.store:
+            with psycopg.connect(args.store, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 if __name__ == "__main__":

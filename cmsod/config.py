@@ -43,8 +43,21 @@ class DaemonConfig(Section, frozen=True):
     shutdown_grace_s: Seconds = 10.0
 
 
+STORE_URL_CREDENTIAL = "store-url"  # $CREDENTIALS_DIRECTORY/store-url (systemd LoadCredential=)
+
+
 class StoreConfig(Section, frozen=True):
     path: str = ""  # "" = <state_dir>/cmsod.sqlite3
+    # PostgreSQL instead of SQLite, several daemons sharing it: postgresql://user@host/db.
+    # "" = $CREDENTIALS_DIRECTORY/store-url if there, else SQLite at `path`.
+    url: str = ""
+    # PostgreSQL: a daemon not heard of for this long loses its work to the others (its
+    # heartbeat renews the lease every third of it)
+    lease_s: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 15.0
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store.url must be a postgresql:// URL")
 
 
 class OptimizerConfig(Section, frozen=True):
@@ -353,6 +366,37 @@ class Config(Section, frozen=True):
         return self.state_dir / (self.store.path or "cmsod.sqlite3")
 
     @property
+    def store_url(self) -> str:
+        """The PostgreSQL URL ([store] url, else the systemd credential), "" for SQLite."""
+        if self.store.url:
+            return self.store.url
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials:
+            path = Path(credentials) / STORE_URL_CREDENTIAL
+            try:
+                url = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                return ""
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            if not url.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(f"{path}: not a postgresql:// URL")
+            return url
+        return ""
+
+    @property
+    def store_location(self) -> str:
+        """What the Store opens: the PostgreSQL URL, else the SQLite file."""
+        return self.store_url or str(self.store_path)
+
+    @property
+    def store_shown(self) -> str:
+        """The store as it may be logged or shown: never the password."""
+        from cmsod.store.backend import redact
+
+        return redact(self.store_url) if self.store_url else str(self.store_path)
+
+    @property
     def events_dir(self) -> Path:
         return self.state_dir / (self.events.path or "events")
 
@@ -485,6 +529,7 @@ def load(
     path: Path | None,
     env: Mapping[str, str] | None = None,
     state_dir: str | None = None,
+    store_url: str | None = None,
 ) -> Config:
     """Read the file (None: embedded defaults), apply env overrides, then a --state-dir flag."""
     env = os.environ if env is None else env
@@ -520,6 +565,8 @@ def load(
         overrides.append(name)
     if state_dir is not None:
         data.setdefault("daemon", {})["state_dir"] = state_dir
+    if store_url is not None:
+        data.setdefault("store", {})["url"] = store_url
     try:
         # Environment values are strings: convert them loosely ("5" -> 5, "true" -> True).
         return msgspec.convert(data, Config, strict=not overrides)

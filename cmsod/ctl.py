@@ -506,6 +506,14 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             )
         )
         lines.append(f"events     {counts.get('eventsPending', 0)} pending")
+        for d in p.get("daemons", []):
+            holds = ", ".join(d["leases"]) or "no lease"
+            lines.append(
+                f"daemon     {d['id']}{' (this one)' if d['id'] == p.get('daemon') else ''}:"
+                f" {'alive' if d['alive'] else 'LAPSED'}, lease to {_ms_time(d['leaseExpiryMs'])};"
+                f" {d['dispatching']} dispatching, {d['running']} running, {d['planning']}"
+                f" planning; {holds}"
+            )
         lines.append("")
         lines.append(
             table(
@@ -596,6 +604,10 @@ def alarms_line(a: dict[str, Any]) -> str:
     if a.get("ok") is False and a.get("lastError"):
         line += f"; {a['lastError']}"
     return line
+
+
+def _ms_time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def freeze_line(f: dict[str, Any] | None) -> str:

@@ -6,7 +6,8 @@ One daemon per state directory: `<state_dir>/cmsod.lock` is held with flock(2) f
 process's whole life (the kernel lets go when it ends, kill -9 included) and names the
 holder's pid. A second daemon on the same directory exits with EX_IN_USE before it opens the
 store or starts anything, so it can neither re-publish the outbox nor reconcile the first
-one's dispatches.
+one's dispatches. (Daemons sharing a PostgreSQL store each have their own state directory;
+cmsod/store/fleet.py decides who does what in the store.)
 
 Signals: SIGTERM/SIGINT stop it (STOPPING=1, no new dispatches; in-flight calls, then
 publishing the events already committed, get `shutdown_grace_s`; then a clean exit); SIGHUP
@@ -18,9 +19,12 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import functools
 import os
 import resource
+import secrets
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -42,7 +46,8 @@ from cmsod.peers.so import HttpSO, LoopbackSO
 from cmsod.peers.tm import tm_for
 from cmsod.rest import auth as rest_auth
 from cmsod.rest import server as rest
-from cmsod.store import Store, views
+from cmsod.store import Store, fleet, views
+from cmsod.store.store import LeaseLost
 
 EX_CONFIG = 78
 EX_IN_USE = 75  # EX_TEMPFAIL: another cmsod holds the state directory; retry once it is gone
@@ -90,7 +95,12 @@ def build_context(
         return ThreadExecutor() if threaded else executor
 
     store = Store(
-        cfg.store_path, executor, clock, cfg.events.topic, cfg.events.source, cfg.events.route_by
+        cfg.store_location,
+        executor,
+        clock,
+        cfg.events.topic,
+        cfg.events.source,
+        cfg.events.route_by,
     )
     ssl_context = tls.context(cfg.tls)  # one for every peer
     connections = cfg.dispatcher.max_concurrent + cfg.poller.max_concurrent
@@ -115,10 +125,12 @@ def build_context(
     return ctx
 
 
-def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
+def make_reload(
+    ctx: Context, config_path: Path | None, state_dir: str | None, store_url: str | None = None
+):
     def reload() -> list[str]:
         try:
-            new = config.load(config_path, state_dir=state_dir)
+            new = config.load(config_path, state_dir=state_dir, store_url=store_url)
             return apply(new, planning_for(new))
         except ConfigError as exc:
             log.error("config.reload_failed", reason=str(exc))
@@ -130,6 +142,7 @@ def make_reload(ctx: Context, config_path: Path | None, state_dir: str | None):
             name
             for name, before, after in [
                 ("store.path", old.store_path, new.store_path),
+                ("store.url", old.store_url, new.store_url),
                 ("daemon.socket", old.socket_path, new.socket_path),
                 ("daemon.state_dir", old.state_dir, new.state_dir),
                 ("metrics.listen", old.metrics.listen, new.metrics.listen),
@@ -219,12 +232,19 @@ async def run(
         await ctx.store.open()
         log.info(
             "store.opened",
-            path=str(cfg.store_path),
+            path=cfg.store_shown,
             migrated=",".join(map(str, ctx.store.migrations_applied)) or None,
         )
         await _log_resumed(ctx)
+        lost = trio.Event()
         try:
+            await _join_fleet(ctx)
+            ctx.store.on_lease_lost = lost.set
             async with trio.open_nursery() as root:
+                root.start_soon(_fleet, ctx, lost)
+                if ctx.store.postgres and isinstance(ctx.store.executor, ThreadExecutor):
+                    # (not under MockClock: a thread blocked in LISTEN lets virtual time race)
+                    root.start_soon(ctx.store.listen, functools.partial(_ring_all, ctx))
                 for name, actor in ACTORS:
                     await root.start(supervisor.supervise, name, actor, ctx)
                 if metrics_listeners is not None:
@@ -252,8 +272,88 @@ async def run(
                 for peer in (ctx.so, ctx.tm, ctx.sink):
                     if hasattr(peer, "aclose"):
                         await peer.aclose()
+                if ctx.store.owner is not None and not ctx.store.lease_lost:
+                    try:  # what it still polls goes to the others now, not after its lease
+                        await ctx.store.tx(fleet.leave, ctx.store.owner)
+                    except Exception as exc:
+                        log.warning("fleet.leave_failed", reason=str(exc))
                 await ctx.store.close()
             log.info("daemon.stopped")
+
+
+async def _join_fleet(ctx: Context) -> None:
+    """Register this daemon (fleet.py) and take over what lapsed daemons left; on SQLite (one
+    daemon: the state directory's lock) whatever a previous process left."""
+    store = ctx.store
+    me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    lease_ms = int(ctx.config.store.lease_s * 1000)
+    home = f"{socket.gethostname()}:{ctx.config.state_dir.resolve()}"
+    await store.tx(fleet.register, me, socket.gethostname(), os.getpid(), lease_ms, home)
+    store.owner = me
+    if store.postgres:
+        store.lease_until = trio.current_time() + lease_ms / 1000
+    done = await store.tx(
+        fleet.heartbeat, me, lease_ms, ctx.config.so.resend_unconfirmed, not store.postgres
+    )
+    _took_over(ctx, done)
+    log.info("fleet.joined", daemon=me, leases=",".join(sorted(done.held)) or None)
+
+
+def _took_over(ctx: Context, done: fleet.Round) -> None:
+    ctx.store.held_leases = done.held
+    for name in done.reconciled:
+        log.warning(
+            "element.reconciled",
+            vnf=name,
+            action="resend" if ctx.config.so.resend_unconfirmed else "marked Error",
+        )
+    if done.gone:
+        log.warning(
+            "fleet.took_over",
+            daemons=",".join(done.gone),
+            reconciled=len(done.reconciled),
+            polls=done.polls,
+            plans=done.plans,
+        )
+    if done.gone or done.reconciled or done.polls:
+        for bell in ctx.bells.all():
+            bell.ring()
+
+
+def _ring_all(ctx: Context) -> None:
+    """Another daemon stored work (NOTIFY): every actor looks at the store again."""
+    for bell in ctx.bells.all():
+        bell.ring()
+
+
+async def _fleet(ctx: Context, lost: trio.Event) -> None:
+    """The heartbeat: renew this daemon's lease every third of it, take over lapsed daemons'
+    work. Once its own work was taken over (LeaseLost, here or in any write) the daemon stops
+    with an error: systemd starts it again, as a new daemon."""
+    store = ctx.store
+    assert store.owner is not None
+    if not store.postgres:  # one daemon (the state directory's lock): nobody to take over
+        await lost.wait()
+    while not lost.is_set():
+        lease_ms = int(ctx.config.store.lease_s * 1000)
+        with trio.move_on_after(ctx.config.store.lease_s / 3):
+            await lost.wait()
+        if lost.is_set():
+            break
+        try:
+            began = trio.current_time()
+            done = await store.tx(
+                fleet.heartbeat, store.owner, lease_ms, ctx.config.so.resend_unconfirmed
+            )
+            store.lease_until = began + lease_ms / 1000
+        except LeaseLost:
+            break
+        except Exception as exc:  # the database is away: try again at the next beat
+            log.warning("fleet.heartbeat_failed", reason=str(exc))
+            continue
+        _took_over(ctx, done)
+    log.error("fleet.lease_lost", daemon=store.owner)
+    raise LeaseLost(f"daemon {store.owner}: its work was taken over by another daemon")
 
 
 async def _log_resumed(ctx: Context) -> None:
@@ -360,6 +460,12 @@ def parser() -> argparse.ArgumentParser:
         help="keep everything (database, socket, events) under this folder, on the embedded defaults unless --config is given",
     )
     parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="a postgresql:// URL to share with other daemons, instead of [store] url (the"
+        " password is better in a credentials file: $CREDENTIALS_DIRECTORY/store-url)",
+    )
+    parser.add_argument(
         "--check-config",
         action="store_true",
         help="only validate the configuration; exit 0 if good, 78 if not",
@@ -381,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config if args.config else (None if args.state_dir else config.default_config_path())
     )
     try:
-        cfg = config.load(config_path, state_dir=args.state_dir)
+        cfg = config.load(config_path, state_dir=args.state_dir, store_url=args.store)
+        cfg.store_url  # noqa: B018 - a credential file that cannot be read is a config error
         planning_for(cfg)  # policy, inventory, TLS and credentials files are configuration too
         tls.context(cfg.tls)
         if cfg.so.credentials_file and not os.access(cfg.so.credentials_file, os.R_OK):
@@ -399,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmsod: configuration ok ({config_path or 'embedded defaults'})")
         return 0
     try:
-        lock_state_dir(cfg.state_dir)  # before anything that reads or writes the state
+        # Before anything that reads or writes the state. On PostgreSQL the store is shared
+        # (fleet.py guards it); the lock still keeps the socket and event files one daemon's.
+        lock_state_dir(cfg.state_dir)
     except StateDirInUse as exc:
         print(f"cmsod: {exc}", file=sys.stderr)
         return EX_IN_USE
@@ -419,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def start() -> None:
         ctx = build_context(cfg, WallClock())
-        ctx.reload = make_reload(ctx, config_path, args.state_dir)
+        ctx.reload = make_reload(ctx, config_path, args.state_dir, args.store)
         await run(ctx)
 
     try:

@@ -23,7 +23,7 @@ from cmsod.model import APPROVAL_TYPE
 from cmsod.model import ScheduleStatus as S
 from cmsod.optimize.planner import optimizer_response
 from cmsod.optimize.problem import problem_for
-from cmsod.store import book, dispatch, outboxes, schedules, views
+from cmsod.store import book, dispatch, fleet, outboxes, schedules, views
 from cmsod.ticketing import NewTicket, Opened
 from cmsod.wire.cmso import Approval, ScheduleRequest
 from cmsod.wire.events import EVENT_TYPES
@@ -312,9 +312,10 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
     try:
         counts = await ctx.store.read(views.status_counts)
         frozen = await freeze_in_force(ctx)
+        daemons = await ctx.store.read(fleet.daemons, ctx.clock.now_ms())
         db_ok = True
     except Exception as exc:  # the health report must answer even when the store cannot
-        counts, db_ok = {"error": str(exc)}, False
+        counts, db_ok, daemons = {"error": str(exc)}, False, []
     stalled = stalled_actors(ctx, now, STALL_S)
 
     def component(name: str, url: str, ok: bool) -> dict[str, Any]:
@@ -325,7 +326,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
 
     alarms_cfg, source = ctx.config.alarms, ctx.alert_source
     components = [
-        component("Scheduler Database", str(ctx.config.store_path), db_ok),
+        component("Scheduler Database", ctx.config.store_shown, db_ok),
         component(
             "SO Interface",
             ctx.config.so.url or ctx.config.so.mode,
@@ -385,6 +386,9 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
             for name, f in sorted(ctx.figures.items())
         },
         "counts": counts,
+        # every daemon sharing the store (several on PostgreSQL), with what each holds
+        "daemon": ctx.store.owner,
+        "daemons": daemons,
     }
 
 

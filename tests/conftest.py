@@ -8,6 +8,7 @@ time and the store runs inline (a worker thread would let virtual time race ahea
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from cmsod.actors.context import Context
 from cmsod.clock import TrioWallClock
 from cmsod.executor import InlineExecutor
 from cmsod.peers.so import Orchestrator
+from tests import pg
 
 EPOCH = datetime(2026, 12, 1, 8, 0, 0, tzinfo=UTC)
 # Virtual seconds between looks at a schedule in `wait_for` (costs no real time under MockClock).
@@ -118,7 +120,11 @@ def daemon_config(state_dir: Path, **overrides: Any) -> config.Config:
         "CMSOD_POLLER__INTERVAL_S": "30",
         "CMSOD_SO__SIMULATED_DURATION_S": "120",
         "CMSOD_CONTROL__IDLE_TIMEOUT_S": "60",
+        # PostgreSQL: a heartbeat (a write) every 20 virtual min, not every 5 s of days
+        "CMSOD_STORE__LEASE_S": "3600",
     }
+    if os.environ.get("CMSOD_STORE__URL"):  # the `backend` fixture's PostgreSQL schema
+        env["CMSOD_STORE__URL"] = os.environ["CMSOD_STORE__URL"]
     env.update({f"CMSOD_{k.upper()}": str(v) for k, v in overrides.items()})
     return config.load(None, env=env, state_dir=str(state_dir))
 
@@ -146,6 +152,25 @@ async def start_daemon(
             f"start-up took {trio.current_time() - began} virtual s"
         )
     return Daemon(ctx, path, scope)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on each store: SQLite in its tmp_path, and PostgreSQL (a fresh schema of
+    the session's database, tests/pg.py) through CMSOD_STORE__URL, which the in-process
+    daemons (daemon_config) and the real daemon processes (tests/procs.py) both read.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("backend")`."""
+    if request.param == "postgres":
+        try:
+            url = pg.server().fresh()
+        except pg.Unavailable as exc:
+            if os.environ.get("CMSOD_REQUIRE_POSTGRES"):  # .ci/run: a skip would hide it
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
+        monkeypatch.setenv("CMSOD_STORE__URL", url)
+    else:
+        monkeypatch.delenv("CMSOD_STORE__URL", raising=False)
+    return request.param
 
 
 @pytest.fixture
@@ -189,3 +214,21 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(
         f"{validated['events']} CM events validated against {SCHEMA_PATH.name}"
     )
+
+
+def store_rows(state_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of a query (in the shared dialect) on the store a test's daemon used: its SQLite
+    file, or the PostgreSQL schema of the `backend` fixture."""
+    url = os.environ.get("CMSOD_STORE__URL")
+    if not url:
+        import sqlite3
+
+        with sqlite3.connect(state_dir / "cmsod.sqlite3") as db:
+            return db.execute(sql, params).fetchall()
+    from cmsod.store.backend import connect_postgres
+
+    conn = connect_postgres(url)
+    try:
+        return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+    finally:
+        conn.close()

@@ -24,6 +24,7 @@ ENV = {  # short intervals so the end-to-end tests run in seconds
     # schedules planned to start a few seconds after they are submitted: on a loaded machine
     # the approval may come after the first slot began, which would expire them by default
     "CMSOD_OPTIMIZER__APPROVAL_TIMEOUT_S": "3600",
+    "CMSOD_STORE__LEASE_S": "3",  # PostgreSQL: a frozen daemon's work is taken in seconds
 }
 
 

@@ -26,6 +26,9 @@ FUTURE_CASES = {
     "one-vnf-one-window-update": dict(nodes=["node1"], workflow="Update"),
 }
 
+# Every test here runs on SQLite and on PostgreSQL (the `backend` fixture).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def statuses(view: dict) -> dict[str, str]:
     return {

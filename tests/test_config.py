@@ -202,3 +202,27 @@ def test_reload_refuses_what_the_peers_were_built_from(tmp_path: Path) -> None:
         reload()
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[poller]\ninterval_s = 2.0\n')
     assert reload() == ["poller.interval_s"]
+
+
+def test_the_store_url_from_the_file_a_credential_or_the_command_line(
+    monkeypatch, tmp_path: Path
+) -> None:
+    from cmsod.store.backend import redact
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    cfg = config.load(None, env={}, state_dir=str(tmp_path))
+    assert cfg.store_url == "" and cfg.store_location == str(tmp_path / "cmsod.sqlite3")
+    url = "postgresql://cmsod:s3cret@db:5432/cmsod"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    (tmp_path / "store-url").write_text(url + "\n")
+    cfg = config.load(None, env={}, state_dir=str(tmp_path))
+    assert cfg.store_location == url
+    assert cfg.store_shown == "postgresql://cmsod:***@db:5432/cmsod"  # what is logged, shown
+    other = "postgresql://cmsod@db2/cmsod"
+    assert config.load(None, env={}, store_url=other).store_url == other  # cmsod --store
+    assert redact(other) == other
+    (tmp_path / "store-url").write_text("mysql://x\n")
+    with pytest.raises(ConfigError, match="not a postgresql:// URL"):
+        _ = config.load(None, env={}, state_dir=str(tmp_path)).store_url
+    with pytest.raises(ConfigError, match=r"store.url must be a postgresql:// URL"):
+        config.load(None, env={"CMSOD_STORE__URL": "sqlite:///x"})

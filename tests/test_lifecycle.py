@@ -3,7 +3,6 @@ and the crash window between a dispatch intent and the orchestrator's answer."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -16,7 +15,7 @@ from cmsod.model import ScheduleStatus as S
 from cmsod.peers.so import LoopbackSO, SoStatus
 from cmsod.wire.events import CmEvent
 from tests.cmso_requests import approval, request
-from tests.conftest import EPOCH, start_daemon, wait_until
+from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
 
 CREATE = "io.cmsod.Schedules.Create"
 APPROVE = "io.cmsod.Schedules.Approve"
@@ -28,6 +27,7 @@ def statuses(view: dict) -> dict[str, str]:
     }
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_left_pending_past_its_first_slot_it_expires(
     autojump_clock, nursery, tmp_path: Path
 ) -> None:
@@ -83,6 +83,7 @@ async def test_elements_that_do_not_fit(
     assert sorted(v for _, v in cmsod.ctx.so.dispatched) == ["node1", "node2"]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_concurrency_limit_holds_and_windows_are_all_used(
     autojump_clock, nursery, tmp_path: Path
 ) -> None:
@@ -108,6 +109,7 @@ async def test_concurrency_limit_holds_and_windows_are_all_used(
     ]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_not_pending_approval_is_412(autojump_clock, client) -> None:
     await client.ok(CREATE, schedule=request("early", now=EPOCH, minutes_from_now=30))
     await client.wait_for("early", S.PENDING_APPROVAL)
@@ -161,10 +163,7 @@ async def test_restart_rebuilds_work_from_the_store(
     client = await second.connect()
     view = await client.wait_for("survivor", S.COMPLETED, S.COMPLETED_WITH_ERRORS)
     assert view["status"] == S.COMPLETED
-    with sqlite3.connect(tmp_path / "cmsod.sqlite3") as db:
-        attempts = db.execute(
-            "SELECT name, dispatch_attempts FROM elements ORDER BY name"
-        ).fetchall()
+    attempts = store_rows(tmp_path, "SELECT name, dispatch_attempts FROM elements ORDER BY name")
     assert attempts == [("node1", 1), ("node2", 1), ("node3", 1)]
     second.cancel.cancel()
 
@@ -182,6 +181,7 @@ class SilentSO(LoopbackSO):
 
 
 @pytest.mark.parametrize("resend", [False, True])
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_dispatch_caught_between_intent_and_answer(
     autojump_clock, nursery, tmp_path: Path, resend: bool
 ) -> None:
@@ -217,6 +217,7 @@ async def test_dispatch_caught_between_intent_and_answer(
     second.cancel.cancel()
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_every_transition_is_an_event_in_order(
     autojump_clock, nursery, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ a plain call bounded with a clear error."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ DETAILS, GET, LIST = (
     "io.cmsod.Schedules.Get",
     "io.cmsod.Schedules.List",
 )
+
+# Every test here runs on SQLite and on PostgreSQL (the `backend` fixture).
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 async def streamed(client: ControlClient, method: str, **parameters: Any) -> list[dict[str, Any]]:
@@ -129,7 +133,7 @@ async def test_list_follows_its_cursor_when_streamed(client: ControlClient) -> N
 
 
 async def store_with(tmp_path: Path, count: int) -> Store:
-    store = Store(tmp_path / "cmsod.db", ThreadExecutor())
+    store = Store(os.environ.get("CMSOD_STORE__URL") or tmp_path / "cmsod.db", ThreadExecutor())
     await store.open()
     body = request("big", [f"n{i}" for i in range(count)], now=EPOCH, minutes_from_now=600)
     new = lifecycle.validate_request(msgspec.convert(body, ScheduleRequest))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from cmsod.lifecycle import parse_time_ms
@@ -235,6 +236,7 @@ async def test_a_freeze_stops_every_dispatch_until_it_is_off(
     assert freezes == ["Frozen", "Thawed"]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_a_freeze_until_ends_by_itself(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from cmsod.lifecycle import parse_time_ms
@@ -198,6 +199,7 @@ async def _statuses_are(client: ControlClient, schedule_id: str, statuses: set[s
     return {i["status"] for i in items(await client.schedule(schedule_id)).values()} == statuses
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_a_refused_approval_stops_only_that_elements_dispatch(
     autojump_clock, nursery, tmp_path
 ) -> None:
@@ -231,6 +233,7 @@ async def test_a_refused_approval_stops_only_that_elements_dispatch(
     assert close["closingComments"] == "Change management request failed for one or more VNFs"
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_ticket_creation_failing_at_approval_is_417_and_stores_nothing(
     autojump_clock, nursery, tmp_path
 ) -> None:
@@ -306,6 +309,7 @@ async def test_a_close_tm_says_is_already_closed_counts_as_done(
     assert [o["attempts"] for o in detail["operations"]] == [1, 1]
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_deleting_a_scheduled_schedule_cancels_its_tickets(
     autojump_clock, nursery, tmp_path
 ) -> None:
@@ -384,6 +388,7 @@ async def test_when_tms_active_tickets_fail_the_plan_waits_and_then_goes_on(
     await client.wait_for("waits", S.PENDING_APPROVAL)
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_the_builtin_book_keeps_the_tickets_and_checks_them(
     autojump_clock, client: ControlClient
 ) -> None:
@@ -403,6 +408,7 @@ async def test_the_builtin_book_keeps_the_tickets_and_checks_them(
     assert missing["error"] == "io.cmsod.Tickets.NoSuchTicket"
 
 
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 def test_ticket_operations_survive_kill_9_and_cmsoctl_shows_them(tmp_path: Path) -> None:
     """The real daemon in http mode: TM goes down while the work flows end, the daemon is
     killed with closes still queued, and after a restart (TM back) every ticket is closed once."""

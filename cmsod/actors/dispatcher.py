@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import msgspec
 import trio
+import trio.lowlevel
 
 from cmsod import alarms, gates, lifecycle, log
 from cmsod.actors import tickets
@@ -34,13 +35,8 @@ Result = tuple[int, str | None, str | None]
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    caught = await ctx.store.tx(dispatch.reconcile_dispatches, ctx.config.so.resend_unconfirmed)
-    for name in caught:
-        log.warning(
-            "element.reconciled",
-            vnf=name,
-            action="resend" if ctx.config.so.resend_unconfirmed else "marked Error",
-        )
+    # (What a previous process or a lapsed daemon left between intent and answer was
+    # reconciled by the daemon's fleet round before this starts: cmsod/store/fleet.py.)
     limiter = trio.CapacityLimiter(ctx.config.dispatcher.max_concurrent)
     figures = ctx.beat("dispatcher")
     results_in, results_out = trio.open_memory_channel[tuple[dispatch.DispatchJob, Result]](BATCH)
@@ -53,8 +49,11 @@ async def run(
                 cfg = ctx.config.dispatcher
                 limiter.total_tokens = cfg.max_concurrent
                 lead_ms = int(cfg.lead_time_s * 1000)
+                # Several daemons on one PostgreSQL: each claims what it can send now, so the
+                # others take their share of a burst.
+                claim = min(BATCH, cfg.max_concurrent) if ctx.store.postgres else BATCH
                 due = await ctx.store.read(
-                    dispatch.due_elements, ctx.clock.now_ms() + lead_ms, BATCH
+                    dispatch.due_elements, ctx.clock.now_ms() + lead_ms, claim
                 )
                 if due:
                     ticket = await tickets.gate_for(
@@ -72,7 +71,9 @@ async def run(
                     )
                     for job in jobs:
                         calls.start_soon(send, ctx, job, limiter, results_in.clone())
-                if len(due) == BATCH:
+                if due and len(due) == claim:
+                    if claim < BATCH:  # let the calls just started take their seats
+                        await trio.lowlevel.checkpoint()
                     continue
                 expiry_ms = await expire_approvals(ctx)
                 next_ms = await ctx.store.read(dispatch.next_due_ms)
@@ -173,6 +174,13 @@ async def send(
             attempt += 1
             try:
                 async with limiter:  # not held while waiting to try again
+                    if ctx.store.lease_lapsed():
+                        # Frozen past its lease: another daemon may be taking this element
+                        # over. Send nothing; release it (a fenced write: refused if it was
+                        # taken, so the taker's reconciliation stands; else it goes again).
+                        log.warning("element.not_sent", vnf=job.name, reason="lease lapsed")
+                        await results.send((job, (job.element, None, None)))
+                        return
                     with ctx.metrics.call("so", "dispatch"):
                         request_id = await ctx.so.dispatch(job.name, job.request, job.key)
             except NotDelivered as exc:

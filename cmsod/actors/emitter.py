@@ -75,6 +75,9 @@ async def run(
                 await ctx.store.tx(outboxes.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
         watched = fan_out(ctx, rows, heads, watched)
+        if "events" not in ctx.store.held_leases:  # another daemon publishes (fleet.py)
+            await ctx.bells.emitter.wait(10.0)
+            continue
         by_topic: dict[str, list] = {}  # (order binds within a schedule, so within a topic)
         for row in rows:
             by_topic.setdefault(row[2], []).append(row)

@@ -49,7 +49,8 @@ async def run(
         if refresh:  # a dispatch was recorded (or first turn): learn the new ones
             now = trio.current_time()
             current = {
-                e: (s, n, r, d) for e, s, n, r, d in await ctx.store.read(dispatch.in_flight)
+                e: (s, n, r, d)
+                for e, s, n, r, d in await ctx.store.read(dispatch.in_flight, ctx.store.owner)
             }
             for element in list(watches):
                 if element not in current:

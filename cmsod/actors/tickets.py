@@ -200,6 +200,9 @@ async def unavailability(ctx: Context, problem: Problem) -> dict[str, list[Busy]
 async def drain_outbox(ctx: Context) -> None:
     while True:
         figures = ctx.beat("tickets")
+        if "tickets" not in ctx.store.held_leases:  # another daemon sends them (fleet.py)
+            await ctx.bells.tickets.wait(10.0)
+            continue
         due = await ctx.store.read(outboxes.due_ticket_ops, ctx.clock.now_ms(), BATCH)
         sent, failed = await send_ops(ctx, due)
         if due:

@@ -31,7 +31,7 @@ def other_work(
     for name, start, finish, dispatched, duration_s, other_id in conn.execute(
         "SELECT o.name, o.start_ms, o.finish_ms, o.dispatch_ms, s.normal_s + s.additional_s,"
         " s.schedule_id FROM elements o JOIN schedules s ON s.id = o.schedule"
-        f" WHERE o.name IN ({mine}) AND o.schedule IS NOT ? AND o.status IN (?, ?, ?)",
+        f" WHERE o.name IN ({mine}) AND o.schedule IS DISTINCT FROM ? AND o.status IN (?, ?, ?)",
         (*params, schedule, *ACTIVE_WORK),
     ):
         begin = start if start is not None else dispatched
@@ -78,7 +78,9 @@ def add_unavailability(
     """Record it; also say which active schedules have work on the element in that time."""
     # the next number never handed out, even to an entry since removed
     (n,) = tx.execute(
-        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'availability'), 0) + 1"
+        "SELECT nextval(pg_get_serial_sequence('availability', 'id'))"  # the identity's
+        if tx.postgres
+        else "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'availability'), 0) + 1"
     ).fetchone()
     if ref is None:
         ref = f"BO{n:06d}" if kind == "blackout" else f"TK{n:06d}"

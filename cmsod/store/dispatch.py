@@ -106,9 +106,9 @@ class BatchCache:
             return gates.Failures()
         if schedule not in self._failures:
             failed, total = self.tx.execute(
-                f"SELECT coalesce(sum(status IN ({_marks(FAILED_RUN)})), 0),"
-                f" coalesce(sum(status NOT IN ({_marks(NOT_COUNTED)})), 0) FROM elements"
-                " WHERE schedule = ?",
+                f"SELECT count(*) FILTER (WHERE status IN ({_marks(FAILED_RUN)})),"
+                f" count(*) FILTER (WHERE status NOT IN ({_marks(NOT_COUNTED)}))"
+                " FROM elements WHERE schedule = ?",
                 (*FAILED_RUN, *NOT_COUNTED, schedule),
             ).fetchone()
             self._failures[schedule] = gates.Failures(
@@ -119,7 +119,7 @@ class BatchCache:
 
 def load_freeze(conn: Any) -> gates.Freeze | None:
     row = conn.execute(
-        "SELECT since_ms, by, why, until_ms FROM freeze WHERE id = 1 AND active = 1"
+        'SELECT since_ms, "by", why, until_ms FROM "freeze" WHERE id = 1 AND active = 1'
     ).fetchone()
     return None if row is None else gates.Freeze(row[0], row[1], row[2], row[3])
 
@@ -133,7 +133,7 @@ def set_freeze(
     if not active and was is None:
         return None
     tx.execute(
-        "UPDATE freeze SET active = ?, since_ms = ?, until_ms = ?, by = ?, why = ? WHERE id = 1",
+        'UPDATE "freeze" SET active = ?, since_ms = ?, until_ms = ?, "by" = ?, why = ? WHERE id = 1',
         (int(active), tx.now_ms, until_ms if active else None, by, why),
     )
     value: dict[str, Any] = {
@@ -178,6 +178,7 @@ def load_snapshot(
         " FROM elements e JOIN schedules s ON s.id = e.schedule"
         " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id WHERE e.id = ?",
         (element,),
+        flush=False,  # (deferred writes are other elements' rows; schedules are not deferred)
     ).fetchone()
     if row is None:
         return None
@@ -297,10 +298,10 @@ def begin_dispatch(
         )
         return None
     key = row.key or str(uuid.uuid4())
-    tx.execute(
+    tx.defer(
         "UPDATE elements SET dispatch_key = ?, dispatch_started_ms = ?,"
-        " dispatch_attempts = dispatch_attempts + 1 WHERE id = ?",
-        (key, tx.now_ms, element),
+        " dispatch_attempts = dispatch_attempts + 1, owner = ? WHERE id = ?",
+        (key, tx.now_ms, tx.owner, element),
     )
     return DispatchJob(
         element,
@@ -325,7 +326,7 @@ def hold(tx: Tx, snap: gates.Snapshot, row: Loaded, gate: str, answer: gates.Hol
     CM event on the element, its status unchanged, and a log line)."""
     until = INDEFINITE_MS if answer.until_ms is None else answer.until_ms
     why = f"held by {gate}: {answer.why}"
-    tx.execute(
+    tx.defer(
         "UPDATE elements SET hold_ms = ?, hold_gate = ?, hold_why = ? WHERE id = ?",
         (until, gate, why, row.element),
     )
@@ -373,7 +374,7 @@ def carry_over(
         "SELECT start_ms, end_ms FROM windows WHERE grp = ?", (row.grp,)
     ).fetchall()
     origin_ms, concurrency = tx.execute(
-        "SELECT min(w.start_ms), s.concurrency FROM windows w JOIN cm_groups g ON g.id = w.grp"
+        "SELECT min(w.start_ms), max(s.concurrency) FROM windows w JOIN cm_groups g ON g.id = w.grp"
         " JOIN schedules s ON s.id = g.schedule WHERE g.schedule = ?",
         (row.schedule,),
     ).fetchone()
@@ -442,7 +443,7 @@ def carry_over(
 def replan_ticket(tx: Tx, change_id: str) -> None:
     """The ticket's planned dates follow its elements' slots; TM is told through the outbox."""
     start, end, user_id = tx.execute(
-        "SELECT min(e.start_ms), max(e.finish_ms), s.user_id FROM elements e"
+        "SELECT min(e.start_ms), max(e.finish_ms), max(s.user_id) FROM elements e"
         " JOIN schedules s ON s.id = e.schedule WHERE e.tm_change_id = ?",
         (change_id,),
     ).fetchone()
@@ -464,7 +465,8 @@ def next_due_ms(conn: Any) -> int | None:
     """When the next element falls due (immediates: at once; one whose ticket could not be
     checked: when it is held to), None when nothing waits."""
     (due,) = conn.execute(
-        "SELECT min(max(coalesce(start_ms, 0), coalesce(hold_ms, 0))) FROM elements"
+        "SELECT min(CASE WHEN coalesce(hold_ms, 0) > coalesce(start_ms, 0) THEN hold_ms"
+        " ELSE coalesce(start_ms, 0) END) FROM elements"
         " WHERE status IN (?, ?) AND dispatch_started_ms IS NULL",
         (E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
     ).fetchone()
@@ -506,17 +508,27 @@ def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> li
 
 def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | None]]) -> int:
     """The orchestrator's answers for a batch: (element, SO request id or None, failure
-    message or None). An element no longer waiting for its answer is left alone."""
+    message or None). An element no longer waiting for its answer is left alone, and so is
+    one no longer this daemon's (another took it over and reconciled it: fleet.py)."""
     recorded = 0
-    for element, request_id, failure in results:
-        row = tx.execute(
-            "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
+    rows = {  # one read for the batch (an answer changes only its own element's row)
+        row[0]: row[1:]
+        for row in tx.execute(
+            "SELECT e.id, e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
             " JOIN schedules s ON s.id = e.schedule"
-            " WHERE e.id = ? AND e.dispatch_started_ms IS NOT NULL",
-            (element,),
-        ).fetchone()
-        if row is None or E(row[3]) not in ELEMENT_DISPATCHABLE:
+            " WHERE e.id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
+            " AND e.dispatch_started_ms IS NOT NULL",
+            (json.dumps([element for element, _, _ in results]),),
+        )
+    }
+    for element, request_id, failure in results:
+        found = rows.get(element)
+        if found is None or E(found[3]) not in ELEMENT_DISPATCHABLE:
             continue
+        if found[4] != tx.owner:
+            tx.note("element.not_ours", vnf=found[2], owner=found[4])
+            continue
+        row = found[:4]
         schedule, schedule_id, name, status = row
         new, columns = (
             (
@@ -535,27 +547,36 @@ def release_dispatches(tx: Tx, elements: list[int]) -> None:
     """Nothing was sent for these (the daemon stopped while the orchestrator could not be
     reached): clear the intent, so the next start dispatches them instead of reconciling."""
     tx.execute(
-        "UPDATE elements SET dispatch_started_ms = NULL WHERE id IN"
-        " (SELECT value FROM json_each(?)) AND status IN (?, ?)",
-        (json.dumps(elements), E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
+        "UPDATE elements SET dispatch_started_ms = NULL, owner = NULL WHERE id IN"
+        " (SELECT CAST(value AS BIGINT) FROM json_each(?)) AND status IN (?, ?)"
+        " AND owner IS NOT DISTINCT FROM ?",
+        (json.dumps(elements), E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value, tx.owner),
     )
 
 
-def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
-    """After a restart: elements whose dispatch intent was committed but whose answer was not.
+def reconcile_dispatches(
+    tx: Tx, resend: bool, gone: list[str] | None = None, me: str | None = None
+) -> list[str]:
+    """After a restart, or taking over the work of daemons `gone` (fleet.py): elements whose
+    dispatch intent was committed (by them, or by no daemon known) but whose answer was not.
     The orchestrator may or may not have the work flow; never send it blindly again."""
     caught = tx.execute(
         "SELECT e.id, e.schedule, s.schedule_id, e.name, e.status, e.dispatch_key FROM elements e"
         " JOIN schedules s ON s.id = e.schedule"
-        " WHERE e.status IN (?, ?) AND e.dispatch_started_ms IS NOT NULL",
-        (E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value),
+        " WHERE e.status IN (?, ?) AND e.dispatch_started_ms IS NOT NULL"
+        " AND (e.owner IS NULL OR e.owner IN (SELECT value FROM json_each(?)))",
+        (E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value, json.dumps(gone or [])),
     ).fetchall()
     names = []
     for element, schedule, schedule_id, name, status, key in caught:
         names.append(name)
         if resend:  # the orchestrator de-duplicates on X-TransactionId: same key again
-            tx.execute("UPDATE elements SET dispatch_started_ms = NULL WHERE id = ?", (element,))
+            tx.execute(
+                "UPDATE elements SET dispatch_started_ms = NULL, owner = NULL WHERE id = ?",
+                (element,),
+            )
             continue
+        tx.execute("UPDATE elements SET owner = ? WHERE id = ?", (me, element))
         tx.element_to(
             element,
             schedule,
@@ -575,12 +596,14 @@ def reconcile_dispatches(tx: Tx, resend: bool) -> list[str]:
 # -- polling --------------------------------------------------------------------------------
 
 
-def in_flight(conn: Any) -> list[tuple[int, str, str, str, int | None]]:
-    """(element, schedule id, name, SO request id, dispatch time) of every triggered element."""
+def in_flight(conn: Any, owner: str | None = None) -> list[tuple[int, str, str, str, int | None]]:
+    """(element, schedule id, name, SO request id, dispatch time) of every triggered element
+    this daemon polls (the one that dispatched it, or took it over)."""
     return conn.execute(
         "SELECT e.id, s.schedule_id, e.name, e.so_request_id, e.dispatch_ms FROM elements e"
-        " JOIN schedules s ON s.id = e.schedule WHERE e.status = ? ORDER BY e.dispatch_ms",
-        (E.TRIGGERED.value,),
+        " JOIN schedules s ON s.id = e.schedule WHERE e.status = ?"
+        " AND e.owner IS NOT DISTINCT FROM ? ORDER BY e.dispatch_ms",
+        (E.TRIGGERED.value, owner),
     ).fetchall()
 
 
@@ -592,13 +615,16 @@ def record_polls(tx: Tx, outcomes: list[tuple[int, PollOutcome]]) -> list[E | No
 
 def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
     row = tx.execute(
-        "SELECT e.schedule, s.schedule_id, e.name, e.status FROM elements e"
+        "SELECT e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
         " JOIN schedules s ON s.id = e.schedule WHERE e.id = ?",
         (element,),
     ).fetchone()
     if row is None or row[3] != E.TRIGGERED:
         return None
-    schedule, schedule_id, name, _ = row
+    if row[4] != tx.owner:  # another daemon took it over: its poll now, not ours
+        tx.note("element.not_ours", vnf=row[2], owner=row[4])
+        return None
+    schedule, schedule_id, name, _, _ = row
     if outcome.status is None:
         tx.execute(
             "UPDATE elements SET so_status = ?, so_message = ?, so_ms = ?,"

@@ -38,7 +38,7 @@ def holds(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, bool]]:
             "SELECT hold_gate, count(*) FROM elements WHERE hold_gate IS NOT NULL GROUP BY hold_gate"
         ).fetchall()
     )
-    (frozen,) = conn.execute("SELECT active FROM freeze WHERE id = 1").fetchone() or (0,)
+    (frozen,) = conn.execute('SELECT active FROM "freeze" WHERE id = 1').fetchone() or (0,)
     return held, {"freeze": bool(frozen)}
 
 

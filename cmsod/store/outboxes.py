@@ -12,6 +12,12 @@ from cmsod.store.store import Tx
 from cmsod.ticketing import Opened
 
 
+def holds_lease(tx: Tx, name: str) -> bool:
+    """Fencing for work done under a named lease (fleet.py): still ours, in this transaction?"""
+    row = tx.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
+    return row is not None and row[0] == tx.owner
+
+
 def abandon_tickets(tx: Tx, opened: Opened, user_id: str) -> None:
     """Tickets TM opened for a request that then could not be stored (it changed meanwhile):
     cancel them, through the outbox like any other ticket operation."""
@@ -40,6 +46,9 @@ def refuse_event(tx: Tx, seq: int, reason: str) -> None:
 
 
 def mark_events_sent(tx: Tx, seqs: list[int]) -> None:
+    if tx.owner is not None and not holds_lease(tx, "events"):
+        tx.note("events.not_ours", count=len(seqs))  # another daemon publishes now
+        return
     tx.conn.executemany(
         "UPDATE events SET sent_ms = ? WHERE seq = ?", [(tx.now_ms, seq) for seq in seqs]
     )
@@ -84,6 +93,9 @@ def record_ticket_ops(
 ) -> None:
     """TM took these operations (our record of the ticket follows) or refused these (each
     with why and when to try again)."""
+    if tx.owner is not None and not holds_lease(tx, "tickets"):
+        tx.note("tickets.not_ours", count=len(sent) + len(failed))  # another daemon sends now
+        return
     for op in sent:
         tx.execute(
             "UPDATE ticket_ops SET sent_ms = ?, attempts = attempts + 1 WHERE id = ?",

@@ -6,6 +6,7 @@ for a schedule deleted meanwhile) changes nothing.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -386,11 +387,19 @@ def claim_for_optimization(
     daemon stopped mid-plan) are planned again. (The inventory only tells which elements each
     requires, for the ticket book; the planner merges it into the element data itself.)"""
     problems = []
-    rows = tx.execute(
+    rows = tx.execute(  # one optimizer per schedule: those nobody else plans (fleet.py)
         "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id,"
-        " optimizer_attempts FROM schedules WHERE status IN (?, ?) ORDER BY id LIMIT ?",
-        (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, limit),
+        " optimizer_attempts FROM schedules WHERE status IN (?, ?)"
+        " AND (optimizer_owner IS NULL OR optimizer_owner IS NOT DISTINCT FROM ?)"
+        " ORDER BY id LIMIT ?",
+        (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, tx.owner, limit),
     ).fetchall()
+    if rows and tx.owner is not None:
+        tx.execute(
+            "UPDATE schedules SET optimizer_owner = ? WHERE id IN"
+            " (SELECT CAST(value AS BIGINT) FROM json_each(?))",
+            (tx.owner, json.dumps([r[0] for r in rows])),
+        )
     for (
         schedule,
         schedule_id,
@@ -452,10 +461,13 @@ def claim_for_optimization(
 
 def record_plan(tx: Tx, schedule: int, plan: Plan, allow_partial: bool) -> S | None:
     row = tx.execute(
-        "SELECT schedule_id, status FROM schedules WHERE id = ?", (schedule,)
+        "SELECT schedule_id, status, optimizer_owner FROM schedules WHERE id = ?", (schedule,)
     ).fetchone()
     if row is None or row[1] != S.OPTIMIZATION_IN_PROGRESS:
         return None  # deleted while it was being planned
+    if tx.owner is not None and row[2] != tx.owner:
+        tx.note("schedule.not_ours", schedule_id=row[0], owner=row[2])
+        return None  # another daemon took its planning over
     schedule_id = row[0]
     elements = {
         name: (element, grp)

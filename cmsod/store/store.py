@@ -18,6 +18,14 @@ FULL syncs the WAL on every commit, which costs ~0.2 ms here: far below what cha
 needs (reference/reliability.md A2, B2).
 
 (aiosqlite is asyncio-only; under trio we hop to a thread ourselves with a limiter of 1.)
+
+PostgreSQL (`[store] url = "postgresql://..."`, cmsod/store/backend.py) is driven the same way:
+psycopg 3's synchronous API (its async API is asyncio-only), one connection per role — the
+writer, the reader, one per stream — each used from its worker thread. A write transaction
+first takes a database-wide advisory lock, PostgreSQL's BEGIN IMMEDIATE: the load -> decide ->
+apply transactions, written for one writer, stay one at a time across every daemon sharing the
+database (each is short; network calls are never made inside one). Reads are REPEATABLE READ
+READ ONLY snapshots and never wait for it.
 """
 
 from __future__ import annotations
@@ -40,11 +48,20 @@ from cmsod.executor import Executor, ThreadExecutor
 from cmsod.model import ELEMENT_FAILED_RUN, ELEMENT_FINAL, ELEMENT_NOT_COUNTED
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.store.schema import migrate
+from cmsod.store import backend
+from cmsod.store.schema import migrate, migrate_postgres
 
 T = TypeVar("T")
 
+
+class LeaseLost(RuntimeError):
+    """This daemon's work was taken over by another (its lease lapsed): it must record
+    nothing more and stop (cmsod/store/fleet.py)."""
+
+
 MAX_STREAMS = 4  # searches streaming at once (each holds a connection); more wait their turn
+NOTIFY_CHANNEL = "cmsod"  # LISTEN/NOTIFY: a commit that stored work wakes the other daemons
+WRITE_LOCK = 0x636D736F_77726974  # pg_advisory_xact_lock key of write transactions: "cmsowrit"
 
 
 # Columns a transaction may set by name. SQL identifiers cannot be parameters, so they are
@@ -118,9 +135,18 @@ class Tx:
     the state machine and collect the CM event edits that `finish` writes to the outbox."""
 
     def __init__(
-        self, conn: sqlite3.Connection, now_ms: int, topic: str, source: str, route_by: str = ""
+        self,
+        conn: Any,
+        now_ms: int,
+        topic: str,
+        source: str,
+        route_by: str = "",
+        owner: str | None = None,
     ) -> None:
-        self.conn = conn
+        self._conn = conn
+        self._pending: list[tuple[str, list[tuple | list]]] = []  # deferred writes, in order
+        self.owner = owner  # this daemon's id (fleet.py): what it claims is claimed for it
+        self.postgres = isinstance(conn, backend.PgConnection)  # the few per-backend statements
         self.now_ms = now_ms
         self.topic = topic
         self.source = source
@@ -134,8 +160,35 @@ class Tx:
         self.ticket_ops = 0  # ticket operations this transaction queued
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
 
-    def execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
+    @property
+    def conn(self) -> Any:
+        """The connection, the deferred writes flushed first (a read sees them)."""
+        self.flush()
+        return self._conn
+
+    def execute(self, sql: str, params: tuple | list = (), flush: bool = True) -> Any:
+        """`flush=False`: a read of rows no deferred write touches (one element's own row
+        while the batch's other elements' writes wait), so they stay batched."""
+        if flush:
+            self.flush()
+        return self._conn.execute(sql, params)
+
+    def defer(self, sql: str, params: tuple | list) -> None:
+        """A write whose result nothing reads, sent with the next statement (or at the end):
+        a run of the same statement goes as one executemany. On PostgreSQL that is one round
+        trip (psycopg's pipeline) instead of one per element of a batch."""
+        if self._pending and self._pending[-1][0] == sql:
+            self._pending[-1][1].append(params)
+        else:
+            self._pending.append((sql, [params]))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for sql, rows in pending:
+            if len(rows) == 1:
+                self._conn.execute(sql, rows[0])
+            else:
+                self._conn.executemany(sql, rows)
 
     def edit(self, schedule: int, schedule_id: str, edit: tuple[str, str, dict]) -> None:
         self._schedule_ids[schedule] = schedule_id
@@ -167,7 +220,7 @@ class Tx:
     ) -> None:
         lifecycle.check_element(old, new)
         sets, values = _assignments(columns, ELEMENT_COLUMNS)
-        self.execute(
+        self.defer(
             f"UPDATE elements SET status = ?{sets} WHERE id = ?", [new.value, *values, element]
         )
         self.transitions.append(("element", new.value))
@@ -195,9 +248,7 @@ class Tx:
     ) -> None:
         """Change an element's columns without a status change (a carry-over's new slot)."""
         sets, values = _assignments(columns, ELEMENT_COLUMNS)
-        self.execute(
-            f"UPDATE elements SET status = ?{sets} WHERE id = ?", [status, *values, element]
-        )
+        self.defer(f"UPDATE elements SET status = ?{sets} WHERE id = ?", [status, *values, element])
         value: dict[str, Any] = {"vnf-name": name, "status": status.value}
         value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
@@ -225,7 +276,7 @@ class Tx:
             " EXISTS (SELECT 1 FROM ticket_ops o WHERE o.change_id = t.change_id AND o.op = ?)"
             " FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
             " WHERE t.closure_code IS NULL AND t.change_id IN (SELECT tm_change_id FROM elements"
-            " WHERE id IN (SELECT value FROM json_each(?)))",
+            " WHERE id IN (SELECT CAST(value AS BIGINT) FROM json_each(?)))",
             (ticketing.Op.UPDATE.value, json.dumps(self._check_tickets)),
         ).fetchall()
         for change_id, user_id, updating in tickets:
@@ -316,7 +367,7 @@ class Tx:
     def freeze_event(self, value: dict[str, Any]) -> None:
         """The global freeze changed: one event of its own sequence (no schedule owns it)."""
         (seq,) = self.execute(
-            "UPDATE freeze SET event_seq = event_seq + 1 WHERE id = 1 RETURNING event_seq"
+            'UPDATE "freeze" SET event_seq = event_seq + 1 WHERE id = 1 RETURNING event_seq'
         ).fetchone()
         event = cmevents.build(
             cmevents.FREEZE_CORRELATION,
@@ -358,7 +409,8 @@ class Store:
         on_ticket_ops: Callable[[], None] | None = None,
         on_transitions: Callable[[list[tuple[str, str]]], None] | None = None,
     ) -> None:
-        self.path = str(path)
+        self.path = str(path)  # an SQLite file, or a postgresql:// URL
+        self.postgres = backend.is_postgres(self.path)
         self.executor = executor or ThreadExecutor()
         self.clock = clock or WallClock()
         self.topic = topic
@@ -367,8 +419,8 @@ class Store:
         self.on_commit = on_commit  # rings the event emitter: every commit may carry events
         self.on_ticket_ops = on_ticket_ops  # rings the tickets actor when a commit queued some
         self.on_transitions = on_transitions  # counts the committed transitions (metrics)
-        self.conn: sqlite3.Connection | None = None
-        self.reader: sqlite3.Connection | None = None
+        self.conn: Any = None  # sqlite3.Connection | backend.PgConnection
+        self.reader: Any = None
         # Reads get a worker thread of their own (in the inline mode: inline, as writes).
         self.read_executor = self._own_executor()
         self.streams = trio.CapacityLimiter(MAX_STREAMS)
@@ -376,10 +428,24 @@ class Store:
         # write transactions committed: figures for tests and benches, and what a cached read
         # is valid for (nothing else writes: the state directory is one daemon's)
         self.commits = 0
+        self.owner: str | None = None  # this daemon's id once registered (fleet.py)
+        self.lease_lost = False
+        self.lease_until: float | None = None  # trio time the lease lapses (PostgreSQL)
+        self.held_leases: set[str] = {"events", "tickets"}  # fleet.py's named leases held
+        self.on_lease_lost: Callable[[], None] | None = None
 
     # -- life ------------------------------------------------------------------------------
 
     def _open(self) -> None:
+        if self.postgres:
+            pg = backend.connect_postgres(self.path, application="cmsod writer")
+            try:
+                self.migrations_applied = migrate_postgres(pg)
+            except BaseException:
+                pg.close()
+                raise
+            self.conn = pg
+            return
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
@@ -388,7 +454,9 @@ class Store:
         self.migrations_applied = migrate(conn)
         self.conn = conn
 
-    def _open_reader(self) -> sqlite3.Connection:
+    def _open_reader(self, streaming: bool = False) -> Any:
+        if self.postgres:
+            return backend.connect_postgres(self.path, streaming, "cmsod reader")
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA busy_timeout = 5000")
@@ -412,17 +480,37 @@ class Store:
     # -- calls -----------------------------------------------------------------------------
 
     async def tx(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(tx, *args)` as one write transaction; its events are written with it."""
+        """Run `fn(tx, *args)` as one write transaction; its events are written with it.
+        Fenced (PostgreSQL): once another daemon took this one's work over, it raises
+        LeaseLost and writes nothing."""
         now_ms = self.clock.now_ms()
-        topic, source, route_by = self.topic, self.source, self.route_by
+        topic, source, route_by, owner = self.topic, self.source, self.route_by, self.owner
+        if self.lease_lost:
+            raise LeaseLost(f"daemon {owner}: its work was taken over by another daemon")
 
         def work() -> tuple[T, Tx]:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            if self.postgres:
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+            else:
+                conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = Tx(conn, now_ms, topic, source, route_by)
+                if self.postgres and owner is not None:
+                    if (
+                        conn.execute("SELECT 1 FROM daemons WHERE id = ?", (owner,)).fetchone()
+                        is None
+                    ):
+                        raise LeaseLost(
+                            f"daemon {owner}: its work was taken over by another daemon"
+                        )
+                tx = Tx(conn, now_ms, topic, source, route_by, owner)
                 result = fn(tx, *args)
                 tx.finish()
+                tx.flush()
+                if self.postgres and (tx._edits or tx.ticket_ops):
+                    # the other daemons' doorbells, delivered at commit (`listen`)
+                    conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, owner or ""))
                 conn.execute("COMMIT")
                 # counted here, not after the await: a caller cancelled meanwhile must not
                 # leave a commit uncounted (the REST listener's view cache keys on it)
@@ -431,10 +519,20 @@ class Store:
             except BaseException:
                 # After SQLITE_FULL the transaction may already be gone (reliability.md A2).
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except Exception:  # a lost PostgreSQL connection: the server rolled back
+                        if not self.postgres:
+                            raise
                 raise
 
-        result, tx = await self.executor(work)
+        try:
+            result, tx = await self.executor(work)
+        except LeaseLost:
+            self.lease_lost = True
+            if self.on_lease_lost is not None:
+                self.on_lease_lost()
+            raise
         for schedule_id, verdict in tx.verdicts:
             log.info("schedule.finished", schedule_id=schedule_id, status=verdict.value)
         for event, fields in tx.notes:
@@ -454,7 +552,9 @@ class Store:
             conn = self.reader
             if conn is None:
                 raise RuntimeError("store is not open")
-            conn.execute("BEGIN")
+            if self.postgres and conn.raw.broken:  # the server restarted: a new connection
+                conn = self.reader = self._open_reader()
+            conn.execute(READ_BEGIN[self.postgres])
             try:
                 return fn(conn, *args)
             finally:
@@ -472,11 +572,12 @@ class Store:
         async with self.streams:
             executor = self._own_executor()
 
-            def start() -> tuple[sqlite3.Connection, Generator[T, None, None]]:
+            def start() -> tuple[Any, Generator[T, None, None]]:
                 if self.conn is None:
                     raise RuntimeError("store is not open")
-                conn = self._open_reader()
-                conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+                conn = self._open_reader(streaming=True)
+                # SQLite: deferred, the snapshot is taken at the first read
+                conn.execute(READ_BEGIN[self.postgres])
                 return conn, fn(conn, *args)
 
             def finish() -> None:
@@ -491,7 +592,46 @@ class Store:
                 with trio.CancelScope(shield=True):
                     await executor(finish)
 
-    def _connection(self) -> sqlite3.Connection:
+    def lease_lapsed(self) -> bool:
+        """Past this daemon's lease by its own clock: others may be taking its work over."""
+        if self.lease_lost:
+            return True
+        return self.lease_until is not None and trio.current_time() >= self.lease_until
+
+    async def listen(self, ring: Callable[[], None]) -> None:
+        """PostgreSQL: doorbells across daemons. A connection of its own LISTENs, in a worker
+        thread of its own, for the NOTIFY that other daemons' commits send when they store
+        work (`tx`), and calls `ring` (in trio) for each batch of them. Runs until cancelled;
+        a lost connection is opened again (a second later)."""
+        me = self.owner or ""
+
+        def wait(conn: Any) -> bool:
+            return any(n.payload != me for n in conn.raw.notifies(timeout=1.0, stop_after=1))
+
+        while True:
+            conn = None
+            try:
+                conn = await trio.to_thread.run_sync(
+                    lambda: backend.connect_postgres(self.path, application="cmsod listener")
+                )
+                await trio.to_thread.run_sync(conn.raw.execute, f"LISTEN {NOTIFY_CHANNEL}")
+                while True:
+                    if await trio.to_thread.run_sync(wait, conn, abandon_on_cancel=True):
+                        ring()
+            except Exception as exc:
+                log.warning("store.listen_failed", reason=str(exc))
+                await trio.sleep(1.0)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    def _connection(self) -> Any:
         if self.conn is None:
             raise RuntimeError("store is not open")
+        if self.postgres and self.conn.raw.broken:  # the server restarted: a new connection
+            self.conn.close()
+            self.conn = backend.connect_postgres(self.path, application="cmsod writer")
         return self.conn
+
+
+READ_BEGIN = {False: "BEGIN", True: "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"}

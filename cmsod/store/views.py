@@ -265,7 +265,7 @@ def list_schedules(
     rows = conn.execute(
         "SELECT s.schedule_id, s.status, s.user_id, s.create_ms,"
         " (SELECT count(*) FROM elements e WHERE e.schedule = s.id)"
-        f" FROM schedules s WHERE {' AND '.join(where) or '1'}"
+        f" FROM schedules s WHERE {' AND '.join(where) or '1 = 1'}"
         " ORDER BY s.create_ms DESC, s.id DESC LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
@@ -376,7 +376,7 @@ def details(
     rows = conn.execute(
         f"SELECT {ELEMENT_COLUMNS}, g.group_id, g.last_instance_ms, s.policy_id, {schedule_columns}"
         " FROM elements e JOIN cm_groups g ON g.id = e.grp JOIN schedules s ON s.id = e.schedule"
-        f" WHERE {' AND '.join(where) or '1'} ORDER BY s.schedule_id, e.id",
+        f" WHERE {' AND '.join(where) or '1 = 1'} ORDER BY s.schedule_id, e.id",
         params,
     )
     schedules = 0
@@ -475,7 +475,7 @@ def list_tickets(
         params.append(schedule_id)
     rows = conn.execute(
         f"SELECT {_TICKET_COLUMNS} FROM change_tickets t JOIN schedules s ON s.id = t.schedule"
-        f" WHERE {' AND '.join(where) or '1'} ORDER BY t.planned_start_ms, t.change_id LIMIT ?",
+        f" WHERE {' AND '.join(where) or '1 = 1'} ORDER BY t.planned_start_ms, t.change_id LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
     page = [_ticket_view(r) for r in rows[:limit]]
@@ -539,7 +539,7 @@ def freeze_view(freeze: Freeze | None) -> dict[str, Any] | None:
 def freeze_in_force(conn: sqlite3.Connection, now_ms: int) -> dict[str, Any] | None:
     """The freeze as `status` shows it: None when off or past its --until."""
     row = conn.execute(
-        "SELECT since_ms, by, why, until_ms FROM freeze WHERE id = 1 AND active = 1"
+        'SELECT since_ms, "by", why, until_ms FROM "freeze" WHERE id = 1 AND active = 1'
     ).fetchone()
     if row is None or (row[3] is not None and now_ms >= row[3]):
         return None

@@ -1,0 +1,165 @@
+"""Several daemons on one PostgreSQL (cmsod/store/fleet.py): work is claimed, a lapsed daemon's
+work is taken over and reconciled as after a crash, and a daemon whose work was taken over
+writes nothing more (fencing)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from cmsod import lifecycle
+from cmsod.executor import InlineExecutor, ThreadExecutor
+from cmsod.model import ElementStatus as E
+from cmsod.model import ScheduleStatus as S
+from cmsod.store import Store, dispatch, fleet, schedules, views
+from cmsod.store.store import LeaseLost
+from cmsod.wire.cmso import ScheduleRequest
+from tests.cmso_requests import request
+from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
+from tests.test_lifecycle import SilentSO
+
+ON_POSTGRES = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+LEASE_MS = 15_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = int(EPOCH.timestamp() * 1000)
+
+    def now_ms(self) -> int:
+        return self.ms
+
+
+async def daemon_store(url: str, clock: Clock, me: str) -> Store:
+    store = Store(url, InlineExecutor(), clock)  # type: ignore[arg-type]
+    await store.open()
+    await store.tx(fleet.register, me, "host", 1, LEASE_MS)
+    store.owner = me
+    return store
+
+
+@ON_POSTGRES
+async def test_a_lapsed_daemon_is_taken_over_and_fenced(backend: str, tmp_path: Path) -> None:
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await daemon_store(url, clock, "a")
+    b = await daemon_store(url, clock, "b")
+    try:
+        body = request("shared", ["n1", "n2"], now=EPOCH, minutes_from_now=None, normal=60)
+        new = lifecycle.validate_request(msgspec.convert(body, ScheduleRequest))
+        await a.tx(schedules.create_schedule, new)
+        assert (await a.tx(fleet.heartbeat, "a", LEASE_MS, False)).held == {"events", "tickets"}
+        assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).held == set()
+        due = await a.read(dispatch.due_elements, clock.ms, 1000)
+        jobs = await a.tx(dispatch.begin_dispatches, [e for e, _ in due], [])
+        assert len(jobs) == 2  # a's intents: claimed by a
+        assert await b.tx(dispatch.begin_dispatches, [e for e, _ in due], []) == []
+
+        clock.ms += LEASE_MS - 1  # not lapsed yet: nothing is taken
+        assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).gone == []
+        clock.ms += 1  # a is silent for a whole lease: b takes over, reconciles as after a crash
+        done = await b.tx(fleet.heartbeat, "b", LEASE_MS, False)
+        assert done.gone == ["a"] and sorted(done.reconciled) == ["n1", "n2"]
+        assert done.held == {"events", "tickets"}
+        view = await b.read(views.get_schedule, "shared")
+        items = view["groups"][0]["changeManagementSchedules"]
+        assert {i["status"] for i in items} == {E.ERROR}
+        assert all("dispatch outcome unknown" in i["statusMessage"] for i in items)
+
+        # a wakes up with the orchestrator's answers: refused, nothing written
+        with pytest.raises(LeaseLost):
+            await a.tx(dispatch.record_dispatch_results, [(j.element, "so-1", None) for j in jobs])
+        with pytest.raises(LeaseLost):  # and every later write too, without asking
+            await a.tx(fleet.heartbeat, "a", LEASE_MS, False)
+        view = await b.read(views.get_schedule, "shared")
+        assert view["status"] == S.COMPLETED_WITH_ERRORS
+        daemons = await b.read(fleet.daemons, clock.ms)
+        assert [(d["id"], d["alive"], d["leases"]) for d in daemons] == [
+            ("b", True, ["events", "tickets"])
+        ]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@ON_POSTGRES
+async def test_two_daemons_one_killed_the_other_finishes_its_rollout(
+    backend: str, autojump_clock, nursery, tmp_path: Path
+) -> None:
+    """In process: a daemon 'dies' with a work flow sent and unanswered (its row stays, its
+    lease lapses); the other takes its work over within a lease and a beat."""
+    silent = SilentSO(clock=None)  # type: ignore[arg-type]
+    first = await start_daemon(nursery, tmp_path / "a", so=silent, store__lease_s=30)
+    silent.clock = first.ctx.clock
+    client = await first.connect()
+    await client.ok(
+        "io.cmsod.Schedules.Create",
+        schedule=request("ha", ["n1"], now=EPOCH, minutes_from_now=None, normal=60),
+    )
+
+    async def sent() -> bool:
+        return bool(silent.dispatched)
+
+    await wait_until(sent, "the work flow sent")
+    second = await start_daemon(nursery, tmp_path / "b", store__lease_s=30)
+    assert first.ctx.store.owner != second.ctx.store.owner
+    await client.aclose()
+    client = await second.connect()
+    assert (await client.schedule("ha"))["status"] == S.NOTIFICATIONS_INITIATED  # not taken yet
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert {d["id"]: d["dispatching"] for d in status["daemons"]} == {
+        first.ctx.store.owner: 1,  # its intent, unanswered
+        second.ctx.store.owner: 0,
+    }
+    first.ctx.store.owner = None  # dies without a word: no clean leave, its lease lapses
+    first.cancel.cancel()
+    died = trio.current_time()
+    view = await client.wait_for("ha", S.COMPLETED_WITH_ERRORS, S.COMPLETED)
+    item = view["groups"][0]["changeManagementSchedules"][0]
+    assert item["status"] == E.ERROR and "dispatch outcome unknown" in item["statusMessage"]
+    assert trio.current_time() - died <= 30 + 10 + 2  # a lease and a beat (and the looks)
+    assert second.ctx.so.dispatched == []  # never re-sent blindly
+    owners = store_rows(tmp_path, "SELECT owner FROM elements")
+    assert owners == [(second.ctx.store.owner,)]
+    status = await client.ok("io.cmsod.Manager.Status")  # `cmsoctl status`: who is alive
+    assert [(d["id"], d["alive"], d["leases"]) for d in status["daemons"]] == [
+        (second.ctx.store.owner, True, ["events", "tickets"])
+    ]
+    second.cancel.cancel()
+
+
+@ON_POSTGRES
+async def test_a_commit_rings_the_other_daemons_doorbells(backend: str) -> None:
+    """LISTEN/NOTIFY: work stored by one daemon wakes the other at its commit; its own
+    commits do not ring its own listener."""
+    url = os.environ["CMSOD_STORE__URL"]
+    a = Store(url, ThreadExecutor())
+    b = Store(url, ThreadExecutor())
+    await a.open()
+    await b.open()
+    await a.tx(fleet.register, "a", "host", 1, LEASE_MS)
+    await b.tx(fleet.register, "b", "host", 2, LEASE_MS)
+    a.owner, b.owner = "a", "b"
+    rang = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.listen, rang.set)
+            await trio.sleep(0.5)  # (LISTEN is on before the commit; a bound, not a wait)
+            body = request("rings", ["n1"], now=EPOCH, minutes_from_now=60)
+            new = lifecycle.validate_request(msgspec.convert(body, ScheduleRequest))
+            await b.tx(schedules.create_schedule, new)  # b's own: no ring
+            with trio.move_on_after(1.5):
+                await rang.wait()
+            assert not rang.is_set()
+            await a.tx(schedules.delete_schedule, "rings")
+            with trio.fail_after(10):
+                await rang.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        await a.close()
+        await b.close()
