@@ -56,9 +56,9 @@ async def test_a_lapsed_daemon_is_taken_over_and_fenced(backend: str, tmp_path: 
         assert (await a.tx(fleet.heartbeat, "a", LEASE_MS, False)).held == {"events", "tickets"}
         assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).held == set()
         due = await a.read(dispatch.due_elements, clock.ms, 1000)
-        jobs = await a.tx(dispatch.begin_dispatches, [e for e, _ in due], [])
+        jobs = await a.tx(dispatch.begin_dispatches, [d.element for d in due], [])
         assert len(jobs) == 2  # a's intents: claimed by a
-        assert await b.tx(dispatch.begin_dispatches, [e for e, _ in due], []) == []
+        assert await b.tx(dispatch.begin_dispatches, [d.element for d in due], []) == []
 
         clock.ms += LEASE_MS - 1  # not lapsed yet: nothing is taken
         assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).gone == []

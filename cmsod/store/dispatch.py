@@ -85,7 +85,7 @@ class BatchCache:
         if self._book is None:
             wanted: set[str] = set()
             for name, data in self.tx.execute(
-                "SELECT name, data FROM elements WHERE id IN (SELECT value FROM json_each(?))",
+                "SELECT name, data FROM elements WHERE id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))",
                 (json.dumps(self._elements),),
             ):
                 wanted.update(_needs(name, _data(data)))
