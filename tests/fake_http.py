@@ -509,6 +509,7 @@ class FakeAlertmanager(FakeHTTP):
     every answer while set (a `Reply(500)`, `Raw(b"garbage")`, `Reset()`, or a slow
     `Reply(delay_s=...)`)."""
 
+    ESCAPES = {"n": "\n", '"': '"', "\\": "\\"}  # any other backslash stays itself
     MATCHER = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)(=~|!~|!=|=)"((?:[^"\\]|\\.)*)"$')
 
     def __init__(self) -> None:
@@ -556,7 +557,7 @@ class FakeAlertmanager(FakeHTTP):
             if m is None:
                 return Reply(400, b'"bad matcher"')
             label, op, raw = m.groups()
-            value = re.sub(r"\\(.)", lambda g: "\n" if g.group(1) == "n" else g.group(1), raw)
+            value = re.sub(r"\\(.)", lambda g: self.ESCAPES.get(g.group(1), g.group(0)), raw)
             matchers.append((label, op, value))
 
         def matches(alert: dict[str, Any]) -> bool:
