@@ -31,6 +31,7 @@ matches the element's attributes: its data in the request over the inventory's, 
 
 from __future__ import annotations
 
+import calendar
 import functools
 import re
 from datetime import UTC, date, datetime, time, timedelta
@@ -128,22 +129,37 @@ YEAR_MS = 31_556_952_000  # a Gregorian year on average
 @functools.lru_cache(maxsize=65536)
 def _occurrence(period: Period, year: int) -> tuple[int, int] | None:
     """The period's occurrence in `year` (0: a period that is not yearly), UTC ms; None when
-    it has none that year (Feb 29 in a common year)."""
+    it has none that year. In a common year Feb 29 (any time of it) is Mar 1 00:00: a period
+    from or to it covers the days around it, and one within it (`date = "02-29"`) is absent."""
     tz = ZoneInfo(period.tz)
     if not period.yearly:
-        return _ms(period.start, tz), _ms(period.end, tz)
+        return _ms(period.start, tz, end=False), _ms(period.end, tz, end=True)
     wraps = period.end[1:] <= period.start[1:]  # Dec 31 to Jan 2: ends the next year
-    try:
-        return _ms((year, *period.start[1:]), tz), _ms((year + wraps, *period.end[1:]), tz)
-    except ValueError:
-        return None
+    start = _ms(_in_year(period.start, year), tz, end=False)
+    end = _ms(_in_year(period.end, year + wraps), tz, end=True)
+    return (start, end) if end > start else None
 
 
-def _ms(t: tuple[int, int, int, int, int], tz: ZoneInfo) -> int:
+def _in_year(t: tuple[int, int, int, int, int], year: int) -> tuple[int, int, int, int, int]:
+    _, m, d, hh, mm = t
+    if (m, d) == (2, 29) and not calendar.isleap(year):
+        return (year, 3, 1, 0, 0)
+    return (year, m, d, hh, mm)
+
+
+def _ms(t: tuple[int, int, int, int, int], tz: ZoneInfo, *, end: bool) -> int:
+    """A local time as UTC ms. A time the clocks pass twice (autumn) or skip (spring) has two
+    readings, one per UTC offset around the change: a start takes the earlier, an end the
+    later, so a period never shrinks (to nothing, for one within the skipped hour)."""
     y, m, d, hh, mm = t
-    extra = timedelta(days=1) if hh == 24 else timedelta()  # an inclusive end day: next midnight
-    local = datetime(y, m, d, 0 if hh == 24 else hh, mm, tzinfo=tz) + extra
-    return int(local.astimezone(UTC).timestamp() * 1000)
+    if hh == 24:  # an inclusive end day: the next midnight
+        day = date(y, m, d) + timedelta(days=1)
+        y, m, d, hh = day.year, day.month, day.day, 0
+    readings = [
+        int(datetime(y, m, d, hh, mm, tzinfo=tz, fold=fold).astimezone(UTC).timestamp() * 1000)
+        for fold in (0, 1)
+    ]
+    return max(readings) if end else min(readings)
 
 
 def compile_file(content: CalendarFile, source: str) -> list[Period]:
@@ -167,7 +183,7 @@ def compile_deny(d: Deny, default_tz: str, source: str, index: int) -> Period:
     last = _point(d.date or d.to or "", d.yearly, f"{where}.{'date' if d.date else 'to'}")
     if last[3:] == (0, 0) and (d.date is not None or len(d.to or "") in (5, 10)):
         last = (*last[:3], 24, 0)  # a day given as the end: the whole day
-    if not d.yearly and _ms(last, ZoneInfo(tz)) <= _ms(first, ZoneInfo(tz)):
+    if not d.yearly and _ms(last, ZoneInfo(tz), end=True) <= _ms(first, ZoneInfo(tz), end=False):
         raise ValueError(f"{where}.to: the period must end after it starts")
     if d.yearly and last[1:] == first[1:]:
         raise ValueError(f"{where}.to: the period must end after it starts")

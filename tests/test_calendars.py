@@ -110,6 +110,72 @@ def test_feb_29_every_year_only_in_leap_years() -> None:
     assert [format_time(a) for a, _, _ in found] == ["2028-02-29T00:00:00Z"]
 
 
+def test_a_yearly_period_from_or_to_feb_29_in_a_common_year() -> None:
+    """In a common year Feb 29 is Mar 1 00:00: a period to it (a day as the end is inclusive)
+    runs through Feb 28, one from it starts on Mar 1; one within it is absent that year."""
+    cal = periods(
+        """
+        [[deny]]
+        name = "to"
+        from = "02-20"
+        to = "02-29"
+        yearly = true
+        [[deny]]
+        name = "from"
+        from = "02-29T12:00"
+        to = "03-03"
+        yearly = true
+        [[deny]]
+        name = "within"
+        from = "02-29T06:00"
+        to = "02-29T18:00"
+        yearly = true
+        """
+    )
+    lo, hi = parse_time_ms("2027-01-01T00:00:00Z"), parse_time_ms("2029-01-01T00:00:00Z")
+    found = [(format_time(a), format_time(b), w) for a, b, w in cal.denied("n1", {}, lo, hi)]
+    assert found == [
+        ("2027-02-20T00:00:00Z", "2027-03-01T00:00:00Z", "calendar 'to' (cal.toml)"),
+        ("2027-03-01T00:00:00Z", "2027-03-04T00:00:00Z", "calendar 'from' (cal.toml)"),
+        ("2028-02-20T00:00:00Z", "2028-03-01T00:00:00Z", "calendar 'to' (cal.toml)"),
+        ("2028-02-29T06:00:00Z", "2028-02-29T18:00:00Z", "calendar 'within' (cal.toml)"),
+        ("2028-02-29T12:00:00Z", "2028-03-04T00:00:00Z", "calendar 'from' (cal.toml)"),
+    ]
+
+
+def test_edges_in_a_daylight_saving_change_never_shrink_a_period() -> None:
+    """A local time the clocks skip (spring) or pass twice (autumn) has two readings: a
+    start takes the earlier, an end the later."""
+    cal = periods(
+        """
+        timezone = "Europe/Paris"
+        [[deny]]
+        name = "spring"
+        from = "03-29T02:30"
+        to = "03-29T03:30"
+        yearly = true
+        [[deny]]
+        name = "autumn"
+        from = "10-25T02:30"
+        to = "10-25T02:45"
+        yearly = true
+        [[deny]]
+        name = "skipped"
+        from = "2026-03-29T02:15"
+        to = "2026-03-29T02:45"
+        """
+    )
+    lo, hi = parse_time_ms("2026-01-01T00:00:00Z"), parse_time_ms("2027-01-01T00:00:00Z")
+    found = {w: (format_time(a), format_time(b)) for a, b, w in cal.denied("n1", {}, lo, hi)}
+    assert found == {
+        # 02:30 does not exist: 00:30Z (02:30 read as CEST) .. 03:30 CEST
+        "calendar 'spring' (cal.toml)": ("2026-03-29T00:30:00Z", "2026-03-29T01:30:00Z"),
+        # 02:30 happens twice: the first (CEST, 00:30Z) .. the second 02:45 (CET, 01:45Z)
+        "calendar 'autumn' (cal.toml)": ("2026-10-25T00:30:00Z", "2026-10-25T01:45:00Z"),
+        "calendar 'skipped' (cal.toml)": ("2026-03-29T00:15:00Z", "2026-03-29T01:45:00Z"),
+    }
+
+
 @pytest.mark.parametrize(
     "body,error",
     [
