@@ -176,6 +176,12 @@ def make_reload(
             for key in getattr(new, section).__struct_fields__
             if getattr(getattr(new, section), key) != getattr(getattr(old, section), key)
         ]
+        if planning.calendars != ctx.planning.calendars:
+            # (the periods in force, also when only a calendar file's content changed); the
+            # holds they made are looked at again at once, against the new ones
+            if not any(c.startswith("calendars.") for c in changed):
+                changed.append("calendars")
+            ctx.calendars_reloaded = True
         ctx.config = new
         ctx.planning = planning
         ctx.store.topic, ctx.store.source = new.events.topic, new.events.source

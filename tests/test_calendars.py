@@ -25,7 +25,7 @@ from cmsod.optimize.problem import Problem, ProblemGroup
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon
 from tests.fake_http import FakeSO
-from tests.test_rollout import at, edits, items
+from tests.test_rollout import at, edits, items, sleep_until
 
 DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
 
@@ -405,6 +405,36 @@ async def test_a_period_added_by_a_reload_after_approval_holds_and_carries_over(
         }
     ]
     assert sorted(vnf for _, vnf in so.started) == ["n1", "n2", "n3"]
+    await client.aclose()
+
+
+async def test_a_period_removed_by_a_reload_releases_its_holds_at_once(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    await nursery.start(so.serve)
+    calendar = tmp_path / "freeze.toml"
+    calendar.write_text("")
+    cmsod = await daemon_from_file(nursery, write_config(tmp_path, so, calendar))
+    client = await cmsod.connect()
+    body = request("rm", now=EPOCH, nodes=["n1"])
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    await client.wait_for("rm", S.PENDING_APPROVAL)
+    await client.ok("io.cmsod.Schedules.Approve", scheduleId="rm", approval=approval())
+    calendar.write_text(
+        '[[deny]]\nname = "p"\nfrom = "2026-12-01T08:00"\nto = "2026-12-01T08:05"\n'
+    )
+    reloaded = await client.ok("io.cmsod.Manager.Reload")
+    assert reloaded["changed"] == ["calendars"]  # only a calendar file changed
+    client = await sleep_until(cmsod, client, "08:02")
+    held = [e for e in edits(tmp_path) if e.get("hold-gate") == "calendar"]
+    assert [e["hold-until-time"] for e in held] == [at("08:05")]  # held at 08:01
+    assert so.started == []
+    calendar.write_text("")  # the period is gone: n1 goes now, not at the old period's end
+    reloaded = await client.ok("io.cmsod.Manager.Reload")
+    assert reloaded["changed"] == ["calendars"]
+    view = await client.wait_for("rm", *DONE)
+    assert items(view)["n1"]["dispatchTime"] == at("08:02")
     await client.aclose()
 
 

@@ -137,6 +137,8 @@ class Context:
     # Stopping: the REST listener answered what was in progress (set at once when it is off).
     http_drained: trio.Event = field(default_factory=trio.Event)
     reload: Callable[[], list[str]] | None = None  # set by the daemon; returns what changed
+    # A reload changed the calendars: the dispatcher releases their holds (look again now).
+    calendars_reloaded: bool = False
     watchers: set[Watcher] = field(default_factory=set)
     ticket_desk: TicketDesk | None = None  # set by the tickets actor when it starts
     watchers_dropped: int = 0

@@ -46,6 +46,10 @@ async def run(
         async with results_in, trio.open_nursery() as calls:
             while not ctx.stopping.is_set():
                 figures = ctx.beat("dispatcher")
+                if ctx.calendars_reloaded:
+                    ctx.calendars_reloaded = False
+                    released = await ctx.store.tx(dispatch.release_holds, "calendar")
+                    log.info("calendar.holds_released", released=released)
                 cfg = ctx.config.dispatcher
                 limiter.total_tokens = cfg.max_concurrent
                 lead_ms = int(cfg.lead_time_s * 1000)
