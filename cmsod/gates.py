@@ -268,11 +268,6 @@ class CalendarGate(msgspec.Struct, frozen=True):
         whats = ", ".join(dict.fromkeys(what for _, _, what in hits))
         return Hold(until, f"{whats} until {lifecycle.format_time(until)}")
 
-    def blocked(self, s: Snapshot, from_ms: int, to_ms: int) -> list[tuple[int, int]]:
-        """The periods denying this element over [from_ms, to_ms) (carry-over avoids them)."""
-        attributes = merged_attributes(s.name, s.data, self.inventory)
-        return [(a, b) for a, b, _ in self.calendars.denied(s.name, attributes, from_ms, to_ms)]
-
 
 class AlarmGate(msgspec.Struct, frozen=True):
     """Alerts firing on the element or its site. The dispatcher asked the alert source, just

@@ -4,15 +4,20 @@ and the work of other schedules, as the optimizer's Busy input."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from cmsod import lifecycle
+from cmsod.calendars import merged_attributes
 from cmsod.errors import ControlError
 from cmsod.model import ElementStatus as E
 from cmsod.optimize.problem import Busy, blocking, requirements
 from cmsod.store.store import Tx
+
+if TYPE_CHECKING:
+    from cmsod.gates import CalendarGate
 
 ACTIVE_WORK = (E.PENDING_APPROVAL.value, E.SCHEDULED.value, E.TRIGGERED.value)
 
@@ -40,6 +45,37 @@ def other_work(
         end = finish if finish is not None else begin + duration_s * 1000
         busy.setdefault(name, []).append(Busy(begin, end, f"schedule {other_id}"))
     return busy
+
+
+def needs(name: str, element_data: dict[str, str]) -> list[str]:
+    """The element and those it requires: whose unavailability holds it."""
+    if "requires" not in element_data:
+        return [name]
+    return list(requirements([name], {name: element_data}))
+
+
+def blocked_spans(
+    conn: Any,
+    name: str,
+    element_data: dict[str, str],
+    after_ms: int,
+    others: Iterable[Busy],
+    windows: Sequence[tuple[int, int]],
+    calendar: CalendarGate | None,
+) -> list[tuple[int, int]]:
+    """Where an element placed again (carried over, or replanned at approval) cannot go: the
+    book's entries on it and those it requires from `after_ms`, other schedules' work on it
+    (`others`, from other_work), and the freeze calendars' periods denying it until the end
+    of its windows."""
+    blocked = [(a, b) for a, b, _ in entries_on(conn, needs(name, element_data), after_ms)]
+    blocked += [(b.start_ms, b.end_ms) for b in others]
+    if calendar is not None and calendar.calendars and windows:
+        attributes = merged_attributes(name, element_data, calendar.inventory)
+        until_ms = max(b for _, b in windows)
+        blocked += [
+            (a, b) for a, b, _ in calendar.calendars.denied(name, attributes, after_ms, until_ms)
+        ]
+    return blocked
 
 
 class Unavailability(msgspec.Struct):

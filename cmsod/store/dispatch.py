@@ -19,7 +19,6 @@ from cmsod.model import (
 )
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.optimize.problem import requirements
 from cmsod.store import book
 from cmsod.store.store import Tx
 
@@ -88,7 +87,7 @@ class BatchCache:
                 "SELECT name, data FROM elements WHERE id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))",
                 (json.dumps(self._elements),),
             ):
-                wanted.update(_needs(name, _data(data)))
+                wanted.update(book.needs(name, _data(data)))
             self._book = book.entries_by_element(self.tx.conn, sorted(wanted), self.tx.now_ms)
         if len(names) == 1:
             return tuple(self._book.get(names[0], ()))
@@ -225,7 +224,7 @@ def load_snapshot(
         stopped_why=stopped_why,
         freeze=cache.freeze(),
         failures=cache.failures(schedule, max_failures, max_ratio, acked),
-        unavailable=cache.unavailable(_needs(name, element_data)),
+        unavailable=cache.unavailable(book.needs(name, element_data)),
         held_why=held_why,
         data=element_data,
     )
@@ -248,13 +247,6 @@ def snapshot_now(conn: Any, name: str, schedule_id: str, now_ms: int) -> gates.S
 
 def _data(data: bytes | None) -> dict[str, str]:
     return msgspec.json.decode(data, type=dict[str, str]) if data else {}
-
-
-def _needs(name: str, element_data: dict[str, str]) -> list[str]:
-    """The element and those it requires: whose unavailability holds it."""
-    if "requires" not in element_data:
-        return [name]
-    return list(requirements([name], {name: element_data}))
 
 
 def begin_dispatch(
@@ -385,15 +377,10 @@ def carry_over(
         (row.schedule, row.element, E.SCHEDULED.value, E.TRIGGERED.value),
     ):
         taken[start] = taken.get(start, 0) + 1
-    names = _needs(snap.name, snap.data)
-    blocked = [(a, b) for a, b, _ in book.entries_on(tx.conn, names, not_before_ms)]
-    if calendar is not None and calendar.calendars and windows:
-        blocked += calendar.blocked(snap, not_before_ms, max(b for _, b in windows))
-    blocked += [
-        (b.start_ms, b.end_ms)
-        for spans in book.other_work(tx.conn, row.schedule, [snap.name]).values()
-        for b in spans
-    ]
+    others = book.other_work(tx.conn, row.schedule, [snap.name]).get(snap.name, [])
+    blocked = book.blocked_spans(
+        tx.conn, snap.name, snap.data, not_before_ms, others, windows, calendar
+    )
     slot = gates.next_free_slot(
         [(a, b) for a, b in windows],
         origin_ms,

@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 
 from cmsod import cmevents, gates, lifecycle, plans, ticketing
-from cmsod.calendars import merged_attributes
 from cmsod.errors import RequestError
 from cmsod.model import (
     APPROVAL_DOMAIN,
@@ -26,9 +25,9 @@ from cmsod.model import (
 )
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
-from cmsod.optimize.problem import Plan, Problem, ProblemGroup, requirements
+from cmsod.optimize.problem import Plan, Problem, ProblemGroup
 from cmsod.store import dispatch
-from cmsod.store.book import book_busy, entries_on, merge_busy, other_work
+from cmsod.store.book import blocked_spans, book_busy, merge_busy, other_work
 from cmsod.store.store import Tx
 from cmsod.ticketing import NewTicket, Opened, TicketGroup
 from cmsod.wire.cmso import Approval
@@ -710,18 +709,17 @@ def replan(
             blocked: tuple[tuple[int, int], ...] = ()
             if name in late:
                 element_data = msgspec.json.decode(data, type=dict[str, str]) if data else {}
-                needs = list(requirements([name], {name: element_data}))
-                blocked = tuple((a, b) for a, b, _ in entries_on(tx.conn, needs, tx.now_ms))
-                blocked += tuple((b.start_ms, b.end_ms) for b in others.get(name, ()))
-                if calendar is not None and calendar.calendars and windows[grp]:
-                    attributes = merged_attributes(name, element_data, calendar.inventory)
-                    end_ms = max(b for _, b in windows[grp])
-                    blocked += tuple(
-                        (a, b)
-                        for a, b, _ in calendar.calendars.denied(
-                            name, attributes, tx.now_ms, end_ms
-                        )
+                blocked = tuple(
+                    blocked_spans(
+                        tx.conn,
+                        name,
+                        element_data,
+                        tx.now_ms,
+                        others.get(name, ()),
+                        windows[grp],
+                        calendar,
                     )
+                )
             elements.append(plans.Element(name, before[name], windows[grp], blocked))
         after, stuck = plans.replan(
             elements, origin_ms, duration_s * 1000, concurrency or 1, tx.now_ms, grace_ms
