@@ -714,7 +714,7 @@ async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
 
     await wait_until(stream_ended, "the store stream freed", within_s=30)
     formatter = LogfmtFormatter(journal=False)
-    gone = [formatter.format(r) for r in caplog.records if "client_gone" in formatter.format(r)]
+    gone = [formatter.format(r) for r in caplog.records if r.msg == "http.client_gone"]
     assert len(gone) == 1 and "path=/cmso/v1/schedules/scheduleDetails" in gone[0], gone
     rows = await quiet_http.details(**{"request.scheduleId": "rows-000000"})
     assert rows.status_code == 200 and len(rows.json()) == 10_000
@@ -744,7 +744,7 @@ async def test_a_client_that_stops_reading_is_cut_off(
 
     await wait_until(stream_ended, "the store stream freed", within_s=30)
     formatter = LogfmtFormatter(journal=False)
-    gone = [formatter.format(r) for r in caplog.records if "slow_reader" in formatter.format(r)]
+    gone = [formatter.format(r) for r in caplog.records if r.msg == "http.slow_reader"]
     assert len(gone) == 1 and "timeout_s=5" in gone[0], gone
     rows = await quiet_http.details(**{"request.scheduleId": "rows-000000"})
     assert rows.status_code == 200 and len(rows.json()) == 10_000
