@@ -22,14 +22,15 @@ import trustme
 
 from cmsod.control import api
 from cmsod.executor import InlineExecutor
+from cmsod.lifecycle import validate_request
 from cmsod.log import LogfmtFormatter
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.rest import server as rest
 from cmsod.rest.app import RestApp, ViewCache
 from cmsod.rest.auth import Credentials, hash_password
-from cmsod.store import views
-from cmsod.wire import control as w
+from cmsod.store import schedules, views
+from cmsod.wire.cmso import ScheduleRequest
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
 from tests.test_acceptance import (
@@ -631,27 +632,50 @@ async def test_too_many_rows_for_one_answer_is_a_400_not_a_500(
     assert (await http.client.get(f"{BASE}/big")).status_code == 200
 
 
+@pytest.fixture
+async def quiet(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tuple[Daemon, str]]:
+    """A listener in front of a daemon whose optimizer sweeps once an hour: rows stored by
+    `create_rows` are never planned during the test (planning 10,000 elements inline blocks
+    the loop for seconds, and the tests here only read them)."""
+    d = await start_daemon(
+        nursery,
+        tmp_path,
+        http__listen="127.0.0.1:0",
+        http__credentials_file=write_credentials(tmp_path / "users"),
+        http__request_timeout_s=5,
+        optimizer__interval_s=3600,
+    )
+    address = await nursery.start(rest.serve, d.ctx)
+    yield d, f"http://{address}"
+    d.cancel.cancel()
+
+
+@pytest.fixture
+async def quiet_http(quiet: tuple[Daemon, str]) -> AsyncIterator[Rest]:
+    async with httpx.AsyncClient(base_url=quiet[1], auth=("jf9860", PASSWORD), timeout=30) as c:
+        yield Rest(c)
+
+
 async def create_rows(daemon: Daemon, count: int, per_schedule: int = 10_000) -> list[str]:
-    """Schedules of `count` elements in all (stored through the use case: the HTTP body limit
-    of these tests is small); their element names in scheduleDetails' order."""
+    """Schedules of `count` elements in all, stored without waking the optimizer (and not
+    over HTTP: these tests' body limit is small); their names in scheduleDetails' order."""
     names: list[str] = []
     for first in range(0, count, per_schedule):
         nodes = [f"e{n:06d}" for n in range(first, min(count, first + per_schedule))]
-        body = request(
-            f"rows-{first:06d}", nodes, now=EPOCH, minutes_from_now=600, concurrency=per_schedule
-        )
-        await api.create(daemon.ctx, msgspec.convert({"schedule": body}, w.CreateParameters))
+        body = request(f"rows-{first:06d}", nodes, now=EPOCH, minutes_from_now=600)
+        new = validate_request(msgspec.convert(body, ScheduleRequest))
+        await daemon.ctx.store.tx(schedules.create_schedule, new)
         names += nodes
     return names
 
 
 async def test_scheduledetails_streams_every_row_in_one_answer(
-    served: tuple[Daemon, str], http: Rest
+    quiet: tuple[Daemon, str], quiet_http: Rest
 ) -> None:
     """25,000 rows (more than MAX_REPLY_ROWS, many chunks): all there, in order, one JSON
     array, sent without a length (chunked) from one snapshot."""
-    names = await create_rows(served[0], 25_000)
-    async with http.client.stream(
+    names = await create_rows(quiet[0], 25_000)
+    async with quiet_http.client.stream(
         "GET", f"{BASE}/scheduleDetails", params={"request.scheduleId": "rows-%"}
     ) as answer:
         assert answer.status_code == 200
@@ -663,17 +687,17 @@ async def test_scheduledetails_streams_every_row_in_one_answer(
     assert len(rows) == 25_000 > api.MAX_REPLY_ROWS
     assert [r["vnfName"] for r in rows] == names
     assert rows[-1]["scheduleRequest"]["scheduleId"] == "rows-020000"
-    assert served[0].ctx.store.streams.borrowed_tokens == 0  # the read is over
+    assert quiet[0].ctx.store.streams.borrowed_tokens == 0  # the read is over
 
 
 async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
-    served: tuple[Daemon, str], http: Rest, caplog: pytest.LogCaptureFixture
+    quiet: tuple[Daemon, str], quiet_http: Rest, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client that reads the start of a large scheduleDetails and hangs up: the read behind
     it ends (its store stream freed), and the listener goes on serving."""
     caplog.set_level(logging.INFO, logger="cmsod")
-    daemon, url = served
-    await create_rows(daemon, 12_000)  # more than the socket buffers hold
+    daemon, url = quiet
+    await create_rows(daemon, 40_000)  # 20 MB: far more than the socket buffers hold
     host, port = url.removeprefix("http://").split(":")
     credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
     stream = await trio.open_tcp_stream(host, int(port))
@@ -690,21 +714,21 @@ async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
 
     await wait_until(stream_ended, "the store stream freed", within_s=30)
     formatter = LogfmtFormatter(journal=False)
-    gone = [formatter.format(r) for r in caplog.records if "client_gone" in formatter.format(r)]
+    gone = [formatter.format(r) for r in caplog.records if r.msg == "http.client_gone"]
     assert len(gone) == 1 and "path=/cmso/v1/schedules/scheduleDetails" in gone[0], gone
-    rows = await http.details(**{"request.scheduleId": "rows-000000"})
+    rows = await quiet_http.details(**{"request.scheduleId": "rows-000000"})
     assert rows.status_code == 200 and len(rows.json()) == 10_000
 
 
 async def test_a_client_that_stops_reading_is_cut_off(
-    autojump_clock, served: tuple[Daemon, str], http: Rest, caplog: pytest.LogCaptureFixture
+    autojump_clock, quiet: tuple[Daemon, str], quiet_http: Rest, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client that reads the head of a large answer and then nothing, connection open: cut
     off once a send waited request_timeout_s (5 s here; hypercorn sends under a shield, so
     without the deadline it held the answer's task and the store stream for ever)."""
     caplog.set_level(logging.INFO, logger="cmsod")
-    daemon, url = served
-    await create_rows(daemon, 12_000)  # more than the socket buffers hold
+    daemon, url = quiet
+    await create_rows(daemon, 40_000)  # 20 MB: far more than the socket buffers hold
     host, port = url.removeprefix("http://").split(":")
     credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
     stream = await trio.open_tcp_stream(host, int(port))
@@ -720,9 +744,9 @@ async def test_a_client_that_stops_reading_is_cut_off(
 
     await wait_until(stream_ended, "the store stream freed", within_s=30)
     formatter = LogfmtFormatter(journal=False)
-    gone = [formatter.format(r) for r in caplog.records if "slow_reader" in formatter.format(r)]
+    gone = [formatter.format(r) for r in caplog.records if r.msg == "http.slow_reader"]
     assert len(gone) == 1 and "timeout_s=5" in gone[0], gone
-    rows = await http.details(**{"request.scheduleId": "rows-000000"})
+    rows = await quiet_http.details(**{"request.scheduleId": "rows-000000"})
     assert rows.status_code == 200 and len(rows.json()) == 10_000
     await stream.aclose()
 
