@@ -109,11 +109,17 @@ def test_replan_moves_only_begun_slots_by_the_carry_over_rules() -> None:
     assert within["n2"] == (T0 + H, T0 + 2 * H) and within["n1"] == (T0 + 3 * H, T0 + 4 * H)
 
 
-def test_expiry_is_at_the_first_slot_unless_a_timeout_is_set() -> None:
-    assert plans.expires_at(T0, T0 - H, 0) == T0
-    assert plans.expires_at(T0, T0 - H, 600_000) == T0 - H + 600_000
-    assert plans.expiry_reason(T0, T0 - H, 0) == (
-        "not approved before its first slot began (2026-12-01T08:01:00Z)"
+def test_expiry_is_once_the_first_slot_passed_unless_a_timeout_is_set() -> None:
+    grace = 300_000
+    deadline = plans.expires_at(T0, T0 - H, 0, grace)
+    assert deadline == T0 + grace + 1  # as soon as `passed` says so, not at its start
+    slot = {"n1": (T0, T0 + H)}
+    assert plans.passed(slot, deadline - 1, grace) == [] and plans.passed(slot, deadline, grace)
+    assert plans.expires_at(T0, T0 - H, 600_000, grace) == T0 - H + 600_000
+    assert plans.expires_at(None, T0 - H, 0, grace) is None
+    assert plans.expiry_reason(T0, T0 - H, 0, grace) == (
+        "not approved before its first slot passed (2026-12-01T08:01:00Z + 300 s;"
+        " [dispatcher] misfire_grace_s)"
     )
     assert plans.expiry_reason(T0, T0 - H, 600_000).startswith("not approved within 600 s")
 
@@ -336,6 +342,41 @@ async def test_pending_approval_expires_at_a_configured_timeout(
     assert [e["vnf-name"] for e in expired if "vnf-name" in e] == ["n1", "n2"]
     deleted = await client.ok("io.cmsod.Schedules.Delete", scheduleId="slow")
     assert deleted["status"] == S.DELETED
+
+
+async def test_an_approval_within_the_misfire_grace_is_taken_then_it_expires(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """By default a pending schedule expires when its first slot has passed (start + misfire
+    grace), not at its start: an approval a minute late is still taken, as `passed` says."""
+    cmsod = await start_daemon(nursery, tmp_path, dispatcher__misfire_grace_s=300)
+    client = await cmsod.connect()
+    starts = {}
+    for sid in ("inside", "after"):
+        body = request(sid, now=EPOCH, nodes=[f"{sid}1"], minutes_from_now=60)
+        await client.ok(CREATE, schedule=body)
+        view = await client.wait_for(sid, S.PENDING_APPROVAL)
+        starts[sid] = min(parse_time_ms(e["startTime"]) for e in items(view).values())
+    await client.aclose()
+    await trio.sleep((starts["inside"] + 60_000 - cmsod.ctx.clock.now_ms()) / 1000)
+    client = await cmsod.connect()
+    done = await client.ok(APPROVE, scheduleId="inside", approval=approval())
+    assert done["status"] == S.SCHEDULED  # a minute late: within the grace
+    await client.aclose()
+    await trio.sleep((starts["after"] + 300_000 - cmsod.ctx.clock.now_ms()) / 1000)
+    client = await cmsod.connect()
+    assert (await client.schedule("after"))["status"] == S.PENDING_APPROVAL  # grace not over
+    await client.aclose()
+    await trio.sleep(1)
+    client = await cmsod.connect()
+    view = await client.wait_for("after", S.EXPIRED)
+    # on time: the first millisecond past the grace (the view's times are to the second)
+    assert parse_time_ms(view["control"]["time"]) == starts["after"] + 300_000
+    assert "[dispatcher] misfire_grace_s" in view["control"]["reason"]
+    status, message_id, _ = error_of(
+        await client.call(APPROVE, scheduleId="after", approval=approval())
+    )
+    assert (status, message_id) == (412, "Scheduler.NOT_PENDING_APPROVAL")
 
 
 # -- over REST ---------------------------------------------------------------------------------

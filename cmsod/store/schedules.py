@@ -770,9 +770,9 @@ def replan(
     return Replanned(seen or plans.fingerprint(schedule_id, before), fingerprint, changes)
 
 
-def next_expiry_ms(conn: Any, timeout_ms: int) -> int | None:
-    """When the next schedule left pending approval expires (plans.expires_at), None when
-    none waits for approval."""
+def next_expiry_ms(conn: Any, timeout_ms: int, grace_ms: int = 0) -> int | None:
+    """When the next schedule left pending approval expires (plans.expires_at; `grace_ms`
+    the misfire grace), None when none waits for approval."""
     if timeout_ms > 0:
         (planned,) = conn.execute(
             "SELECT min(optimizer_return_ms) FROM schedules WHERE status = ?",
@@ -782,11 +782,12 @@ def next_expiry_ms(conn: Any, timeout_ms: int) -> int | None:
     (first,) = conn.execute(  # (elements_status_start: no scan)
         "SELECT min(start_ms) FROM elements WHERE status = ?", (E.PENDING_APPROVAL.value,)
     ).fetchone()
-    return first
+    return None if first is None else plans.expires_at(first, None, 0, grace_ms)
 
 
-def expire_pending(tx: Tx, timeout_ms: int) -> list[str]:
-    """Schedules left `Pending Approval` past their approval timeout are `Expired`, their
+def expire_pending(tx: Tx, timeout_ms: int, grace_ms: int = 0) -> list[str]:
+    """Schedules left `Pending Approval` past their approval timeout (plans.expires_at;
+    `grace_ms` the misfire grace) are `Expired`, their
     waiting elements too, with a message saying why. (They have no change tickets yet:
     those are opened at acceptance.) Returns their ids."""
     expired = []
@@ -796,10 +797,10 @@ def expire_pending(tx: Tx, timeout_ms: int) -> list[str]:
         " WHERE s.status = ? GROUP BY s.id, s.schedule_id, s.optimizer_return_ms",
         (S.PENDING_APPROVAL.value,),
     ).fetchall():
-        deadline = plans.expires_at(first, planned, timeout_ms)
+        deadline = plans.expires_at(first, planned, timeout_ms, grace_ms)
         if deadline is None or deadline > tx.now_ms:
             continue
-        why = plans.expiry_reason(first, planned, timeout_ms)
+        why = plans.expiry_reason(first, planned, timeout_ms, grace_ms)
         tx.schedule_to(
             schedule,
             schedule_id,
