@@ -21,6 +21,7 @@ from cmsod.lifecycle import parse_time_ms
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.rest import server as rest
+from cmsod.store import schedules
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, ControlClient, Daemon, start_daemon
 from tests.fake_http import FakeTM, Reply
@@ -243,6 +244,32 @@ async def test_an_approval_after_slots_passed_is_refused_unless_replanned(
     assert {(t["plannedStartDate"], t["plannedEndDate"]) for t in tickets} == {
         (at("10:01"), at("13:01"))
     }
+
+
+async def test_with_two_approvers_an_acceptance_of_an_earlier_plan_does_not_count(
+    autojump_clock: Any,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each acceptance is of one plan: when it moved (a re-plan) since another approver
+    accepted, theirs no longer counts towards the approvals required."""
+    monkeypatch.setattr(schedules, "APPROVALS_REQUIRED", 2)
+    cmsod = await start_daemon(
+        nursery, tmp_path, optimizer__approval_timeout_s=DAY_S, dispatcher__lead_time_s=0
+    )
+    client = await cmsod.connect()
+    seen = (await planned(client, "two", ["n1", "n2"]))["planFingerprint"]
+    alice = await client.ok(APPROVE, scheduleId="two", approval=approval(user="alice"))
+    assert alice["status"] == S.PENDING_APPROVAL  # one of two
+    client = await later(cmsod, client, "08:30")  # n1's slot passed
+    bob = await client.ok(
+        APPROVE, scheduleId="two", approval=approval(user="bob"), plan=seen, replan=True
+    )
+    assert bob["planFingerprint"] != seen
+    assert bob["status"] == S.PENDING_APPROVAL  # alice accepted the plan before the move
+    again = await client.ok(APPROVE, scheduleId="two", approval=approval(user="alice"))
+    assert again["status"] == S.SCHEDULED and again["planFingerprint"] == bob["planFingerprint"]
 
 
 async def test_an_approval_a_little_late_is_kept_and_sent_late_within_the_grace(

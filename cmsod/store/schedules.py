@@ -239,11 +239,11 @@ def _approval_outcome(
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
     if approval.approvalStatus != "Accepted":
         return schedule, status, False
-    _check_plan(db, schedule, schedule_id, plan, now_ms, grace_ms)
-    (others,) = db.execute(
+    current = _check_plan(db, schedule, schedule_id, plan, now_ms, grace_ms)
+    (others,) = db.execute(  # only those of the plan as it stands: one of another plan is stale
         "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?"
-        " AND user_id != ?",
-        (schedule, APPROVAL_TYPE, "Accepted", approval.approvalUserId),
+        " AND user_id != ? AND plan = ?",
+        (schedule, APPROVAL_TYPE, "Accepted", approval.approvalUserId, current),
     ).fetchone()
     return schedule, status, others + 1 >= APPROVALS_REQUIRED
 
