@@ -80,6 +80,11 @@ class RequestError(CmsodError):
         self.text = self.TEMPLATES[code].format(*padded) + (f": {detail}" if detail else "")
         super().__init__(f"{status} Scheduler.{code}: {self.text}")
 
+    def add(self, more: str) -> None:
+        """Say more after the text (what already happened before the refusal)."""
+        self.text += f"; {more}"
+        self.args = (f"{self.status} Scheduler.{self.code}: {self.text}",)
+
     @property
     def message_id(self) -> str:
         return f"Scheduler.{self.code}"

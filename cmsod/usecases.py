@@ -209,6 +209,26 @@ async def approve(
         calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
         replanned = await ctx.store.tx(schedules.replan, schedule_id, plan, by, grace_ms, calendar)
         plan = replanned.plan
+    try:
+        return await _approve_plan(ctx, schedule_id, approval, caller, plan, grace_ms, replanned)
+    except RequestError as e:
+        if replanned is not None and replanned.moved:  # committed on its own: say so
+            e.add(
+                f"the re-plan was kept, not approved: the plan is now {replanned.plan}"
+                f" (was {replanned.seen}; cmsoctl show)"
+            )
+        raise
+
+
+async def _approve_plan(
+    ctx: Context,
+    schedule_id: str,
+    approval: Approval,
+    caller: str,
+    plan: str | None,
+    grace_ms: int,
+    replanned: schedules.Replanned | None,
+) -> Approved:
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
         schedules.tickets_for_approval,

@@ -302,12 +302,16 @@ async def test_a_plan_changed_since_it_was_seen_is_refused_with_what_moved(
     seen = (await planned(client, "moved", ["n1", "n2"]))["planFingerprint"]
     client = await later(cmsod, client, "08:30")
     tm.faults[tm.count + 1] = Reply(500, b"TM database locked")
-    status, _, _ = error_of(
+    status, _, text = error_of(
         await client.call(APPROVE, scheduleId="moved", approval=approval(), replan=True)
     )
     assert status == 417
     now = (await client.schedule("moved"))["planFingerprint"]
     assert now != seen
+    # the re-plan was its own transaction: the refusal says it stays, and the plan now
+    assert text.endswith(
+        f"; the re-plan was kept, not approved: the plan is now {now} (was {seen}; cmsoctl show)"
+    ), text
     status, message_id, text = error_of(
         await client.call(
             APPROVE, scheduleId="moved", approval=approval("Accepted", "ops"), plan=seen

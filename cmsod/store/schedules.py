@@ -662,6 +662,7 @@ class Replanned(msgspec.Struct):
     seen: str | None
     plan: str | None
     changes: list[plans.Change]
+    moved: int = 0  # the elements this re-plan re-placed (their slot had passed)
 
 
 def replan(
@@ -767,7 +768,9 @@ def replan(
             moved=len(late),
             by=by,
         )
-    return Replanned(seen or plans.fingerprint(schedule_id, before), fingerprint, changes)
+    return Replanned(
+        seen or plans.fingerprint(schedule_id, before), fingerprint, changes, len(late)
+    )
 
 
 def next_expiry_ms(conn: Any, timeout_ms: int, grace_ms: int = 0) -> int | None:
