@@ -285,12 +285,15 @@ async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
     return await ctx.store.tx(schedules.pause, schedule_id, by, why)
 
 
-async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> S:
+async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str, Any]:
+    """Resume a paused or halted rollout; answers its status and its view, which shows the
+    new plan (elements carried over to later slots), over both front doors."""
     grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
     calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
     status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
     ctx.bells.dispatcher.ring()
-    return status
+    schedule = await get_schedule(ctx, schedule_id)  # the new plan
+    return {"scheduleId": schedule_id, "status": status.value, "schedule": schedule}
 
 
 async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> S:
