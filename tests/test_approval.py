@@ -320,7 +320,8 @@ async def test_a_plan_changed_since_it_was_seen_is_refused_with_what_moved(
     assert (status, message_id) == (409, "Scheduler.PLAN_CHANGED")
     assert text == (
         f"The plan of schedule moved is {now}, not {seen} as approved: look at it again"
-        " (cmsoctl show), or approve with --replan: moved: n1"
+        " (cmsoctl show, or GET the schedule), or approve with --replan (REST: ?replan=true):"
+        " moved: n1"
         " 2026-12-01T08:01:00Z..2026-12-01T09:01:00Z"
         " -> 2026-12-01T10:01:00Z..2026-12-01T11:01:00Z"
     )
@@ -451,6 +452,7 @@ async def test_the_rest_approvals_path_binds_the_plan_too(
     began = await api.client.post(url, params={"plan": seen}, json=approval())
     assert began.status_code == 409
     assert began.json()["requestError"]["messageId"] == "Scheduler.PLAN_PASSED"
+    assert "approve with --replan (REST: ?replan=true)" in began.json()["requestError"]["text"]
 
     replanned = await api.client.post(url, params={"plan": seen, "replan": "true"}, json=approval())
     assert replanned.status_code == 200, replanned.text
