@@ -70,7 +70,7 @@ class OptimizerConfig(Section, frozen=True):
     # elements per request (Schedules.Create, Schedules.Plan, cmsod plan), at most
     max_elements: Annotated[int, msgspec.Meta(ge=1, le=MAX_ELEMENTS)] = DEFAULT_MAX_ELEMENTS
     # a schedule left `Pending Approval` this long after its plan is `Expired`; 0 = once its
-    # first slot begins
+    # first slot has passed (its start + [dispatcher] misfire_grace_s)
     approval_timeout_s: Seconds = 0.0
 
 

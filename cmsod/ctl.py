@@ -851,12 +851,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--user", default=getpass.getuser(), help="approving user id (default: you)")
     approve = sub.choices["approve"]
     approve.description = (
-        "Accept a schedule pending approval. With --plan, only the plan you saw (its "
-        "fingerprint, from `show`): if the plan changed since, or slots of it passed (start "
-        "+ misfire grace before now), the approval is refused and the error names them. "
-        "With --replan, "
-        "those slots are re-placed first (by the carry-over's rules) and the answer shows "
-        "what moved and the new fingerprint."
+        "Accept a schedule pending approval. If slots of its plan passed (start + misfire "
+        "grace before now), the approval is refused, with or without --plan, and the error "
+        "names them. With --plan, only the plan you saw (its fingerprint, from `show`): if "
+        "the plan changed since, it is refused too, naming what moved. With --replan, the "
+        "passed slots are re-placed first (by the carry-over's rules, clear of the freeze "
+        "calendars) and the answer shows what moved and the new fingerprint; that re-plan "
+        "stays if the approval is then refused (the error says so)."
     )
     approve.add_argument(
         "--plan",

@@ -56,11 +56,11 @@ class RequestError(CmsodError):
         ),
         "PLAN_CHANGED": (
             "The plan of schedule {0} is {2}, not {1} as approved: look at it again (cmsoctl"
-            " show), or approve with --replan"
+            " show, or GET the schedule), or approve with --replan (REST: ?replan=true)"
         ),
         "PLAN_PASSED": (
             "Slots of plan {1} of schedule {0} passed (start + misfire grace before now, {2}):"
-            " approve with --replan to re-place them first"
+            " approve with --replan (REST: ?replan=true) to re-place them first"
         ),
         "NO_SLOT_LEFT": (
             "Schedule {0} cannot be re-planned: its change windows have no free slot left"
@@ -79,6 +79,11 @@ class RequestError(CmsodError):
         padded = self.variables + [""] * 4
         self.text = self.TEMPLATES[code].format(*padded) + (f": {detail}" if detail else "")
         super().__init__(f"{status} Scheduler.{code}: {self.text}")
+
+    def add(self, more: str) -> None:
+        """Say more after the text (what already happened before the refusal)."""
+        self.text += f"; {more}"
+        self.args = (f"{self.status} Scheduler.{self.code}: {self.text}",)
 
     @property
     def message_id(self) -> str:

@@ -187,18 +187,28 @@ def replan(
     return plan, stuck
 
 
-def expires_at(first_start_ms: int | None, planned_ms: int | None, timeout_ms: int) -> int | None:
+def expires_at(
+    first_start_ms: int | None, planned_ms: int | None, timeout_ms: int, grace_ms: int = 0
+) -> int | None:
     """When a schedule left `Pending Approval` expires: `timeout_ms` after it was planned when
-    one is configured (`[optimizer] approval_timeout_s`), else at its first slot's start."""
+    one is configured (`[optimizer] approval_timeout_s`), else once its first slot has passed
+    (`passed`: its start plus the misfire grace `grace_ms`, `[dispatcher] misfire_grace_s`, is
+    before now; the millisecond after), so an approval a little late, within the grace, is
+    still taken."""
     if timeout_ms > 0 and planned_ms is not None:
         return planned_ms + timeout_ms
-    return first_start_ms
+    return None if first_start_ms is None else first_start_ms + grace_ms + 1
 
 
-def expiry_reason(first_start_ms: int | None, planned_ms: int | None, timeout_ms: int) -> str:
+def expiry_reason(
+    first_start_ms: int | None, planned_ms: int | None, timeout_ms: int, grace_ms: int = 0
+) -> str:
     if timeout_ms > 0 and planned_ms is not None:
         return (
             f"not approved within {timeout_ms / 1000:g} s of its plan"
             f" ({format_time(planned_ms)}; [optimizer] approval_timeout_s)"
         )
-    return f"not approved before its first slot began ({format_time(first_start_ms)})"
+    return (
+        f"not approved before its first slot passed ({format_time(first_start_ms)}"
+        f" + {grace_ms / 1000:g} s; [dispatcher] misfire_grace_s)"
+    )

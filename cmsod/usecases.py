@@ -209,6 +209,26 @@ async def approve(
         calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
         replanned = await ctx.store.tx(schedules.replan, schedule_id, plan, by, grace_ms, calendar)
         plan = replanned.plan
+    try:
+        return await _approve_plan(ctx, schedule_id, approval, caller, plan, grace_ms, replanned)
+    except RequestError as e:
+        if replanned is not None and replanned.moved:  # committed on its own: say so
+            e.add(
+                f"the re-plan was kept, not approved: the plan is now {replanned.plan}"
+                f" (was {replanned.seen}; cmsoctl show)"
+            )
+        raise
+
+
+async def _approve_plan(
+    ctx: Context,
+    schedule_id: str,
+    approval: Approval,
+    caller: str,
+    plan: str | None,
+    grace_ms: int,
+    replanned: schedules.Replanned | None,
+) -> Approved:
     cfg = ctx.config.tickets
     needed = await ctx.store.read(
         schedules.tickets_for_approval,
@@ -265,12 +285,15 @@ async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
     return await ctx.store.tx(schedules.pause, schedule_id, by, why)
 
 
-async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> S:
+async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str, Any]:
+    """Resume a paused or halted rollout; answers its status and its view, which shows the
+    new plan (elements carried over to later slots), over both front doors."""
     grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
     calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
     status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
     ctx.bells.dispatcher.ring()
-    return status
+    schedule = await get_schedule(ctx, schedule_id)  # the new plan
+    return {"scheduleId": schedule_id, "status": status.value, "schedule": schedule}
 
 
 async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> S:

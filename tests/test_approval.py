@@ -21,6 +21,7 @@ from cmsod.lifecycle import parse_time_ms
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.rest import server as rest
+from cmsod.store import schedules
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, ControlClient, Daemon, start_daemon
 from tests.fake_http import FakeTM, Reply
@@ -109,11 +110,17 @@ def test_replan_moves_only_begun_slots_by_the_carry_over_rules() -> None:
     assert within["n2"] == (T0 + H, T0 + 2 * H) and within["n1"] == (T0 + 3 * H, T0 + 4 * H)
 
 
-def test_expiry_is_at_the_first_slot_unless_a_timeout_is_set() -> None:
-    assert plans.expires_at(T0, T0 - H, 0) == T0
-    assert plans.expires_at(T0, T0 - H, 600_000) == T0 - H + 600_000
-    assert plans.expiry_reason(T0, T0 - H, 0) == (
-        "not approved before its first slot began (2026-12-01T08:01:00Z)"
+def test_expiry_is_once_the_first_slot_passed_unless_a_timeout_is_set() -> None:
+    grace = 300_000
+    deadline = plans.expires_at(T0, T0 - H, 0, grace)
+    assert deadline == T0 + grace + 1  # as soon as `passed` says so, not at its start
+    slot = {"n1": (T0, T0 + H)}
+    assert plans.passed(slot, deadline - 1, grace) == [] and plans.passed(slot, deadline, grace)
+    assert plans.expires_at(T0, T0 - H, 600_000, grace) == T0 - H + 600_000
+    assert plans.expires_at(None, T0 - H, 0, grace) is None
+    assert plans.expiry_reason(T0, T0 - H, 0, grace) == (
+        "not approved before its first slot passed (2026-12-01T08:01:00Z + 300 s;"
+        " [dispatcher] misfire_grace_s)"
     )
     assert plans.expiry_reason(T0, T0 - H, 600_000).startswith("not approved within 600 s")
 
@@ -239,6 +246,32 @@ async def test_an_approval_after_slots_passed_is_refused_unless_replanned(
     }
 
 
+async def test_with_two_approvers_an_acceptance_of_an_earlier_plan_does_not_count(
+    autojump_clock: Any,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each acceptance is of one plan: when it moved (a re-plan) since another approver
+    accepted, theirs no longer counts towards the approvals required."""
+    monkeypatch.setattr(schedules, "APPROVALS_REQUIRED", 2)
+    cmsod = await start_daemon(
+        nursery, tmp_path, optimizer__approval_timeout_s=DAY_S, dispatcher__lead_time_s=0
+    )
+    client = await cmsod.connect()
+    seen = (await planned(client, "two", ["n1", "n2"]))["planFingerprint"]
+    alice = await client.ok(APPROVE, scheduleId="two", approval=approval(user="alice"))
+    assert alice["status"] == S.PENDING_APPROVAL  # one of two
+    client = await later(cmsod, client, "08:30")  # n1's slot passed
+    bob = await client.ok(
+        APPROVE, scheduleId="two", approval=approval(user="bob"), plan=seen, replan=True
+    )
+    assert bob["planFingerprint"] != seen
+    assert bob["status"] == S.PENDING_APPROVAL  # alice accepted the plan before the move
+    again = await client.ok(APPROVE, scheduleId="two", approval=approval(user="alice"))
+    assert again["status"] == S.SCHEDULED and again["planFingerprint"] == bob["planFingerprint"]
+
+
 async def test_an_approval_a_little_late_is_kept_and_sent_late_within_the_grace(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -269,12 +302,16 @@ async def test_a_plan_changed_since_it_was_seen_is_refused_with_what_moved(
     seen = (await planned(client, "moved", ["n1", "n2"]))["planFingerprint"]
     client = await later(cmsod, client, "08:30")
     tm.faults[tm.count + 1] = Reply(500, b"TM database locked")
-    status, _, _ = error_of(
+    status, _, text = error_of(
         await client.call(APPROVE, scheduleId="moved", approval=approval(), replan=True)
     )
     assert status == 417
     now = (await client.schedule("moved"))["planFingerprint"]
     assert now != seen
+    # the re-plan was its own transaction: the refusal says it stays, and the plan now
+    assert text.endswith(
+        f"; the re-plan was kept, not approved: the plan is now {now} (was {seen}; cmsoctl show)"
+    ), text
     status, message_id, text = error_of(
         await client.call(
             APPROVE, scheduleId="moved", approval=approval("Accepted", "ops"), plan=seen
@@ -283,7 +320,8 @@ async def test_a_plan_changed_since_it_was_seen_is_refused_with_what_moved(
     assert (status, message_id) == (409, "Scheduler.PLAN_CHANGED")
     assert text == (
         f"The plan of schedule moved is {now}, not {seen} as approved: look at it again"
-        " (cmsoctl show), or approve with --replan: moved: n1"
+        " (cmsoctl show, or GET the schedule), or approve with --replan (REST: ?replan=true):"
+        " moved: n1"
         " 2026-12-01T08:01:00Z..2026-12-01T09:01:00Z"
         " -> 2026-12-01T10:01:00Z..2026-12-01T11:01:00Z"
     )
@@ -338,6 +376,41 @@ async def test_pending_approval_expires_at_a_configured_timeout(
     assert deleted["status"] == S.DELETED
 
 
+async def test_an_approval_within_the_misfire_grace_is_taken_then_it_expires(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """By default a pending schedule expires when its first slot has passed (start + misfire
+    grace), not at its start: an approval a minute late is still taken, as `passed` says."""
+    cmsod = await start_daemon(nursery, tmp_path, dispatcher__misfire_grace_s=300)
+    client = await cmsod.connect()
+    starts = {}
+    for sid in ("inside", "after"):
+        body = request(sid, now=EPOCH, nodes=[f"{sid}1"], minutes_from_now=60)
+        await client.ok(CREATE, schedule=body)
+        view = await client.wait_for(sid, S.PENDING_APPROVAL)
+        starts[sid] = min(parse_time_ms(e["startTime"]) for e in items(view).values())
+    await client.aclose()
+    await trio.sleep((starts["inside"] + 60_000 - cmsod.ctx.clock.now_ms()) / 1000)
+    client = await cmsod.connect()
+    done = await client.ok(APPROVE, scheduleId="inside", approval=approval())
+    assert done["status"] == S.SCHEDULED  # a minute late: within the grace
+    await client.aclose()
+    await trio.sleep((starts["after"] + 300_000 - cmsod.ctx.clock.now_ms()) / 1000)
+    client = await cmsod.connect()
+    assert (await client.schedule("after"))["status"] == S.PENDING_APPROVAL  # grace not over
+    await client.aclose()
+    await trio.sleep(1)
+    client = await cmsod.connect()
+    view = await client.wait_for("after", S.EXPIRED)
+    # on time: the first millisecond past the grace (the view's times are to the second)
+    assert parse_time_ms(view["control"]["time"]) == starts["after"] + 300_000
+    assert "[dispatcher] misfire_grace_s" in view["control"]["reason"]
+    status, message_id, _ = error_of(
+        await client.call(APPROVE, scheduleId="after", approval=approval())
+    )
+    assert (status, message_id) == (412, "Scheduler.NOT_PENDING_APPROVAL")
+
+
 # -- over REST ---------------------------------------------------------------------------------
 
 
@@ -379,6 +452,7 @@ async def test_the_rest_approvals_path_binds_the_plan_too(
     began = await api.client.post(url, params={"plan": seen}, json=approval())
     assert began.status_code == 409
     assert began.json()["requestError"]["messageId"] == "Scheduler.PLAN_PASSED"
+    assert "approve with --replan (REST: ?replan=true)" in began.json()["requestError"]["text"]
 
     replanned = await api.client.post(url, params={"plan": seen, "replan": "true"}, json=approval())
     assert replanned.status_code == 200, replanned.text

@@ -45,7 +45,9 @@ async def test_left_pending_past_its_first_slot_it_expires(
     client = await cmsod.connect()
     view = await client.wait_for("late", S.EXPIRED)
     assert view["control"]["action"] == "expire" and view["control"]["by"] == "cmsod"
-    assert view["control"]["reason"] == f"not approved before its first slot began ({start})"
+    assert view["control"]["reason"] == (
+        f"not approved before its first slot passed ({start} + 300 s; [dispatcher] misfire_grace_s)"
+    )
     element = view["groups"][0]["changeManagementSchedules"][0]
     assert element["status"] == E.EXPIRED and start in element["statusMessage"]
     refused = await client.call(APPROVE, scheduleId="late", approval=approval())

@@ -791,8 +791,10 @@ async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http:
 
         resumed = await operator.client.post(f"{X}/schedules/ext/resume")  # no body: no reason
         assert resumed.status_code == 200, resumed.text
-        assert resumed.json() == {"scheduleId": "ext", "status": S.SCHEDULED}
-        assert (await http.schedule("ext"))["control"]["action"] == "resume"
+        answer = resumed.json()  # as over the socket: the status and the view, new plan and all
+        assert (answer["scheduleId"], answer["status"]) == ("ext", S.SCHEDULED)
+        view = await http.schedule("ext")
+        assert answer["schedule"] == view and view["control"]["action"] == "resume"
 
         aborted = await operator.client.post(
             f"{X}/schedules/ext/abort", json={"reason": "wrong firmware"}

@@ -153,11 +153,12 @@ async def expire_approvals(ctx: Context) -> int | None:
     answers when the next one would. Driven from the store like the due elements: after a
     restart, the overdue ones expire at once."""
     timeout_ms = int(ctx.config.optimizer.approval_timeout_s * 1000)
-    expiry_ms = await ctx.store.read(schedules.next_expiry_ms, timeout_ms)
+    grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
+    expiry_ms = await ctx.store.read(schedules.next_expiry_ms, timeout_ms, grace_ms)
     if expiry_ms is None or expiry_ms > ctx.clock.now_ms():
         return expiry_ms
-    await ctx.store.tx(schedules.expire_pending, timeout_ms)
-    return await ctx.store.read(schedules.next_expiry_ms, timeout_ms)
+    await ctx.store.tx(schedules.expire_pending, timeout_ms, grace_ms)
+    return await ctx.store.read(schedules.next_expiry_ms, timeout_ms, grace_ms)
 
 
 async def send(

@@ -218,9 +218,7 @@ async def pause(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]
 
 
 async def resume(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]:
-    status = await usecases.resume(ctx, p.scheduleId, who(peer, p.by), p.reason)
-    schedule = await usecases.get_schedule(ctx, p.scheduleId)  # the new plan
-    return {"scheduleId": p.scheduleId, "status": status.value, "schedule": schedule}
+    return await usecases.resume(ctx, p.scheduleId, who(peer, p.by), p.reason)
 
 
 async def abort(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]:

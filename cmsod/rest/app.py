@@ -49,7 +49,8 @@ LATEST_VERSION = b"2.0.0"
 # cmsod's own routes beside CMSO's, under /cmso/<version>/x-cmsod/ (OpenAPI tag "cmsod
 # extensions"): the controls of "Stop, hold and gate a rollout", which CMSO never had.
 EXTENSIONS = "x-cmsod"
-STOPS = {"pause": usecases.pause, "resume": usecases.resume, "abort": usecases.abort}
+STOPS = {"pause": usecases.pause, "abort": usecases.abort}  # and "resume" (Api.stop)
+STOP_ACTIONS = ("pause", "resume", "abort")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -405,7 +406,7 @@ class RestApp:
             if method in ("PUT", "DELETE"):
                 return await self.freeze(call, method == "PUT")
             return _not_allowed("GET, PUT, DELETE")
-        if len(s) == 3 and s[0] == "schedules" and s[2] in STOPS:
+        if len(s) == 3 and s[0] == "schedules" and s[2] in STOP_ACTIONS:
             return _only(method, "POST") or await self.stop(call, s[1], s[2])
         raise problem(404, "NOT_FOUND", "no such path", "/".join([EXTENSIONS, *s]))
 
@@ -415,6 +416,9 @@ class RestApp:
         parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
         body = await self.body(call, x.StopBody, empty={})
         _log_call(call, action, schedule_id)
+        if action == "resume":  # its status and the schedule's view, with the new plan
+            resumed = await usecases.resume(self.ctx, parameters.scheduleId, _by(call), body.reason)
+            return json_answer(200, resumed)
         status = await STOPS[action](self.ctx, parameters.scheduleId, _by(call), body.reason)
         return json_answer(200, {"scheduleId": parameters.scheduleId, "status": status.value})
 

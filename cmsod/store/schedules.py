@@ -238,11 +238,11 @@ def _approval_outcome(
         raise RequestError(400, "MISSING_REQUIRED_ATTRIBUTE", "userId")
     if approval.approvalStatus != "Accepted":
         return schedule, status, False
-    _check_plan(db, schedule, schedule_id, plan, now_ms, grace_ms)
-    (others,) = db.execute(
+    current = _check_plan(db, schedule, schedule_id, plan, now_ms, grace_ms)
+    (others,) = db.execute(  # only those of the plan as it stands: one of another plan is stale
         "SELECT count(*) FROM approvals WHERE schedule = ? AND approval_type = ? AND status = ?"
-        " AND user_id != ?",
-        (schedule, APPROVAL_TYPE, "Accepted", approval.approvalUserId),
+        " AND user_id != ? AND plan = ?",
+        (schedule, APPROVAL_TYPE, "Accepted", approval.approvalUserId, current),
     ).fetchone()
     return schedule, status, others + 1 >= APPROVALS_REQUIRED
 
@@ -661,6 +661,7 @@ class Replanned(msgspec.Struct):
     seen: str | None
     plan: str | None
     changes: list[plans.Change]
+    moved: int = 0  # the elements this re-plan re-placed (their slot had passed)
 
 
 def replan(
@@ -765,12 +766,14 @@ def replan(
             moved=len(late),
             by=by,
         )
-    return Replanned(seen or plans.fingerprint(schedule_id, before), fingerprint, changes)
+    return Replanned(
+        seen or plans.fingerprint(schedule_id, before), fingerprint, changes, len(late)
+    )
 
 
-def next_expiry_ms(conn: Any, timeout_ms: int) -> int | None:
-    """When the next schedule left pending approval expires (plans.expires_at), None when
-    none waits for approval."""
+def next_expiry_ms(conn: Any, timeout_ms: int, grace_ms: int = 0) -> int | None:
+    """When the next schedule left pending approval expires (plans.expires_at; `grace_ms`
+    the misfire grace), None when none waits for approval."""
     if timeout_ms > 0:
         (planned,) = conn.execute(
             "SELECT min(optimizer_return_ms) FROM schedules WHERE status = ?",
@@ -780,11 +783,12 @@ def next_expiry_ms(conn: Any, timeout_ms: int) -> int | None:
     (first,) = conn.execute(  # (elements_status_start: no scan)
         "SELECT min(start_ms) FROM elements WHERE status = ?", (E.PENDING_APPROVAL.value,)
     ).fetchone()
-    return first
+    return None if first is None else plans.expires_at(first, None, 0, grace_ms)
 
 
-def expire_pending(tx: Tx, timeout_ms: int) -> list[str]:
-    """Schedules left `Pending Approval` past their approval timeout are `Expired`, their
+def expire_pending(tx: Tx, timeout_ms: int, grace_ms: int = 0) -> list[str]:
+    """Schedules left `Pending Approval` past their approval timeout (plans.expires_at;
+    `grace_ms` the misfire grace) are `Expired`, their
     waiting elements too, with a message saying why. (They have no change tickets yet:
     those are opened at acceptance.) Returns their ids."""
     expired = []
@@ -794,10 +798,10 @@ def expire_pending(tx: Tx, timeout_ms: int) -> list[str]:
         " WHERE s.status = ? GROUP BY s.id, s.schedule_id, s.optimizer_return_ms",
         (S.PENDING_APPROVAL.value,),
     ).fetchall():
-        deadline = plans.expires_at(first, planned, timeout_ms)
+        deadline = plans.expires_at(first, planned, timeout_ms, grace_ms)
         if deadline is None or deadline > tx.now_ms:
             continue
-        why = plans.expiry_reason(first, planned, timeout_ms)
+        why = plans.expiry_reason(first, planned, timeout_ms, grace_ms)
         tx.schedule_to(
             schedule,
             schedule_id,
