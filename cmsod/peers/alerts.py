@@ -24,6 +24,10 @@ class AlertSourceFailed(PeerError):
     """Alertmanager could not be asked, or answered something that is not its alerts."""
 
 
+class AlertSourceUnreachable(AlertSourceFailed):
+    """No connection to Alertmanager: the batch's other queries would fail the same way."""
+
+
 class Alertmanager:
     def __init__(self, cfg: AlarmsConfig, ssl_context: ssl.SSLContext | None) -> None:
         headers = {"Accept": "application/json"}
@@ -51,7 +55,9 @@ class Alertmanager:
         path = f"{ALERTS_PATH}?{urlencode(params)}"
         try:
             response = await self.client.request("GET", path)
-        except (ConnectFailed, Broken) as exc:
+        except ConnectFailed as exc:
+            raise AlertSourceUnreachable(f"Alertmanager at {self.where}: {exc}") from None
+        except Broken as exc:
             raise AlertSourceFailed(f"Alertmanager at {self.where}: {exc}") from None
         if response.status != 200:
             text = response.body[:200].decode("utf-8", "replace")
