@@ -497,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"alarms.credentials_file {cfg.alarms.credentials_file}: cannot read it"
             )
+        if cfg.events.credentials_file and not os.access(cfg.events.credentials_file, os.R_OK):
+            raise ConfigError(
+                f"events.credentials_file {cfg.events.credentials_file}: cannot read it"
+            )
         if cfg.http.listen:
             rest_auth.Credentials(Path(cfg.http.credentials_file)).load()
     except ConfigError as exc:

@@ -183,6 +183,22 @@ async def test_the_retry_pace_of_a_refusal_is_the_cap_and_of_a_500_the_backoff(
     check_delivery(proxy, tmp_path)
 
 
+async def test_the_credentials_file_is_sent_and_the_url_shown_without_them(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    secret = tmp_path / "kafka.secret"
+    secret.write_text("cmsod:s3cr3t:x\n")
+    proxy = FakeKafkaProxy()
+    proxy.faults = [Reply(403, {"error_code": 40301, "message": "Not authorized"})]
+    cmsod = await kafka_daemon(nursery, tmp_path, proxy, events__credentials_file=str(secret))
+    client = await cmsod.connect()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("auth", now=EPOCH))
+    await outbox_empty(cmsod)
+    assert proxy.requests[0].headers["authorization"] == "Basic Y21zb2Q6czNjcjN0Ong="
+    assert cmsod.ctx.figures["emitter"].last_error.startswith(f"kafka rest proxy at {proxy.url}")
+    check_delivery(proxy, tmp_path)
+
+
 def test_the_answer_is_decoded_with_limits_and_names_what_is_wrong() -> None:
     where, topic = "kafka rest proxy at X", "t"
 

@@ -147,7 +147,7 @@ async def alarm_gate(ctx: Context, due: list[dispatch.Due]) -> gates.AlarmGate:
         ok = not failed
         if ok != state.ok:
             if ok:
-                log.info("alarms.source_ok", url=cfg.url)
+                log.info("alarms.source_ok", url=source.where)
             else:
                 log.warning(
                     "alarms.source_failed",

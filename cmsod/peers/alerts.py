@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import msgspec
 
 from cmsod.alarms import Query
-from cmsod.config import AlarmsConfig
+from cmsod.config import AlarmsConfig, shown_url
 from cmsod.errors import PeerError
 from cmsod.peers.http1 import Broken, ConnectFailed, Http1Client
 from cmsod.wire.alertmanager import GettableAlert, GettableAlerts
@@ -34,7 +34,7 @@ class Alertmanager:
         if cfg.credentials_file:
             secret = Path(cfg.credentials_file).read_text().strip().encode()
             headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
-        self.where = cfg.url.rstrip("/")
+        self.where = shown_url(cfg.url)
         self.client = Http1Client(
             cfg.url,
             headers,

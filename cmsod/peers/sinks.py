@@ -36,6 +36,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from cmsod.config import shown_url
 from cmsod.errors import PeerError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.wire.events import CmEvent
@@ -98,8 +99,11 @@ class FileSink:
         return len(bodies)
 
 
-def _client(timeout_s: float, ssl_context: ssl.SSLContext) -> httpx.AsyncClient:
+def _client(
+    timeout_s: float, ssl_context: ssl.SSLContext, credentials: tuple[str, str] | None = None
+) -> httpx.AsyncClient:
     return httpx.AsyncClient(
+        auth=httpx.BasicAuth(*credentials) if credentials else None,
         timeout=httpx.Timeout(timeout_s),
         limits=httpx.Limits(max_connections=4),
         verify=ssl_context,  # the one TLS configuration of every peer (peers/tls.py)
@@ -123,8 +127,18 @@ class MrSink:
     client: httpx.AsyncClient
 
     @classmethod
-    def create(cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext) -> MrSink:
-        return cls(url.rstrip("/"), _client(timeout_s, ssl_context))
+    def create(
+        cls,
+        url: str,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext,
+        credentials: tuple[str, str] | None = None,
+    ) -> MrSink:
+        return cls(url.rstrip("/"), _client(timeout_s, ssl_context, credentials))
+
+    @property
+    def where(self) -> str:
+        return f"message router at {shown_url(self.url)}"
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -146,7 +160,7 @@ class MrSink:
                 headers={"Content-Type": "application/cambria"},
             )
         except httpx.HTTPError as exc:
-            raise PeerError(f"message router at {self.url}: {exc!r}") from exc
+            raise PeerError(f"{self.where}: {exc!r}") from exc
         if response.status_code == 200:
             try:
                 count = msgspec.json.decode(response.content, type=MrAnswer).count
@@ -188,9 +202,18 @@ class CloudEventsSink:
 
     @classmethod
     def create(
-        cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext, batch: bool = False
+        cls,
+        url: str,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext,
+        batch: bool = False,
+        credentials: tuple[str, str] | None = None,
     ) -> CloudEventsSink:
-        return cls(url, _client(timeout_s, ssl_context), batch)
+        return cls(url, _client(timeout_s, ssl_context, credentials), batch)
+
+    @property
+    def where(self) -> str:
+        return f"cloudevents receiver at {shown_url(self.url)}"
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -232,9 +255,7 @@ class CloudEventsSink:
         try:
             response = await self.client.post(self.url, content=content, headers=headers)
         except httpx.HTTPError as exc:
-            raise PartialDelivery(
-                delivered, f"cloudevents receiver at {self.url}: {exc!r}"
-            ) from exc
+            raise PartialDelivery(delivered, f"{self.where}: {exc!r}") from exc
         if not 200 <= response.status_code < 300:
             raise PartialDelivery(
                 delivered,
@@ -316,8 +337,14 @@ class KafkaSink:
     client: httpx.AsyncClient
 
     @classmethod
-    def create(cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext) -> KafkaSink:
-        return cls(url.rstrip("/"), _client(timeout_s, ssl_context))
+    def create(
+        cls,
+        url: str,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext,
+        credentials: tuple[str, str] | None = None,
+    ) -> KafkaSink:
+        return cls(url.rstrip("/"), _client(timeout_s, ssl_context, credentials))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -329,7 +356,7 @@ class KafkaSink:
         )
 
     async def publish(self, topic: str, events: Keyed) -> int:
-        where = f"kafka rest proxy at {self.url}"
+        where = f"kafka rest proxy at {shown_url(self.url)}"
         try:
             response = await self.client.post(
                 f"{self.url}/topics/{quote(topic, safe='')}",
@@ -382,16 +409,29 @@ class KafkaSink:
         return sent
 
 
+def sink_credentials(path: str) -> tuple[str, str] | None:
+    """events.credentials_file: one line user:password for basic auth ("" = none)."""
+    if not path:
+        return None
+    user, _, password = Path(path).read_text().strip().partition(":")
+    return user, password
+
+
 def sink_for(
     cfg: Any, directory: Path, executor: Executor, ssl_context: ssl.SSLContext
 ) -> EventSink:
     events = cfg.events
+    credentials = sink_credentials(events.credentials_file)
     if events.sink == "http":
-        return MrSink.create(events.url, events.timeout_s, ssl_context)
+        return MrSink.create(events.url, events.timeout_s, ssl_context, credentials)
     if events.sink == "kafka":
-        return KafkaSink.create(events.url, events.timeout_s, ssl_context)
+        return KafkaSink.create(events.url, events.timeout_s, ssl_context, credentials)
     if events.sink == "cloudevents":
         return CloudEventsSink.create(
-            events.url, events.timeout_s, ssl_context, events.cloudevents_mode == "batch"
+            events.url,
+            events.timeout_s,
+            ssl_context,
+            events.cloudevents_mode == "batch",
+            credentials,
         )
     return FileSink(directory, executor, events.max_file_bytes, events.keep_files)
