@@ -18,9 +18,10 @@ import trio
 
 from cmsod import config
 from cmsod.errors import ConfigError, PeerError
+from cmsod.model import ScheduleStatus as S
 from cmsod.peers.sinks import KafkaSink, PartialDelivery
 from tests.cmso_requests import request
-from tests.conftest import EPOCH, start_daemon, validate_event
+from tests.conftest import EPOCH, start_daemon, validate_event, wait_until
 from tests.fake_http import Drop, FakeKafkaProxy, Raw, RecordErrors, Reply, Reset, Written
 from tests.procs import Daemon, cmsoctl
 from tests.test_events import in_order_and_complete, outbox_empty, pile_up, run_schedules
@@ -197,6 +198,45 @@ async def test_the_credentials_file_is_sent_and_the_url_shown_without_them(
     assert proxy.requests[0].headers["authorization"] == "Basic Y21zb2Q6czNjcjN0Ong="
     assert cmsod.ctx.figures["emitter"].last_error.startswith(f"kafka rest proxy at {proxy.url}")
     check_delivery(proxy, tmp_path)
+
+
+async def test_a_topic_refused_for_good_holds_only_its_own_events(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    """events.route_by: the proxy has no topic cm-events-east (yet); the events of the other
+    topic keep going meanwhile, and east's follow, in order, once it exists."""
+    proxy = FakeKafkaProxy(validate=validate_event)
+    missing = {"/topics/cm-events-east"}
+
+    def handle(req):
+        if req.path in missing:
+            return Reply(404, {"error_code": 40401, "message": "Topic not found."})
+        return FakeKafkaProxy.handle(proxy, req)
+
+    proxy.handler = handle
+    cmsod = await kafka_daemon(
+        nursery, tmp_path, proxy, events__route_by="targetGroup", events__retry_max_s=3600
+    )
+    client = await cmsod.connect()
+    body = request("east", now=EPOCH, extra_domain_data={"targetGroup": "east"})
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)  # first: its batch goes first
+    await client.wait_for("east", S.PENDING_APPROVAL)
+    began = trio.current_time()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("plain", now=EPOCH))
+    await client.wait_for("plain", S.PENDING_APPROVAL)
+
+    async def plain_out() -> bool:
+        ids = {e["eventId"] for e in stored_events(tmp_path) if e["eventCorrelationId"] == "plain"}
+        return ids == {e["eventId"] for e in proxy.events("cm-events")}
+
+    await wait_until(plain_out, "the other topic's events published", within_s=60)
+    assert trio.current_time() - began < 60 and not proxy.events("cm-events-east")
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert status["counts"]["eventsPending"] > 0
+    missing.clear()  # the topic is created: east's events go at the next try
+    await outbox_empty(cmsod)
+    assert {e["eventCorrelationId"] for e in proxy.events("cm-events-east")} == {"east"}
+    in_order_and_complete(proxy.events("cm-events-east"))
 
 
 def test_the_answer_is_decoded_with_limits_and_names_what_is_wrong() -> None:
