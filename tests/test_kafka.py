@@ -19,10 +19,11 @@ import trio
 from cmsod import config
 from cmsod.errors import ConfigError, PeerError
 from cmsod.model import ScheduleStatus as S
-from cmsod.peers.sinks import KafkaSink, PartialDelivery
+from cmsod.peers import tls
+from cmsod.peers.sinks import CloudEventsSink, KafkaSink, MrSink, PartialDelivery
 from tests.cmso_requests import request
 from tests.conftest import EPOCH, start_daemon, validate_event, wait_until
-from tests.fake_http import Drop, FakeKafkaProxy, Raw, RecordErrors, Reply, Reset, Written
+from tests.fake_http import Drop, FakeHTTP, FakeKafkaProxy, Raw, RecordErrors, Reply, Reset, Written
 from tests.procs import Daemon, cmsoctl
 from tests.test_events import in_order_and_complete, outbox_empty, pile_up, run_schedules
 
@@ -237,6 +238,44 @@ async def test_a_topic_refused_for_good_holds_only_its_own_events(
     await outbox_empty(cmsod)
     assert {e["eventCorrelationId"] for e in proxy.events("cm-events-east")} == {"east"}
     in_order_and_complete(proxy.events("cm-events-east"))
+
+
+async def test_a_huge_answer_is_not_read_whole_and_the_batch_goes_again(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    """An answer announcing 100 MiB and sending 2 MiB (then nothing): read up to 1 MiB, an
+    error saying so at once (not a timeout after the whole of it), the batch sent again."""
+    proxy = FakeKafkaProxy()
+    huge = b"HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n" + b" " * (2 << 20)
+    proxy.faults = [Raw(huge)]
+    cmsod = await kafka_daemon(nursery, tmp_path, proxy, events__timeout_s=3600)
+    client = await cmsod.connect()
+    began = trio.current_time()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("huge", now=EPOCH))
+    await outbox_empty(cmsod)
+    assert trio.current_time() - began < 60  # not the 3600 s read timeout
+    error = cmsod.ctx.figures["emitter"].last_error
+    assert error == (
+        f"kafka rest proxy at {proxy.url}: answer larger than 1048576 bytes (HTTP 200): not read"
+    )
+    check_delivery(proxy, tmp_path)
+
+
+async def test_the_other_http_sinks_read_an_answer_up_to_the_cap(nursery) -> None:
+    huge = Reply(200, b"[" * ((1 << 20) + 1))
+    server = FakeHTTP(lambda request: huge)
+    await nursery.start(server.serve)
+    context = tls.context(config.TlsConfig())
+    event = b'{"eventId":"e1"}'
+    mr = MrSink.create(server.url, 10, context)
+    with pytest.raises(PeerError, match="message router at .*: answer larger than 1048576"):
+        await mr.publish("t", [("s", event)])
+    receiver = CloudEventsSink.create(server.url, 10, context)
+    with pytest.raises(PartialDelivery, match="answer larger than 1048576") as info:
+        await receiver.post(event, {"content-type": "application/json"}, 3)  # the 4th event
+    assert info.value.delivered == 3
+    await mr.aclose()
+    await receiver.aclose()
 
 
 def test_the_answer_is_decoded_with_limits_and_names_what_is_wrong() -> None:
