@@ -210,6 +210,17 @@ def test_reload_refuses_what_the_peers_were_built_from(tmp_path: Path) -> None:
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[tls]\nverify = false\n')
     with pytest.raises(ConfigError, match="tls cannot change"):
         reload()
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[events]\nsink = "kafka"\nurl = "http://proxy:8082"\ntimeout_s = 3.0\n'
+        'credentials_file = "/etc/cmsod/kafka"\n'
+    )
+    with pytest.raises(
+        ConfigError,
+        match="events.sink, events.url, events.timeout_s, events.credentials_file cannot change",
+    ):
+        reload()
+    assert ctx.config is before
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[poller]\ninterval_s = 2.0\n')
     assert reload() == ["poller.interval_s"]
 
