@@ -31,6 +31,32 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400)]
 Positive = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 
 
+def shown_url(url: str) -> str:
+    """A peer's URL as logs, status and /health show it: scheme://host[:port][/path], never a
+    user:password or a query string."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        return url.partition("@")[2] if "@" in url else url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
+
+
+def no_credentials_in(key: str, url: str) -> None:
+    """A user:password in a peer's URL would show in error texts, logs, status and /health:
+    refused, pointing at the section's credentials file."""
+    if "@" in urlsplit(url).netloc:
+        section = key.partition(".")[0]
+        raise ValueError(
+            f"{key} must not carry user:password ({shown_url(url)}): it would show in logs,"
+            f" status and /health; put the line user:password in a file named by"
+            f" {section}.credentials_file"
+        )
+
+
 class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
@@ -172,8 +198,10 @@ class EventsConfig(Section, frozen=True):
     retry_max_s: Positive = 10.0  # a failing sink is retried after 0.5 s, doubling up to this
     max_file_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
     keep_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    credentials_file: str = ""  # http/cloudevents/kafka: one line user:password for basic auth
 
     def __post_init__(self) -> None:
+        no_credentials_in("events.url", self.url)
         if self.sink != "file" and not self.url.startswith(("http://", "https://")):
             raise ValueError(
                 f"events.url must be an http(s):// URL when events.sink = '{self.sink}'"
@@ -323,6 +351,7 @@ class AlarmsConfig(Section, frozen=True):
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError("alarms.url must be an http:// or https:// URL")
+        no_credentials_in("alarms.url", self.url)
 
 
 class SupervisorConfig(Section, frozen=True):

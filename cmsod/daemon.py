@@ -69,6 +69,17 @@ ALARM_PEER_KEYS = (
     "read_timeout_s",
     "max_concurrent",
 )
+# The event sink is built once from these (sink_for): a change would be read but not used.
+EVENT_SINK_KEYS = (
+    "sink",
+    "url",
+    "timeout_s",
+    "credentials_file",
+    "cloudevents_mode",
+    "path",
+    "max_file_bytes",
+    "keep_files",
+)
 
 
 def planning_for(cfg: config.Config) -> Planning:
@@ -161,6 +172,11 @@ def make_reload(
             f"alarms.{key}"
             for key in ALARM_PEER_KEYS
             if getattr(old.alarms, key) != getattr(new.alarms, key)
+        ]
+        fixed += [
+            f"events.{key}"
+            for key in EVENT_SINK_KEYS
+            if getattr(old.events, key) != getattr(new.events, key)
         ]
         # The HTTP listener is built once too (socket, TLS, hypercorn's limits).
         fixed += [
@@ -502,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.alarms.credentials_file and not os.access(cfg.alarms.credentials_file, os.R_OK):
             raise ConfigError(
                 f"alarms.credentials_file {cfg.alarms.credentials_file}: cannot read it"
+            )
+        if cfg.events.credentials_file and not os.access(cfg.events.credentials_file, os.R_OK):
+            raise ConfigError(
+                f"events.credentials_file {cfg.events.credentials_file}: cannot read it"
             )
         if cfg.http.listen:
             rest_auth.Credentials(Path(cfg.http.credentials_file)).load()

@@ -18,6 +18,7 @@ import trio
 from cmsod import __version__, explain, gates, lifecycle, log, plans
 from cmsod.actors.context import WATCH_QUEUE, Context, Watcher
 from cmsod.actors.supervisor import STALL_S, stalled_actors
+from cmsod.config import shown_url
 from cmsod.errors import ConfigError, ControlError, InvalidParameter, PeerError, RequestError
 from cmsod.model import APPROVAL_TYPE
 from cmsod.model import ScheduleStatus as S
@@ -352,16 +353,20 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
         component("Scheduler Database", ctx.config.store_shown, db_ok),
         component(
             "SO Interface",
-            ctx.config.so.url or ctx.config.so.mode,
+            shown_url(ctx.config.so.url) if ctx.config.so.url else ctx.config.so.mode,
             peer_ok("dispatcher", "poller"),
         ),
         component("TM Interface", ctx.config.tickets.mode, peer_ok("tickets")),
         component(
-            "Event Sink", ctx.config.events.url or ctx.config.events.sink, peer_ok("emitter")
+            "Event Sink",
+            shown_url(ctx.config.events.url) if ctx.config.events.url else ctx.config.events.sink,
+            peer_ok("emitter"),
         ),
     ]
     if ctx.alerts is not None:  # the alarm gate's Alertmanager: failing holds or lets go
-        components.append(component("Alert Source", alarms_cfg.url, source.ok is not False))
+        components.append(
+            component("Alert Source", shown_url(alarms_cfg.url), source.ok is not False)
+        )
     # Healthy only when every part is: a daemon that cannot reach its orchestrator is degraded
     # (and `cmsoctl status` exits 3), whatever else works.
     problems = [f"{c['name']} {c['status']}" for c in components if not c["healthy"]]
@@ -384,7 +389,7 @@ async def health(ctx: Context, hostname: str) -> dict[str, Any]:
         "alarms": None
         if ctx.alerts is None
         else {
-            "url": alarms_cfg.url,
+            "url": shown_url(alarms_cfg.url),
             "onError": alarms_cfg.on_error,
             "ok": source.ok,
             "lastError": source.last_error,

@@ -195,3 +195,56 @@ async def test_fail_open_dispatches_when_the_source_cannot_be_reached(
     assert not [e for e in edits(tmp_path) if e.get("hold-gate")]
     await client.aclose()
     assert S.COMPLETED == view["status"]
+
+
+async def test_a_burst_against_a_silent_source_is_decided_within_one_timeout(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """300 elements due at once, one query each, max_concurrent 8, an Alertmanager that takes
+    them and never answers: the whole batch is decided (here: let go, on_error = go) within
+    one connect + read timeout, not 300 / 8 read timeouts one after another."""
+    so, am = FakeSO(), FakeAlertmanager()
+    await nursery.start(am.serve)
+    am.fault = Reply(200, [], delay_s=3600)
+    cmsod = await with_alertmanager(nursery, tmp_path, so, am.url, alarms__on_error="go")
+    client = await cmsod.connect()
+    nodes = [f"n{i}" for i in range(300)]
+    await approved(client, "burst", nodes, concurrency=300)  # all at 08:01
+    view = await client.wait_for("burst", *DONE)
+    start, deadline = parse_time_ms(at("08:01")), 2_000 + 5_000  # connect + read timeouts
+    assert all(
+        start <= parse_time_ms(e["dispatchTime"]) <= start + deadline + 1_000
+        for e in items(view).values()
+    )
+    assert len(so.started) == 300 and 8 <= len(am.requests) < 300
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert status["alarms"]["ok"] is False and "no answer within" in status["alarms"]["lastError"]
+    await client.aclose()
+
+
+async def test_after_a_connect_failure_the_rest_of_the_batch_is_not_tried(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    so = FakeSO()
+    url = f"http://127.0.0.1:{closed_port()}"
+    cmsod = await with_alertmanager(nursery, tmp_path, so, url, alarms__on_error="go")
+    source = cmsod.ctx.alerts
+    assert source is not None
+    connect, attempts = source.client._connect, []
+
+    async def counted() -> Any:
+        attempts.append(1)
+        return await connect()
+
+    source.client._connect = counted  # type: ignore[method-assign]
+    client = await cmsod.connect()
+    await approved(client, "cf", [f"n{i}" for i in range(50)], concurrency=50)
+    view = await client.wait_for("cf", *DONE)
+    assert {e["dispatchTime"] for e in items(view).values()} == {at("08:01")}
+    # 50 queries: only those already trying (max_concurrent, 8) when the first was refused,
+    # and those handed their freed seats at that moment
+    assert 1 <= len(attempts) <= 16
+    assert cmsod.ctx.alert_source.queries == 50
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert "ECONNREFUSED" in status["alarms"]["lastError"]
+    await client.aclose()

@@ -47,6 +47,16 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
         ("[so]\nmode = 'http'\n", "so.url must be an http:// or https:// URL"),
         ("[events]\nsink = 'http'\nurl = 'ftp://x'\n", "events.url must be an http(s):// URL"),
         ("[events]\ntopic = 'has spaces'\n", "at `$.events.topic`"),
+        (
+            "[events]\nsink = 'kafka'\nurl = 'http://u:secret@proxy:8082'\n",
+            "events.url must not carry user:password (http://proxy:8082): it would show in"
+            " logs, status and /health; put the line user:password in a file named by"
+            " events.credentials_file",
+        ),
+        (
+            "[alarms]\nurl = 'https://u:secret@am:9093/'\n",
+            "alarms.url must not carry user:password (https://am:9093)",
+        ),
         ("[poller]\njitter = 2\n", "at `$.poller.jitter`"),
         ("\xff\xfe", "not valid TOML"),
     ],
@@ -200,6 +210,17 @@ def test_reload_refuses_what_the_peers_were_built_from(tmp_path: Path) -> None:
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[tls]\nverify = false\n')
     with pytest.raises(ConfigError, match="tls cannot change"):
         reload()
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[events]\nsink = "kafka"\nurl = "http://proxy:8082"\ntimeout_s = 3.0\n'
+        'credentials_file = "/etc/cmsod/kafka"\n'
+    )
+    with pytest.raises(
+        ConfigError,
+        match="events.sink, events.url, events.timeout_s, events.credentials_file cannot change",
+    ):
+        reload()
+    assert ctx.config is before
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[poller]\ninterval_s = 2.0\n')
     assert reload() == ["poller.interval_s"]
 
@@ -226,3 +247,9 @@ def test_the_store_url_from_the_file_a_credential_or_the_command_line(
         _ = config.load(None, env={}, state_dir=str(tmp_path)).store_url
     with pytest.raises(ConfigError, match=r"store.url must be a postgresql:// URL"):
         config.load(None, env={"CMSOD_STORE__URL": "sqlite:///x"})
+
+
+def test_urls_are_shown_without_credentials_or_query() -> None:
+    assert config.shown_url("https://u:p@am:9093/x/?token=s#f") == "https://am:9093/x"
+    assert config.shown_url("http://[::1]:8082") == "http://[::1]:8082"
+    assert config.shown_url("http://proxy") == "http://proxy"

@@ -18,10 +18,12 @@ import trio
 
 from cmsod import config
 from cmsod.errors import ConfigError, PeerError
-from cmsod.peers.sinks import KafkaSink, PartialDelivery
+from cmsod.model import ScheduleStatus as S
+from cmsod.peers import tls
+from cmsod.peers.sinks import CloudEventsSink, KafkaSink, MrSink, PartialDelivery
 from tests.cmso_requests import request
-from tests.conftest import EPOCH, start_daemon, validate_event
-from tests.fake_http import Drop, FakeKafkaProxy, Raw, RecordErrors, Reply, Reset, Written
+from tests.conftest import EPOCH, start_daemon, validate_event, wait_until
+from tests.fake_http import Drop, FakeHTTP, FakeKafkaProxy, Raw, RecordErrors, Reply, Reset, Written
 from tests.procs import Daemon, cmsoctl
 from tests.test_events import in_order_and_complete, outbox_empty, pile_up, run_schedules
 
@@ -181,6 +183,99 @@ async def test_the_retry_pace_of_a_refusal_is_the_cap_and_of_a_500_the_backoff(
     assert gaps[:2] == [30.0, 30.0]  # refused: the cap at once
     assert 0.4 <= gaps[2] <= 1.1 and gaps[3] <= 2.2  # unavailable: the usual backoff
     check_delivery(proxy, tmp_path)
+
+
+async def test_the_credentials_file_is_sent_and_the_url_shown_without_them(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    secret = tmp_path / "kafka.secret"
+    secret.write_text("cmsod:s3cr3t:x\n")
+    proxy = FakeKafkaProxy()
+    proxy.faults = [Reply(403, {"error_code": 40301, "message": "Not authorized"})]
+    cmsod = await kafka_daemon(nursery, tmp_path, proxy, events__credentials_file=str(secret))
+    client = await cmsod.connect()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("auth", now=EPOCH))
+    await outbox_empty(cmsod)
+    assert proxy.requests[0].headers["authorization"] == "Basic Y21zb2Q6czNjcjN0Ong="
+    assert cmsod.ctx.figures["emitter"].last_error.startswith(f"kafka rest proxy at {proxy.url}")
+    check_delivery(proxy, tmp_path)
+
+
+async def test_a_topic_refused_for_good_holds_only_its_own_events(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    """events.route_by: the proxy has no topic cm-events-east (yet); the events of the other
+    topic keep going meanwhile, and east's follow, in order, once it exists."""
+    proxy = FakeKafkaProxy(validate=validate_event)
+    missing = {"/topics/cm-events-east"}
+
+    def handle(req):
+        if req.path in missing:
+            return Reply(404, {"error_code": 40401, "message": "Topic not found."})
+        return FakeKafkaProxy.handle(proxy, req)
+
+    proxy.handler = handle
+    cmsod = await kafka_daemon(
+        nursery, tmp_path, proxy, events__route_by="targetGroup", events__retry_max_s=3600
+    )
+    client = await cmsod.connect()
+    body = request("east", now=EPOCH, extra_domain_data={"targetGroup": "east"})
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)  # first: its batch goes first
+    await client.wait_for("east", S.PENDING_APPROVAL)
+    began = trio.current_time()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("plain", now=EPOCH))
+    await client.wait_for("plain", S.PENDING_APPROVAL)
+
+    async def plain_out() -> bool:
+        ids = {e["eventId"] for e in stored_events(tmp_path) if e["eventCorrelationId"] == "plain"}
+        return ids == {e["eventId"] for e in proxy.events("cm-events")}
+
+    await wait_until(plain_out, "the other topic's events published", within_s=60)
+    assert trio.current_time() - began < 60 and not proxy.events("cm-events-east")
+    status = await client.ok("io.cmsod.Manager.Status")
+    assert status["counts"]["eventsPending"] > 0
+    missing.clear()  # the topic is created: east's events go at the next try
+    await outbox_empty(cmsod)
+    assert {e["eventCorrelationId"] for e in proxy.events("cm-events-east")} == {"east"}
+    in_order_and_complete(proxy.events("cm-events-east"))
+
+
+async def test_a_huge_answer_is_not_read_whole_and_the_batch_goes_again(
+    autojump_clock, nursery, tmp_path
+) -> None:
+    """An answer announcing 100 MiB and sending 2 MiB (then nothing): read up to 1 MiB, an
+    error saying so at once (not a timeout after the whole of it), the batch sent again."""
+    proxy = FakeKafkaProxy()
+    huge = b"HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n" + b" " * (2 << 20)
+    proxy.faults = [Raw(huge)]
+    cmsod = await kafka_daemon(nursery, tmp_path, proxy, events__timeout_s=3600)
+    client = await cmsod.connect()
+    began = trio.current_time()
+    await client.ok("io.cmsod.Schedules.Create", schedule=request("huge", now=EPOCH))
+    await outbox_empty(cmsod)
+    assert trio.current_time() - began < 60  # not the 3600 s read timeout
+    error = cmsod.ctx.figures["emitter"].last_error
+    assert error == (
+        f"kafka rest proxy at {proxy.url}: answer larger than 1048576 bytes (HTTP 200): not read"
+    )
+    check_delivery(proxy, tmp_path)
+
+
+async def test_the_other_http_sinks_read_an_answer_up_to_the_cap(nursery) -> None:
+    huge = Reply(200, b"[" * ((1 << 20) + 1))
+    server = FakeHTTP(lambda request: huge)
+    await nursery.start(server.serve)
+    context = tls.context(config.TlsConfig())
+    event = b'{"eventId":"e1"}'
+    mr = MrSink.create(server.url, 10, context)
+    with pytest.raises(PeerError, match="message router at .*: answer larger than 1048576"):
+        await mr.publish("t", [("s", event)])
+    receiver = CloudEventsSink.create(server.url, 10, context)
+    with pytest.raises(PartialDelivery, match="answer larger than 1048576") as info:
+        await receiver.post(event, {"content-type": "application/json"}, 3)  # the 4th event
+    assert info.value.delivered == 3
+    await mr.aclose()
+    await receiver.aclose()
 
 
 def test_the_answer_is_decoded_with_limits_and_names_what_is_wrong() -> None:

@@ -24,6 +24,7 @@ from cmsod.actors import tickets
 from cmsod.actors.context import ActorFigures, Context
 from cmsod.calendars import merged_attributes
 from cmsod.errors import NotDelivered, PeerError, Unconfirmed
+from cmsod.peers.alerts import AlertSourceUnreachable
 from cmsod.store import dispatch, schedules
 
 BATCH = 1000
@@ -107,27 +108,50 @@ async def alarm_gate(ctx: Context, due: list[dispatch.Due]) -> gates.AlarmGate:
         wanted.update(alarms.queries(cfg.queries, d.name, attributes))
     firing: dict[alarms.Query, str] = {}
     failed: dict[alarms.Query, str] = {}
+    answered: set[alarms.Query] = set()
+    unreachable: list[str] = []
 
-    async def ask(query: alarms.Query) -> None:
+    async def ask(query: alarms.Query, scope: trio.CancelScope) -> None:
         try:
             with ctx.metrics.call("alertmanager", "alerts"):
                 found = await source.alerts(query)
+        except AlertSourceUnreachable as exc:
+            # no connection: the rest would wait for theirs in vain; they fail with this
+            failed[query] = str(exc)
+            unreachable.append(str(exc))
+            scope.cancel()
+            return
         except PeerError as exc:
             failed[query] = str(exc)
             return
+        answered.add(query)
         what = alarms.firing(found)
         if what is not None:
             firing[query] = what
 
-    async with trio.open_nursery() as nursery:
+    # One deadline for the whole batch (one query's worth: a connect and a read), however
+    # many queries it has: a burst against an Alertmanager that does not answer is decided
+    # within it (by alarms.on_error), not one timeout per max_concurrent queries after another.
+    deadline_s = cfg.connect_timeout_s + cfg.read_timeout_s
+    with trio.move_on_after(deadline_s) as scope:
+        async with trio.open_nursery() as nursery:
+            for query in wanted:
+                nursery.start_soon(ask, query, scope)
+    if scope.cancelled_caught or unreachable:
+        why = (
+            unreachable[0]
+            if unreachable
+            else f"Alertmanager at {source.where}: no answer within {deadline_s:g} s"
+        )
         for query in wanted:
-            nursery.start_soon(ask, query)
+            if query not in answered and query not in failed:
+                failed[query] = why
     state = ctx.alert_source
     if wanted:
         ok = not failed
         if ok != state.ok:
             if ok:
-                log.info("alarms.source_ok", url=cfg.url)
+                log.info("alarms.source_ok", url=source.where)
             else:
                 log.warning(
                     "alarms.source_failed",

@@ -8,7 +8,8 @@ did not take.
 A failing sink is retried with backoff (0.5 s doubling up to `events.retry_max_s`), back to
 0.5 s as soon as the sink takes any event; the outbox keeps everything meanwhile and no other
 actor waits for it. A sink that refuses for good (PartialDelivery.permanent: no such topic,
-no permission) is logged as an error and tried again every `retry_max_s`, never dropped.
+no permission) is logged as an error and tried again every `retry_max_s`, never dropped;
+only that topic waits (events.route_by): the other topics' events go on.
 
 An event whose eventSchema/eventSchemaVersion the emitter does not know raises
 `UnknownEventSchema`, is logged as an error with its id and kept, refused, in the outbox
@@ -56,6 +57,7 @@ async def run(
     watched = await ctx.store.read(outboxes.last_event_seq)  # watchers see what comes from now on
     task_status.started()
     backoff = FIRST_RETRY_S
+    refused_until: dict[str, float] = {}  # topics the sink refused for good: when to try again
     while True:
         figures = ctx.beat("emitter")
         batch = ctx.config.events.batch_size
@@ -81,44 +83,55 @@ async def run(
         by_topic: dict[str, list] = {}  # (order binds within a schedule, so within a topic)
         for row in rows:
             by_topic.setdefault(row[2], []).append(row)
-        batches = [
+        now = trio.current_time()
+        refused_until = {t: until for t, until in refused_until.items() if until > now}
+        batches = [  # a topic refused lately waits out its retry_max_s; the others go
             (topic, topic_rows[i : i + batch])
             for topic, topic_rows in by_topic.items()
+            if topic not in refused_until
             for i in range(0, len(topic_rows), batch)
         ]
-        failure = await publish(ctx, figures, batches)
+        failure, refused = await publish(ctx, figures, batches)
+        for topic, why in refused.items():  # refused until someone acts (a topic, an ACL)
+            wait = ctx.config.events.retry_max_s
+            refused_until[topic] = now + wait
+            figures.errors += 1
+            figures.last_error = str(why)
+            log.error("events.sink_refused", topic=topic, reason=str(why), retry_in_s=wait)
+        figures.peer_failing = bool(refused_until) or failure is not None
         if failure is None:
             backoff = FIRST_RETRY_S
         else:
-            permanent = isinstance(failure, PartialDelivery) and failure.permanent
             if isinstance(failure, PartialDelivery) and failure.delivered:
                 backoff = FIRST_RETRY_S  # it took some: the sink is back, retry the rest soon
             figures.errors += 1
             figures.last_error = str(failure)
-            figures.peer_failing = True
-            if permanent:  # refused until someone acts (a topic, an ACL): kept, tried slowly
-                wait = ctx.config.events.retry_max_s
-                log.error("events.sink_refused", reason=str(failure), retry_in_s=wait)
-                await trio.sleep(wait)
-                continue
             log.warning("events.publish_failed", reason=str(failure), retry_in_s=backoff)
             await trio.sleep(backoff)
             backoff = min(ctx.config.events.retry_max_s, backoff * 2)
             continue
-        if len(rows) < batch * 10:
+        if by_topic and all(topic in refused_until for topic in by_topic):
+            # nothing could go: wait for the first refused topic's next try (or new events)
+            await ctx.bells.emitter.wait(min(refused_until.values()) - trio.current_time())
+        elif len(rows) < batch * 10:
             await ctx.bells.emitter.wait(10.0)
 
 
 async def publish(
     ctx: Context, figures: ActorFigures, batches: list[tuple[str, list[tuple[int, str, str, Any]]]]
-) -> PeerError | None:
+) -> tuple[PeerError | None, dict[str, PeerError]]:
     """The batches to the sink one after another, each event keyed by its schedule id, until
-    one is not taken whole; returns that failure, or None. What the sink took (for a partial
+    one is not taken whole; returns that failure, or None, and the topics the sink refused for
+    good. Such a refusal stops only its topic (order binds within a topic): its later batches
+    are skipped this pass and the other topics' go on. What the sink took (for a partial
     publish, the first n) is marked sent in the store while the next batch is on the wire;
     all of it is committed before this returns, so the next read starts at the first event
     not taken."""
+    refused: dict[str, PeerError] = {}
     async with trio.open_nursery() as marking:
         for topic, rows in batches:
+            if topic in refused:
+                continue
             failure: PeerError | None = None
             try:
                 with ctx.metrics.call("sink", "publish"):
@@ -129,10 +142,11 @@ async def publish(
                 delivered, failure = 0, exc
             if delivered:
                 marking.start_soon(mark_sent, ctx, figures, [r[0] for r in rows[:delivered]])
-            if failure is not None:
-                return failure
-            figures.peer_failing = False
-    return None
+            if isinstance(failure, PartialDelivery) and failure.permanent:
+                refused[topic] = failure
+            elif failure is not None:
+                return failure, refused
+    return None, refused
 
 
 async def mark_sent(ctx: Context, figures: ActorFigures, seqs: list[int]) -> None:

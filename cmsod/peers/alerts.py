@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import msgspec
 
 from cmsod.alarms import Query
-from cmsod.config import AlarmsConfig
+from cmsod.config import AlarmsConfig, shown_url
 from cmsod.errors import PeerError
 from cmsod.peers.http1 import Broken, ConnectFailed, Http1Client
 from cmsod.wire.alertmanager import GettableAlert, GettableAlerts
@@ -24,13 +24,17 @@ class AlertSourceFailed(PeerError):
     """Alertmanager could not be asked, or answered something that is not its alerts."""
 
 
+class AlertSourceUnreachable(AlertSourceFailed):
+    """No connection to Alertmanager: the batch's other queries would fail the same way."""
+
+
 class Alertmanager:
     def __init__(self, cfg: AlarmsConfig, ssl_context: ssl.SSLContext | None) -> None:
         headers = {"Accept": "application/json"}
         if cfg.credentials_file:
             secret = Path(cfg.credentials_file).read_text().strip().encode()
             headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
-        self.where = cfg.url.rstrip("/")
+        self.where = shown_url(cfg.url)
         self.client = Http1Client(
             cfg.url,
             headers,
@@ -51,7 +55,9 @@ class Alertmanager:
         path = f"{ALERTS_PATH}?{urlencode(params)}"
         try:
             response = await self.client.request("GET", path)
-        except (ConnectFailed, Broken) as exc:
+        except ConnectFailed as exc:
+            raise AlertSourceUnreachable(f"Alertmanager at {self.where}: {exc}") from None
+        except Broken as exc:
             raise AlertSourceFailed(f"Alertmanager at {self.where}: {exc}") from None
         if response.status != 200:
             text = response.body[:200].decode("utf-8", "replace")

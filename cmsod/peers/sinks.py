@@ -36,6 +36,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from cmsod.config import shown_url
 from cmsod.errors import PeerError
 from cmsod.executor import Executor, ThreadExecutor
 from cmsod.wire.events import CmEvent
@@ -98,13 +99,40 @@ class FileSink:
         return len(bodies)
 
 
-def _client(timeout_s: float, ssl_context: ssl.SSLContext) -> httpx.AsyncClient:
+def _client(
+    timeout_s: float, ssl_context: ssl.SSLContext, credentials: tuple[str, str] | None = None
+) -> httpx.AsyncClient:
     return httpx.AsyncClient(
+        auth=httpx.BasicAuth(*credentials) if credentials else None,
         timeout=httpx.Timeout(timeout_s),
         limits=httpx.Limits(max_connections=4),
         verify=ssl_context,  # the one TLS configuration of every peer (peers/tls.py)
         trust_env=False,  # every peer is reached directly, as SO is
     )
+
+
+MAX_ANSWER_BYTES = 1024 * 1024  # a sink's answer is read up to this, never whole first
+
+
+class AnswerTooLarge(PeerError):
+    """A sink answered more than MAX_ANSWER_BYTES: not read further."""
+
+
+async def _post(
+    client: httpx.AsyncClient, where: str, url: str, content: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    """One POST; the answer's status and body, the body read through httpx's stream up to
+    MAX_ANSWER_BYTES (AnswerTooLarge past it). httpx.HTTPError as httpx raises them."""
+    async with client.stream("POST", url, content=content, headers=headers) as response:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise AnswerTooLarge(
+                    f"{where}: answer larger than {MAX_ANSWER_BYTES} bytes"
+                    f" (HTTP {response.status_code}): not read"
+                )
+        return response.status_code, bytes(body)
 
 
 class MrError(msgspec.Struct):
@@ -123,8 +151,18 @@ class MrSink:
     client: httpx.AsyncClient
 
     @classmethod
-    def create(cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext) -> MrSink:
-        return cls(url.rstrip("/"), _client(timeout_s, ssl_context))
+    def create(
+        cls,
+        url: str,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext,
+        credentials: tuple[str, str] | None = None,
+    ) -> MrSink:
+        return cls(url.rstrip("/"), _client(timeout_s, ssl_context, credentials))
+
+    @property
+    def where(self) -> str:
+        return f"message router at {shown_url(self.url)}"
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -140,33 +178,33 @@ class MrSink:
 
     async def publish(self, topic: str, events: Keyed) -> int:
         try:
-            response = await self.client.post(
+            status, content = await _post(
+                self.client,
+                self.where,
                 f"{self.url}/events/{quote(topic, safe='')}",
-                content=self.cambria(events),
-                headers={"Content-Type": "application/cambria"},
+                self.cambria(events),
+                {"Content-Type": "application/cambria"},
             )
         except httpx.HTTPError as exc:
-            raise PeerError(f"message router at {self.url}: {exc!r}") from exc
-        if response.status_code == 200:
+            raise PeerError(f"{self.where}: {exc!r}") from exc
+        if status == 200:
             try:
-                count = msgspec.json.decode(response.content, type=MrAnswer).count
+                count = msgspec.json.decode(content, type=MrAnswer).count
             except msgspec.DecodeError:
-                raise PeerError(
-                    f"message router: unreadable answer {response.content[:200]!r}"
-                ) from None
+                raise PeerError(f"message router: unreadable answer {content[:200]!r}") from None
             if count < len(events):
                 raise PartialDelivery(count, f"message router took {count} of {len(events)} events")
             return len(events)
         try:
-            error = msgspec.json.decode(response.content, type=MrError)
+            error = msgspec.json.decode(content, type=MrError)
         except msgspec.DecodeError:
-            error = MrError(message=response.content[:200].decode(errors="replace"))
+            error = MrError(message=content[:200].decode(errors="replace"))
         if str(error.mrstatus) == "3007":  # partial publish: the message says how many went
             published = re.search(r"\d+", error.message)
             delivered = min(int(published.group()), len(events)) if published else 0
             raise PartialDelivery(delivered, f"message router partial publish: {error.message}")
         raise PeerError(
-            f"message router: HTTP {response.status_code} {error.mrstatus or ''} {error.message}".strip()
+            f"message router: HTTP {status} {error.mrstatus or ''} {error.message}".strip()
         )
 
 
@@ -188,9 +226,18 @@ class CloudEventsSink:
 
     @classmethod
     def create(
-        cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext, batch: bool = False
+        cls,
+        url: str,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext,
+        batch: bool = False,
+        credentials: tuple[str, str] | None = None,
     ) -> CloudEventsSink:
-        return cls(url, _client(timeout_s, ssl_context), batch)
+        return cls(url, _client(timeout_s, ssl_context, credentials), batch)
+
+    @property
+    def where(self) -> str:
+        return f"cloudevents receiver at {shown_url(self.url)}"
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -230,15 +277,14 @@ class CloudEventsSink:
     async def post(self, content: bytes, headers: dict[str, str], delivered: int) -> None:
         """One POST; PartialDelivery(delivered) unless the receiver took it (2xx)."""
         try:
-            response = await self.client.post(self.url, content=content, headers=headers)
+            status, answer = await _post(self.client, self.where, self.url, content, headers)
         except httpx.HTTPError as exc:
+            raise PartialDelivery(delivered, f"{self.where}: {exc!r}") from exc
+        except AnswerTooLarge as exc:
+            raise PartialDelivery(delivered, str(exc)) from None
+        if not 200 <= status < 300:
             raise PartialDelivery(
-                delivered, f"cloudevents receiver at {self.url}: {exc!r}"
-            ) from exc
-        if not 200 <= response.status_code < 300:
-            raise PartialDelivery(
-                delivered,
-                f"cloudevents receiver: HTTP {response.status_code} {response.content[:200]!r}",
+                delivered, f"cloudevents receiver: HTTP {status} {answer[:200]!r}"
             )
 
     async def publish(self, topic: str, events: Keyed) -> int:
@@ -316,8 +362,14 @@ class KafkaSink:
     client: httpx.AsyncClient
 
     @classmethod
-    def create(cls, url: str, timeout_s: float, ssl_context: ssl.SSLContext) -> KafkaSink:
-        return cls(url.rstrip("/"), _client(timeout_s, ssl_context))
+    def create(
+        cls,
+        url: str,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext,
+        credentials: tuple[str, str] | None = None,
+    ) -> KafkaSink:
+        return cls(url.rstrip("/"), _client(timeout_s, ssl_context, credentials))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -329,22 +381,23 @@ class KafkaSink:
         )
 
     async def publish(self, topic: str, events: Keyed) -> int:
-        where = f"kafka rest proxy at {self.url}"
-        try:
-            response = await self.client.post(
+        where = f"kafka rest proxy at {shown_url(self.url)}"
+        try:  # AnswerTooLarge, like no answer: all again
+            status, content = await _post(
+                self.client,
+                where,
                 f"{self.url}/topics/{quote(topic, safe='')}",
-                content=self.records(events),
-                headers={"Content-Type": KAFKA_CONTENT_TYPE, "Accept": KAFKA_ACCEPT},
+                self.records(events),
+                {"Content-Type": KAFKA_CONTENT_TYPE, "Accept": KAFKA_ACCEPT},
             )
         except httpx.HTTPError as exc:  # not sent, or sent and not answered: all again
             raise PeerError(f"{where}: {exc!r}") from exc
-        if response.status_code == 200:
-            return self.taken(where, topic, response.content, len(events))
+        if status == 200:
+            return self.taken(where, topic, content, len(events))
         try:
-            error = msgspec.json.decode(response.content, type=KafkaError)
+            error = msgspec.json.decode(content, type=KafkaError)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            error = KafkaError(message=response.content[:200].decode(errors="replace"))
-        status = response.status_code
+            error = KafkaError(message=content[:200].decode(errors="replace"))
         code = f" (error_code {error.error_code})" if error.error_code is not None else ""
         retry = status >= 500 or status in KAFKA_RETRY_STATUS
         raise PartialDelivery(
@@ -382,16 +435,29 @@ class KafkaSink:
         return sent
 
 
+def sink_credentials(path: str) -> tuple[str, str] | None:
+    """events.credentials_file: one line user:password for basic auth ("" = none)."""
+    if not path:
+        return None
+    user, _, password = Path(path).read_text().strip().partition(":")
+    return user, password
+
+
 def sink_for(
     cfg: Any, directory: Path, executor: Executor, ssl_context: ssl.SSLContext
 ) -> EventSink:
     events = cfg.events
+    credentials = sink_credentials(events.credentials_file)
     if events.sink == "http":
-        return MrSink.create(events.url, events.timeout_s, ssl_context)
+        return MrSink.create(events.url, events.timeout_s, ssl_context, credentials)
     if events.sink == "kafka":
-        return KafkaSink.create(events.url, events.timeout_s, ssl_context)
+        return KafkaSink.create(events.url, events.timeout_s, ssl_context, credentials)
     if events.sink == "cloudevents":
         return CloudEventsSink.create(
-            events.url, events.timeout_s, ssl_context, events.cloudevents_mode == "batch"
+            events.url,
+            events.timeout_s,
+            ssl_context,
+            events.cloudevents_mode == "batch",
+            credentials,
         )
     return FileSink(directory, executor, events.max_file_bytes, events.keep_files)
