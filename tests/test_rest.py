@@ -915,3 +915,18 @@ async def test_view_cache_reads_once_per_commit_and_shares_a_read() -> None:
 
 async def _append(into: list[bytes], value: Any) -> None:
     into.append(await value)
+
+
+async def test_a_view_cache_of_no_entries_reads_every_time() -> None:
+    """On PostgreSQL (RestApp: entries=0) other daemons commit unseen by this one's counter:
+    nothing may be kept, however unchanged the local version looks."""
+    cache = ViewCache(entries=0)
+    reads: list[int] = []
+
+    async def read() -> bytes:
+        reads.append(len(reads))
+        return f"v{len(reads)}".encode()
+
+    assert await cache.get("a", lambda: 0, read) == b"v1"
+    assert await cache.get("a", lambda: 0, read) == b"v2"
+    assert reads == [0, 1] and not cache.entries

@@ -169,7 +169,9 @@ class RestApp:
         self.kdf = kdf
         self.client_user = client_user
         self.metrics = metrics
-        self.views = ViewCache()
+        # The cache is valid until this daemon's next commit; on PostgreSQL other daemons
+        # commit too, unseen here, so views are not kept (concurrent GETs still share a read).
+        self.views = ViewCache(entries=0 if ctx.store.postgres else 128)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
