@@ -237,6 +237,38 @@ async def test_a_freeze_stops_every_dispatch_until_it_is_off(
 
 
 @pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
+async def test_a_freeze_off_within_the_grace_keeps_the_concurrency_limit(
+    autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Two waves of 3 (concurrency 3, 10 s slots from 08:01:00) held by a freeze until
+    08:02:05, past both slots but within the misfire grace: the first wave goes then, the
+    second is carried over after it, not sent with it."""
+    so = FakeSO()
+    cmsod = await daemon(nursery, tmp_path, so)
+    client = await cmsod.connect()
+    await client.ok("io.cmsod.Manager.Freeze", on=True, reason="incident 7")
+    nodes = [f"n{i}" for i in range(1, 7)]
+    body = request("fw", now=EPOCH, nodes=nodes, concurrency=3, normal=10, additional=0)
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    planned = await client.wait_for("fw", S.PENDING_APPROVAL)
+    starts = sorted(e["startTime"] for e in items(planned).values())
+    assert starts == [at("08:01")] * 3 + ["2026-12-01T08:01:10Z"] * 3  # two waves
+    await client.ok("io.cmsod.Schedules.Approve", scheduleId="fw", approval=approval())
+    await client.aclose()
+    await trio.sleep((parse_time_ms("2026-12-01T08:02:05Z") - cmsod.ctx.clock.now_ms()) / 1000)
+    client = await cmsod.connect()
+    assert so.started == []
+    await client.ok("io.cmsod.Manager.Freeze", on=False, reason="resolved")
+    done = await client.wait_for("fw", *DONE)
+    sent = sorted(parse_time_ms(e["dispatchTime"]) for e in items(done).values())
+    assert len(sent) == 6
+    for t in sent:  # at no instant more than 3 run (each runs 10 s from its dispatch)
+        assert sum(1 for s in sent if s <= t < s + 10_000) <= 3
+    assert sent[:3] == [parse_time_ms("2026-12-01T08:02:05Z")] * 3  # at the thaw
+    assert sent[3:] == [parse_time_ms("2026-12-01T08:02:20Z")] * 3  # the next free slot
+
+
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_a_freeze_until_ends_by_itself(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

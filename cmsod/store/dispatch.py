@@ -76,6 +76,36 @@ class BatchCache:
         self.rules: list[gates.Gate] | None = None  # the batch's gates, and from them:
         self.grace_ms = 0
         self.calendar: gates.CalendarGate | None = None
+        self._running: dict[int, int] = {}  # schedule -> its elements running, from the store
+        self._sent: dict[int, int] = {}  # schedule -> its elements this batch decided to send
+
+    def running(self, schedule: int, element: int) -> int:
+        """How many of the schedule's elements run now: dispatched (or in flight) whose slot
+        covers now, read once per batch (not its own elements: none had started), plus those
+        this batch decided to send (`sent`; their writes may still wait in `tx.defer`)."""
+        if schedule not in self._running:
+            batch = self._elements if self._elements is not None else [element]
+            (count,) = self.tx.execute(
+                "SELECT count(*) FROM elements WHERE schedule = ?"
+                " AND (status = ? OR (status IN (?, ?) AND dispatch_started_ms IS NOT NULL))"
+                " AND start_ms <= ? AND finish_ms > ?"
+                " AND id NOT IN (SELECT CAST(value AS BIGINT) FROM json_each(?))",
+                (
+                    schedule,
+                    E.TRIGGERED.value,
+                    E.SCHEDULED.value,
+                    E.SCHEDULED_IMMEDIATE.value,
+                    self.tx.now_ms,
+                    self.tx.now_ms,
+                    json.dumps(batch),
+                ),
+                flush=False,  # this batch's own sends are counted by `sent`
+            ).fetchone()
+            self._running[schedule] = count
+        return self._running[schedule] + self._sent.get(schedule, 0)
+
+    def sent(self, schedule: int) -> None:
+        self._sent[schedule] = self._sent.get(schedule, 0) + 1
 
     def unavailable(self, names: list[str]) -> tuple[tuple[int, int, str], ...]:
         """The book's entries on these elements (one and those it requires) ending after now."""
@@ -256,6 +286,7 @@ def begin_dispatch(
     (at most once); on `Hold` keep it waiting, or carry it over to its next free slot when
     the hold outlasts its slot; on `End` end it (an element held past its slot is carried
     over instead of `Past due` while its windows have a free slot)."""
+    cache = cache or BatchCache(tx)
     loaded = load_snapshot(tx, element, cache)
     if loaded is None:
         return None
@@ -289,6 +320,25 @@ def begin_dispatch(
             status_message=answer.why,
         )
         return None
+    late = snap.held_why is not None and snap.start_ms is not None and tx.now_ms > snap.start_ms
+    if late:  # released after its slot began: only if its schedule's concurrency has room now
+        (concurrency,) = tx.execute(
+            "SELECT concurrency FROM schedules WHERE id = ?", (row.schedule,), flush=False
+        ).fetchone()
+        if cache.running(row.schedule, element) >= (concurrency or 1):
+            carry_over(tx, snap, row, tx.now_ms, snap.held_why or "", calendar)
+            return None
+        # its slot is now: later carry-overs are placed after it, not on top of it
+        tx.element_set(
+            element,
+            row.schedule,
+            snap.schedule_id,
+            snap.name,
+            snap.status,
+            start_ms=tx.now_ms,
+            finish_ms=tx.now_ms + snap.duration_ms,
+        )
+    cache.sent(row.schedule)
     key = row.key or str(uuid.uuid4())
     tx.defer(
         "UPDATE elements SET dispatch_key = ?, dispatch_started_ms = ?,"
@@ -370,13 +420,22 @@ def carry_over(
         " JOIN schedules s ON s.id = g.schedule WHERE g.schedule = ?",
         (row.schedule,),
     ).fetchone()
+    # Each grid slot counts the elements whose slot overlaps it (one sent late, off the grid,
+    # at its release, takes each grid slot it overlaps).
+    step = snap.duration_ms
     taken: dict[int, int] = {}
-    for (start,) in tx.execute(
-        "SELECT start_ms FROM elements WHERE schedule = ? AND id != ? AND status IN (?, ?)"
-        " AND start_ms IS NOT NULL",
+    for start, finish in tx.execute(
+        "SELECT start_ms, finish_ms FROM elements WHERE schedule = ? AND id != ?"
+        " AND status IN (?, ?) AND start_ms IS NOT NULL",
         (row.schedule, row.element, E.SCHEDULED.value, E.TRIGGERED.value),
     ):
-        taken[start] = taken.get(start, 0) + 1
+        if origin_ms is None or step <= 0:
+            taken[start] = taken.get(start, 0) + 1
+            continue
+        end = max(finish if finish is not None else start + step, start + 1)
+        for k in range((start - origin_ms) // step, -(-(end - origin_ms) // step)):
+            slot = origin_ms + k * step
+            taken[slot] = taken.get(slot, 0) + 1
     others = book.other_work(tx.conn, row.schedule, [snap.name]).get(snap.name, [])
     blocked = book.blocked_spans(
         tx.conn, snap.name, snap.data, not_before_ms, others, windows, calendar
