@@ -145,20 +145,37 @@ async def test_a_commit_rings_the_other_daemons_doorbells(backend: str) -> None:
     await a.tx(fleet.register, "a", "host", 1, LEASE_MS)
     await b.tx(fleet.register, "b", "host", 2, LEASE_MS)
     a.owner, b.owner = "a", "b"
+    rings = 0
     rang = trio.Event()
+
+    def ring() -> None:  # called in trio by the listener
+        nonlocal rings, rang
+        rings += 1
+        rang.set()
+        rang = trio.Event()
+
+    async def wait_for_rings(count: int) -> None:
+        with trio.fail_after(10):
+            while rings < count:
+                await rang.wait()
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(b.listen, rang.set)
-            await trio.sleep(0.5)  # (LISTEN is on before the commit; a bound, not a wait)
+            await nursery.start(b.listen, ring)  # LISTEN is on before any commit below
             body = request("rings", ["n1"], now=EPOCH, minutes_from_now=60)
             new = lifecycle.validate_request(msgspec.convert(body, ScheduleRequest))
             await b.tx(schedules.create_schedule, new)  # b's own: no ring
-            with trio.move_on_after(1.5):
-                await rang.wait()
-            assert not rang.is_set()
             await a.tx(schedules.delete_schedule, "rings")
-            with trio.fail_after(10):
-                await rang.wait()
+            await wait_for_rings(1)
+            # notifications arrive in commit order: had b's own rung, it would be counted
+            # before either of a's; one more of a's makes the count exact
+            more = request("rings2", ["n1"], now=EPOCH, minutes_from_now=60)
+            await a.tx(
+                schedules.create_schedule,
+                lifecycle.validate_request(msgspec.convert(more, ScheduleRequest)),
+            )
+            await wait_for_rings(2)
+            assert rings == 2
             nursery.cancel_scope.cancel()
     finally:
         await a.close()

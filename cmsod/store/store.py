@@ -598,12 +598,18 @@ class Store:
             return True
         return self.lease_until is not None and trio.current_time() >= self.lease_until
 
-    async def listen(self, ring: Callable[[], None]) -> None:
+    async def listen(
+        self,
+        ring: Callable[[], None],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """PostgreSQL: doorbells across daemons. A connection of its own LISTENs, in a worker
         thread of its own, for the NOTIFY that other daemons' commits send when they store
-        work (`tx`), and calls `ring` (in trio) for each batch of them. Runs until cancelled;
-        a lost connection is opened again (a second later)."""
+        work (`tx`), and calls `ring` (in trio) for each batch of them. Started (`nursery.start`)
+        once the first LISTEN is on; runs until cancelled; a lost connection is opened again
+        (a second later)."""
         me = self.owner or ""
+        started = False
 
         def wait(conn: Any) -> bool:
             return any(n.payload != me for n in conn.raw.notifies(timeout=1.0, stop_after=1))
@@ -615,6 +621,9 @@ class Store:
                     lambda: backend.connect_postgres(self.path, application="cmsod listener")
                 )
                 await trio.to_thread.run_sync(conn.raw.execute, f"LISTEN {NOTIFY_CHANNEL}")
+                if not started:
+                    started = True
+                    task_status.started()
                 while True:
                     if await trio.to_thread.run_sync(wait, conn, abandon_on_cancel=True):
                         ring()
