@@ -632,7 +632,10 @@ class Store:
                 await trio.sleep(1.0)
             finally:
                 if conn is not None:
-                    conn.close()
+                    # off the trio thread: an abandoned `wait` may still hold the connection
+                    # for up to its 1 s timeout
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(conn.close)
 
     def _connection(self) -> Any:
         if self.conn is None:
