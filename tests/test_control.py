@@ -235,3 +235,38 @@ async def test_out_of_descriptors_on_accept_the_server_keeps_serving(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         gc.enable()
         logging.getLogger("cmsod").removeHandler(handler)
+
+
+async def test_a_connection_s_failure_costs_that_connection_only() -> None:
+    """The guard both the control socket and the metrics listener serve connections with: a
+    client gone away is not an error, a bug is logged; either way the connection is closed
+    and no longer counted, and nothing reaches the server."""
+    import logging
+
+    from cmsod.control.listening import Connections
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("cmsod").addHandler(handler)
+    connections = Connections("control")
+    seen: list[int] = []
+
+    async def gone(stream: trio.SocketStream) -> None:
+        seen.append(connections.active)
+        raise trio.BrokenResourceError
+
+    async def bug(stream: trio.SocketStream) -> None:
+        seen.append(connections.active)
+        raise KeyError("a bug")
+
+    try:
+        for handle in (gone, bug):
+            ours, theirs = trio.socket.socketpair()
+            with theirs:
+                await connections.serve(handle, trio.SocketStream(ours))
+                assert ours.fileno() == -1  # closed
+    finally:
+        logging.getLogger("cmsod").removeHandler(handler)
+    assert seen == [1, 1] and connections.active == 0
+    assert [r.getMessage() for r in records] == ["control.connection_failed"]

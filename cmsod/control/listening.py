@@ -1,11 +1,12 @@
-"""Accepting connections whatever the process's descriptor budget, shared by the control
-socket and the metrics listener: as `trio.serve_listeners` does, running out of descriptors (or
-kernel memory) pauses the accept loop briefly instead of ending the server."""
+"""Accepting and serving connections, shared by the control socket and the metrics listener:
+as `trio.serve_listeners` does, running out of descriptors (or kernel memory) pauses the accept
+loop briefly instead of ending the server; and a connection's failure, a client going away or a
+bug, costs that connection only."""
 
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -34,3 +35,28 @@ async def accepted(listener: trio.SocketListener, name: str) -> AsyncIterator[tr
             log.warning(f"{name}.accept_recovered", failures=failed)
             failed = 0
         yield stream
+
+
+class Connections:
+    """The connections one server is serving: `active` counts them (for the server's cap), and
+    `serve` runs each one's handler so that nothing it raises reaches the server."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active = 0
+
+    async def serve(
+        self,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        stream: trio.SocketStream,
+    ) -> None:
+        self.active += 1
+        try:
+            await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-conversation: nothing to answer
+        except Exception:  # a bug must cost one connection, never the server
+            log.error(f"{self.name}.connection_failed", exc_info=True)
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)

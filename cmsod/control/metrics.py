@@ -9,6 +9,7 @@ is honoured, as Prometheus reuses its connection.
 
 from __future__ import annotations
 
+import functools
 from http import HTTPStatus
 
 import h11
@@ -16,7 +17,7 @@ import trio
 
 from cmsod import log
 from cmsod.actors.context import Context
-from cmsod.control.listening import accepted
+from cmsod.control.listening import Connections, accepted
 from cmsod.errors import ConfigError
 from cmsod.metrics import CONTENT_TYPE, Outbox, Snapshot
 from cmsod.store import figures
@@ -72,29 +73,19 @@ async def serve(
         listeners = await listen(ctx)
     bound = [_name(listener.socket.getsockname()) for listener in listeners]
     log.info("metrics.listening", address=",".join(bound))
-    active = 0
-
-    async def connection(stream: trio.SocketStream) -> None:
-        nonlocal active
-        active += 1
-        try:
-            await handle_connection(ctx, stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the scraper went away
-        except Exception:  # a bug must cost one connection, never the listener
-            log.error("metrics.connection_failed", exc_info=True)
-        finally:
-            active -= 1
-            await trio.aclose_forcefully(stream)
+    connections = Connections("metrics")
+    handle = functools.partial(handle_connection, ctx)
 
     async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             async for stream in accepted(listener, "metrics"):
-                if active >= ctx.config.metrics.max_connections:
-                    log.warning("metrics.refused", reason="too many connections", active=active)
+                if connections.active >= ctx.config.metrics.max_connections:
+                    log.warning(
+                        "metrics.refused", reason="too many connections", active=connections.active
+                    )
                     await trio.aclose_forcefully(stream)
                 else:
-                    nursery.start_soon(connection, stream)
+                    nursery.start_soon(connections.serve, handle, stream)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:  # one per address family the host resolves to

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import os
 import socket
@@ -25,11 +26,10 @@ import trio
 
 from cmsod import log
 from cmsod.control.api import Peer, handle_message
-from cmsod.control.listening import accepted
+from cmsod.control.listening import Connections, accepted
 from cmsod.usecases import Context
 
 REPLY_TIMEOUT_S = 10.0
-# accept() failures that mean "no resources now", not "the socket is broken"
 
 
 def peer_credentials(stream: trio.SocketStream) -> Peer:
@@ -76,20 +76,8 @@ async def serve(
         os.chown(path, -1, grp.getgrnam(ctx.config.control.socket_group).gr_gid)
     raw.listen(1024)  # a burst of clients waits in the kernel, not at EAGAIN
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
-    active = 0
-
-    async def connection(stream: trio.SocketStream) -> None:
-        nonlocal active
-        active += 1
-        try:
-            await handle_connection(ctx, stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away mid-conversation: nothing to answer
-        except Exception:  # a bug must cost one connection, never the server
-            log.error("control.connection_failed", exc_info=True, uid=-1)
-        finally:
-            active -= 1
-            await trio.aclose_forcefully(stream)
+    connections = Connections("control")
+    handle = functools.partial(handle_connection, ctx)
 
     async def refuse(stream: trio.SocketStream) -> None:
         with trio.move_on_after(1.0):
@@ -102,11 +90,13 @@ async def serve(
         task_status.started(path)
         async with trio.open_nursery() as nursery:
             async for stream in accepted(listener, "control"):
-                if active >= ctx.config.control.max_connections:
-                    log.warning("control.refused", reason="too many connections", active=active)
+                if connections.active >= ctx.config.control.max_connections:
+                    log.warning(
+                        "control.refused", reason="too many connections", active=connections.active
+                    )
                     nursery.start_soon(refuse, stream)
                 else:
-                    nursery.start_soon(connection, stream)
+                    nursery.start_soon(connections.serve, handle, stream)
     finally:
         path.unlink(missing_ok=True)
         await listener.aclose()
