@@ -28,7 +28,7 @@ from tests.fake_http import FakeTM, Reply
 from tests.procs import Daemon as DaemonProcess
 from tests.procs import cmsoctl
 from tests.test_rest import PASSWORD, Rest, write_credentials
-from tests.test_rollout import at, edits, items
+from tests.test_rollout import at, edits, fingerprint_of, items
 from tests.test_tickets import daemon_for as tm_daemon
 
 APPROVE = "io.cmsod.Schedules.Approve"
@@ -128,18 +128,6 @@ def test_expiry_is_once_the_first_slot_passed_unless_a_timeout_is_set() -> None:
 # -- through the daemon ---------------------------------------------------------------------
 
 
-def fingerprint_of(view: dict[str, Any]) -> str | None:
-    """The fingerprint computed from the view's own slots (the definition, not the code)."""
-    return plans.fingerprint(
-        view["scheduleId"],
-        {
-            name: (parse_time_ms(e["startTime"]), parse_time_ms(e["finishTime"]))
-            for name, e in items(view).items()
-            if "startTime" in e
-        },
-    )
-
-
 async def planned(client: ControlClient, schedule_id: str, nodes: list[str]) -> dict[str, Any]:
     """08:01, 09:01, 10:01 ... one element an hour (concurrency 1), pending approval."""
     body = request(schedule_id, now=EPOCH, nodes=nodes, concurrency=1)
@@ -171,6 +159,10 @@ async def test_show_gives_the_fingerprint_and_the_approval_records_it(
     assert shown == fingerprint_of(view)
     assert dry["planFingerprint"] == shown  # `cmsoctl plan` of the same request, same plan
     assert (await client.schedule("fp"))["planFingerprint"] == shown  # stable
+    stored = await cmsod.ctx.store.read(
+        lambda conn: conn.execute("SELECT plan_fingerprint FROM schedules").fetchone()[0]
+    )
+    assert stored == shown  # kept with the schedule: a view reads it, not 100,000 slots
 
     refused = await client.call(APPROVE, scheduleId="fp", approval=approval(), plan="0123456789ab")
     status, message_id, text = error_of(refused)
@@ -461,7 +453,7 @@ async def test_the_rest_approvals_path_binds_the_plan_too(
     assert [c["vnfName"] for c in answer["replanned"]["changes"]] == ["n1"]
     assert replanned.headers["X-Cmsod-Plan"] == answer["planFingerprint"]
     view = await api.schedule("web")
-    assert view["planFingerprint"] == answer["planFingerprint"]
+    assert view["planFingerprint"] == answer["planFingerprint"] == fingerprint_of(view)
     assert view["scheduleApprovals"][0]["planFingerprint"] == answer["planFingerprint"]
 
     # CMSO's own request, unchanged: 204, and the header says which plan it approved

@@ -25,7 +25,7 @@ from cmsod.optimize.problem import Problem, ProblemGroup
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon
 from tests.fake_http import FakeSO
-from tests.test_rollout import at, edits, items, sleep_until
+from tests.test_rollout import at, edits, fingerprint_of, items, sleep_until
 
 DONE = (S.COMPLETED, S.COMPLETED_WITH_ERRORS)
 
@@ -387,6 +387,7 @@ async def test_a_period_added_by_a_reload_after_approval_holds_and_carries_over(
     # carried over to the next free slot clear of its periods (10:01 is n3's, 11:01 would
     # overlap "n2 later")
     assert element["n2"]["dispatchTime"] == at("12:01")
+    assert view["planFingerprint"] == fingerprint_of(view)
     assert element["n2"]["statusMessage"] == (
         "carried over to 2026-12-01T12:01:00Z: held by calendar: calendar 'eu maintenance'"
         " (freeze.toml) until 2026-12-01T09:30:00Z"

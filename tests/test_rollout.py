@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 
+from cmsod import plans
 from cmsod.lifecycle import parse_time_ms
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
@@ -33,6 +34,19 @@ def at(hh_mm: str) -> str:
 
 def items(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["vnfName"]: e for g in view["groups"] for e in g["changeManagementSchedules"]}
+
+
+def fingerprint_of(view: dict[str, Any]) -> str | None:
+    """The fingerprint computed from the view's own slots (the definition, not the code): the
+    one the view shows (stored with the schedule) must stay equal to it whatever moved them."""
+    return plans.fingerprint(
+        view["scheduleId"],
+        {
+            name: (parse_time_ms(e["startTime"]), parse_time_ms(e["finishTime"]))
+            for name, e in items(view).items()
+            if "startTime" in e
+        },
+    )
 
 
 async def approved(
@@ -118,8 +132,10 @@ async def test_pause_holds_the_rest_and_resume_carries_it_over(
         "n3": at("13:01"),
     }
     assert "carried over to 2026-12-01T12:01:00Z: held by stop" in new_plan["n2"]["statusMessage"]
+    assert resumed["schedule"]["planFingerprint"] == fingerprint_of(resumed["schedule"])
     done = await client.wait_for("roll", *DONE)
     assert done["status"] == S.COMPLETED
+    assert done["planFingerprint"] == fingerprint_of(done)
     assert sorted(vnf for _, vnf in so.started) == ["n1", "n2", "n3"]  # each once
     assert {e["vnfName"]: e["dispatchTime"] for e in items(done).values()} == {
         "n1": at("08:01"),
@@ -266,6 +282,7 @@ async def test_a_freeze_off_within_the_grace_keeps_the_concurrency_limit(
         assert sum(1 for s in sent if s <= t < s + 10_000) <= 3
     assert sent[:3] == [parse_time_ms("2026-12-01T08:02:05Z")] * 3  # at the thaw
     assert sent[3:] == [parse_time_ms("2026-12-01T08:02:20Z")] * 3  # the next free slot
+    assert done["planFingerprint"] == fingerprint_of(done)  # sent late, carried over: moved
 
 
 @pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL

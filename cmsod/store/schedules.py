@@ -193,10 +193,21 @@ def known_plan(db: Any, schedule: int, fingerprint: str) -> dict[str, plans.Slot
     return None if row is None else plans.decode(row[0])
 
 
+def plan_fingerprint(db: Any, schedule: int, schedule_id: str) -> str | None:
+    """The fingerprint of the schedule's plan as it stands: the one stored with it, computed
+    when not known (after a carry-over moved a slot)."""
+    (stored,) = db.execute(
+        "SELECT plan_fingerprint FROM schedules WHERE id = ?", (schedule,)
+    ).fetchone()
+    return stored or plans.fingerprint(schedule_id, load_slots(db, schedule))
+
+
 def _keep_plan(tx: Tx, schedule: int, schedule_id: str, made_by: str) -> str | None:
-    """Remember the schedule's plan as it now stands, under its fingerprint."""
+    """Remember the schedule's plan as it now stands, under its fingerprint (in `plans`, and
+    as the schedule's own)."""
     slots = load_slots(tx, schedule)
     fingerprint = plans.fingerprint(schedule_id, slots)
+    tx.plan_kept(schedule, fingerprint)
     if fingerprint is not None:
         tx.execute(
             "INSERT INTO plans (schedule, fingerprint, slots, made_ms, made_by)"
@@ -302,7 +313,7 @@ def approve(
     schedule, status, accepts = _approval_outcome(
         tx, schedule_id, approval, plan, tx.now_ms, grace_ms
     )
-    fingerprint = plans.fingerprint(schedule_id, load_slots(tx, schedule))
+    fingerprint = plan_fingerprint(tx, schedule, schedule_id)
     _record_approval(
         tx,
         schedule,

@@ -256,6 +256,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE schedules ADD COLUMN optimizer_owner TEXT;
     CREATE INDEX elements_owner ON elements(owner, status) WHERE owner IS NOT NULL;
     """,
+    # 11: the fingerprint of a schedule's plan as it stands, kept by the transaction that moves
+    # its slots (Tx.finish), so that a view need not hash 100,000 slots; NULL: not known (a
+    # carry-over moved a slot, or the schedule was planned before this column), recomputed.
+    """
+    ALTER TABLE schedules ADD COLUMN plan_fingerprint TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

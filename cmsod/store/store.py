@@ -159,6 +159,9 @@ class Tx:
         self.notes: list[tuple[str, dict[str, Any]]] = []  # log lines, written after commit
         self.ticket_ops = 0  # ticket operations this transaction queued
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
+        # schedules whose slots this transaction moved -> their plan's fingerprint once the
+        # last move is done (`plan_kept`), None when not computed: `finish` stores it
+        self._plans: dict[int, str | None] = {}
 
     @property
     def conn(self) -> Any:
@@ -223,6 +226,7 @@ class Tx:
         self.defer(
             f"UPDATE elements SET status = ?{sets} WHERE id = ?", [new.value, *values, element]
         )
+        self._moved(schedule, columns)
         self.transitions.append(("element", new.value))
         value: dict[str, Any] = {"vnf-name": name, "status": new.value}
         value.update(_event_fields(columns))
@@ -249,9 +253,19 @@ class Tx:
         """Change an element's columns without a status change (a carry-over's new slot)."""
         sets, values = _assignments(columns, ELEMENT_COLUMNS)
         self.defer(f"UPDATE elements SET status = ?{sets} WHERE id = ?", [status, *values, element])
+        self._moved(schedule, columns)
         value: dict[str, Any] = {"vnf-name": name, "status": status.value}
         value.update(_event_fields(columns))
         self.edit(schedule, schedule_id, cmevents.element_edit(schedule_id, name, value))
+
+    def _moved(self, schedule: int, columns: dict[str, Any]) -> None:
+        """Every slot change passes here: the schedule's stored fingerprint is no longer known."""
+        if "start_ms" in columns or "finish_ms" in columns:
+            self._plans[schedule] = None
+
+    def plan_kept(self, schedule: int, fingerprint: str | None) -> None:
+        """The fingerprint of the schedule's slots as they now stand (after its last move)."""
+        self._plans[schedule] = fingerprint
 
     def note(self, event: str, **fields: Any) -> None:
         """A log line for after the commit (never for a change that is rolled back)."""
@@ -307,6 +321,10 @@ class Tx:
         """Apply the core's rules to what this transaction changed: the ticket operations
         (`ticketing.move`), the verdict of executing schedules whose last element just ended
         (`lifecycle.completion_verdict`); then write the events."""
+        for schedule, fingerprint in self._plans.items():
+            self.execute(
+                "UPDATE schedules SET plan_fingerprint = ? WHERE id = ?", (fingerprint, schedule)
+            )
         self._move_tickets()
         for schedule in sorted(self._check_verdict):
             status, schedule_id, max_failures, max_ratio, acked = self.execute(

@@ -12,14 +12,13 @@ import sqlite3
 from collections.abc import Generator
 from typing import Any
 
-from cmsod import plans
 from cmsod.errors import RequestError
 from cmsod.explain import Block, Facts
 from cmsod.gates import Freeze
 from cmsod.lifecycle import format_time, parse_time_ms
 from cmsod.model import APPROVAL_DOMAIN, APPROVALS_REQUIRED, ElementStatus
 from cmsod.store.book import ACTIVE_WORK
-from cmsod.store.schedules import load_slots
+from cmsod.store.schedules import plan_fingerprint
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 
 
@@ -181,7 +180,7 @@ def schedule_head(conn: sqlite3.Connection, schedule_id: str) -> dict[str, Any]:
             "time": format_time(control_ms),
         }
     # the plan as it stands (plans.fingerprint): what `approve --plan` names
-    fingerprint = plans.fingerprint(schedule_id, load_slots(conn, row[0]))
+    fingerprint = plan_fingerprint(conn, row[0], schedule_id)
     if fingerprint is not None:
         view["planFingerprint"] = fingerprint
     if max_failures is not None or max_ratio is not None:
