@@ -143,6 +143,7 @@ class SoConfig(Section, frozen=True):
     def __post_init__(self) -> None:
         if self.mode == "http" and not self.url.startswith(("http://", "https://")):
             raise ValueError("so.url must be an http:// or https:// URL when so.mode = 'http'")
+        no_credentials_in("so.url", self.url)
 
 
 TicketState = Annotated[str, msgspec.Meta(pattern=r"^[^|]*\|[^|]*$", max_length=200)]
@@ -175,6 +176,7 @@ class TicketsConfig(Section, frozen=True):
     def __post_init__(self) -> None:
         if self.mode == "http" and not self.url.startswith(("http://", "https://")):
             raise ValueError("tickets.url must be an http(s):// URL when tickets.mode = 'http'")
+        no_credentials_in("tickets.url", self.url)
         unknown = set(self.template) - set(DEFAULT_TEMPLATE)
         if unknown:
             raise ValueError(

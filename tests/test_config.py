@@ -57,6 +57,16 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
             "[alarms]\nurl = 'https://u:secret@am:9093/'\n",
             "alarms.url must not carry user:password (https://am:9093)",
         ),
+        (
+            "[so]\nmode = 'http'\nurl = 'https://u:secret@so:8443/onap/so/infra/v7'\n",
+            "so.url must not carry user:password (https://so:8443/onap/so/infra/v7): it would"
+            " show in logs, status and /health; put the line user:password in a file named by"
+            " so.credentials_file",
+        ),
+        (
+            "[tickets]\nmode = 'http'\nurl = 'http://u@tm:8080'\n",
+            "tickets.url must not carry user:password (http://tm:8080)",
+        ),
         ("[poller]\njitter = 2\n", "at `$.poller.jitter`"),
         ("\xff\xfe", "not valid TOML"),
     ],
