@@ -70,14 +70,19 @@ class RequestError(CmsodError):
         ),
     }
 
-    def __init__(self, status: int, code: str, *variables: Any, detail: str = "") -> None:
+    def __init__(
+        self, status: int, code: str, *variables: Any, detail: str = "", text: str = ""
+    ) -> None:
         """`detail`: said after CMSO's text (which element, why), leaving its variables as
-        CMSO's clients expect them."""
+        CMSO's clients expect them. `text`: said instead of CMSO's, where its template does
+        not fit (a body that does not decode has a field but no value to show)."""
         self.status = status
         self.code = code
         self.variables = [str(v) for v in variables]
         padded = self.variables + [""] * 4
-        self.text = self.TEMPLATES[code].format(*padded) + (f": {detail}" if detail else "")
+        self.text = (text or self.TEMPLATES[code].format(*padded)) + (
+            f": {detail}" if detail else ""
+        )
         super().__init__(f"{status} Scheduler.{code}: {self.text}")
 
     def add(self, more: str) -> None:

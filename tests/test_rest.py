@@ -787,7 +787,11 @@ async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http:
         )
         claimed = await operator.client.post(f"{X}/schedules/ext/pause", json={"by": "someone"})
         assert claimed.status_code == 400
-        assert claimed.json()["requestError"]["messageId"] == "Scheduler.INVALID_ATTRIBUTE"
+        assert claimed.json()["requestError"] == {  # the field named, msgspec's reason once
+            "messageId": "Scheduler.INVALID_ATTRIBUTE",
+            "text": "Invalid attribute by: not a field of this body",
+            "variables": ["by"],
+        }
 
         resumed = await operator.client.post(f"{X}/schedules/ext/resume")  # no body: no reason
         assert resumed.status_code == 200, resumed.text
@@ -817,7 +821,14 @@ async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http:
         assert missing.status_code == 404
         long = await operator.client.post(f"{X}/schedules/ext/pause", json={"reason": "r" * 1001})
         assert long.status_code == 400
-        assert long.json()["requestError"]["variables"][0] == "reason"
+        assert long.json()["requestError"]["variables"] == ["reason"]
+        assert long.json()["requestError"]["text"] == (
+            "Invalid attribute reason: Expected `str` of length <= 1000"
+        )
+        bad = await operator.client.post(f"{X}/schedules/ext/pause", content=b"[1]")
+        assert bad.json()["requestError"]["text"] == (
+            "Invalid attribute body: Expected `object`, got `array`"
+        )
         assert (await operator.client.get(f"{X}/schedules/ext/pause")).status_code == 405
         assert (await operator.client.post(f"{X}/schedules/ext/halt")).status_code == 404
     finally:

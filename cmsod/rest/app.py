@@ -87,12 +87,23 @@ def json_answer(status: int, value: Any, headers: tuple[tuple[bytes, bytes], ...
     return Answer(status, _encoder.encode(value), headers=headers)
 
 
+UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`")
+
+
 def invalid_body(exc: Exception) -> Answer:
-    """A body that does not decode: CMSO's 400, naming the field where msgspec says which."""
-    text = str(exc)
-    _, _, where = text.rpartition(" - at `$")
-    field = where.rstrip("`").lstrip(".") or "body"
-    return request_error(RequestError(400, "INVALID_ATTRIBUTE", field, text))
+    """A body that does not decode: CMSO's 400 naming the field (where msgspec says which; an
+    unknown field by its own name), its one variable, and msgspec's reason said once."""
+    reason, at, where = str(exc).rpartition(" - at `$")
+    if not at:  # the body as a whole: not JSON, not an object, nested too deeply
+        reason, where = str(exc), ""
+    path = where.rstrip("`").lstrip(".")
+    unknown = UNKNOWN_FIELD.fullmatch(reason)
+    if unknown is not None:
+        path = f"{path}.{unknown[1]}" if path else unknown[1]
+        reason = "not a field of this body"
+    field = path or "body"
+    text = f"Invalid attribute {field}: {reason}"
+    return request_error(RequestError(400, "INVALID_ATTRIBUTE", field, text=text))
 
 
 class ViewCache:
