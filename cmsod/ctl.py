@@ -618,17 +618,24 @@ def freeze_line(f: dict[str, Any] | None) -> str:
 
 
 # The flag of a command that carries a method's parameter, to name it in an error.
-FLAGS = {"blackout": {"startTime": "--from", "endTime": "--to", "element": "ELEMENT"}}
+FLAGS = {
+    "blackout": {"startTime": "--from", "endTime": "--to", "element": "ELEMENT"},
+    "freeze": {"until": "--until"},
+}
 
 
 def describe_error(reply: Reply, command: str = "") -> str:
+    """The daemon's refusal as a sentence, naming the flag (or argument) it is about."""
     p = reply.parameters
+    flags = FLAGS.get(command, {})
     if reply.error == "io.cmsod.RequestError":
         e = p.get("requestError", {})
-        return f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
+        said = f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
+        field = (e.get("variables") or [None])[0]
+        return f"{flags[field]}: {said}" if field in flags else said
     detail = p.get("message", "")
-    if p.get("parameter"):
-        detail = f"{FLAGS.get(command, {}).get(p['parameter'], p['parameter'])}: {detail}"
+    if reply.error == "org.varlink.service.InvalidParameter" and p.get("parameter"):
+        return f"{flags.get(p['parameter'], p['parameter'])}: {detail}"
     return f"{reply.error}: {detail}"
 
 
@@ -881,7 +888,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("freeze", help="global freeze: on (nothing is dispatched) or off")
     p.add_argument("state", choices=["on", "off"])
     p.add_argument("--reason", default="", help="recorded and shown in status")
-    p.add_argument("--until", help="ISO-8601: the freeze ends by itself then")
+    p.add_argument(
+        "--until", help="ISO-8601 with a zone (…Z for UTC), in the future: the freeze ends then"
+    )
     p = sub.add_parser("list", help="list schedules")
     p.add_argument("--status", action="append", help="only this status (repeatable)")
     p.add_argument("--limit", type=int, default=100)

@@ -310,11 +310,18 @@ async def freeze(
     until_ms = None
     if until is not None:
         try:
-            until_ms = lifecycle.parse_time_ms(until)
-        except ValueError:
-            raise RequestError(400, "INVALID_ATTRIBUTE", "until", until) from None
-        if until_ms <= ctx.clock.now_ms():
-            raise RequestError(400, "INVALID_ATTRIBUTE", "until", until)
+            until_ms = lifecycle.parse_zoned_time_ms(until)
+        except ValueError as exc:
+            raise RequestError(400, "INVALID_ATTRIBUTE", "until", until, detail=str(exc)) from None
+        now_ms = ctx.clock.now_ms()
+        if until_ms <= now_ms:
+            raise RequestError(
+                400,
+                "INVALID_ATTRIBUTE",
+                "until",
+                until,
+                detail=f"not in the future (it is {lifecycle.format_time(now_ms)})",
+            )
     frozen = await ctx.store.tx(dispatch.set_freeze, on, by, why, until_ms)
     ctx.bells.dispatcher.ring()
     return views.freeze_view(frozen)

@@ -167,6 +167,24 @@ def test_cmsoctl_blackout_moves_the_next_plan_end_to_end(tmp_path: Path) -> None
         )  # after it (half-open: at its end)
         code, out = cmsoctl(tmp_path, "blackout", "rm", "BO000001")
         assert (code, out.strip()) == (0, "BO000001 removed")
+
+        # times without a zone, or an --until already past: refused in a sentence naming the flag
+        code, out = cmsoctl(tmp_path, "blackout", "add", "node2", "--from", start[:-1], "--to", end)
+        assert code != 0 and out.strip() == (
+            f"cmsoctl: --from: {start[:-1]!r}: no time zone: add Z for UTC, or an offset"
+            " such as +01:00"
+        )
+        code, out = cmsoctl(tmp_path, "freeze", "on", "--until", "2099-01-01T00:00:00")
+        assert code != 0 and out.strip() == (
+            "cmsoctl: --until: 400 Scheduler.INVALID_ATTRIBUTE: Invalid attribute"
+            " until=2099-01-01T00:00:00: no time zone: add Z for UTC, or an offset such as +01:00"
+        )
+        code, out = cmsoctl(tmp_path, "freeze", "on", "--until", "2020-01-01T00:00:00Z")
+        assert code != 0 and out.startswith(
+            "cmsoctl: --until: 400 Scheduler.INVALID_ATTRIBUTE: Invalid attribute"
+            " until=2020-01-01T00:00:00Z: not in the future (it is 20"
+        ), out
+        assert "FROZEN" not in cmsoctl(tmp_path, "status")[1]  # nothing changed
     finally:
         assert daemon.stop() == 0
 

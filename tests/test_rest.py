@@ -847,6 +847,11 @@ async def test_extensions_freeze_on_status_and_off(autojump_clock, http: Rest) -
         past = await operator.client.put(f"{X}/freeze", json={"until": "2026-12-01T07:00:00Z"})
         assert past.status_code == 400
         assert past.json()["requestError"]["variables"][0] == "until"
+        zoneless = await operator.client.put(f"{X}/freeze", json={"until": "2026-12-02T08:00:00"})
+        assert zoneless.status_code == 400
+        assert zoneless.json()["requestError"]["text"].endswith(
+            ": no time zone: add Z for UTC, or an offset such as +01:00"
+        )
         on = await operator.client.put(
             f"{X}/freeze", json={"reason": "incident 42", "until": "2026-12-02T08:00:00Z"}
         )
