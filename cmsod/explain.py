@@ -214,6 +214,9 @@ def _waiting_to_run(f: Facts, status: E, rules: Rules) -> list[Reason]:
                 f"being sent to the orchestrator since {_at(f.dispatch_started_ms)}",
             )
         ]
+    reasked = f.gates_now is not None and f.hold_gate in REASKED  # the answer now supersedes
+    recorded = f.hold_ms is not None and f.hold_ms > now and not reasked  # a hold in force
+    held = bool(f.gates_now) or recorded
     if status is E.SCHEDULED_IMMEDIATE:
         reasons.append(
             Reason("slot", "immediate: sent to the orchestrator as soon as the dispatcher runs")
@@ -226,6 +229,7 @@ def _waiting_to_run(f: Facts, status: E, rules: Rules) -> list[Reason]:
         )
     elif f.start_ms is not None:
         send_ms = f.start_ms - rules.lead_ms
+        late_ms = f.start_ms + rules.misfire_grace_ms
         if now < send_ms:
             reasons.append(
                 Reason(
@@ -235,26 +239,38 @@ def _waiting_to_run(f: Facts, status: E, rules: Rules) -> list[Reason]:
                     until=_at(send_ms),
                 )
             )
-        elif now <= f.start_ms + rules.misfire_grace_ms:
+        elif now <= late_ms and held:  # the hold below says what it waits for
+            reasons.append(
+                Reason(
+                    "slot",
+                    f"due since {_at(f.start_ms)}, held: sent once released by"
+                    f" {_at(late_ms)} (the misfire grace), else carried over to its next"
+                    " free slot",
+                )
+            )
+        elif now <= late_ms:
             reasons.append(
                 Reason("slot", f"due since {_at(f.start_ms)}: the dispatcher sends it now")
             )
         else:
-            reasons.append(
-                Reason(
-                    "slot",
-                    f"its start {_at(f.start_ms)} is more than the misfire grace of "
-                    f"{rules.misfire_grace_ms // 1000} s past: it will end Past due",
-                )
+            grace = (
+                f"its start {_at(f.start_ms)} is more than the misfire grace of"
+                f" {rules.misfire_grace_ms // 1000} s past"
             )
+            # one that was held is carried over instead (dispatch.begin_dispatch)
+            then = (
+                "it was held, so it is carried over to its next free slot"
+                if held or f.hold_why is not None
+                else "it will end Past due"
+            )
+            reasons.append(Reason("slot", f"{grace}: {then}"))
     for gate, why, until_ms in f.gates_now or []:
         reasons.append(
             Reason(
                 gate, f"held by {gate}: {why}", until=None if until_ms is None else _at(until_ms)
             )
         )
-    reasked = f.gates_now is not None and f.hold_gate in REASKED  # the answer now supersedes
-    if f.hold_ms is not None and f.hold_ms > now and not reasked:
+    if recorded and f.hold_ms is not None:
         # a gate holds it: until a time, or (pause, halt, freeze) until released
         until = None if f.hold_ms >= HELD_UNTIL_RELEASED_MS else _at(f.hold_ms)
         reasons.append(Reason(f.hold_gate or "ticket", f.hold_why or "held", until=until))

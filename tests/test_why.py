@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from cmsod import explain
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
@@ -144,3 +146,47 @@ def test_explain_a_ticket_that_does_not_allow_dispatch_and_a_past_due_slot() -> 
     assert said["ticket"].code == "CM_TICKET_NOT_APPROVED"
     assert "is Pending|Scheduled; dispatch needs one of Approved|Scheduled" in said["ticket"].words
     assert said["concurrency"].words.startswith("2 of its schedule's elements run now")
+
+
+def test_explain_a_due_element_held_by_a_freeze_says_it_waits() -> None:
+    """Due, inside its misfire grace, but a freeze holds it: the slot must not say it is sent
+    now; past the grace, that it is carried over rather than ending Past due."""
+    facts = explain.Facts(
+        element="n1",
+        schedule_id="s",
+        schedule_status=S.NOTIFICATIONS_INITIATED,
+        status=E.SCHEDULED,
+        immediate=False,
+        start_ms=0,
+        finish_ms=3_600_000,
+        hold_ms=explain.HELD_UNTIL_RELEASED_MS,
+        hold_gate="freeze",
+        hold_why="held by freeze: incident 7",
+        gates_now=[("freeze", "incident 7", None)],
+    )
+    rules = explain.Rules(
+        now_ms=60_000,
+        lead_ms=0,
+        misfire_grace_ms=300_000,
+        dispatch_immediate=True,
+        ticket_check="loopback",
+        dispatch_allowed=(),
+    )
+    said = [(r.kind, r.words) for r in explain.explain(facts, rules)]
+    assert said == [
+        (
+            "slot",
+            "due since 1970-01-01T00:00:00Z, held: sent once released by 1970-01-01T00:05:00Z"
+            " (the misfire grace), else carried over to its next free slot",
+        ),
+        ("freeze", "held by freeze: incident 7"),
+    ]
+    late = explain.explain(facts, msgspec.structs.replace(rules, now_ms=600_000))
+    assert late[0].words == (
+        "its start 1970-01-01T00:00:00Z is more than the misfire grace of 300 s past:"
+        " it was held, so it is carried over to its next free slot"
+    )
+    released = msgspec.structs.replace(facts, gates_now=[], hold_ms=None)
+    assert explain.explain(released, rules)[0].words == (
+        "due since 1970-01-01T00:00:00Z: the dispatcher sends it now"
+    )
