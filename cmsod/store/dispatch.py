@@ -695,17 +695,18 @@ def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
         so_message=outcome.so_message,
         so_ms=tx.now_ms,
         completed_ms=outcome.completed_ms or tx.now_ms,
-        **failure_message(outcome),
+        status_message=end_message(outcome),
     )
     return outcome.status
 
 
-def failure_message(outcome: PollOutcome) -> dict[str, str]:
-    """A work flow that ended badly keeps the orchestrator's reason as its status message (the
-    MESSAGE an operator reads), not only in the SO columns."""
+def end_message(outcome: PollOutcome) -> str | None:
+    """The status message of a work flow that ended (the MESSAGE an operator reads): the
+    orchestrator's, replacing a note of how the element got there (re-planned, carried over,
+    which its events keep); one that ended badly says the orchestrator's state too."""
     if outcome.status is E.COMPLETED:
-        return {}
+        return outcome.so_message[:4000] if outcome.so_message else None
     reason = (
         f"{outcome.so_status}: {outcome.so_message}" if outcome.so_message else outcome.so_status
     )
-    return {"status_message": f"orchestrator: {reason}"[:4000]}
+    return f"orchestrator: {reason}"[:4000]
