@@ -5,6 +5,7 @@ approval (under MockClock, against the fake SO)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -295,8 +296,8 @@ def test_the_calendar_gate_holds_past_the_period() -> None:
 
 async def daemon_from_file(nursery: trio.Nursery, path: Path) -> Daemon:
     """A daemon on a configuration file, as `cmsod --config FILE` runs, with `reload` reading
-    the file again."""
-    cfg = config.load(path, env={})
+    the file again; on the `backend` fixture's PostgreSQL when it is set."""
+    cfg = config.load(path, env={k: v for k, v in os.environ.items() if k == "CMSOD_STORE__URL"})
     ctx = daemon.build_context(cfg, TrioWallClock(EPOCH.timestamp()), InlineExecutor())
     ctx.reload = daemon.make_reload(ctx, path, None)
     scope = trio.CancelScope()

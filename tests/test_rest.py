@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import msgspec
 import pytest
 import trio
@@ -33,6 +34,7 @@ from cmsod.store import schedules, views
 from cmsod.wire.cmso import ScheduleRequest
 from tests.cmso_requests import approval, request
 from tests.conftest import EPOCH, Daemon, start_daemon, wait_until
+from tests.fake_http import FakeSO
 from tests.test_acceptance import (
     ACCEPTED_ODDITIES,
     FAILURES,
@@ -40,6 +42,7 @@ from tests.test_acceptance import (
     IMMEDIATE_CASES,
     statuses,
 )
+from tests.test_calendars import daemon_from_file, write_config
 
 PASSWORD = "correct horse"
 USERS = {"reader": "read", "operator": "operate", "jf9860": "approve"}
@@ -946,3 +949,47 @@ async def test_a_view_cache_of_no_entries_reads_every_time() -> None:
     assert await cache.get("a", lambda: 0, read) == b"v1"
     assert await cache.get("a", lambda: 0, read) == b"v2"
     assert reads == [0, 1] and not cache.entries
+
+
+def strict(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI 3.0 schema of `document` as a JSON Schema that refuses what it does not
+    describe: $refs resolved, `nullable` as null allowed, an object's properties all it has."""
+    if "$ref" in schema:
+        return strict(document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]], document)
+    out = {k: v for k, v in schema.items() if k not in ("nullable", "description")}
+    if "properties" in out:
+        out["properties"] = {k: strict(v, document) for k, v in out["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = strict(out["additionalProperties"], document)
+    if "items" in out:
+        out["items"] = strict(out["items"], document)
+    return {"anyOf": [out, {"type": "null"}]} if schema.get("nullable") else out
+
+
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL (where it lists the daemons)
+async def test_the_health_answer_is_all_in_the_document(
+    autojump_clock, nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """Every field of the health report (REST /health, `cmsoctl status`) is described by the
+    OpenAPI document's Health schema, with a freeze on, a calendar period ahead, an alarm gate
+    and, on PostgreSQL, the daemons sharing the store."""
+    so = FakeSO()
+    await nursery.start(so.serve)
+    calendar = tmp_path / "freeze.toml"
+    calendar.write_text(
+        '[[deny]]\nname = "xmas"\nfrom = "2026-12-24T00:00"\nto = "2026-12-26T00:00"\n'
+        'reason = "holidays"\n'
+    )
+    path = write_config(tmp_path, so, calendar)
+    path.write_text(path.read_text() + '[alarms]\nurl = "http://127.0.0.1:9/"\n')
+    d = await daemon_from_file(nursery, path)
+    client = await d.connect()
+    await client.ok("io.cmsod.Manager.Freeze", on=True, reason="r", until="2026-12-02T00:00:00Z")
+    report = await client.ok("io.cmsod.Manager.Status")
+    assert report["freeze"] and report["calendars"] and report["alarms"]
+    assert bool(report["daemons"]) == (backend == "postgres")
+    document = json.loads(Path(rest.__file__).with_name("openapi.json").read_text())
+    jsonschema.validate(report, strict({"$ref": "#/components/schemas/Health"}, document))
+    await client.aclose()
+    d.cancel.cancel()
