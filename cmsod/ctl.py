@@ -894,7 +894,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list schedules")
     p.add_argument("--status", action="append", help="only this status (repeatable)")
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--after", help="page after this schedule id")
+    p.add_argument("--after", help="page after this cursor (a page's `next`) or schedule id")
     p.add_argument("--all", action="store_true", help="every page from there, streamed")
     p = sub.add_parser(
         "details",
@@ -949,7 +949,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tickets", help="the change tickets of all schedules (or --schedule ID)")
     p.add_argument("--schedule", help="only this schedule's")
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--after", help="page after this ticket id")
+    p.add_argument("--after", help="page after this cursor (a page's `next`) or ticket id")
     p = sub.add_parser("ticket", help="one change ticket: its elements and its TM operations")
     p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")

@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from tests import conftest
 from tests.cmso_requests import request
 from tests.conftest import EPOCH, ControlClient
 from tests.procs import Daemon, cmsoctl
@@ -159,7 +161,7 @@ async def test_the_daemon_refuses_an_unknown_event_type(client: ControlClient) -
 
 
 async def test_list_is_newest_first_and_tickets_go_by_planned_start(
-    autojump_clock, client: ControlClient
+    autojump_clock, cmsod: conftest.Daemon, client: ControlClient
 ) -> None:
     from cmsod.model import ScheduleStatus as S
     from tests.cmso_requests import approval
@@ -189,3 +191,28 @@ async def test_list_is_newest_first_and_tickets_go_by_planned_start(
         if not (after := reply["next"]):
             break
     assert tickets == ["second", "third", "first"]  # by when their work is planned
+
+    # The cursor is where the page ended, not a row looked up again: a ticket that moves
+    # between pages (its elements carried over) cannot make the next page skip the others.
+    first_page = await client.ok("io.cmsod.Tickets.List", limit=1)
+    assert [t["scheduleId"] for t in first_page["tickets"]] == ["second"]
+    moved = first_page["tickets"][0]["changeId"]
+
+    def move_later(tx: Any) -> None:
+        tx.execute(
+            "UPDATE change_tickets SET planned_start_ms = planned_start_ms + ? WHERE change_id = ?",
+            (86_400_000, moved),
+        )
+
+    await cmsod.ctx.store.tx(move_later)
+    rest = await client.ok("io.cmsod.Tickets.List", after=first_page["next"])
+    assert [t["scheduleId"] for t in rest["tickets"]] == ["third", "first", "second"]
+    # the id of the last row seen still works as a cursor (where that row is now)
+    by_id = await client.ok("io.cmsod.Schedules.List", after="second")
+    assert [s["scheduleId"] for s in by_id["schedules"]] == ["first"]
+    unknown = await client.call("io.cmsod.Schedules.List", after="nope")
+    assert unknown["error"] == "org.varlink.service.InvalidParameter"
+    assert unknown["parameters"] == {
+        "parameter": "after",
+        "message": "'nope' is neither a cursor (a page's `next`) nor a known id",
+    }

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Generator
 from typing import Any
 
-from cmsod.errors import RequestError
+from cmsod.errors import InvalidParameter, RequestError
 from cmsod.explain import Block, Facts
 from cmsod.gates import Freeze
 from cmsod.lifecycle import format_time, parse_time_ms
@@ -247,17 +247,39 @@ def schedule_elements(
         yield item
 
 
+def _cursor(ms: int, key: str) -> str:
+    """Where a page ended, as a key position (`<ms>:<id>`): the next page starts after it
+    whatever becomes of that row meanwhile (a ticket's planned start follows its slots)."""
+    return f"{ms}:{key}"
+
+
+def _position(conn: sqlite3.Connection, after: str, sql: str) -> tuple[int, str]:
+    """Where a page starts: a cursor (`_cursor`), or the id of the last row seen (where that
+    row is now, found by `sql`)."""
+    ms, sep, key = after.partition(":")
+    if sep and ms.isdigit():
+        return int(ms), key
+    row = conn.execute(sql, (after,)).fetchone()
+    if row is None:
+        raise InvalidParameter(
+            "after", f"{after!r} is neither a cursor (a page's `next`) nor a known id"
+        )
+    return row[0], row[1]
+
+
 def list_schedules(
     conn: sqlite3.Connection, statuses: list[str] | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Schedules newest first, `limit` at a time; `after` is the last id of the previous page."""
+    """Schedules newest first, `limit` at a time, from `after` (the previous page's `next`)."""
     where: list[str] = []
     params: list[Any] = []
     if after is not None:
-        where.append(
-            "(s.create_ms, s.id) < (SELECT create_ms, id FROM schedules WHERE schedule_id = ?)"
+        where.append("(s.create_ms, s.schedule_id) < (?, ?)")
+        params.extend(
+            _position(
+                conn, after, "SELECT create_ms, schedule_id FROM schedules WHERE schedule_id = ?"
+            )
         )
-        params.append(after)
     if statuses:
         where.append(f"s.status IN ({', '.join('?' * len(statuses))})")
         params.extend(statuses)
@@ -265,7 +287,7 @@ def list_schedules(
         "SELECT s.schedule_id, s.status, s.user_id, s.create_ms,"
         " (SELECT count(*) FROM elements e WHERE e.schedule = s.id)"
         f" FROM schedules s WHERE {' AND '.join(where) or '1 = 1'}"
-        " ORDER BY s.create_ms DESC, s.id DESC LIMIT ?",
+        " ORDER BY s.create_ms DESC, s.schedule_id DESC LIMIT ?",
         [*params, limit + 1],
     ).fetchall()
     page = [
@@ -278,7 +300,7 @@ def list_schedules(
         }
         for sid, st, u, ms, n in rows[:limit]
     ]
-    return page, (page[-1]["scheduleId"] if len(rows) > limit else None)
+    return page, (_cursor(rows[limit - 1][3], rows[limit - 1][0]) if len(rows) > limit else None)
 
 
 # -- scheduleDetails (reference/cmso.md 2.7, every filter working) --------------------------
@@ -431,6 +453,7 @@ _TICKET_COLUMNS = (
     " t.created_ms, t.updated_ms,"
     " (SELECT count(*) FROM ticket_ops o WHERE o.change_id = t.change_id AND o.sent_ms IS NULL)"
 )
+_PLANNED_START = 7  # where t.planned_start_ms is in _TICKET_COLUMNS (a page's cursor)
 
 
 def _ticket_view(row: tuple) -> dict[str, Any]:
@@ -459,16 +482,19 @@ def _ticket_view(row: tuple) -> dict[str, Any]:
 def list_tickets(
     conn: sqlite3.Connection, schedule_id: str | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Change tickets by planned start, `limit` at a time, of one schedule or all; `after` is
-    the last changeId of the previous page."""
+    """Change tickets by planned start, `limit` at a time, of one schedule or all, from
+    `after` (the previous page's `next`)."""
     where: list[str] = []
     params: list[Any] = []
     if after is not None:
-        where.append(
-            "(t.planned_start_ms, t.change_id) > (SELECT planned_start_ms, change_id"
-            " FROM change_tickets WHERE change_id = ?)"
+        where.append("(t.planned_start_ms, t.change_id) > (?, ?)")
+        params.extend(
+            _position(
+                conn,
+                after,
+                "SELECT planned_start_ms, change_id FROM change_tickets WHERE change_id = ?",
+            )
         )
-        params.append(after)
     if schedule_id is not None:
         where.append("s.schedule_id = ?")
         params.append(schedule_id)
@@ -478,7 +504,8 @@ def list_tickets(
         [*params, limit + 1],
     ).fetchall()
     page = [_ticket_view(r) for r in rows[:limit]]
-    return page, (page[-1]["changeId"] if len(rows) > limit else None)
+    last = rows[limit - 1] if len(rows) > limit else None
+    return page, (None if last is None else _cursor(last[_PLANNED_START], last[0]))
 
 
 def get_ticket(conn: sqlite3.Connection, change_id: str) -> dict[str, Any] | None:
