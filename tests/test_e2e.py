@@ -21,7 +21,7 @@ from tests.procs import Daemon, cmsoctl
 def test_kill_9_mid_schedule_loses_nothing_and_dispatches_nothing_twice(tmp_path: Path) -> None:
     nodes = [f"n{i}" for i in range(30)]
     now = datetime.now(UTC)
-    body = request("e2e", now=now, nodes=nodes, normal=1, additional=0, concurrency=3)
+    body = request("e2e", now=now, nodes=nodes, normal=1, additional=0, concurrency=6)
     window = body["schedulingInfo"]["vnfDetails"][0]["changeWindow"][0]
     window["startTime"] = iso(now + timedelta(seconds=3))
 
