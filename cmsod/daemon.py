@@ -130,7 +130,7 @@ def build_context(
         compute=own_thread(),
         alerts=Alertmanager(cfg.alarms, ssl_context) if cfg.alarms.url else None,
     )
-    store.on_commit = ctx.bells.emitter.ring
+    store.on_commit = ctx.bells.committed
     store.on_ticket_ops = ctx.bells.tickets.ring
     store.on_transitions = ctx.metrics.transitions
     return ctx
