@@ -257,6 +257,13 @@ async def run(
             path=cfg.store_shown,
             migrated=",".join(map(str, ctx.store.migrations_applied)) or None,
         )
+        if ctx.store.postgres and cfg.events.sink == "file":
+            # whichever daemon holds the events lease writes them, in its own state directory
+            log.warning(
+                "events.file_sink_shared",
+                reason="several daemons: each writes the event files only while it publishes,"
+                " so they end up split across hosts; use events.sink http, cloudevents or kafka",
+            )
         await _log_resumed(ctx)
         lost = trio.Event()
         try:

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from cmsod import lifecycle
+from cmsod import ctl, lifecycle
 from cmsod.executor import InlineExecutor, ThreadExecutor
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
@@ -194,6 +194,17 @@ async def test_a_watcher_on_a_daemon_that_does_not_publish_sees_every_event_once
     a = await start_daemon(nursery, tmp_path / "a")
     b = await start_daemon(nursery, tmp_path / "b")
     assert a.ctx.store.held_leases == {"events", "tickets"} and not b.ctx.store.held_leases
+    on_b = await b.connect()  # `cmsoctl status` on b says who publishes, through which sink
+    lines = ctl.human("status", await on_b.ok("io.cmsod.Manager.Status")).splitlines()
+    await on_b.aclose()
+    a_id, b_id = a.ctx.store.owner, b.ctx.store.owner
+    sink = f"component  Event Sink: OK (file); not used here: daemon {a_id} publishes"
+    assert any(line.startswith(sink) for line in lines)
+    daemons = [line for line in lines if line.startswith("daemon ")]
+    assert daemons[0].startswith(f"daemon     {a_id}: alive")
+    assert daemons[0].endswith("planning; publishes the CM events; sends the ticket operations")
+    assert daemons[1].startswith(f"daemon     {b_id} (this one): alive")
+    assert daemons[1].endswith("0 planning")
     watcher = await watch(b)
     await trio.testing.wait_all_tasks_blocked()
     await run_schedules(a, ["w1", "w2", "w3"])  # written on a (and b: both dispatch), sent by a
@@ -254,3 +265,59 @@ async def test_the_watch_tail_finds_an_event_committed_out_of_order_and_skips_a_
         for conn in (slow, rolled, quick):
             conn.close()
         await store.close()
+
+
+class StuckSink:
+    """Takes a batch and never answers: the publisher dies between the sink's taking it and
+    its record of that."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, events: list[tuple[str, bytes]]) -> int:
+        self.taken += events
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+class TakingSink:
+    def __init__(self) -> None:
+        self.taken: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, events: list[tuple[str, bytes]]) -> int:
+        self.taken += events
+        return len(events)
+
+
+@ON_POSTGRES
+async def test_events_sent_again_after_a_takeover_keep_their_ids(
+    backend: str, autojump_clock, nursery, tmp_path: Path
+) -> None:
+    """The publisher dies with a batch taken by the sink and not recorded as sent: the daemon
+    that takes over sends it again (at least once), each event with the id it had, byte for
+    byte, so that a receiver can drop what it already has."""
+    a = await start_daemon(nursery, tmp_path / "a", store__lease_s=30)
+    b = await start_daemon(nursery, tmp_path / "b", store__lease_s=30)
+    a.ctx.sink, b.ctx.sink = stuck, taking = StuckSink(), TakingSink()
+    client = await a.connect()
+    body = request("again", ["n1", "n2"], now=EPOCH, minutes_from_now=60)
+    await client.ok("io.cmsod.Schedules.Create", schedule=body)
+    await client.aclose()
+
+    async def taken() -> bool:
+        return bool(stuck.taken)
+
+    await wait_until(taken, "a batch on the wire")
+    a.ctx.store.owner = None  # dies without a word: its lease lapses
+    a.cancel.cancel()
+
+    async def all_sent() -> bool:
+        return store_rows(tmp_path, "SELECT count(*) FROM events WHERE sent_ms IS NULL") == [(0,)]
+
+    await wait_until(all_sent, "every event sent by b")
+    stored = [bytes(body) for (body,) in store_rows(tmp_path, "SELECT body FROM events")]
+    assert set(stuck.taken) <= set(taking.taken)  # the same events again, the same bytes
+    assert sorted(body for _, body in taking.taken) == sorted(stored)  # each once from b
+    ids = [json.loads(body)["eventId"] for _, body in stuck.taken + taking.taken]
+    assert len(set(ids)) == len(stored)  # a receiver de-duplicating on eventId gets each once
+    b.cancel.cancel()
