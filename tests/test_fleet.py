@@ -200,11 +200,10 @@ async def test_a_watcher_on_a_daemon_that_does_not_publish_sees_every_event_once
     a_id, b_id = a.ctx.store.owner, b.ctx.store.owner
     sink = f"component  Event Sink: OK (file); not used here: daemon {a_id} publishes"
     assert any(line.startswith(sink) for line in lines)
-    daemons = [line for line in lines if line.startswith("daemon ")]
-    assert daemons[0].startswith(f"daemon     {a_id}: alive")
-    assert daemons[0].endswith("planning; publishes the CM events; sends the ticket operations")
-    assert daemons[1].startswith(f"daemon     {b_id} (this one): alive")
-    assert daemons[1].endswith("0 planning")
+    (line_a,) = [line for line in lines if line.startswith(f"daemon     {a_id}: alive")]
+    assert line_a.endswith("planning; publishes the CM events; sends the ticket operations")
+    (line_b,) = [line for line in lines if line.startswith(f"daemon     {b_id} (this one): alive")]
+    assert line_b.endswith("0 planning")
     watcher = await watch(b)
     await trio.testing.wait_all_tasks_blocked()
     await run_schedules(a, ["w1", "w2", "w3"])  # written on a (and b: both dispatch), sent by a
