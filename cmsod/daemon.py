@@ -329,6 +329,7 @@ async def _join_fleet(ctx: Context) -> None:
 
 
 def _took_over(ctx: Context, done: fleet.Round) -> None:
+    gained = done.held - ctx.store.held_leases  # (another daemon left or lapsed)
     ctx.store.held_leases = done.held
     for name in done.reconciled:
         log.warning(
@@ -344,7 +345,7 @@ def _took_over(ctx: Context, done: fleet.Round) -> None:
             polls=done.polls,
             plans=done.plans,
         )
-    if done.gone or done.reconciled or done.polls:
+    if done.gone or done.reconciled or done.polls or gained:
         for bell in ctx.bells.all():
             bell.ring()
 

@@ -69,6 +69,11 @@ async def drain(ctx: Context) -> None:
     refused_until: dict[str, float] = {}  # topics the sink refused for good: when to try again
     while True:
         figures = ctx.beat("emitter")
+        if "events" not in ctx.store.held_leases:  # another daemon publishes (fleet.py)
+            if ctx.flush_asked_at is not None:
+                ctx.flushed.set()  # stopping: that daemon sends what this one committed
+            await ctx.bells.emitter.wait(10.0)
+            continue
         batch = ctx.config.events.batch_size
         pass_began = trio.current_time()
         rows = await ctx.store.read(outboxes.pending_events, batch * 10)
@@ -85,9 +90,6 @@ async def drain(ctx: Context) -> None:
                 log.error("events.refused", seq=seq, reason=str(exc))
                 await ctx.store.tx(outboxes.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
-        if "events" not in ctx.store.held_leases:  # another daemon publishes (fleet.py)
-            await ctx.bells.emitter.wait(10.0)
-            continue
         by_topic: dict[str, list] = {}  # (order binds within a schedule, so within a topic)
         for row in rows:
             by_topic.setdefault(row[2], []).append(row)
