@@ -174,18 +174,15 @@ async def feed(ctx: Context) -> None:
             ctx.tail = None  # the next watcher starts where the events are then
             await ctx.bells.watch.wait(10.0)
             continue
-        rows, xmin, xmax = await ctx.store.read(
-            outboxes.read_tail, tail.top, list(tail.gaps), WATCH_QUEUE
-        )
-        complete = len(rows) < WATCH_QUEUE
-        for _, schedule_id, body in tail.advance(rows, complete, xmin, xmax):
+        found = await ctx.store.read(outboxes.read_tail, tail.top, list(tail.gaps), WATCH_QUEUE)
+        for _, schedule_id, body in tail.advance(found):
             try:
                 head = msgspec.json.decode(body, type=Head)
                 check_schema(head)
             except (UnknownEventSchema, msgspec.DecodeError):
                 continue  # refused: never published, never watched (the drain logs it)
             offer(ctx, schedule_id, head.eventType, bytes(body))
-        if complete:
+        if found.complete:
             await ctx.bells.watch.wait(10.0)
 
 

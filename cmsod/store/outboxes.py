@@ -4,7 +4,7 @@ written by the transaction whose change causes them (`Tx.finish`); these read an
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -65,43 +65,50 @@ class Tail:
         self.top = top
         self.gaps: dict[int, int] = {}  # seq -> xid all running transactions must reach
 
-    def advance(
-        self, rows: list[tuple[int, str, bytes]], complete: bool, xmin: int | None, xmax: int | None
-    ) -> list[tuple[int, str, bytes]]:
-        """What a `read_tail` found (`complete`: not cut by its limit) that was not read
-        before, in seq order; moves on past it."""
+    def advance(self, found: TailRead) -> list[tuple[int, str, bytes]]:
+        """What a `read_tail` found that was not read before, in seq order; moves on."""
         fresh = []
-        for row in rows:
+        for row in found.rows:
             seq = row[0]
             if self.gaps.pop(seq, None) is not None:
                 fresh.append(row)
             elif seq > self.top:
-                if xmax is not None:
-                    self.gaps.update(dict.fromkeys(range(self.top + 1, seq), xmax))
+                if found.xmax is not None:
+                    self.gaps.update(dict.fromkeys(range(self.top + 1, seq), found.xmax))
                 self.top = seq
                 fresh.append(row)
-        if complete and xmin is not None:  # gaps whose every possible writer has ended
-            self.gaps = {seq: xid for seq, xid in self.gaps.items() if xid > xmin}
+        if found.xmin is not None:  # gaps whose every possible writer has ended
+            self.gaps = {seq: xid for seq, xid in self.gaps.items() if xid > found.xmin}
         return fresh
 
 
-def read_tail(
-    conn: Any, top: int, gaps: list[int], limit: int
-) -> tuple[list[tuple[int, str, bytes]], int | None, int | None]:
-    """Events after `top` and those of `gaps` that are there now, in seq order; and on
-    PostgreSQL the snapshot's xmin and xmax (see Tail)."""
-    rows = conn.execute(
-        "SELECT seq, schedule_id, body FROM events WHERE seq > ?"
-        " OR seq IN (SELECT CAST(value AS BIGINT) FROM json_each(?)) ORDER BY seq LIMIT ?",
-        (top, json.dumps(gaps), limit),
-    ).fetchall()
+class TailRead(NamedTuple):
+    rows: list[tuple[int, str, bytes]]  # (seq, schedule id, body) in seq order
+    complete: bool  # every event after `top` there is (not cut by the limit)
+    xmin: int | None  # PostgreSQL: the snapshot's oldest running xid and next xid (Tail)
+    xmax: int | None
+
+
+def read_tail(conn: Any, top: int, gaps: list[int], limit: int) -> TailRead:
+    """The events of `gaps` that are there now, then up to `limit` after `top`, in seq order,
+    from one snapshot. (Two queries: `seq > ? OR seq IN (...)` would scan the whole log.)"""
+    columns = "SELECT seq, schedule_id, body FROM events"
+    rows = (
+        conn.execute(
+            f"{columns} WHERE seq IN (SELECT CAST(value AS BIGINT) FROM json_each(?)) ORDER BY seq",
+            (json.dumps(gaps),),
+        ).fetchall()
+        if gaps
+        else []
+    )
+    after = conn.execute(f"{columns} WHERE seq > ? ORDER BY seq LIMIT ?", (top, limit)).fetchall()
     if not isinstance(conn, backend.PgConnection):
-        return rows, None, None
+        return TailRead(rows + after, len(after) < limit, None, None)
     xmin, xmax = conn.execute(  # of the snapshot the rows were read in (REPEATABLE READ)
         "SELECT CAST(CAST(pg_snapshot_xmin(s) AS TEXT) AS BIGINT),"
         " CAST(CAST(pg_snapshot_xmax(s) AS TEXT) AS BIGINT) FROM pg_current_snapshot() AS s"
     ).fetchone()
-    return rows, xmin, xmax
+    return TailRead(rows + after, len(after) < limit, xmin, xmax)
 
 
 def refuse_event(tx: Tx, seq: int, reason: str) -> None:
