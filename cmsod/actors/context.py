@@ -73,8 +73,8 @@ WATCH_QUEUE = 256
 
 class Watcher:
     """One `cmsoctl watch`: a bounded queue the watch feed (emitter.py) fills without ever
-    waiting. A watcher
-    that falls WATCH_QUEUE events behind is dropped (counted and logged), never waited for."""
+    waiting. A watcher that falls WATCH_QUEUE events behind is dropped (counted and logged),
+    never waited for."""
 
     def __init__(self, schedule_id: str | None, event_type: str | None) -> None:
         self.schedule_id = schedule_id
