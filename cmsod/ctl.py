@@ -451,6 +451,10 @@ def list_table(rows: list[dict[str, Any]], header: bool) -> str:
     )
 
 
+# What the holder of each named lease (cmsod/store/fleet.py) does for all the daemons.
+LEASE_DUTIES = {"events": "publishes the CM events", "tickets": "sends the ticket operations"}
+
+
 def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = None) -> str:
     if command == "show":
         return show_schedule(p["schedule"], args.status if args else None)
@@ -486,7 +490,13 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             f"build      {p['buildInfo']}",
             f"time       {p['currentTime']}",
         ]
-        lines += [f"component  {c['name']}: {c['status']} ({c['url']})" for c in p["components"]]
+        # several daemons (PostgreSQL): one publishes the events, through its own sink
+        publisher = next((d["id"] for d in p.get("daemons", []) if "events" in d["leases"]), None)
+        for c in p["components"]:
+            line = f"component  {c['name']}: {c['status']} ({c['url']})"
+            if c["name"] == "Event Sink" and publisher not in (None, p.get("daemon")):
+                line += f"; not used here: daemon {publisher} publishes (its status tells)"
+            lines.append(line)
         lines += calendar_lines(p.get("calendars") or [])
         if p.get("alarms"):
             lines.append(alarms_line(p["alarms"]))
@@ -507,12 +517,12 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
         )
         lines.append(f"events     {counts.get('eventsPending', 0)} pending")
         for d in p.get("daemons", []):
-            holds = ", ".join(d["leases"]) or "no lease"
+            duties = "".join(f"; {LEASE_DUTIES.get(name, 'holds ' + name)}" for name in d["leases"])
             lines.append(
                 f"daemon     {d['id']}{' (this one)' if d['id'] == p.get('daemon') else ''}:"
                 f" {'alive' if d['alive'] else 'LAPSED'}, lease to {_ms_time(d['leaseExpiryMs'])};"
                 f" {d['dispatching']} dispatching, {d['running']} running, {d['planning']}"
-                f" planning; {holds}"
+                f" planning{duties}"
             )
         lines.append("")
         lines.append(

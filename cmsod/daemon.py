@@ -130,7 +130,7 @@ def build_context(
         compute=own_thread(),
         alerts=Alertmanager(cfg.alarms, ssl_context) if cfg.alarms.url else None,
     )
-    store.on_commit = ctx.bells.emitter.ring
+    store.on_commit = ctx.bells.committed
     store.on_ticket_ops = ctx.bells.tickets.ring
     store.on_transitions = ctx.metrics.transitions
     return ctx
@@ -257,6 +257,13 @@ async def run(
             path=cfg.store_shown,
             migrated=",".join(map(str, ctx.store.migrations_applied)) or None,
         )
+        if ctx.store.postgres and cfg.events.sink == "file":
+            # whichever daemon holds the events lease writes them, in its own state directory
+            log.warning(
+                "events.file_sink_shared",
+                reason="several daemons: each writes the event files only while it publishes,"
+                " so they end up split across hosts; use events.sink http, cloudevents or kafka",
+            )
         await _log_resumed(ctx)
         lost = trio.Event()
         try:
@@ -322,6 +329,7 @@ async def _join_fleet(ctx: Context) -> None:
 
 
 def _took_over(ctx: Context, done: fleet.Round) -> None:
+    gained = done.held - ctx.store.held_leases  # (another daemon left or lapsed)
     ctx.store.held_leases = done.held
     for name in done.reconciled:
         log.warning(
@@ -337,7 +345,7 @@ def _took_over(ctx: Context, done: fleet.Round) -> None:
             polls=done.polls,
             plans=done.plans,
         )
-    if done.gone or done.reconciled or done.polls:
+    if done.gone or done.reconciled or done.polls or gained:
         for bell in ctx.bells.all():
             bell.ring()
 

@@ -446,13 +446,19 @@ def reload(ctx: Context) -> list[str]:
 async def watch(
     ctx: Context, schedule_id: str | None, event_type: str | None
 ) -> AsyncGenerator[bytes, None]:
-    """Every CM event from now on (of one schedule, of one eventType), as it is read."""
+    """Every CM event stored from now on (of one schedule, of one eventType), by any daemon
+    sharing the store, as soon as this daemon sees it committed (emitter.feed)."""
     if event_type is not None and event_type not in EVENT_TYPES:
         raise InvalidParameter(
             "eventType", f"cmsod emits no {event_type!r}; it emits {', '.join(EVENT_TYPES)}"
         )
     watcher = Watcher(schedule_id, event_type)
+    if ctx.tail is None:  # nobody watches yet: the feed starts from the events there now
+        top = await ctx.store.read(outboxes.last_event_seq)
+        if ctx.tail is None:
+            ctx.tail = outboxes.Tail(top)
     ctx.watchers.add(watcher)
+    ctx.bells.watch.ring()
     log.info(
         "watch.started", schedule_id=schedule_id, event_type=event_type, watchers=len(ctx.watchers)
     )

@@ -11,10 +11,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from tests.cmso_requests import iso, request
+from tests.conftest import store_rows
 from tests.procs import Daemon, cmsoctl
 
 
@@ -230,6 +234,51 @@ def test_cmsoctl_watch_prints_events_as_they_happen(tmp_path: Path) -> None:
     finally:
         watcher.kill()
         assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_cmsoctl_watch_on_one_daemon_prints_what_another_daemon_does(
+    backend: str, tmp_path: Path
+) -> None:
+    """Two daemons on one PostgreSQL: a watcher on b prints every event of a schedule that a
+    submits (and both run), each once, in order, woken by the other's NOTIFY."""
+    a, b = Daemon(tmp_path / "a"), Daemon(tmp_path / "b")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "cmsod.ctl", "--socket", str(tmp_path / "b" / "control.sock")]
+        + ["--json", "watch", "across"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    timer = threading.Timer(60, watcher.kill)  # events missed: the read below ends, and fails
+    try:
+        b.wait_log(r"event=watch\.started schedule_id=across")
+        body = request("across", now=datetime.now(UTC), nodes=["x1", "x2"], minutes_from_now=None)
+        assert cmsoctl(tmp_path / "a", "submit", "-", stdin=json.dumps(body))[0] == 0
+        timer.start()
+        assert watcher.stdout is not None
+        ids: list[str] = []
+        statuses: list[str] = []
+        while "Completed" not in statuses:
+            line = watcher.stdout.readline()
+            assert line, f"the watch ended after {len(ids)} events"
+            event = json.loads(line)
+            ids.append(event["eventId"])
+            patch = event["event"]["push-change-update"]["datastore-changes"][
+                "ietf-yang-patch:yang-patch"
+            ]
+            statuses += [
+                e["value"]["cm-schedule:schedule"][0]["status"]
+                for e in patch["edit"]
+                if "cm-schedule:schedule" in e["value"]
+            ]
+    finally:
+        timer.cancel()
+        watcher.kill()
+        assert a.stop() == 0 and b.stop() == 0
+    stored = store_rows(
+        tmp_path, "SELECT body FROM events WHERE schedule_id = 'across' ORDER BY seq"
+    )
+    assert ids == [json.loads(body)["eventId"] for (body,) in stored]
 
 
 def test_sigterm_while_the_sink_hangs_stops_within_the_grace(tmp_path: Path) -> None:

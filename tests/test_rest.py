@@ -21,6 +21,7 @@ import trio
 import trio.testing
 import trustme
 
+from cmsod import usecases
 from cmsod.control import api
 from cmsod.executor import InlineExecutor
 from cmsod.lifecycle import validate_request
@@ -898,6 +899,10 @@ async def test_every_documented_operation_is_routed(http: Rest) -> None:
 async def test_view_cache_reads_once_per_commit_and_shares_a_read() -> None:
     cache = ViewCache(entries=2)
     version = [0]
+
+    async def current() -> int:
+        return version[0]
+
     reads: list[str] = []
     gate = trio.Event()
 
@@ -914,21 +919,19 @@ async def test_view_cache_reads_once_per_commit_and_shares_a_read() -> None:
     got: list[bytes] = []
     async with trio.open_nursery() as nursery:
         for _ in range(5):  # five clients at once: one read
-            nursery.start_soon(
-                lambda: _append(got, cache.get("a", lambda: version[0], reader("a")))
-            )
+            nursery.start_soon(lambda: _append(got, cache.get("a", current, reader("a"))))
         await trio.testing.wait_all_tasks_blocked()
         gate.set()
     assert got == [b"a@0"] * 5 and reads == ["a"]
-    assert await cache.get("a", lambda: version[0], reader("a")) == b"a@0"  # kept
+    assert await cache.get("a", current, reader("a")) == b"a@0"  # kept
     version[0] = 1  # a commit: read again
-    assert await cache.get("a", lambda: version[0], reader("a")) == b"a@1"
+    assert await cache.get("a", current, reader("a")) == b"a@1"
     assert reads == ["a", "a"]
     with pytest.raises(KeyError):  # a failure is not kept
-        await cache.get("gone", lambda: version[0], reader("gone", fail=True))
+        await cache.get("gone", current, reader("gone", fail=True))
     assert "gone" not in cache.entries and not cache.reading
     for key in ("b", "c"):  # two entries at most: the oldest goes
-        await cache.get(key, lambda: version[0], reader(key))
+        await cache.get(key, current, reader(key))
     assert list(cache.entries) == ["b", "c"]
 
 
@@ -936,19 +939,50 @@ async def _append(into: list[bytes], value: Any) -> None:
     into.append(await value)
 
 
-async def test_a_view_cache_of_no_entries_reads_every_time() -> None:
-    """On PostgreSQL (RestApp: entries=0) other daemons commit unseen by this one's counter:
-    nothing may be kept, however unchanged the local version looks."""
-    cache = ViewCache(entries=0)
-    reads: list[int] = []
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_view_kept_on_one_daemon_is_not_served_after_a_commit_on_another(
+    backend: str, autojump_clock, nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a GET on daemon b after a commit on daemon a reads again; while nothing
+    commits, b serves what it keeps."""
+    a = await start_daemon(nursery, tmp_path / "a")
+    b = await start_daemon(
+        nursery,
+        tmp_path / "b",
+        http__listen="127.0.0.1:0",
+        http__credentials_file=write_credentials(tmp_path / "users"),
+    )
+    address = await nursery.start(rest.serve, b.ctx)
+    reads: list[str] = []
+    get_schedule = usecases.get_schedule
 
-    async def read() -> bytes:
-        reads.append(len(reads))
-        return f"v{len(reads)}".encode()
+    async def counted(ctx: Any, schedule_id: str, limit: int) -> dict[str, Any]:
+        reads.append(schedule_id)
+        return await get_schedule(ctx, schedule_id, limit)
 
-    assert await cache.get("a", lambda: 0, read) == b"v1"
-    assert await cache.get("a", lambda: 0, read) == b"v2"
-    assert reads == [0, 1] and not cache.entries
+    monkeypatch.setattr(usecases, "get_schedule", counted)
+    on_a = await a.connect()
+    await on_a.ok("io.cmsod.Schedules.Create", schedule=request("both", now=EPOCH))
+    await on_a.wait_for("both", S.PENDING_APPROVAL)
+    async with httpx.AsyncClient(
+        base_url=f"http://{address}", auth=("jf9860", PASSWORD), timeout=30
+    ) as client:
+        http = Rest(client)
+        assert (await http.schedule("both"))["status"] == S.PENDING_APPROVAL
+        kept = False
+        for _ in range(50):  # (other sessions of the server may begin writing meanwhile)
+            before = len(reads)
+            await http.schedule("both")
+            await http.schedule("both")
+            if len(reads) - before <= 1:
+                kept = True
+                break
+        assert kept, "b never served a view it kept"
+        await on_a.ok("io.cmsod.Schedules.Approve", scheduleId="both", approval=approval())
+        assert (await http.schedule("both"))["status"] != S.PENDING_APPROVAL
+    await on_a.aclose()
+    a.cancel.cancel()
+    b.cancel.cancel()
 
 
 def strict(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from cmsod.peers.alerts import Alertmanager
 from cmsod.peers.sinks import EventSink
 from cmsod.peers.so import Orchestrator
 from cmsod.peers.tm import TicketSystem
-from cmsod.store import Store
+from cmsod.store import Store, outboxes
 from cmsod.ticketing import NewTicket, Opened
 
 
@@ -50,17 +50,31 @@ class Bells:
     dispatcher: Doorbell = field(default_factory=Doorbell)
     poller: Doorbell = field(default_factory=Doorbell)
     emitter: Doorbell = field(default_factory=Doorbell)
+    watch: Doorbell = field(default_factory=Doorbell)  # events stored, or a watcher came
 
     def all(self) -> list[Doorbell]:
-        return [self.optimizer, self.tickets, self.dispatcher, self.poller, self.emitter]
+        return [
+            self.optimizer,
+            self.tickets,
+            self.dispatcher,
+            self.poller,
+            self.emitter,
+            self.watch,
+        ]
+
+    def committed(self) -> None:
+        """This daemon committed (any commit may carry events)."""
+        self.emitter.ring()
+        self.watch.ring()
 
 
 WATCH_QUEUE = 256
 
 
 class Watcher:
-    """One `cmsoctl watch`: a bounded queue the emitter fills without ever waiting. A watcher
-    that falls WATCH_QUEUE events behind is dropped (counted and logged), never waited for."""
+    """One `cmsoctl watch`: a bounded queue the watch feed (emitter.py) fills without ever
+    waiting. A watcher that falls WATCH_QUEUE events behind is dropped (counted and logged),
+    never waited for."""
 
     def __init__(self, schedule_id: str | None, event_type: str | None) -> None:
         self.schedule_id = schedule_id
@@ -140,6 +154,8 @@ class Context:
     # A reload changed the calendars: the dispatcher releases their holds (look again now).
     calendars_reloaded: bool = False
     watchers: set[Watcher] = field(default_factory=set)
+    # Where the watchers stand in the stored events; None while nobody watches.
+    tail: outboxes.Tail | None = None
     ticket_desk: TicketDesk | None = None  # set by the tickets actor when it starts
     watchers_dropped: int = 0
     metrics: Metrics = field(default_factory=Metrics)

@@ -15,7 +15,10 @@ An event whose eventSchema/eventSchemaVersion the emitter does not know raises
 `UnknownEventSchema`, is logged as an error with its id and kept, refused, in the outbox
 (seed decision 3): never published half-formed, never silently dropped.
 
-Live watchers (`io.cmsod.Events.Watch`) get each new event as it is read, without waiting.
+Live watchers (`io.cmsod.Events.Watch`) are fed apart (`feed`), from the stored events rather
+than the outbox, so that a watcher on any daemon sees every event once, in order per schedule,
+whichever daemon publishes: each new event as soon as this daemon commits or another's commit
+rings its doorbell (LISTEN/NOTIFY), never waited for.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import msgspec
 import trio
 
 from cmsod import cmevents, log
-from cmsod.actors.context import ActorFigures, Context
+from cmsod.actors.context import WATCH_QUEUE, ActorFigures, Context
 from cmsod.cmevents import UnknownEventSchema
 from cmsod.errors import PeerError
 from cmsod.peers.sinks import PartialDelivery
@@ -54,12 +57,23 @@ def check_schema(head: Head) -> None:
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    watched = await ctx.store.read(outboxes.last_event_seq)  # watchers see what comes from now on
-    task_status.started()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed, ctx)
+        task_status.started()
+        await drain(ctx)
+
+
+async def drain(ctx: Context) -> None:
+    """The outbox to the sink, while this daemon holds the "events" lease."""
     backoff = FIRST_RETRY_S
     refused_until: dict[str, float] = {}  # topics the sink refused for good: when to try again
     while True:
         figures = ctx.beat("emitter")
+        if "events" not in ctx.store.held_leases:  # another daemon publishes (fleet.py)
+            if ctx.flush_asked_at is not None:
+                ctx.flushed.set()  # stopping: that daemon sends what this one committed
+            await ctx.bells.emitter.wait(10.0)
+            continue
         batch = ctx.config.events.batch_size
         pass_began = trio.current_time()
         rows = await ctx.store.read(outboxes.pending_events, batch * 10)
@@ -76,10 +90,6 @@ async def run(
                 log.error("events.refused", seq=seq, reason=str(exc))
                 await ctx.store.tx(outboxes.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
-        watched = fan_out(ctx, rows, heads, watched)
-        if "events" not in ctx.store.held_leases:  # another daemon publishes (fleet.py)
-            await ctx.bells.emitter.wait(10.0)
-            continue
         by_topic: dict[str, list] = {}  # (order binds within a schedule, so within a topic)
         for row in rows:
             by_topic.setdefault(row[2], []).append(row)
@@ -154,24 +164,39 @@ async def mark_sent(ctx: Context, figures: ActorFigures, seqs: list[int]) -> Non
     figures.done += len(seqs)
 
 
-def fan_out(ctx: Context, rows: list, heads: dict[int, Head], watched: int) -> int:
-    """Offer events newer than `watched` to every watcher; drop one that is too far behind."""
-    for seq, _, _, body in rows:
-        if seq <= watched:
+async def feed(ctx: Context) -> None:
+    """The watchers' events: read from the stored events (outboxes.Tail) while anyone watches,
+    a bounded chunk at a time, each offered to every watcher that wants it; a watcher too far
+    behind is dropped, never waited for."""
+    while True:
+        tail = ctx.tail
+        if not ctx.watchers or tail is None:
+            ctx.tail = None  # the next watcher starts where the events are then
+            await ctx.bells.watch.wait(10.0)
             continue
-        watched = seq
-        head = heads[seq]
-        for watcher in list(ctx.watchers):
-            if not watcher.wants(head.eventCorrelationId, head.eventType):
-                continue
+        found = await ctx.store.read(outboxes.read_tail, tail.top, list(tail.gaps), WATCH_QUEUE)
+        for _, schedule_id, body in tail.advance(found):
             try:
-                watcher.send.send_nowait(bytes(body))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                ctx.watchers.discard(watcher)  # its client went away
-            except trio.WouldBlock:
-                ctx.watchers.discard(watcher)
-                ctx.watchers_dropped += 1
-                watcher.dropped = True
-                watcher.send.close()
-                log.warning("watch.dropped", reason="too slow: its queue of events was full")
-    return watched
+                head = msgspec.json.decode(body, type=Head)
+                check_schema(head)
+            except (UnknownEventSchema, msgspec.DecodeError):
+                continue  # refused: never published, never watched (the drain logs it)
+            offer(ctx, schedule_id, head.eventType, bytes(body))
+        if found.complete:
+            await ctx.bells.watch.wait(10.0)
+
+
+def offer(ctx: Context, schedule_id: str, event_type: str, body: bytes) -> None:
+    for watcher in list(ctx.watchers):
+        if not watcher.wants(schedule_id, event_type):
+            continue
+        try:
+            watcher.send.send_nowait(body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            ctx.watchers.discard(watcher)  # its client went away
+        except trio.WouldBlock:
+            ctx.watchers.discard(watcher)
+            ctx.watchers_dropped += 1
+            watcher.dropped = True
+            watcher.send.close()
+            log.warning("watch.dropped", reason="too slow: its queue of events was full")

@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import re
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from cmsod.rest.auth import (
     User,
     check_password,
 )
+from cmsod.store import views
 from cmsod.wire import cmso
 from cmsod.wire import control as w
 from cmsod.wire import rest as x
@@ -107,23 +108,27 @@ def invalid_body(exc: Exception) -> Answer:
 
 
 class ViewCache:
-    """Encoded answers of `GET /schedules/{id}`, each valid until the store's next commit.
-    CMSO's clients poll a schedule until its status changes: a view is read and encoded once
-    per change, not once per request, and requests for a view being read wait for that read
-    instead of starting their own. At most `entries` views of `max_bytes` each (larger ones
-    are not kept); a failed read (404, too many rows) is not kept either."""
+    """Encoded answers of `GET /schedules/{id}`, each valid while the store's version (any
+    value, compared for equality) stays. CMSO's clients poll a schedule until its status
+    changes: a view is read and encoded once per change, not once per request, and requests
+    for a view being read wait for that read instead of starting their own. At most `entries`
+    views of `max_bytes` each (larger ones are not kept); a failed read (404, too many rows)
+    is not kept either."""
 
     def __init__(self, entries: int = 128, max_bytes: int = 256 * 1024) -> None:
         self.size = entries
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[Hashable, bytes]] = OrderedDict()
         self.reading: dict[str, trio.Event] = {}
 
     async def get(
-        self, key: str, version: Callable[[], int], read: Callable[[], Awaitable[bytes]]
+        self,
+        key: str,
+        version: Callable[[], Awaitable[Hashable]],
+        read: Callable[[], Awaitable[bytes]],
     ) -> bytes:
         while True:
-            now = version()  # before the read: what it sees is at least this recent
+            now = await version()  # before the read: what it sees is at least this recent
             hit = self.entries.get(key)
             if hit is not None and hit[0] == now:
                 self.entries.move_to_end(key)
@@ -180,9 +185,15 @@ class RestApp:
         self.kdf = kdf
         self.client_user = client_user
         self.metrics = metrics
-        # The cache is valid until this daemon's next commit; on PostgreSQL other daemons
-        # commit too, unseen here, so views are not kept (concurrent GETs still share a read).
-        self.views = ViewCache(entries=0 if ctx.store.postgres else 128)
+        self.views = ViewCache()
+
+    async def version(self) -> Hashable:
+        """What a cached view is valid for. SQLite: this daemon's commits (the store is its
+        own). PostgreSQL: other daemons commit too, unseen by that count, so the server's
+        snapshot, read each time (views.snapshot): a GET after a commit on any daemon reads
+        again."""
+        store = self.ctx.store
+        return await store.read(views.snapshot) if store.postgres else store.commits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -359,8 +370,7 @@ class RestApp:
             view = await api.one_reply(api.get(self.ctx, parameters, False))
             return _encoder.encode(view["schedule"])
 
-        store = self.ctx.store
-        return Answer(200, await self.views.get(schedule_id, lambda: store.commits, read))
+        return Answer(200, await self.views.get(schedule_id, self.version, read))
 
     async def create(self, call: Call, schedule_id: str) -> Answer:
         _permit(call, Level.operate)

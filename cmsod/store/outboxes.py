@@ -3,11 +3,13 @@ written by the transaction whose change causes them (`Tx.finish`); these read an
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, NamedTuple
 
 import msgspec
 
 from cmsod import ticketing
+from cmsod.store import backend
 from cmsod.store.store import Tx
 from cmsod.ticketing import Opened
 
@@ -39,6 +41,74 @@ def pending_events(conn: Any, limit: int) -> list[tuple[int, str, str, bytes]]:
 
 def last_event_seq(conn: Any) -> int:
     return conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+
+
+# -- the event log, tailed (`cmsoctl watch`) -----------------------------------------------
+
+
+class Tail:
+    """Where a reader of the stored events stands: every event up to `top` was read, except
+    the `gaps`. Live watchers read the log, not the outbox: on PostgreSQL another daemon may
+    publish an event (and mark it sent) before this one ever looks at the outbox.
+
+    Seqs are handed out as events are inserted, and write transactions need not commit in
+    that order (PostgreSQL): an event may be seen before one of a lower seq, which is then a
+    gap, looked for again at every read. A gap that never comes was rolled back; that is
+    known once no transaction that could hold it is running any more: the snapshot's xmin has
+    reached the xmax of the snapshot that found the gap (the transaction had its xid then: a
+    transaction updates its schedule's row before it inserts its events, Tx.finish). The
+    events of one schedule commit in their seq order (that row's lock), so handing out what
+    each read finds in seq order keeps every schedule's order. SQLite (one writer, commits in
+    seq order) has no gaps."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.gaps: dict[int, int] = {}  # seq -> xid all running transactions must reach
+
+    def advance(self, found: TailRead) -> list[tuple[int, str, bytes]]:
+        """What a `read_tail` found that was not read before, in seq order; moves on."""
+        fresh = []
+        for row in found.rows:
+            seq = row[0]
+            if self.gaps.pop(seq, None) is not None:
+                fresh.append(row)
+            elif seq > self.top:
+                if found.xmax is not None:
+                    self.gaps.update(dict.fromkeys(range(self.top + 1, seq), found.xmax))
+                self.top = seq
+                fresh.append(row)
+        if found.xmin is not None:  # gaps whose every possible writer has ended
+            self.gaps = {seq: xid for seq, xid in self.gaps.items() if xid > found.xmin}
+        return fresh
+
+
+class TailRead(NamedTuple):
+    rows: list[tuple[int, str, bytes]]  # (seq, schedule id, body) in seq order
+    complete: bool  # every event after `top` there is (not cut by the limit)
+    xmin: int | None  # PostgreSQL: the snapshot's oldest running xid and next xid (Tail)
+    xmax: int | None
+
+
+def read_tail(conn: Any, top: int, gaps: list[int], limit: int) -> TailRead:
+    """The events of `gaps` that are there now, then up to `limit` after `top`, in seq order,
+    from one snapshot. (Two queries: `seq > ? OR seq IN (...)` would scan the whole log.)"""
+    columns = "SELECT seq, schedule_id, body FROM events"
+    rows = (
+        conn.execute(
+            f"{columns} WHERE seq IN (SELECT CAST(value AS BIGINT) FROM json_each(?)) ORDER BY seq",
+            (json.dumps(gaps),),
+        ).fetchall()
+        if gaps
+        else []
+    )
+    after = conn.execute(f"{columns} WHERE seq > ? ORDER BY seq LIMIT ?", (top, limit)).fetchall()
+    if not isinstance(conn, backend.PgConnection):
+        return TailRead(rows + after, len(after) < limit, None, None)
+    xmin, xmax = conn.execute(  # of the snapshot the rows were read in (REPEATABLE READ)
+        "SELECT CAST(CAST(pg_snapshot_xmin(s) AS TEXT) AS BIGINT),"
+        " CAST(CAST(pg_snapshot_xmax(s) AS TEXT) AS BIGINT) FROM pg_current_snapshot() AS s"
+    ).fetchone()
+    return TailRead(rows + after, len(after) < limit, xmin, xmax)
 
 
 def refuse_event(tx: Tx, seq: int, reason: str) -> None:

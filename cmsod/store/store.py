@@ -158,6 +158,7 @@ class Tx:
         self.verdicts: list[tuple[str, S]] = []  # schedules this transaction closed
         self.notes: list[tuple[str, dict[str, Any]]] = []  # log lines, written after commit
         self.ticket_ops = 0  # ticket operations this transaction queued
+        self.freeze_changed = False  # (its event belongs to no schedule: not in _edits)
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
         # schedules whose slots this transaction moved -> their plan's fingerprint once the
         # last move is done (`plan_kept`), None when not computed: `finish` stores it
@@ -384,6 +385,7 @@ class Tx:
 
     def freeze_event(self, value: dict[str, Any]) -> None:
         """The global freeze changed: one event of its own sequence (no schedule owns it)."""
+        self.freeze_changed = True
         (seq,) = self.execute(
             'UPDATE "freeze" SET event_seq = event_seq + 1 WHERE id = 1 RETURNING event_seq'
         ).fetchone()
@@ -526,7 +528,7 @@ class Store:
                 result = fn(tx, *args)
                 tx.finish()
                 tx.flush()
-                if self.postgres and (tx._edits or tx.ticket_ops):
+                if self.postgres and (tx._edits or tx.ticket_ops or tx.freeze_changed):
                     # the other daemons' doorbells, delivered at commit (`listen`)
                     conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, owner or ""))
                 conn.execute("COMMIT")

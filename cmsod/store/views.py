@@ -425,6 +425,14 @@ def details(
         raise RequestError(404, "SCHEDULE_NOT_FOUND", APPROVAL_DOMAIN, "")
 
 
+def snapshot(conn: Any) -> str:
+    """PostgreSQL: the snapshot this read sees, as `xmin:xmax:running xids`. The same text
+    twice means no transaction of the server (of any daemon) began writing or ended in
+    between: a view read after the first is still what a read now would see. One short
+    query, no row that every write would have to update."""
+    return conn.execute("SELECT CAST(pg_current_snapshot() AS TEXT)").fetchone()[0]
+
+
 def status_counts(conn: sqlite3.Connection) -> dict[str, Any]:
     return {
         "schedules": dict(
