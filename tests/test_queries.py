@@ -22,10 +22,11 @@ from cmsod.wire.cmso import ScheduleRequest
 from tests.cmso_requests import request
 from tests.conftest import EPOCH, ControlClient, Daemon, wait_until
 
-DETAILS, GET, LIST = (
+DETAILS, GET, LIST, TICKETS = (
     "io.cmsod.Schedules.Details",
     "io.cmsod.Schedules.Get",
     "io.cmsod.Schedules.List",
+    "io.cmsod.Tickets.List",
 )
 
 # Every test here runs on SQLite and on PostgreSQL (the `backend` fixture).
@@ -127,6 +128,52 @@ async def test_list_follows_its_cursor_when_streamed(client: ControlClient) -> N
         ["s0"],
     ]
     assert [r.get("continues", False) for r in replies] == [True, True, False]
+
+
+async def paged(client: ControlClient, method: str, rows: str, key: str) -> list[str]:
+    """Every page's ids, one row a page, each page from the one before's `next`."""
+    ids, after = [], None
+    while True:
+        reply = await client.ok(method, limit=1, **({"after": after} if after else {}))
+        ids += [row[key] for row in reply[rows]]
+        if not (after := reply["next"]):
+            return ids
+
+
+async def test_after_takes_an_id_that_looks_like_a_cursor(
+    cmsod: Daemon, client: ControlClient
+) -> None:
+    """A schedule id may hold ":" and a change id anything: an id given as `after` is the
+    row the page starts after, never read as a cursor (`20261203:c` was: an empty page)."""
+    from cmsod.model import ScheduleStatus as S
+    from tests.cmso_requests import approval
+
+    ids = ["20261203:a", "20261203:b", "20261203:c"]
+    for n, schedule_id in enumerate(ids):
+        body = request(schedule_id, [f"node{n}"], now=EPOCH, minutes_from_now=600)
+        await client.ok("io.cmsod.Schedules.Create", schedule=body)
+        await client.wait_for(schedule_id, S.PENDING_APPROVAL)
+        await client.ok("io.cmsod.Schedules.Approve", scheduleId=schedule_id, approval=approval())
+    listed = await client.ok(LIST, after="20261203:c")
+    assert [s["scheduleId"] for s in listed["schedules"]] == ["20261203:b", "20261203:a"]
+    assert await paged(client, LIST, "schedules", "scheduleId") == ids[::-1]
+
+    # change ids as the ticket system might make them, one in each shape a cursor could take
+    tickets = (await client.ok(TICKETS))["tickets"]
+    renamed = ["0:a", "0~b", "0~c"]  # (in the order they are listed in: by planned start)
+
+    def rename(tx: Any) -> None:
+        for ticket, change_id in zip(tickets, renamed, strict=True):
+            tx.execute(
+                "UPDATE change_tickets SET change_id = ? WHERE change_id = ?",
+                (change_id, ticket["changeId"]),
+            )
+
+    await cmsod.ctx.store.tx(rename)
+    for n, change_id in enumerate(renamed):
+        listed = await client.ok(TICKETS, after=change_id)
+        assert [t["changeId"] for t in listed["tickets"]] == renamed[n + 1 :]
+    assert await paged(client, TICKETS, "tickets", "changeId") == renamed
 
 
 # -- the store: reads beside the writer -----------------------------------------------------

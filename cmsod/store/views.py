@@ -248,23 +248,26 @@ def schedule_elements(
 
 
 def _cursor(ms: int, key: str) -> str:
-    """Where a page ended, as a key position (`<ms>:<id>`): the next page starts after it
-    whatever becomes of that row meanwhile (a ticket's planned start follows its slots)."""
-    return f"{ms}:{key}"
+    """Where a page ended, as a key position (`<ms>~<id>`): the next page starts after it
+    whatever becomes of that row meanwhile (a ticket's planned start follows its slots).
+    "~" is in no schedule id (lifecycle.SCHEDULE_ID), so a schedule id never reads as a
+    cursor; a change id is the ticket system's, any text, so `_position` looks for an id
+    first and reads a cursor only in what matches none."""
+    return f"{ms}~{key}"
 
 
 def _position(conn: sqlite3.Connection, after: str, sql: str) -> tuple[int, str]:
-    """Where a page starts: a cursor (`_cursor`), or the id of the last row seen (where that
-    row is now, found by `sql`)."""
-    ms, sep, key = after.partition(":")
-    if sep and ms.isdigit():
-        return int(ms), key
+    """Where a page starts: after the row whose id is `after` (where that row is now, found
+    by `sql`), else at a cursor (`_cursor`)."""
     row = conn.execute(sql, (after,)).fetchone()
-    if row is None:
+    if row is not None:
+        return row[0], row[1]
+    ms, sep, key = after.partition("~")
+    if not (sep and ms.isdigit()):
         raise InvalidParameter(
             "after", f"{after!r} is neither a cursor (a page's `next`) nor a known id"
         )
-    return row[0], row[1]
+    return int(ms), key
 
 
 def list_schedules(
