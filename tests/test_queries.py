@@ -176,6 +176,19 @@ async def test_after_takes_an_id_that_looks_like_a_cursor(
     assert await paged(client, TICKETS, "tickets", "changeId") == renamed
 
 
+async def test_after_that_is_neither_an_id_nor_a_cursor_is_refused_naming_it(
+    client: ControlClient,
+) -> None:
+    """Not a 500 and a bug logged: "²" is a digit to str.isdigit and not to int(); a number
+    past a BIGINT overflowed SQLite's binding."""
+    await create(client, "s0", 1)
+    for method in (LIST, TICKETS):
+        for after in ("nope", "²~s0", "9" * 30 + "~s0", "1:s0", "~s0"):
+            reply = await client.call(method, after=after)
+            assert reply["error"] == "org.varlink.service.InvalidParameter", reply
+            assert reply["parameters"]["parameter"] == "after"
+
+
 # -- the store: reads beside the writer -----------------------------------------------------
 
 

@@ -292,6 +292,10 @@ async def test_list_pages_with_a_link(http: Rest) -> None:
     rest_page = await http.client.get(BASE + link[1 : link.index(">")])
     assert [s["scheduleId"] for s in rest_page.json()] == ["s0"]
     assert "Link" not in rest_page.headers
+    for after in ("nope", "²~x", "9" * 30 + "~x"):  # neither an id nor a cursor: no 500
+        refused = await http.client.get(BASE, params={"after": after})
+        assert refused.status_code == 400
+        assert refused.json()["requestError"]["variables"] == ["after"]
     filtered = await http.client.get(BASE, params={"status": S.SCHEDULED})
     assert filtered.json() == []
     unknown = await http.client.get(BASE, params={"scheduleName": "x"})

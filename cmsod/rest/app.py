@@ -27,7 +27,7 @@ import trio
 from cmsod import log, usecases
 from cmsod.actors.context import Context
 from cmsod.control import api
-from cmsod.errors import ControlError, RequestError
+from cmsod.errors import ControlError, InvalidParameter, RequestError
 from cmsod.executor import Executor
 from cmsod.lifecycle import validate_request
 from cmsod.rest.auth import (
@@ -208,6 +208,10 @@ class RestApp:
             answer = exc
         except RequestError as exc:
             answer = request_error(exc)
+        except InvalidParameter as exc:  # (list's `after`) as a body's field is refused
+            field = exc.parameters["parameter"]
+            text = f"Invalid attribute {field}: {exc}"
+            answer = request_error(RequestError(400, "INVALID_ATTRIBUTE", field, text=text))
         except ControlError as exc:  # the socket's refusals: too many rows for one answer
             answer = problem(400, exc.name.rsplit(".", 1)[-1].upper(), str(exc))
         except Exception as exc:  # a bug or a store failure: answer, log, keep serving

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sqlite3
 from collections.abc import Generator
 from typing import Any
@@ -247,6 +248,10 @@ def schedule_elements(
         yield item
 
 
+# (ASCII digits: str.isdigit takes "²", which int() refuses; at most 18: they fit a BIGINT)
+_CURSOR = re.compile(r"(-?[0-9]{1,18})~(.*)", re.DOTALL)
+
+
 def _cursor(ms: int, key: str) -> str:
     """Where a page ended, as a key position (`<ms>~<id>`): the next page starts after it
     whatever becomes of that row meanwhile (a ticket's planned start follows its slots).
@@ -262,12 +267,12 @@ def _position(conn: sqlite3.Connection, after: str, sql: str) -> tuple[int, str]
     row = conn.execute(sql, (after,)).fetchone()
     if row is not None:
         return row[0], row[1]
-    ms, sep, key = after.partition("~")
-    if not (sep and ms.isdigit()):
+    cursor = _CURSOR.fullmatch(after)
+    if cursor is None:
         raise InvalidParameter(
             "after", f"{after!r} is neither a cursor (a page's `next`) nor a known id"
         )
-    return int(ms), key
+    return int(cursor[1]), cursor[2]
 
 
 def list_schedules(
