@@ -974,7 +974,7 @@ async def test_a_view_kept_on_one_daemon_is_not_served_after_a_commit_on_another
         http = Rest(client)
         assert (await http.schedule("both"))["status"] == S.PENDING_APPROVAL
         kept = False
-        for _ in range(50):  # (other sessions of the server may begin writing meanwhile)
+        for _ in range(50):  # (other sessions of the server may commit meanwhile)
             before = len(reads)
             await http.schedule("both")
             await http.schedule("both")

@@ -435,9 +435,11 @@ def details(
 
 def snapshot(conn: Any) -> str:
     """PostgreSQL: the snapshot this read sees, as `xmin:xmax:running xids`. The same text
-    twice means no transaction of the server (of any daemon) began writing or ended in
-    between: a view read after the first is still what a read now would see. One short
-    query, no row that every write would have to update."""
+    twice means no transaction of the server (of any daemon) committed or aborted in
+    between (one that starts writing takes an xid at or above xmax, which the text leaves
+    out; only its end moves xmax or takes it out of the running list): a view read after
+    the first is still what a read now would see. One short query, no row that every write
+    would have to update."""
     return conn.execute("SELECT CAST(pg_current_snapshot() AS TEXT)").fetchone()[0]
 
 
