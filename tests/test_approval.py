@@ -180,6 +180,37 @@ async def test_show_gives_the_fingerprint_and_the_approval_records_it(
     assert [e["approved-plan"] for e in edits(tmp_path) if "approved-plan" in e] == [shown]
 
 
+async def test_the_fingerprint_in_a_transaction_that_moved_slots_is_of_the_moved_plan(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The column is written at the transaction's end (Tx.finish): read before that, inside
+    the transaction that moved a slot, it was still the plan before the move."""
+    cmsod = await start_daemon(nursery, tmp_path)
+    client = await cmsod.connect()
+    seen = (await planned(client, "mv", ["n1", "n2"]))["planFingerprint"]
+
+    def move_n1(tx: Any) -> tuple[str | None, str | None]:
+        schedule, element, start, finish = tx.execute(
+            "SELECT s.id, e.id, e.start_ms, e.finish_ms FROM elements e"
+            " JOIN schedules s ON s.id = e.schedule WHERE e.name = 'n1'"
+        ).fetchone()
+        tx.element_set(
+            element,
+            schedule,
+            "mv",
+            "n1",
+            E.PENDING_APPROVAL,
+            start_ms=start + H,
+            finish_ms=finish + H,
+        )
+        moved = plans.fingerprint("mv", schedules.load_slots(tx, schedule))
+        return moved, schedules.plan_fingerprint(tx, schedule, "mv")
+
+    moved, read = await cmsod.ctx.store.tx(move_n1)
+    assert moved != seen and read == moved
+    assert (await client.schedule("mv"))["planFingerprint"] == moved  # and once committed
+
+
 async def test_an_approval_after_slots_passed_is_refused_unless_replanned(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -194,11 +194,15 @@ def known_plan(db: Any, schedule: int, fingerprint: str) -> dict[str, plans.Slot
 
 
 def plan_fingerprint(db: Any, schedule: int, schedule_id: str) -> str | None:
-    """The fingerprint of the schedule's plan as it stands: the one stored with it, computed
-    when not known (after a carry-over moved a slot)."""
-    (stored,) = db.execute(
-        "SELECT plan_fingerprint FROM schedules WHERE id = ?", (schedule,)
-    ).fetchone()
+    """The fingerprint of the schedule's plan as it stands: the one stored with it (or, in a
+    transaction that moved its slots, the one it will store), computed when not known (after
+    a carry-over moved a slot)."""
+    if isinstance(db, Tx) and schedule in db.moved_plans:
+        stored = db.moved_plans[schedule]
+    else:
+        (stored,) = db.execute(
+            "SELECT plan_fingerprint FROM schedules WHERE id = ?", (schedule,)
+        ).fetchone()
     return stored or plans.fingerprint(schedule_id, load_slots(db, schedule))
 
 

@@ -161,8 +161,9 @@ class Tx:
         self.freeze_changed = False  # (its event belongs to no schedule: not in _edits)
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
         # schedules whose slots this transaction moved -> their plan's fingerprint once the
-        # last move is done (`plan_kept`), None when not computed: `finish` stores it
-        self._plans: dict[int, str | None] = {}
+        # last move is done (`plan_kept`), None when not computed: `finish` stores it, and
+        # until then it, not the column, is the schedule's (schedules.plan_fingerprint)
+        self.moved_plans: dict[int, str | None] = {}
 
     @property
     def conn(self) -> Any:
@@ -262,11 +263,11 @@ class Tx:
     def _moved(self, schedule: int, columns: dict[str, Any]) -> None:
         """Every slot change passes here: the schedule's stored fingerprint is no longer known."""
         if "start_ms" in columns or "finish_ms" in columns:
-            self._plans[schedule] = None
+            self.moved_plans[schedule] = None
 
     def plan_kept(self, schedule: int, fingerprint: str | None) -> None:
         """The fingerprint of the schedule's slots as they now stand (after its last move)."""
-        self._plans[schedule] = fingerprint
+        self.moved_plans[schedule] = fingerprint
 
     def note(self, event: str, **fields: Any) -> None:
         """A log line for after the commit (never for a change that is rolled back)."""
@@ -322,7 +323,7 @@ class Tx:
         """Apply the core's rules to what this transaction changed: the ticket operations
         (`ticketing.move`), the verdict of executing schedules whose last element just ended
         (`lifecycle.completion_verdict`); then write the events."""
-        for schedule, fingerprint in self._plans.items():
+        for schedule, fingerprint in self.moved_plans.items():
             self.execute(
                 "UPDATE schedules SET plan_fingerprint = ? WHERE id = ?", (fingerprint, schedule)
             )
