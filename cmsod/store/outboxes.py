@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from cmsod import ticketing
-from cmsod.store.store import Tx
+from cmsod.store.store import Tx, shared_lock
 from cmsod.ticketing import Opened
 
 
@@ -41,10 +41,12 @@ def last_event_seq(conn: Any) -> int:
     return conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
 
 
+@shared_lock  # the events rows only: beside other daemons' writes
 def refuse_event(tx: Tx, seq: int, reason: str) -> None:
     tx.execute("UPDATE events SET refused = ? WHERE seq = ?", (reason[:1000], seq))
 
 
+@shared_lock
 def mark_events_sent(tx: Tx, seqs: list[int]) -> None:
     if tx.owner is not None and not holds_lease(tx, "events"):
         tx.note("events.not_ours", count=len(seqs))  # another daemon publishes now

@@ -59,6 +59,24 @@ class LeaseLost(RuntimeError):
     nothing more and stop (cmsod/store/fleet.py)."""
 
 
+class NeedsExclusive(Exception):
+    """A transaction run under the shared write lock reached a change that reads or writes
+    beyond the schedules it locked (a carry-over placed around other schedules' work, the
+    freeze expiring): `Store.tx` rolls it back and runs it again under the exclusive lock."""
+
+
+# Write transactions that may run beside other daemons' (PostgreSQL): each locks the rows of
+# the schedules it changes before anything else and changes nothing outside them, or calls
+# `Tx.exclusive()` first. Marked with `shared_lock`.
+SHARED: set[Callable[..., Any]] = set()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def shared_lock(fn: F) -> F:
+    SHARED.add(fn)
+    return fn
+
+
 MAX_STREAMS = 4  # searches streaming at once (each holds a connection); more wait their turn
 NOTIFY_CHANNEL = "cmsod"  # LISTEN/NOTIFY: a commit that stored work wakes the other daemons
 WRITE_LOCK = 0x636D736F_77726974  # pg_advisory_xact_lock key of write transactions: "cmsowrit"
@@ -142,8 +160,10 @@ class Tx:
         source: str,
         route_by: str = "",
         owner: str | None = None,
+        shared: bool = False,
     ) -> None:
         self._conn = conn
+        self.shared = shared  # under the shared write lock (PostgreSQL): see `exclusive`
         self._pending: list[tuple[str, list[tuple | list]]] = []  # deferred writes, in order
         self.owner = owner  # this daemon's id (fleet.py): what it claims is claimed for it
         self.postgres = isinstance(conn, backend.PgConnection)  # the few per-backend statements
@@ -159,6 +179,12 @@ class Tx:
         self.notes: list[tuple[str, dict[str, Any]]] = []  # log lines, written after commit
         self.ticket_ops = 0  # ticket operations this transaction queued
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
+
+    def exclusive(self) -> None:
+        """What follows needs the exclusive write lock (it reads or changes more than the
+        schedules this transaction locked): under the shared one, start again under it."""
+        if self.shared:
+            raise NeedsExclusive
 
     @property
     def conn(self) -> Any:
@@ -489,22 +515,37 @@ class Store:
             raise LeaseLost(f"daemon {owner}: its work was taken over by another daemon")
 
         def work() -> tuple[T, Tx]:
+            shared = self.postgres and fn in SHARED
+            while True:
+                try:
+                    return attempt(shared)
+                except NeedsExclusive:
+                    shared = False
+
+        def attempt(shared: bool) -> tuple[T, Tx]:
             conn = self._connection()
             if self.postgres:
                 conn.execute("BEGIN")
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                conn.execute(
+                    f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}(?)", (WRITE_LOCK,)
+                )
             else:
                 conn.execute("BEGIN IMMEDIATE")
             try:
                 if self.postgres and owner is not None:
+                    # Fencing: the row is the token. FOR SHARE holds it to the commit, so a
+                    # take-over (which deletes it) waits for this write or this write sees
+                    # the row gone.
                     if (
-                        conn.execute("SELECT 1 FROM daemons WHERE id = ?", (owner,)).fetchone()
+                        conn.execute(
+                            "SELECT 1 FROM daemons WHERE id = ? FOR SHARE", (owner,)
+                        ).fetchone()
                         is None
                     ):
                         raise LeaseLost(
                             f"daemon {owner}: its work was taken over by another daemon"
                         )
-                tx = Tx(conn, now_ms, topic, source, route_by, owner)
+                tx = Tx(conn, now_ms, topic, source, route_by, owner, shared)
                 result = fn(tx, *args)
                 tx.finish()
                 tx.flush()
