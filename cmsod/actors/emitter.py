@@ -54,7 +54,8 @@ def check_schema(head: Head) -> None:
 async def run(
     ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    watched = await ctx.store.read(outboxes.last_event_seq)  # watchers see what comes from now on
+    since = await ctx.store.read(outboxes.last_event_seq)  # watchers see what comes from now on
+    offered: set[int] = set()
     task_status.started()
     backoff = FIRST_RETRY_S
     refused_until: dict[str, float] = {}  # topics the sink refused for good: when to try again
@@ -76,7 +77,7 @@ async def run(
                 log.error("events.refused", seq=seq, reason=str(exc))
                 await ctx.store.tx(outboxes.refuse_event, seq, str(exc))
         rows = [r for r in rows if r[0] in heads]
-        watched = fan_out(ctx, rows, heads, watched)
+        offered = fan_out(ctx, rows, heads, since, offered)
         if "events" not in ctx.store.held_leases:  # another daemon publishes (fleet.py)
             await ctx.bells.emitter.wait(10.0)
             continue
@@ -154,12 +155,19 @@ async def mark_sent(ctx: Context, figures: ActorFigures, seqs: list[int]) -> Non
     figures.done += len(seqs)
 
 
-def fan_out(ctx: Context, rows: list, heads: dict[int, Head], watched: int) -> int:
-    """Offer events newer than `watched` to every watcher; drop one that is too far behind."""
+def fan_out(
+    ctx: Context, rows: list, heads: dict[int, Head], since: int, offered: set[int]
+) -> set[int]:
+    """Offer the pending events after `since` not `offered` yet to every watcher; drop one
+    that is too far behind. Answers the events offered that may still be pending: on
+    PostgreSQL daemons commit side by side, so an event may become visible after one of a
+    higher seq (of another schedule) was offered; below the first pending row none can."""
+    first = rows[0][0] if rows else None
+    offered = {seq for seq in offered if first is not None and seq >= first}
     for seq, _, _, body in rows:
-        if seq <= watched:
+        if seq <= since or seq in offered:
             continue
-        watched = seq
+        offered.add(seq)
         head = heads[seq]
         for watcher in list(ctx.watchers):
             if not watcher.wants(head.eventCorrelationId, head.eventType):
@@ -174,4 +182,4 @@ def fan_out(ctx: Context, rows: list, heads: dict[int, Head], watched: int) -> i
                 watcher.dropped = True
                 watcher.send.close()
                 log.warning("watch.dropped", reason="too slow: its queue of events was full")
-    return watched
+    return offered
