@@ -61,6 +61,12 @@ async def run(
     refused_until: dict[str, float] = {}  # topics the sink refused for good: when to try again
     while True:
         figures = ctx.beat("emitter")
+        stopping = ctx.flush_asked_at is not None
+        if "events" not in ctx.store.held_leases and not ctx.watchers and not stopping:
+            # another daemon publishes and nobody watches here: no need to read the outbox
+            # at every other daemon's commit
+            await ctx.bells.emitter.wait(10.0)
+            continue
         batch = ctx.config.events.batch_size
         pass_began = trio.current_time()
         rows = await ctx.store.read(outboxes.pending_events, batch * 10)
