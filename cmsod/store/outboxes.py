@@ -98,25 +98,28 @@ def record_ticket_ops(
     if tx.owner is not None and not holds_lease(tx, "tickets"):
         tx.note("tickets.not_ours", count=len(sent) + len(failed))  # another daemon sends now
         return
+    # Deferred, each statement's run sent as one executemany (one round trip on PostgreSQL).
     for op in sent:
-        tx.execute(
+        tx.defer(
             "UPDATE ticket_ops SET sent_ms = ?, attempts = attempts + 1 WHERE id = ?",
             (tx.now_ms, op.id),
         )
-        if op.op is ticketing.Op.RESCHEDULE:
-            continue  # the planned dates were recorded when the element was carried over
+    # (the planned dates of a RESCHEDULE were recorded when the element was carried over)
+    moved = [op for op in sent if op.op is not ticketing.Op.RESCHEDULE]
+    for op in moved:
         status = ticketing.WORK_IN_PROGRESS if op.op is ticketing.Op.UPDATE else ticketing.CLOSED
-        tx.execute(
+        tx.defer(
             "UPDATE change_tickets SET status = ?, updated_ms = ? WHERE change_id = ?",
             (status, tx.now_ms, op.change_id),
         )
-        if status == ticketing.CLOSED:  # CMSO: the elements' tmStatus once closed
-            tx.execute(
+    for op in moved:
+        if op.op is not ticketing.Op.UPDATE:  # CMSO: the elements' tmStatus once closed
+            tx.defer(
                 "UPDATE elements SET tm_status = ? WHERE tm_change_id = ?",
                 (ticketing.CLOSED, op.change_id),
             )
     for op, error, due_ms in failed:
-        tx.execute(
+        tx.defer(
             "UPDATE ticket_ops SET attempts = attempts + 1, last_error = ?, due_ms = ?"
             " WHERE id = ?",
             (error[:2000], due_ms, op.id),

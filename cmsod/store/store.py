@@ -284,7 +284,7 @@ class Tx:
         self.notes.append((event, fields))
 
     def queue_ticket_op(self, change_id: str, op: ticketing.Op, body: dict[str, Any]) -> None:
-        self.execute(
+        self.defer(
             "INSERT INTO ticket_ops (change_id, op, body, created_ms, due_ms)"
             " VALUES (?, ?, ?, ?, ?)",
             (change_id, op.value, msgspec.json.encode(body), self.now_ms, self.now_ms),
@@ -294,7 +294,7 @@ class Tx:
     def _move_tickets(self) -> None:
         """The ticket operations this transaction's element changes cause, in its commit:
         WorkInProgress when a ticket's first element is dispatched; close (or cancel) once
-        all of its elements are done."""
+        all of its elements are done. (Each read is one query for all of the tickets.)"""
         if not self._check_tickets:
             return
         tickets = self.execute(
@@ -305,29 +305,39 @@ class Tx:
             " WHERE id IN (SELECT CAST(value AS BIGINT) FROM json_each(?)))",
             (ticketing.Op.UPDATE.value, json.dumps(self._check_tickets)),
         ).fetchall()
+        if not tickets:
+            return
+        elements: dict[str, list[tuple[E, int | None, int | None]]] = {}
+        for change_id, status, dispatch_ms, completed_ms in self.execute(
+            "SELECT tm_change_id, status, dispatch_ms, completed_ms FROM elements"
+            " WHERE tm_change_id IN (SELECT value FROM json_each(?))",
+            (json.dumps([t[0] for t in tickets]),),
+        ):
+            elements.setdefault(change_id, []).append((E(status), dispatch_ms, completed_ms))
+        closed = []
         for change_id, user_id, updating in tickets:
-            elements = self.execute(
-                "SELECT status, dispatch_ms, completed_ms FROM elements WHERE tm_change_id = ?",
-                (change_id,),
-            ).fetchall()
             move = ticketing.move(
-                change_id, user_id, [(E(s), d, c) for s, d, c in elements], updating, self.now_ms
+                change_id, user_id, elements.get(change_id, []), updating, self.now_ms
             )
             if move is None:
                 continue
             self.queue_ticket_op(change_id, move.op, move.body)
             if move.closure is not None:
-                self.execute(
-                    "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
-                    " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
+                closed.append(
                     (
                         move.closure.value,
                         move.first_dispatch_ms,
                         move.last_completion_ms,
                         self.now_ms,
                         change_id,
-                    ),
+                    )
                 )
+        for row in closed:  # after the inserts: each statement's run goes in one round trip
+            self.defer(
+                "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
+                " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
+                row,
+            )
 
     def finish(self) -> None:
         """Apply the core's rules to what this transaction changed: the ticket operations
