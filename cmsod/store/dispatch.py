@@ -77,22 +77,10 @@ IDS = "(SELECT CAST(value AS BIGINT) FROM json_each(?))"  # a JSON array of ids 
 
 
 def lock_schedules(tx: Tx, elements: list[int], skip: bool = False) -> set[int] | None:
-    """PostgreSQL: lock the rows of these elements' schedules, in id order, and answer which.
-    Every transaction under the shared write lock (`shared_lock`) takes its schedules' rows
-    first, in that order, and changes nothing outside them: the schedule row is the claim on
-    its elements, tickets and events, and no two such transactions wait on each other in a
-    circle. With `skip` (claiming due work), schedules another daemon holds now are skipped:
-    their elements are its to dispatch. SQLite: None (its one writer holds everything)."""
-    if not tx.postgres:
-        return None
-    return {
-        schedule
-        for (schedule,) in tx.execute(
-            f"SELECT id FROM schedules WHERE id IN (SELECT schedule FROM elements WHERE id IN {IDS})"
-            " ORDER BY id FOR UPDATE" + (" SKIP LOCKED" if skip else ""),
-            (json.dumps(elements),),
-        )
-    }
+    """`Tx.lock_schedules` of these elements' schedules."""
+    return tx.lock_schedules(
+        f"SELECT schedule FROM elements WHERE id IN {IDS}", (json.dumps(elements),), skip
+    )
 
 
 class BatchCache:

@@ -3,6 +3,7 @@ written by the transaction whose change causes them (`Tx.finish`); these read an
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -90,11 +91,17 @@ def next_ticket_op_ms(conn: Any) -> int | None:
     return conn.execute(f"SELECT min(o.due_ms) FROM ticket_ops o WHERE{_TICKET_HEAD}").fetchone()[0]
 
 
+@shared_lock
 def record_ticket_ops(
     tx: Tx, sent: list[TicketOp], failed: list[tuple[TicketOp, str, int]]
 ) -> None:
     """TM took these operations (our record of the ticket follows) or refused these (each
-    with why and when to try again)."""
+    with why and when to try again). Their tickets' schedules are locked first (`shared_lock`):
+    a ticket and its elements are its schedule's."""
+    tx.lock_schedules(
+        "SELECT schedule FROM change_tickets WHERE change_id IN (SELECT value FROM json_each(?))",
+        (json.dumps([op.change_id for op in sent] + [op.change_id for op, _, _ in failed]),),
+    )
     if tx.owner is not None and not holds_lease(tx, "tickets"):
         tx.note("tickets.not_ours", count=len(sent) + len(failed))  # another daemon sends now
         return

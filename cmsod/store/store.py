@@ -180,6 +180,25 @@ class Tx:
         self.ticket_ops = 0  # ticket operations this transaction queued
         self.transitions: list[tuple[str, str]] = []  # ("schedule" | "element", new status)
 
+    def lock_schedules(self, among: str, params: tuple, skip: bool = False) -> set[int] | None:
+        """PostgreSQL: lock the rows of the schedules `among` (a subquery of their ids) names,
+        in id order, and answer which. Every transaction under the shared write lock
+        (`shared_lock`) takes its schedules' rows first, in that order, and changes nothing
+        outside them: a schedule's row is the claim on its elements, tickets and events, and
+        no two such transactions wait on each other in a circle. With `skip` (claiming due
+        work), those another daemon holds now are skipped: theirs to do. SQLite: None (its
+        one writer holds everything)."""
+        if not self.postgres:
+            return None
+        return {
+            schedule
+            for (schedule,) in self.execute(
+                f"SELECT id FROM schedules WHERE id IN ({among}) ORDER BY id FOR UPDATE"
+                + (" SKIP LOCKED" if skip else ""),
+                params,
+            )
+        }
+
     def exclusive(self) -> None:
         """What follows needs the exclusive write lock (it reads or changes more than the
         schedules this transaction locked): under the shared one, start again under it."""
