@@ -21,11 +21,25 @@ needs (reference/reliability.md A2, B2).
 
 PostgreSQL (`[store] url = "postgresql://..."`, cmsod/store/backend.py) is driven the same way:
 psycopg 3's synchronous API (its async API is asyncio-only), one connection per role — the
-writer, the reader, one per stream — each used from its worker thread. A write transaction
-first takes a database-wide advisory lock, PostgreSQL's BEGIN IMMEDIATE: the load -> decide ->
-apply transactions, written for one writer, stay one at a time across every daemon sharing the
-database (each is short; network calls are never made inside one). Reads are REPEATABLE READ
-READ ONLY snapshots and never wait for it.
+writer, the reader, one per stream — each used from its worker thread. Within a daemon the
+writes stay one at a time; across the daemons sharing the database, a write transaction first
+takes a database-wide advisory lock (WRITE_LOCK):
+
+- shared, for the frequent ones marked `shared_lock` (claiming a due batch, recording answers,
+  polls, sent events and ticket operations): they run side by side, each locking the rows of
+  the schedules it changes first, in id order (`Tx.lock_schedules`; a due batch is claimed
+  with SKIP LOCKED, so another daemon's claim is skipped, not waited for), and changing
+  nothing outside them: the schedule row is the claim on its elements, tickets and events;
+- exclusive, PostgreSQL's BEGIN IMMEDIATE, for everything else (planning, approvals, control
+  commands, heartbeats and take-overs, the freeze): the load -> decide -> apply transactions
+  written for one writer run alone. A shared one that reaches such a change (a carry-over
+  placed around other schedules' work, the freeze expiring) calls `Tx.exclusive()` and is
+  run again under the exclusive lock (NeedsExclusive).
+
+Lock order, so no two wait on each other in a circle: the advisory lock, the daemon's own row
+(fencing, FOR SHARE), the schedules by id, then their elements. Each transaction is short;
+network calls are never made inside one. Reads are REPEATABLE READ READ ONLY snapshots and
+never wait.
 """
 
 from __future__ import annotations
