@@ -351,9 +351,12 @@ def _took_over(ctx: Context, done: fleet.Round) -> None:
 
 
 def _ring_all(ctx: Context) -> None:
-    """Another daemon stored work (NOTIFY): every actor looks at the store again."""
+    """Another daemon stored work (NOTIFY): every actor looks at the store again, but the
+    poller: it polls only this daemon's work flows, which another's commit never adds to
+    (work taken over is this daemon's own heartbeat's, which rings it)."""
     for bell in ctx.bells.all():
-        bell.ring()
+        if bell is not ctx.bells.poller:
+            bell.ring()
 
 
 async def _fleet(ctx: Context, lost: trio.Event) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -16,10 +18,11 @@ import trio.testing
 from cmsod import ctl, lifecycle
 from cmsod.executor import InlineExecutor, ThreadExecutor
 from cmsod.model import ElementStatus as E
+from cmsod.model import PollOutcome
 from cmsod.model import ScheduleStatus as S
 from cmsod.store import Store, dispatch, fleet, outboxes, schedules, views
 from cmsod.store.backend import connect_postgres
-from cmsod.store.store import LeaseLost
+from cmsod.store.store import EVENTS_LOCK, LeaseLost, Tx, shared_lock
 from cmsod.wire.cmso import ScheduleRequest
 from tests.cmso_requests import request
 from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
@@ -223,47 +226,35 @@ async def test_a_watcher_on_a_daemon_that_does_not_publish_sees_every_event_once
 
 
 @ON_POSTGRES
-async def test_the_watch_tail_finds_an_event_committed_out_of_order_and_skips_a_rollback(
-    backend: str,
-) -> None:
-    """Write transactions may commit out of their events' seq order: the tail (what watchers
-    read) takes a lower seq that shows up late, once, and gives up one rolled back once no
-    transaction that could hold it is running."""
+async def test_events_are_stored_in_commit_order_across_daemons(backend: str) -> None:
+    """A transaction that inserts events waits for one that inserted events before it to
+    commit (EVENTS_LOCK), even under the shared write lock: a reader of the log (watchers,
+    outboxes.Tail) never sees an event before one of a lower seq still to come."""
     url = os.environ["CMSOD_STORE__URL"]
-    store = Store(url, InlineExecutor())
-    await store.open()
-    slow, rolled, quick = (connect_postgres(url) for _ in range(3))
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    other = connect_postgres(url)  # another daemon, in the middle of storing its events
     insert = (
         "INSERT INTO events (schedule_id, topic, body, created_ms) VALUES (?, 't', ?, 0)"
         " RETURNING seq"
     )
-
-    async def read(tail: outboxes.Tail) -> list[int]:
-        found = await store.read(outboxes.read_tail, tail.top, list(tail.gaps), 100)
-        return [row[0] for row in tail.advance(found)]
-
     try:
-        tail = outboxes.Tail(await store.read(outboxes.last_event_seq))
-        slow.execute("BEGIN")
-        (first,) = slow.execute(insert, ("a", b"1")).fetchone()
-        rolled.execute("BEGIN")
-        (second,) = rolled.execute(insert, ("b", b"2")).fetchone()
-        (third,) = quick.execute(insert, ("c", b"3")).fetchone()
-        assert await read(tail) == [third]
-        assert set(tail.gaps) == {first, second}  # still running: looked for again
-        assert await read(tail) == [] and set(tail.gaps) == {first, second}
-        rolled.execute("ROLLBACK")
-        slow.execute("COMMIT")
-        assert await read(tail) == [first]  # late, not missed
-        with trio.fail_after(30):  # (other sessions of the server may hold its xmin a moment)
-            while tail.gaps:
-                assert await read(tail) == []
-                await trio.sleep(0.05)
-        assert await read(tail) == []  # the rolled-back one is given up, nothing twice
+        await immediates(a, {"x": ["x1"]})
+        top = await a.read(outboxes.last_event_seq)
+        other.execute("BEGIN")
+        other.execute("SELECT pg_advisory_xact_lock(?)", (EVENTS_LOCK,))
+        (first,) = other.execute(insert, ("other", b"{}")).fetchone()
+        due = await a.read(dispatch.due_elements, clock.ms, 10)
+        async with trio.open_nursery() as nursery:  # a's claim writes events: it waits
+            nursery.start_soon(a.tx, dispatch.begin_dispatches, [d.element for d in due], [])
+            await wait_until(lambda: a.read(waiting_for_a_lock), "a's claim waiting", 10)
+            assert [r[0] for r in await a.read(outboxes.read_tail, top, 100)] == []
+            other.execute("COMMIT")
+        seqs = [r[0] for r in await a.read(outboxes.read_tail, top, 100)]
+        assert seqs[0] == first and seqs == sorted(seqs) and len(seqs) > 1
     finally:
-        for conn in (slow, rolled, quick):
-            conn.close()
-        await store.close()
+        other.close()
+        await a.close()
 
 
 class StuckSink:
@@ -320,3 +311,167 @@ async def test_events_sent_again_after_a_takeover_keep_their_ids(
     ids = [json.loads(body)["eventId"] for _, body in stuck.taken + taking.taken]
     assert len(set(ids)) == len(stored)  # a receiver de-duplicating on eventId gets each once
     b.cancel.cancel()
+
+
+# -- claims under the shared write lock (several daemons writing at once) -------------------
+
+
+def held(tx: Tx, fn: Any, args: tuple, locked: threading.Event, release: threading.Event) -> Any:
+    """`fn`, then its transaction kept open (its locks held) until `release` (or 10 s)."""
+    result = fn(tx, *args)
+    locked.set()
+    release.wait(10)
+    return result
+
+
+shared_lock(held)  # as the hot paths it wraps: beside other daemons' transactions
+
+
+async def thread_store(url: str, clock: Clock, me: str) -> Store:
+    store = Store(url, ThreadExecutor(), clock)  # type: ignore[arg-type]
+    await store.open()
+    await store.tx(fleet.register, me, "host", 1, LEASE_MS)
+    store.owner = me
+    return store
+
+
+async def immediates(store: Store, names: dict[str, list[str]]) -> None:
+    for schedule_id, nodes in names.items():
+        body = request(schedule_id, nodes, now=EPOCH, minutes_from_now=None, normal=60)
+        new = lifecycle.validate_request(msgspec.convert(body, ScheduleRequest))
+        await store.tx(schedules.create_schedule, new)
+
+
+@ON_POSTGRES
+async def test_daemons_claiming_at_once_take_disjoint_work(backend: str) -> None:
+    """Two daemons claim the same due batches at the same time, in small batches, until
+    nothing is due: every element is claimed once, by one of them."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    b = await thread_store(url, clock, "b")
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def claim(store: Store) -> None:
+        while due := await store.read(dispatch.due_elements, clock.ms, 7):
+            jobs = await store.tx(dispatch.begin_dispatches, [d.element for d in due], [])
+            claimed[store.owner or ""].extend(j.element for j in jobs)
+
+    try:
+        await immediates(a, {f"s{i}": [f"s{i}-n{j}" for j in range(15)] for i in range(8)})
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(claim, a)
+                nursery.start_soon(claim, b)
+        both = claimed["a"] + claimed["b"]
+        assert len(both) == len(set(both)) == 120  # none twice, none left
+        rows = await a.read(
+            lambda conn: conn.execute(
+                "SELECT id, owner, dispatch_attempts FROM elements"
+            ).fetchall()
+        )
+        owners = {element: owner for owner, elements in claimed.items() for element in elements}
+        assert sorted((e, o, n) for e, o, n in rows) == sorted((e, o, 1) for e, o in owners.items())
+    finally:
+        await a.close()
+        await b.close()
+
+
+@ON_POSTGRES
+async def test_a_claim_does_not_wait_for_another_daemons_claim(backend: str) -> None:
+    """While a's claim of schedule x is open (its rows locked), b's claim of the same due
+    batch takes y's elements at once and skips x's (SKIP LOCKED), instead of waiting."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    b = await thread_store(url, clock, "b")
+    locked, release = threading.Event(), threading.Event()
+    try:
+        await immediates(a, {"x": ["x1", "x2"], "y": ["y1", "y2"]})
+        due = await a.read(dispatch.due_elements, clock.ms, 1000)
+        names = {d.element: d.name for d in due}
+        x = [d.element for d in due if d.name.startswith("x")]
+        a_jobs: list[dispatch.DispatchJob] = []
+
+        async def a_claims() -> None:
+            a_jobs.extend(await a.tx(held, dispatch.begin_dispatches, (x, []), locked, release))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a_claims)
+            await trio.to_thread.run_sync(locked.wait, 10)
+            try:
+                b_jobs = await b.tx(dispatch.begin_dispatches, list(names), [])
+                open_meanwhile = not release.is_set() and not a_jobs  # a still holds x
+            finally:
+                release.set()
+        assert open_meanwhile
+        assert sorted(names[j.element] for j in b_jobs) == ["y1", "y2"]
+        assert sorted(names[j.element] for j in a_jobs) == ["x1", "x2"]
+        assert await b.tx(dispatch.begin_dispatches, list(names), []) == []  # all claimed
+    finally:
+        release.set()
+        await a.close()
+        await b.close()
+
+
+@ON_POSTGRES
+async def test_a_fenced_daemons_write_is_refused_during_and_after_take_over(
+    backend: str,
+) -> None:
+    """a records its answers in a transaction still open when b takes a over: b's take-over
+    waits for it (a's write, begun before, completes and is reconciled as a's) and a's next
+    write is refused."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    b = await thread_store(url, clock, "b")
+    locked, release = threading.Event(), threading.Event()
+    try:
+        await immediates(a, {"f": ["f1", "f2"]})
+        due = await a.read(dispatch.due_elements, clock.ms, 1000)
+        jobs = await a.tx(dispatch.begin_dispatches, [d.element for d in due], [])
+        answers = [(j.element, f"so-{j.element}", None) for j in jobs]
+        took: list[fleet.Round] = []
+
+        async def b_takes_over() -> None:
+            took.append(await b.tx(fleet.heartbeat, "b", LEASE_MS, False))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                a.tx, held, dispatch.record_dispatch_results, (answers,), locked, release
+            )
+            await trio.to_thread.run_sync(locked.wait, 10)
+            clock.ms += LEASE_MS  # a's lease lapsed while its write is open
+            nursery.start_soon(b_takes_over)
+            # b's take-over waits for a's transaction
+            await wait_until(lambda: a.read(waiting_for_a_lock), "a take-over waiting", 10)
+            assert not took
+            release.set()
+        (done,) = took
+        assert done.gone == ["a"] and done.reconciled == [] and done.polls == 2
+        rows = await b.read(
+            lambda conn: conn.execute(
+                "SELECT status, owner, so_request_id FROM elements"
+            ).fetchall()
+        )
+        assert sorted(rows) == sorted((E.TRIGGERED, "b", so) for _, so, _ in answers)
+        with pytest.raises(LeaseLost):  # after the take-over: refused
+            await a.tx(
+                dispatch.record_polls, [(jobs[0].element, PollOutcome("COMPLETE", "", E.COMPLETED))]
+            )
+        rows = await b.read(lambda conn: conn.execute("SELECT status FROM elements").fetchall())
+        assert rows == [(E.TRIGGERED,), (E.TRIGGERED,)]
+    finally:
+        release.set()
+        await a.close()
+        await b.close()
+
+
+def waiting_for_a_lock(conn: Any) -> bool:
+    """Some session of this database waits for a lock (the take-over, for a's)."""
+    return bool(
+        conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()[0]
+    )

@@ -28,6 +28,9 @@ from cmsod.peers.alerts import AlertSourceUnreachable
 from cmsod.store import dispatch, schedules
 
 BATCH = 1000
+# PostgreSQL: a due batch another daemon holds now (its schedules' rows, locked while it
+# claims them) is looked at again when a commit rings or after this, not in a busy loop.
+CLAIM_RETRY_S = 0.05
 RETRY_BASE_S = 0.25
 # element, SO request id, failure message; neither: released (stopping, nothing was sent)
 Result = tuple[int, str | None, str | None]
@@ -60,6 +63,7 @@ async def run(
                 due = await ctx.store.read(
                     dispatch.due_elements, ctx.clock.now_ms() + lead_ms, claim
                 )
+                jobs: list[dispatch.DispatchJob] = []
                 if due:
                     ticket = await tickets.gate_for(
                         ctx, {d.change_id for d in due if d.change_id is not None}
@@ -76,7 +80,7 @@ async def run(
                     )
                     for job in jobs:
                         calls.start_soon(send, ctx, job, limiter, results_in.clone())
-                if due and len(due) == claim:
+                if due and len(due) == claim and (jobs or not ctx.store.postgres):
                     if claim < BATCH:  # let the calls just started take their seats
                         await trio.lowlevel.checkpoint()
                     continue
@@ -87,6 +91,8 @@ async def run(
                 )
                 if expiry_ms is not None:
                     wait_s = min(wait_s, (expiry_ms - ctx.clock.now_ms()) / 1000)
+                if due and not jobs and ctx.store.postgres:
+                    wait_s = max(wait_s, CLAIM_RETRY_S)
                 await ctx.bells.dispatcher.wait(wait_s)
             log.info("dispatcher.draining", in_flight=len(calls.child_tasks))
     ctx.drained.set()

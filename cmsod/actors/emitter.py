@@ -174,15 +174,17 @@ async def feed(ctx: Context) -> None:
             ctx.tail = None  # the next watcher starts where the events are then
             await ctx.bells.watch.wait(10.0)
             continue
-        found = await ctx.store.read(outboxes.read_tail, tail.top, list(tail.gaps), WATCH_QUEUE)
-        for _, schedule_id, body in tail.advance(found):
+        rows = await ctx.store.read(outboxes.read_tail, tail.top, WATCH_QUEUE)
+        if rows:
+            tail.top = rows[-1][0]
+        for _, schedule_id, body in rows:
             try:
                 head = msgspec.json.decode(body, type=Head)
                 check_schema(head)
             except (UnknownEventSchema, msgspec.DecodeError):
                 continue  # refused: never published, never watched (the drain logs it)
             offer(ctx, schedule_id, head.eventType, bytes(body))
-        if found.complete:
+        if len(rows) < WATCH_QUEUE:  # all there is read: wait for the next commit
             await ctx.bells.watch.wait(10.0)
 
 

@@ -27,9 +27,11 @@ async def run(
     task_status.started()
     while True:
         figures = ctx.beat("optimizer")
-        problems = await ctx.store.tx(
-            schedules.claim_for_optimization, BATCH, ctx.planning.inventory
-        )
+        problems = []
+        if await ctx.store.read(schedules.any_to_plan, ctx.store.owner):
+            problems = await ctx.store.tx(
+                schedules.claim_for_optimization, BATCH, ctx.planning.inventory
+            )
         for problem in problems:
             if ctx.config.tickets.mode == "http" and not await add_tm_tickets(
                 ctx, figures, problem

@@ -20,7 +20,7 @@ from cmsod.model import (
 from cmsod.model import ElementStatus as E
 from cmsod.model import ScheduleStatus as S
 from cmsod.store import book
-from cmsod.store.store import Tx
+from cmsod.store.store import Tx, shared_lock
 
 # -- dispatch -------------------------------------------------------------------------------
 
@@ -60,15 +60,39 @@ class Loaded(msgspec.Struct):
     key: str | None
     attempts: int
     data: bytes | None
+    concurrency: int | None
+
+
+# What a snapshot reads of an element, its schedule and its ticket (`load_snapshot`).
+SNAPSHOT = (
+    "SELECT e.id, e.schedule, s.schedule_id, s.status, e.name, e.status, e.start_ms, e.request,"
+    " e.dispatch_key, e.dispatch_started_ms, e.dispatch_attempts, e.tm_change_id,"
+    " t.approval_status, t.status, s.create_ms, s.normal_s + s.additional_s,"
+    " s.control_by, s.control_why, s.max_failures, s.max_failure_ratio,"
+    " s.failures_acknowledged, e.hold_why, e.grp, e.data, s.concurrency"
+    " FROM elements e JOIN schedules s ON s.id = e.schedule"
+    " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id"
+)
+IDS = "(SELECT CAST(value AS BIGINT) FROM json_each(?))"  # a JSON array of ids as a parameter
+
+
+def lock_schedules(tx: Tx, elements: list[int], skip: bool = False) -> set[int] | None:
+    """`Tx.lock_schedules` of these elements' schedules."""
+    return tx.lock_schedules(
+        f"SELECT schedule FROM elements WHERE id IN {IDS}", (json.dumps(elements),), skip
+    )
 
 
 class BatchCache:
-    """What the snapshots of one due batch share, read once per transaction: the freeze, each
-    schedule's failure counts, and the availability book's entries on the batch's elements
-    (one query for the whole batch, not one per element)."""
+    """What the snapshots of one due batch share, read once per transaction: the batch's rows
+    (`load`), the freeze, each schedule's failure counts, and the availability book's entries
+    on the batch's elements (one query for the whole batch, not one per element)."""
 
     def __init__(self, tx: Tx, elements: list[int] | None = None) -> None:
         self.tx = tx
+        self.rows: dict[int, tuple] | None = None  # element -> its snapshot row, once loaded
+        # a schedule's status as this batch changed it (its first dispatch): newer than `rows`
+        self.schedule_status: dict[int, S] = {}
         self._freeze: gates.Freeze | None | bool = False
         self._failures: dict[int, gates.Failures] = {}
         self._elements = elements
@@ -89,7 +113,7 @@ class BatchCache:
                 "SELECT count(*) FROM elements WHERE schedule = ?"
                 " AND (status = ? OR (status IN (?, ?) AND dispatch_started_ms IS NOT NULL))"
                 " AND start_ms <= ? AND finish_ms > ?"
-                " AND id NOT IN (SELECT CAST(value AS BIGINT) FROM json_each(?))",
+                f" AND id NOT IN {IDS}",
                 (
                     schedule,
                     E.TRIGGERED.value,
@@ -104,6 +128,16 @@ class BatchCache:
             self._running[schedule] = count
         return self._running[schedule] + self._sent.get(schedule, 0)
 
+    def load(self, schedules: set[int] | None) -> None:
+        """The batch's snapshot rows in one query, not one round trip per element. On
+        PostgreSQL only those of `schedules` (the ones this transaction locked), each element
+        row locked too (FOR UPDATE, skipping one another transaction holds)."""
+        sql, params = f"{SNAPSHOT} WHERE e.id IN {IDS}", [json.dumps(self._elements)]
+        if schedules is not None:
+            sql += f" AND e.schedule IN {IDS} ORDER BY e.id FOR UPDATE OF e SKIP LOCKED"
+            params.append(json.dumps(sorted(schedules)))
+        self.rows = {row[0]: row for row in self.tx.execute(sql, params, flush=False)}
+
     def sent(self, schedule: int) -> None:
         self._sent[schedule] = self._sent.get(schedule, 0) + 1
 
@@ -114,7 +148,7 @@ class BatchCache:
         if self._book is None:
             wanted: set[str] = set()
             for name, data in self.tx.execute(
-                "SELECT name, data FROM elements WHERE id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))",
+                f"SELECT name, data FROM elements WHERE id IN {IDS}",
                 (json.dumps(self._elements),),
             ):
                 wanted.update(book.needs(name, _data(data)))
@@ -158,6 +192,7 @@ def set_freeze(
 ) -> gates.Freeze | None:
     """Turn the global freeze on (again: a new reason or end replaces the old) or off. Off
     releases every element it held: they go now, or into their next free slot."""
+    tx.exclusive()  # every element the freeze holds, whatever its schedule
     was = load_freeze(tx.conn)
     if not active and was is None:
         return None
@@ -198,20 +233,18 @@ def load_snapshot(
     """The element as the gates see it, and what applying their answer needs; None when it
     no longer waits for a dispatch (ended, or its intent already committed)."""
     cache = cache or BatchCache(tx)
-    row = tx.execute(
-        "SELECT e.schedule, s.schedule_id, s.status, e.name, e.status, e.start_ms, e.request,"
-        " e.dispatch_key, e.dispatch_started_ms, e.dispatch_attempts, e.tm_change_id,"
-        " t.approval_status, t.status, s.create_ms, s.normal_s + s.additional_s,"
-        " s.control_by, s.control_why, s.max_failures, s.max_failure_ratio,"
-        " s.failures_acknowledged, e.hold_why, e.grp, e.data"
-        " FROM elements e JOIN schedules s ON s.id = e.schedule"
-        " LEFT JOIN change_tickets t ON t.change_id = e.tm_change_id WHERE e.id = ?",
-        (element,),
-        flush=False,  # (deferred writes are other elements' rows; schedules are not deferred)
-    ).fetchone()
+    if cache.rows is not None:  # loaded with the batch's
+        row = cache.rows.get(element)
+    else:
+        row = tx.execute(
+            f"{SNAPSHOT} WHERE e.id = ?",
+            (element,),
+            flush=False,  # (deferred writes are other elements' rows; schedules are not deferred)
+        ).fetchone()
     if row is None:
         return None
     (
+        _,
         schedule,
         schedule_id,
         schedule_status,
@@ -235,6 +268,7 @@ def load_snapshot(
         held_why,
         grp,
         data,
+        concurrency,
     ) = row
     if E(status) not in ELEMENT_DISPATCHABLE or started is not None:
         return None
@@ -249,7 +283,7 @@ def load_snapshot(
         duration_ms=duration_s * 1000,
         change_id=change_id,
         ticket_state=ticketing.state_text(ticket_approval, ticket_status),
-        schedule_status=S(schedule_status),
+        schedule_status=cache.schedule_status.get(schedule) or S(schedule_status),
         stopped_by=stopped_by,
         stopped_why=stopped_why,
         freeze=cache.freeze(),
@@ -258,7 +292,7 @@ def load_snapshot(
         held_why=held_why,
         data=element_data,
     )
-    return snapshot, Loaded(element, schedule, grp, request, key, attempts, data)
+    return snapshot, Loaded(element, schedule, grp, request, key, attempts, data, concurrency)
 
 
 def snapshot_now(conn: Any, name: str, schedule_id: str, now_ms: int) -> gates.Snapshot | None:
@@ -306,6 +340,7 @@ def begin_dispatch(
         return None
     if snap.schedule_status is S.SCHEDULED:  # the first dispatch attempt, even if then refused
         tx.schedule_to(row.schedule, snap.schedule_id, S.SCHEDULED, S.NOTIFICATIONS_INITIATED)
+        cache.schedule_status[row.schedule] = S.NOTIFICATIONS_INITIATED
     if isinstance(answer, gates.End):
         if answer.status is E.PAST_DUE and snap.held_why is not None:
             carry_over(tx, snap, row, tx.now_ms, snap.held_why, calendar)
@@ -322,10 +357,7 @@ def begin_dispatch(
         return None
     late = snap.held_why is not None and snap.start_ms is not None and tx.now_ms > snap.start_ms
     if late:  # released after its slot began: only if its schedule's concurrency has room now
-        (concurrency,) = tx.execute(
-            "SELECT concurrency FROM schedules WHERE id = ?", (row.schedule,), flush=False
-        ).fetchone()
-        if cache.running(row.schedule, element) >= (concurrency or 1):
+        if cache.running(row.schedule, element) >= (row.concurrency or 1):
             carry_over(tx, snap, row, tx.now_ms, snap.held_why or "", calendar)
             return None
         # its slot is now: later carry-overs are placed after it, not on top of it
@@ -412,6 +444,7 @@ def carry_over(
     other schedules' work), keeping
     its approval and ticket (whose planned dates follow). With no slot left it is `Past due`,
     the message naming what held it. Returns the new start."""
+    tx.exclusive()  # the slot is found around other schedules' work
     windows = tx.execute(
         "SELECT start_ms, end_ms FROM windows WHERE grp = ?", (row.grp,)
     ).fetchall()
@@ -542,28 +575,35 @@ def due_elements(conn: Any, until_ms: int, limit: int) -> list[Due]:
     ]
 
 
+@shared_lock
 def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> list[DispatchJob]:
-    """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds)."""
+    """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds).
+    On PostgreSQL the batch is claimed: its schedules' rows and its elements are locked,
+    skipping those another daemon holds (`lock_schedules`), so daemons claiming at once take
+    disjoint work and each schedule's concurrency and failure counts stay exact."""
     expire_freeze(tx)
+    locked = lock_schedules(tx, elements, skip=True)
     cache = BatchCache(tx, elements)
+    cache.load(locked)
     cache.rules = rules
     cache.grace_ms, cache.calendar = _grace_and_calendar(rules)
     jobs = [begin_dispatch(tx, e, rules, cache) for e in elements]
     return [job for job in jobs if job is not None]
 
 
+@shared_lock
 def record_dispatch_results(tx: Tx, results: list[tuple[int, str | None, str | None]]) -> int:
     """The orchestrator's answers for a batch: (element, SO request id or None, failure
     message or None). An element no longer waiting for its answer is left alone, and so is
     one no longer this daemon's (another took it over and reconciled it: fleet.py)."""
     recorded = 0
+    lock_schedules(tx, [element for element, _, _ in results])
     rows = {  # one read for the batch (an answer changes only its own element's row)
         row[0]: row[1:]
         for row in tx.execute(
             "SELECT e.id, e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
             " JOIN schedules s ON s.id = e.schedule"
-            " WHERE e.id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
-            " AND e.dispatch_started_ms IS NOT NULL",
+            f" WHERE e.id IN {IDS} AND e.dispatch_started_ms IS NOT NULL",
             (json.dumps([element for element, _, _ in results]),),
         )
     }
@@ -593,8 +633,8 @@ def release_dispatches(tx: Tx, elements: list[int]) -> None:
     """Nothing was sent for these (the daemon stopped while the orchestrator could not be
     reached): clear the intent, so the next start dispatches them instead of reconciling."""
     tx.execute(
-        "UPDATE elements SET dispatch_started_ms = NULL, owner = NULL WHERE id IN"
-        " (SELECT CAST(value AS BIGINT) FROM json_each(?)) AND status IN (?, ?)"
+        f"UPDATE elements SET dispatch_started_ms = NULL, owner = NULL WHERE id IN {IDS}"
+        " AND status IN (?, ?)"
         " AND owner IS NOT DISTINCT FROM ?",
         (json.dumps(elements), E.SCHEDULED.value, E.SCHEDULED_IMMEDIATE.value, tx.owner),
     )
@@ -653,18 +693,24 @@ def in_flight(conn: Any, owner: str | None = None) -> list[tuple[int, str, str, 
     ).fetchall()
 
 
+@shared_lock
 def record_polls(tx: Tx, outcomes: list[tuple[int, PollOutcome]]) -> list[E | None]:
-    """`record_poll` for a whole round of polls in one transaction; each element's new status
-    (None: still running)."""
-    return [record_poll(tx, element, outcome) for element, outcome in outcomes]
+    """`record_poll` for a whole round of polls in one transaction, their rows read in one
+    query; each element's new status (None: still running)."""
+    elements = [element for element, _ in outcomes]
+    lock_schedules(tx, elements)
+    rows = {
+        row[0]: row[1:]
+        for row in tx.execute(
+            "SELECT e.id, e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
+            f" JOIN schedules s ON s.id = e.schedule WHERE e.id IN {IDS}",
+            (json.dumps(elements),),
+        )
+    }
+    return [record_poll(tx, element, rows.get(element), outcome) for element, outcome in outcomes]
 
 
-def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
-    row = tx.execute(
-        "SELECT e.schedule, s.schedule_id, e.name, e.status, e.owner FROM elements e"
-        " JOIN schedules s ON s.id = e.schedule WHERE e.id = ?",
-        (element,),
-    ).fetchone()
+def record_poll(tx: Tx, element: int, row: tuple | None, outcome: PollOutcome) -> E | None:
     if row is None or row[3] != E.TRIGGERED:
         return None
     if row[4] != tx.owner:  # another daemon took it over: its poll now, not ours
@@ -672,7 +718,7 @@ def record_poll(tx: Tx, element: int, outcome: PollOutcome) -> E | None:
         return None
     schedule, schedule_id, name, _, _ = row
     if outcome.status is None:
-        tx.execute(
+        tx.defer(
             "UPDATE elements SET so_status = ?, so_message = ?, so_ms = ?,"
             " poll_errors = poll_errors + ? WHERE id = ?",
             (

@@ -14,11 +14,18 @@ dispatch and answer are reconciled exactly as after a crash (`dispatch.reconcile
 never blindly re-sent), its running work flows are polled by the taker, its schedules planned
 again, its named leases freed, and its row deleted.
 
-Fencing: the row is the token. Every write transaction of a daemon first checks, under the
-write lock every write takes, that its row still exists (`Store.tx`); once another daemon took
-its work over, the row is gone, the write is refused (`LeaseLost`) and the daemon stops. Since
-taking over deletes the row under that same lock, a lapsed daemon that wakes up before anyone
-took over may simply renew: nothing it held was given away.
+Fencing: the row is the token. Every write transaction of a daemon first checks that its row
+still exists and holds it FOR SHARE until its commit (`Store.tx`); once another daemon took its
+work over, the row is gone, the write is refused (`LeaseLost`) and the daemon stops. Taking over
+runs under the exclusive write lock and deletes the row, so it waits for any write of the
+daemon already under way (which completes, and is reconciled as the daemon's) and no write
+begins meanwhile. A lapsed daemon that wakes up before anyone took over may simply renew:
+nothing it held was given away.
+
+What is claimed how: a due batch by its schedules' rows, locked FOR UPDATE SKIP LOCKED for the
+claiming transaction (`dispatch.begin_dispatches`), so daemons claiming at once take disjoint
+work; the elements dispatched, by `owner` (the lease: polled by that daemon until they end, or
+taken over); events and ticket operations by the named leases (one sender each, in order).
 
 Lease times are the daemons' own clocks (keep them in sync: NTP; a lease of 15 s tolerates
 seconds of skew). On SQLite there is one daemon (the state directory's lock): it takes over

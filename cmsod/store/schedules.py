@@ -394,6 +394,25 @@ def _schedule_with_tickets(tx: Tx, schedule: int, schedule_id: str, opened: Open
 # -- optimizer ------------------------------------------------------------------------------
 
 
+# Schedules to plan that this daemon may take: nobody else plans them (fleet.py).
+TO_PLAN = (
+    " FROM schedules WHERE status IN (?, ?)"
+    " AND (optimizer_owner IS NULL OR optimizer_owner IS NOT DISTINCT FROM ?)"
+)
+
+
+def any_to_plan(conn: Any, owner: str | None) -> bool:
+    """Is there a schedule to plan (`claim_for_optimization`)? A read: the optimizer takes the
+    write lock (exclusive: a plan reads other schedules' slots) only when there is one."""
+    return (
+        conn.execute(
+            f"SELECT 1{TO_PLAN} LIMIT 1",
+            (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, owner),
+        ).fetchone()
+        is not None
+    )
+
+
 def claim_for_optimization(
     tx: Tx, limit: int, inventory: dict[str, dict[str, str]] | None = None
 ) -> list[Problem]:
@@ -403,9 +422,7 @@ def claim_for_optimization(
     problems = []
     rows = tx.execute(  # one optimizer per schedule: those nobody else plans (fleet.py)
         "SELECT id, schedule_id, status, normal_s, additional_s, concurrency, policy_id,"
-        " optimizer_attempts FROM schedules WHERE status IN (?, ?)"
-        " AND (optimizer_owner IS NULL OR optimizer_owner IS NOT DISTINCT FROM ?)"
-        " ORDER BY id LIMIT ?",
+        f" optimizer_attempts{TO_PLAN} ORDER BY id LIMIT ?",
         (S.PENDING_SCHEDULE.value, S.OPTIMIZATION_IN_PROGRESS.value, tx.owner, limit),
     ).fetchall()
     if rows and tx.owner is not None:

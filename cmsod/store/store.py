@@ -21,11 +21,25 @@ needs (reference/reliability.md A2, B2).
 
 PostgreSQL (`[store] url = "postgresql://..."`, cmsod/store/backend.py) is driven the same way:
 psycopg 3's synchronous API (its async API is asyncio-only), one connection per role — the
-writer, the reader, one per stream — each used from its worker thread. A write transaction
-first takes a database-wide advisory lock, PostgreSQL's BEGIN IMMEDIATE: the load -> decide ->
-apply transactions, written for one writer, stay one at a time across every daemon sharing the
-database (each is short; network calls are never made inside one). Reads are REPEATABLE READ
-READ ONLY snapshots and never wait for it.
+writer, the reader, one per stream — each used from its worker thread. Within a daemon the
+writes stay one at a time; across the daemons sharing the database, a write transaction first
+takes a database-wide advisory lock (WRITE_LOCK):
+
+- shared, for the frequent ones marked `shared_lock` (claiming a due batch, recording answers,
+  polls, sent events and ticket operations): they run side by side, each locking the rows of
+  the schedules it changes first, in id order (`Tx.lock_schedules`; a due batch is claimed
+  with SKIP LOCKED, so another daemon's claim is skipped, not waited for), and changing
+  nothing outside them: the schedule row is the claim on its elements, tickets and events;
+- exclusive, PostgreSQL's BEGIN IMMEDIATE, for everything else (planning, approvals, control
+  commands, heartbeats and take-overs, the freeze): the load -> decide -> apply transactions
+  written for one writer run alone. A shared one that reaches such a change (a carry-over
+  placed around other schedules' work, the freeze expiring) calls `Tx.exclusive()` and is
+  run again under the exclusive lock (NeedsExclusive).
+
+Lock order, so no two wait on each other in a circle: the advisory lock, the daemon's own row
+(fencing, FOR SHARE), the schedules by id, then their elements. Each transaction is short;
+network calls are never made inside one. Reads are REPEATABLE READ READ ONLY snapshots and
+never wait.
 """
 
 from __future__ import annotations
@@ -59,9 +73,32 @@ class LeaseLost(RuntimeError):
     nothing more and stop (cmsod/store/fleet.py)."""
 
 
+class NeedsExclusive(Exception):
+    """A transaction run under the shared write lock reached a change that reads or writes
+    beyond the schedules it locked (a carry-over placed around other schedules' work, the
+    freeze expiring): `Store.tx` rolls it back and runs it again under the exclusive lock."""
+
+
+# Write transactions that may run beside other daemons' (PostgreSQL): each locks the rows of
+# the schedules it changes before anything else and changes nothing outside them, or calls
+# `Tx.exclusive()` first. Marked with `shared_lock`.
+SHARED: set[Callable[..., Any]] = set()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def shared_lock(fn: F) -> F:
+    SHARED.add(fn)
+    return fn
+
+
 MAX_STREAMS = 4  # searches streaming at once (each holds a connection); more wait their turn
 NOTIFY_CHANNEL = "cmsod"  # LISTEN/NOTIFY: a commit that stored work wakes the other daemons
 WRITE_LOCK = 0x636D736F_77726974  # pg_advisory_xact_lock key of write transactions: "cmsowrit"
+# Taken by a transaction just before it inserts its events, held to its commit: events are
+# stored (their seqs handed out) in commit order although transactions under the shared write
+# lock commit side by side, so a reader of the log never sees an event before one of a lower
+# seq that is still to come (outboxes.Tail). What it serialises is the insert and the commit.
+EVENTS_LOCK = 0x636D736F_65766E74  # "cmsoevnt"
 
 
 # Columns a transaction may set by name. SQL identifiers cannot be parameters, so they are
@@ -142,8 +179,10 @@ class Tx:
         source: str,
         route_by: str = "",
         owner: str | None = None,
+        shared: bool = False,
     ) -> None:
         self._conn = conn
+        self.shared = shared  # under the shared write lock (PostgreSQL): see `exclusive`
         self._pending: list[tuple[str, list[tuple | list]]] = []  # deferred writes, in order
         self.owner = owner  # this daemon's id (fleet.py): what it claims is claimed for it
         self.postgres = isinstance(conn, backend.PgConnection)  # the few per-backend statements
@@ -164,6 +203,31 @@ class Tx:
         # last move is done (`plan_kept`), None when not computed: `finish` stores it, and
         # until then it, not the column, is the schedule's (schedules.plan_fingerprint)
         self.moved_plans: dict[int, str | None] = {}
+
+    def lock_schedules(self, among: str, params: tuple, skip: bool = False) -> set[int] | None:
+        """PostgreSQL: lock the rows of the schedules `among` (a subquery of their ids) names,
+        in id order, and answer which. Every transaction under the shared write lock
+        (`shared_lock`) takes its schedules' rows first, in that order, and changes nothing
+        outside them: a schedule's row is the claim on its elements, tickets and events, and
+        no two such transactions wait on each other in a circle. With `skip` (claiming due
+        work), those another daemon holds now are skipped: theirs to do. SQLite: None (its
+        one writer holds everything)."""
+        if not self.postgres:
+            return None
+        return {
+            schedule
+            for (schedule,) in self.execute(
+                f"SELECT id FROM schedules WHERE id IN ({among}) ORDER BY id FOR UPDATE"
+                + (" SKIP LOCKED" if skip else ""),
+                params,
+            )
+        }
+
+    def exclusive(self) -> None:
+        """What follows needs the exclusive write lock (it reads or changes more than the
+        schedules this transaction locked): under the shared one, start again under it."""
+        if self.shared:
+            raise NeedsExclusive
 
     @property
     def conn(self) -> Any:
@@ -274,7 +338,7 @@ class Tx:
         self.notes.append((event, fields))
 
     def queue_ticket_op(self, change_id: str, op: ticketing.Op, body: dict[str, Any]) -> None:
-        self.execute(
+        self.defer(
             "INSERT INTO ticket_ops (change_id, op, body, created_ms, due_ms)"
             " VALUES (?, ?, ?, ?, ?)",
             (change_id, op.value, msgspec.json.encode(body), self.now_ms, self.now_ms),
@@ -284,7 +348,7 @@ class Tx:
     def _move_tickets(self) -> None:
         """The ticket operations this transaction's element changes cause, in its commit:
         WorkInProgress when a ticket's first element is dispatched; close (or cancel) once
-        all of its elements are done."""
+        all of its elements are done. (Each read is one query for all of the tickets.)"""
         if not self._check_tickets:
             return
         tickets = self.execute(
@@ -295,29 +359,39 @@ class Tx:
             " WHERE id IN (SELECT CAST(value AS BIGINT) FROM json_each(?)))",
             (ticketing.Op.UPDATE.value, json.dumps(self._check_tickets)),
         ).fetchall()
+        if not tickets:
+            return
+        elements: dict[str, list[tuple[E, int | None, int | None]]] = {}
+        for change_id, status, dispatch_ms, completed_ms in self.execute(
+            "SELECT tm_change_id, status, dispatch_ms, completed_ms FROM elements"
+            " WHERE tm_change_id IN (SELECT value FROM json_each(?))",
+            (json.dumps([t[0] for t in tickets]),),
+        ):
+            elements.setdefault(change_id, []).append((E(status), dispatch_ms, completed_ms))
+        closed = []
         for change_id, user_id, updating in tickets:
-            elements = self.execute(
-                "SELECT status, dispatch_ms, completed_ms FROM elements WHERE tm_change_id = ?",
-                (change_id,),
-            ).fetchall()
             move = ticketing.move(
-                change_id, user_id, [(E(s), d, c) for s, d, c in elements], updating, self.now_ms
+                change_id, user_id, elements.get(change_id, []), updating, self.now_ms
             )
             if move is None:
                 continue
             self.queue_ticket_op(change_id, move.op, move.body)
             if move.closure is not None:
-                self.execute(
-                    "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
-                    " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
+                closed.append(
                     (
                         move.closure.value,
                         move.first_dispatch_ms,
                         move.last_completion_ms,
                         self.now_ms,
                         change_id,
-                    ),
+                    )
                 )
+        for row in closed:  # after the inserts: each statement's run goes in one round trip
+            self.defer(
+                "UPDATE change_tickets SET closure_code = ?, actual_start_ms = ?,"
+                " actual_end_ms = ?, updated_ms = ? WHERE change_id = ?",
+                row,
+            )
 
     def finish(self) -> None:
         """Apply the core's rules to what this transaction changed: the ticket operations
@@ -364,6 +438,8 @@ class Tx:
                     control_ms=self.now_ms,
                 )
                 self.note("schedule.halted", schedule_id=schedule_id, why=why)
+        if self._edits and self.postgres:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (EVENTS_LOCK,))
         for schedule, edits in self._edits.items():
             schedule_id = self._schedule_ids[schedule]
             topic = self._topic_for(schedule)
@@ -387,6 +463,8 @@ class Tx:
     def freeze_event(self, value: dict[str, Any]) -> None:
         """The global freeze changed: one event of its own sequence (no schedule owns it)."""
         self.freeze_changed = True
+        if self.postgres:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (EVENTS_LOCK,))
         (seq,) = self.execute(
             'UPDATE "freeze" SET event_seq = event_seq + 1 WHERE id = 1 RETURNING event_seq'
         ).fetchone()
@@ -510,22 +588,37 @@ class Store:
             raise LeaseLost(f"daemon {owner}: its work was taken over by another daemon")
 
         def work() -> tuple[T, Tx]:
+            shared = self.postgres and fn in SHARED
+            while True:
+                try:
+                    return attempt(shared)
+                except NeedsExclusive:
+                    shared = False
+
+        def attempt(shared: bool) -> tuple[T, Tx]:
             conn = self._connection()
             if self.postgres:
                 conn.execute("BEGIN")
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                conn.execute(
+                    f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}(?)", (WRITE_LOCK,)
+                )
             else:
                 conn.execute("BEGIN IMMEDIATE")
             try:
                 if self.postgres and owner is not None:
+                    # Fencing: the row is the token. FOR SHARE holds it to the commit, so a
+                    # take-over (which deletes it) waits for this write or this write sees
+                    # the row gone.
                     if (
-                        conn.execute("SELECT 1 FROM daemons WHERE id = ?", (owner,)).fetchone()
+                        conn.execute(
+                            "SELECT 1 FROM daemons WHERE id = ? FOR SHARE", (owner,)
+                        ).fetchone()
                         is None
                     ):
                         raise LeaseLost(
                             f"daemon {owner}: its work was taken over by another daemon"
                         )
-                tx = Tx(conn, now_ms, topic, source, route_by, owner)
+                tx = Tx(conn, now_ms, topic, source, route_by, owner, shared)
                 result = fn(tx, *args)
                 tx.finish()
                 tx.flush()
