@@ -37,7 +37,9 @@ takes a database-wide advisory lock (WRITE_LOCK):
   run again under the exclusive lock (NeedsExclusive).
 
 Lock order, so no two wait on each other in a circle: the advisory lock, the daemon's own row
-(fencing, FOR SHARE), the schedules by id, then their elements. Each transaction is short;
+(fencing, FOR SHARE), the schedules by id, then their elements, and last EVENTS_LOCK (taken
+to insert the events, held to the commit: events are stored in commit order). Each
+transaction is short;
 network calls are never made inside one. Reads are REPEATABLE READ READ ONLY snapshots and
 never wait.
 """
