@@ -7,24 +7,40 @@ dispatched what) and one shared event sink: the tests' fake Kafka REST proxy (`-
 the default) or, with one daemon, its event file (`--sink file`). A rollout of `--elements`
 elements due over `--minutes` minutes is submitted through one daemon and approved; while it
 runs, `--kills` times a random daemon is killed with SIGKILL at a random moment (half of them
-just as a burst of dispatches begins, so that work is held) and restarted, and `--stops`
-times another (the only one, with one daemon) is frozen with SIGSTOP for 1.5 x `--lease-s`,
-longer than a lease, then SIGCONT.
+just as a burst of dispatches begins, so that work is held), and `--stops` times another (the
+only one, with one daemon) is frozen with SIGSTOP for 1.5 x `--lease-s`, longer than a lease,
+then SIGCONT (fenced, it exits; it is restarted as systemd would).
+
+Takeover, per kill: from the death until the dead daemon's row is gone from the store's
+`daemons` table, polled every 50 ms on a connection of this process: whoever takes a daemon's
+work over (its intents, polls, leases, plans) deletes its row in the same transaction
+(fleet.take_over). With several daemons, every other kill (while no other victim is down)
+restarts its victim only once its row is gone and 1.2 leases have passed: a host that died,
+whose work another daemon must take over by the lease. Such a takeover is, by construction,
+lease - lease/3 to lease + lease/3 after the death: the victim's lease ran from its last
+heartbeat (0 to lease/3 before the death) and the others look at every heartbeat (every
+lease/3). The other kills restart their victim at once, on the same state directory, as a
+host's service manager would: the new process takes its predecessor's work over as it starts
+(same home), so those takeovers are a restart. On SQLite (one daemon, no `daemons` row to
+watch from outside) the takeover is the restart: from the death until the new process is
+ready, the store opened and what was in flight reconciled.
 
 At the end, from the fake SO's record and the schedule's view: 0 dispatched twice, 0 lost
 (every element terminal, or reconciled with a message; none Completed that SO never
-started); the takeover time of each kill: from the death until the last of the elements it
-left late (due before the next kill or stop, dispatched later than 0.25 s and than 3x the
-rollout's median lateness after they fell due) went out, p50 and max; and from the sink, every schedule's events complete (patch-ids 1..n,
-none missing), in order, in one partition, and the last event of each element and of the
-schedule saying what the view says.
+started); every kill's work taken over (within 3 leases); from the sink, every schedule's
+events complete (patch-ids 1..n, none missing), in order, in one partition, and the last
+event of each element and of the schedule saying what the view says. It prints each kill
+(which restart, its takeover), "N kills, M stops, D dispatched, 0 duplicated, 0 lost,
+takeover p50 X s / max Y s" and the lease-based takeovers' p50/max apart, and exits non-zero
+on a failed check.
 
 Stores: `--store sqlite:///path/cmsod.sqlite3` (or a plain path; the default is a file in a
 temporary folder) is passed as `CMSOD_STORE__PATH`; SQLite takes one daemon per store, so
-it runs with `--daemons 1` (the one daemon killed and restarted, frozen and thawed; its
-takeover is its restart). `--store postgresql://...` is passed as `CMSOD_STORE__URL` and
-`--lease-s` as `CMSOD_STORE__LEASE_S` (`[store] url` and `lease_s` of the PostgreSQL
-backend); `--env KEY=VALUE` adds any other setting to every daemon.
+it runs with `--daemons 1` (the one daemon killed and restarted, frozen and thawed).
+`--store postgresql://...` is passed as `CMSOD_STORE__URL` and `--lease-s` as
+`CMSOD_STORE__LEASE_S` (`[store] url` and `lease_s` of the PostgreSQL backend); give it a
+fresh database or schema (`?options=-csearch_path%3D<schema>`): the rollout's schedule id is
+fixed. `--env KEY=VALUE` adds any other setting to every daemon.
 
 Usage: python -m bench.ha [--daemons 3] [--store URL] [--elements 2000] [--minutes 3]
        [--kills 10] [--stops 1] [--lease-s 15] [--seed 1] [--sink kafka|file] [--env K=V]..."""
