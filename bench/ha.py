@@ -235,12 +235,15 @@ def chaos(
             time.sleep(args.lease_s * 1.5)
             os.kill(daemon.proc.pid, signal.SIGCONT)
             stops.append((victim, stopped, time.time()))
-            try:  # fenced: its work was taken over meanwhile, its first write refused
-                daemon.proc.wait(args.lease_s)
-                fleet.restart(victim)  # as systemd's Restart= would
-                after = "fenced, exited, restarted"
-            except subprocess.TimeoutExpired:
-                after = "still running"
+            after = "thawed"  # alone: nobody took its work over, it goes on
+            if n > 1:  # fenced: its work was taken over meanwhile, its first write refused
+                try:
+                    daemon.proc.wait(args.lease_s)
+                except subprocess.TimeoutExpired:
+                    after = "still running"
+                else:
+                    fleet.restart(victim)  # as systemd's Restart= would
+                    after = "fenced, exited, restarted"
             print(f"  stop daemon {victim} for {stops[-1][2] - stopped:.1f} s: {after}", flush=True)
             continue
         me = daemon_id(args.store, fleet.daemons[victim].proc.pid) if backend != "sqlite" else ""
