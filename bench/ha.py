@@ -7,24 +7,40 @@ dispatched what) and one shared event sink: the tests' fake Kafka REST proxy (`-
 the default) or, with one daemon, its event file (`--sink file`). A rollout of `--elements`
 elements due over `--minutes` minutes is submitted through one daemon and approved; while it
 runs, `--kills` times a random daemon is killed with SIGKILL at a random moment (half of them
-just as a burst of dispatches begins, so that work is held) and restarted, and `--stops`
-times another (the only one, with one daemon) is frozen with SIGSTOP for 1.5 x `--lease-s`,
-longer than a lease, then SIGCONT.
+just as a burst of dispatches begins, so that work is held), and `--stops` times another (the
+only one, with one daemon) is frozen with SIGSTOP for 1.5 x `--lease-s`, longer than a lease,
+then SIGCONT (fenced, it exits; it is restarted as systemd would).
+
+Takeover, per kill: from the death until the dead daemon's row is gone from the store's
+`daemons` table, polled every 50 ms on a connection of this process: whoever takes a daemon's
+work over (its intents, polls, leases, plans) deletes its row in the same transaction
+(fleet.take_over). With several daemons, every other kill (while no other victim is down)
+restarts its victim only once its row is gone and 1.2 leases have passed: a host that died,
+whose work another daemon must take over by the lease. Such a takeover is, by construction,
+lease - lease/3 to lease + lease/3 after the death: the victim's lease ran from its last
+heartbeat (0 to lease/3 before the death) and the others look at every heartbeat (every
+lease/3). The other kills restart their victim at once, on the same state directory, as a
+host's service manager would: the new process takes its predecessor's work over as it starts
+(same home), so those takeovers are a restart. On SQLite (one daemon, no `daemons` row to
+watch from outside) the takeover is the restart: from the death until the new process is
+ready, the store opened and what was in flight reconciled.
 
 At the end, from the fake SO's record and the schedule's view: 0 dispatched twice, 0 lost
 (every element terminal, or reconciled with a message; none Completed that SO never
-started); the takeover time of each kill: from the death until the last of the elements it
-left late (due before the next kill or stop, dispatched later than 0.25 s and than 3x the
-rollout's median lateness after they fell due) went out, p50 and max; and from the sink, every schedule's events complete (patch-ids 1..n,
-none missing), in order, in one partition, and the last event of each element and of the
-schedule saying what the view says.
+started); every kill's work taken over (within 3 leases); from the sink, every schedule's
+events complete (patch-ids 1..n, none missing), in order, in one partition, and the last
+event of each element and of the schedule saying what the view says. It prints each kill
+(which restart, its takeover), "N kills, M stops, D dispatched, 0 duplicated, 0 lost,
+takeover p50 X s / max Y s" and the lease-based takeovers' p50/max apart, and exits non-zero
+on a failed check.
 
 Stores: `--store sqlite:///path/cmsod.sqlite3` (or a plain path; the default is a file in a
 temporary folder) is passed as `CMSOD_STORE__PATH`; SQLite takes one daemon per store, so
-it runs with `--daemons 1` (the one daemon killed and restarted, frozen and thawed; its
-takeover is its restart). `--store postgresql://...` is passed as `CMSOD_STORE__URL` and
-`--lease-s` as `CMSOD_STORE__LEASE_S` (`[store] url` and `lease_s` of the PostgreSQL
-backend); `--env KEY=VALUE` adds any other setting to every daemon.
+it runs with `--daemons 1` (the one daemon killed and restarted, frozen and thawed).
+`--store postgresql://...` is passed as `CMSOD_STORE__URL` and `--lease-s` as
+`CMSOD_STORE__LEASE_S` (`[store] url` and `lease_s` of the PostgreSQL backend); give it a
+fresh database or schema (`?options=-csearch_path%3D<schema>`): the rollout's schedule id is
+fixed. `--env KEY=VALUE` adds any other setting to every daemon.
 
 Usage: python -m bench.ha [--daemons 3] [--store URL] [--elements 2000] [--minutes 3]
        [--kills 10] [--stops 1] [--lease-s 15] [--seed 1] [--sink kafka|file] [--env K=V]..."""
@@ -39,12 +55,17 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,8 +77,6 @@ from tests.test_events import in_order_and_complete  # noqa: E402
 
 SCHEDULE = "ha"
 ENDED = {"Completed", "Error", "Scheduling Failed"}
-LATE_MIN_S = 0.25  # dispatched later than this after falling due, and than 3x the median
-# lateness of the whole rollout: work a death or a freeze held up
 
 
 class SharedSO(FakeSO):
@@ -141,31 +160,93 @@ def submit(fleet: Fleet, args: argparse.Namespace) -> float:
     return start.replace(microsecond=0).timestamp()
 
 
+@dataclass
+class Kill:
+    """One SIGKILL: the victim, its death (epoch s), whether its restart waited past the lease,
+    and what was measured (None: not yet / never)."""
+
+    daemon: int
+    death: float
+    delayed: bool
+    row: str  # its id in `daemons` (PostgreSQL)
+    takeover_s: float | None = None
+    back_s: float | None = None
+
+
+def daemon_id(url: str, pid: int) -> str:
+    """The `daemons` row of the daemon process `pid` (one host: pids are unique)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT id FROM daemons WHERE pid = %s", (pid,)).fetchone()
+    assert row is not None, f"no daemons row for pid {pid}"
+    return str(row[0])
+
+
+def follow(fleet: Fleet, kill: Kill, url: str, lease_s: float, down: set[int]) -> None:
+    """(A thread per kill, PostgreSQL.) Polls the dead daemon's row every 50 ms on a
+    connection of its own: its work (intents, polls, leases, plans) is taken over in the
+    transaction that deletes it (fleet.take_over), so the takeover is the death until the row
+    is gone. A delayed restart comes once the row is gone and 1.2 leases have passed, so the
+    work went to another daemon by the lease, not to the restarted one (which takes its
+    predecessor's over at start: same home)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        give_up = kill.death + 3 * lease_s
+        while conn.execute("SELECT 1 FROM daemons WHERE id = %s", (kill.row,)).fetchone():
+            if time.time() > give_up:
+                break  # never taken over: reported, and a failure
+            time.sleep(0.05)
+        else:
+            kill.takeover_s = time.time() - kill.death
+    if kill.delayed:
+        time.sleep(max(0.0, kill.death + 1.2 * lease_s - time.time()))
+        fleet.restart(kill.daemon)
+        kill.back_s = time.time() - kill.death
+        down.discard(kill.daemon)
+
+
 def chaos(
-    fleet: Fleet, so: SharedSO, args: argparse.Namespace, first_due: float, rng: random.Random
-) -> tuple[list[tuple[int, float]], list[tuple[int, float, float]]]:
-    """The kills and stops, spread over the rollout; returns (daemon, death time) per kill and
-    (daemon, stopped, continued) per stop."""
+    fleet: Fleet,
+    so: SharedSO,
+    args: argparse.Namespace,
+    first_due: float,
+    rng: random.Random,
+    backend: str,
+) -> tuple[list[Kill], list[tuple[int, float, float]]]:
+    """The kills and stops, spread over the rollout; returns the kills and (daemon, stopped,
+    continued) per stop. With several daemons, every other kill (when no other victim is still
+    down) restarts its victim only after 1.2 leases (a host that died: the others must take
+    its work over), the rest at once (the same host restarting it)."""
     actions = ["kill"] * args.kills + ["stop"] * args.stops
     rng.shuffle(actions)
     span_s = args.minutes * 60
     step = span_s / (len(actions) + 1)
-    kills: list[tuple[int, float]] = []
+    kills: list[Kill] = []
     stops: list[tuple[int, float, float]] = []
+    followers: list[threading.Thread] = []
+    down: set[int] = set()  # killed, restart delayed: neither a victim nor a taker meanwhile
     n = len(fleet.daemons)
     for k, action in enumerate(actions):
         moment = first_due + step * (k + rng.uniform(0.5, 1.5))
         time.sleep(max(0.0, moment - time.time()))
-        victim = rng.randrange(n)
+        victim = rng.choice([i for i in range(n) if i not in down])
         if action == "stop":
-            pid = fleet.daemons[victim].proc.pid
-            os.kill(pid, signal.SIGSTOP)
+            daemon = fleet.daemons[victim]
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
             stopped = time.time()
             time.sleep(args.lease_s * 1.5)
-            os.kill(pid, signal.SIGCONT)
+            os.kill(daemon.proc.pid, signal.SIGCONT)
             stops.append((victim, stopped, time.time()))
-            print(f"  stop daemon {victim} for {time.time() - stopped:.1f} s", flush=True)
+            after = "thawed"  # alone: nobody took its work over, it goes on
+            if n > 1:  # fenced: its work was taken over meanwhile, its first write refused
+                try:
+                    daemon.proc.wait(args.lease_s)
+                except subprocess.TimeoutExpired:
+                    after = "still running"
+                else:
+                    fleet.restart(victim)  # as systemd's Restart= would
+                    after = "fenced, exited, restarted"
+            print(f"  stop daemon {victim} for {stops[-1][2] - stopped:.1f} s: {after}", flush=True)
             continue
+        me = daemon_id(args.store, fleet.daemons[victim].proc.pid) if backend != "sqlite" else ""
         if rng.random() < 0.5:  # just as a burst begins: work held at the death
             seen = len(so.dispatched)
             try:
@@ -173,36 +254,33 @@ def chaos(
             except AssertionError:
                 pass  # no more bursts: a moment like any other
             time.sleep(rng.uniform(0, 0.03))
+        delayed = n > 1 and not down and sum(x.delayed for x in kills) * 2 <= len(kills)
         death = time.time()
         fleet.daemons[victim].kill()
-        kills.append((victim, death))
-        fleet.restart(victim)
-        print(f"  kill daemon {victim}: back in {time.time() - death:.1f} s", flush=True)
+        kill = Kill(victim, death, delayed, me)
+        kills.append(kill)
+        if delayed:
+            down.add(victim)
+        if me:
+            followers.append(
+                threading.Thread(target=follow, args=(fleet, kill, args.store, args.lease_s, down))
+            )
+            followers[-1].start()
+        if not delayed:  # measured beside the restart, which takes the work over at its start
+            fleet.restart(victim)
+            kill.back_s = time.time() - death
+            if not me:  # SQLite: one daemon, its takeover is its restart (back and reconciled)
+                kill.takeover_s = kill.back_s
+    for thread in followers:
+        thread.join()
     return kills, stops
 
 
-def takeovers(
-    kills: list[tuple[int, float]],
-    stops: list[tuple[int, float, float]],
-    due: dict[str, float],
-    arrived: dict[str, float],
-) -> list[float]:
-    """Per kill: from the death until the last element it left late went out."""
-    lateness = sorted(at - due[vnf] for vnf, at in arrived.items())
-    late_s = max(LATE_MIN_S, 3 * statistics.median(lateness)) if lateness else LATE_MIN_S
-    disruptions = sorted([t for _, t in kills] + [t for _, t, _ in stops])
-    out = []
-    for _, death in kills:
-        later = [t for t in disruptions if t > death]
-        until = later[0] if later else math.inf
-        held = [
-            at - max(due[vnf], death)
-            for vnf, at in arrived.items()
-            if at > death and due[vnf] < until and at - due[vnf] > late_s
-        ]
-        if held:
-            out.append(max(held))
-    return out
+def p50_max(kills: list[Kill]) -> str:
+    times = [k.takeover_s for k in kills if k.takeover_s is not None]
+    if not times:
+        return "n/a"
+    return f"p50 {statistics.median(times):.1f} s / max {max(times):.1f} s"
 
 
 def read_events(args: argparse.Namespace, proxy: FakeKafkaProxy | None, fleet: Fleet) -> list:
@@ -291,7 +369,7 @@ def main() -> None:
                 flush=True,
             )
             first_due = submit(fleet, args)
-            kills, stops = chaos(fleet, so, args, first_due, rng)
+            kills, stops = chaos(fleet, so, args, first_due, rng, backend)
             deadline = time.time() + args.minutes * 60 + 600
             while (view := fleet.view())["status"] not in (
                 "Completed",
@@ -327,7 +405,6 @@ def main() -> None:
                 if "startTime" in i
             }
             arrived = {vnf: at for vnf, _, at in so.dispatched}
-            taken = takeovers(kills, stops, due, arrived)
             by_daemon = collections.Counter(d for _, d, _ in so.dispatched)
             late_at_stops = [
                 arrived[v] - due[v] for v in arrived if any(s <= due[v] <= c for _, s, c in stops)
@@ -336,16 +413,30 @@ def main() -> None:
     finally:
         stop_proxy()
         stop_so()
-    held = (
-        f"takeover p50 {statistics.median(taken):.1f} s / max {max(taken):.1f} s "
-        f"({len(taken)} of {len(kills)} kills held work)"
-        if taken
-        else "takeover n/a (no kill held work)"
-    )
+    for k, kill in enumerate(kills):
+        taken = f"{kill.takeover_s:.2f} s" if kill.takeover_s is not None else "NEVER"
+        how = "after 1.2 leases" if kill.delayed else "at once"
+        print(
+            f"  kill {k + 1} at {kill.death - first_due:.0f} s: daemon {kill.daemon} "
+            f"taken over after {taken}; restarted {how}, back after {kill.back_s or 0:.1f} s"
+        )
+    never = [k for k in kills if k.takeover_s is None]
     print(
         f"{len(kills)} kills, {len(stops)} stops, {len(started):,} dispatched, "
-        f"{duplicated} duplicated, {len(lost) + len(unexplained) + len(phantom)} lost, {held}"
+        f"{duplicated} duplicated, {len(lost) + len(unexplained) + len(phantom)} lost, "
+        f"takeover {p50_max(kills)}"
     )
+    if backend == "sqlite":
+        print("  (SQLite, one daemon: the takeover is its restart, back and reconciled)")
+    else:
+        by_lease = [k for k in kills if k.delayed]
+        print(
+            f"  by another daemon at the lease ({len(by_lease)} kills restarted after 1.2 "
+            f"leases): {p50_max(by_lease)} (lease {args.lease_s:g} s, heartbeat every lease/3: "
+            f"{args.lease_s * 2 / 3:g}-{args.lease_s * 4 / 3:g} s by construction); by the "
+            f"restart in place ({len(kills) - len(by_lease)}): "
+            f"{p50_max([k for k in kills if not k.delayed])}"
+        )
     print(
         f"schedule {view['status']}: {len(items) - reconciled:,} Completed, {reconciled} "
         f"ended otherwise with a message; dispatched per daemon {dict(sorted(by_daemon.items()))}; "
@@ -360,10 +451,11 @@ def main() -> None:
     for reason, count in reasons.most_common(5):
         print(f"  {count} x {reason}")
     print(events_line)
-    if duplicated or lost or unexplained or phantom:
+    if duplicated or lost or unexplained or phantom or never:
         raise SystemExit(
             f"FAILED: duplicated {duplicated}, lost {lost[:5]}, "
-            f"unexplained {unexplained[:5]}, completed unstarted {phantom[:5]}"
+            f"unexplained {unexplained[:5]}, completed unstarted {phantom[:5]}, "
+            f"never taken over: kills {[kills.index(k) + 1 for k in never]}"
         )
 
 
