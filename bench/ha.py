@@ -17,9 +17,8 @@ work over (its intents, polls, leases, plans) deletes its row in the same transa
 (fleet.take_over). With several daemons, every other kill (while no other victim is down)
 restarts its victim only once its row is gone and 1.2 leases have passed: a host that died,
 whose work another daemon must take over by the lease. Such a takeover is, by construction,
-lease - lease/3 to lease + lease/3 after the death: the victim's lease ran from its last
-heartbeat (0 to lease/3 before the death) and the others look at every heartbeat (every
-lease/3). The other kills restart their victim at once, on the same state directory, as a
+lease - lease/3 to lease after the death: the victim's lease ran from its last heartbeat (0 to
+lease/3 before the death) and the others beat again just after the first other lease ends. The other kills restart their victim at once, on the same state directory, as a
 host's service manager would: the new process takes its predecessor's work over as it starts
 (same home), so those takeovers are a restart. On SQLite (one daemon, no `daemons` row to
 watch from outside) the takeover is the restart: from the death until the new process is
@@ -433,7 +432,7 @@ def main() -> None:
         print(
             f"  by another daemon at the lease ({len(by_lease)} kills restarted after 1.2 "
             f"leases): {p50_max(by_lease)} (lease {args.lease_s:g} s, heartbeat every lease/3: "
-            f"{args.lease_s * 2 / 3:g}-{args.lease_s * 4 / 3:g} s by construction); by the "
+            f"{args.lease_s * 2 / 3:g}-{args.lease_s:g} s by construction); by the "
             f"restart in place ({len(kills) - len(by_lease)}): "
             f"{p50_max([k for k in kills if not k.delayed])}"
         )

@@ -50,6 +50,7 @@ from cmsod.store import Store, fleet, views
 from cmsod.store.store import LeaseLost
 
 EX_CONFIG = 78
+LAPSE_MARGIN_S = 0.05  # a heartbeat for a lapsing lease comes this long after its end
 EX_IN_USE = 75  # EX_TEMPFAIL: another cmsod holds the state directory; retry once it is gone
 LOCK_NAME = "cmsod.lock"
 ACTORS = [  # dependency order: what others wake comes up first
@@ -362,14 +363,19 @@ def _ring_all(ctx: Context) -> None:
 async def _fleet(ctx: Context, lost: trio.Event) -> None:
     """The heartbeat: renew this daemon's lease every third of it, take over lapsed daemons'
     work. Once its own work was taken over (LeaseLost, here or in any write) the daemon stops
-    with an error: systemd starts it again, as a new daemon."""
+    with an error: systemd starts it again, as a new daemon.
+
+    It also beats just after the first other daemon's lease ends (a daemon alive renews long
+    before): a dead daemon's work is taken over when its lease ends, within one lease of its
+    death, not up to a third of a lease later at the next regular beat."""
     store = ctx.store
     assert store.owner is not None
     if not store.postgres:  # one daemon (the state directory's lock): nobody to take over
         await lost.wait()
+    wait_s = ctx.config.store.lease_s / 3
     while not lost.is_set():
         lease_ms = int(ctx.config.store.lease_s * 1000)
-        with trio.move_on_after(ctx.config.store.lease_s / 3):
+        with trio.move_on_after(wait_s):
             await lost.wait()
         if lost.is_set():
             break
@@ -383,8 +389,13 @@ async def _fleet(ctx: Context, lost: trio.Event) -> None:
             break
         except Exception as exc:  # the database is away: try again at the next beat
             log.warning("fleet.heartbeat_failed", reason=str(exc))
+            wait_s = ctx.config.store.lease_s / 3
             continue
         _took_over(ctx, done)
+        wait_s = ctx.config.store.lease_s / 3
+        if done.next_lapse_ms is not None:
+            until_lapse_s = (done.next_lapse_ms - ctx.clock.now_ms()) / 1000 + LAPSE_MARGIN_S
+            wait_s = max(LAPSE_MARGIN_S, min(wait_s, until_lapse_s))
     log.error("fleet.lease_lost", daemon=store.owner)
     raise LeaseLost(f"daemon {store.owner}: its work was taken over by another daemon")
 

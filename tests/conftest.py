@@ -130,11 +130,16 @@ def daemon_config(state_dir: Path, **overrides: Any) -> config.Config:
 
 
 async def start_daemon(
-    nursery: trio.Nursery, state_dir: Path, so: Orchestrator | None = None, **overrides: Any
+    nursery: trio.Nursery,
+    state_dir: Path,
+    so: Orchestrator | None = None,
+    clock: TrioWallClock | None = None,
+    **overrides: Any,
 ) -> Daemon:
-    """A daemon on `state_dir`; config keys as `section__key=value`, e.g. `poller__interval_s=5`."""
+    """A daemon on `state_dir`; config keys as `section__key=value`, e.g. `poller__interval_s=5`.
+    Its wall clock starts at EPOCH, unless it shares another daemon's `clock` (hosts in sync)."""
     cfg = daemon_config(state_dir, **overrides)
-    ctx = daemon.build_context(cfg, TrioWallClock(EPOCH.timestamp()), InlineExecutor())
+    ctx = daemon.build_context(cfg, clock or TrioWallClock(EPOCH.timestamp()), InlineExecutor())
     if so is not None:
         ctx.so = so
     scope = trio.CancelScope()

@@ -66,6 +66,7 @@ class Round:
         self.reconciled: list[str] = []
         self.polls = 0
         self.plans = 0
+        self.next_lapse_ms: int | None = None  # when the first other daemon's lease ends
 
 
 def heartbeat(tx: Tx, me: str, lease_ms: int, resend: bool, others_dead: bool = False) -> Round:
@@ -100,6 +101,9 @@ def heartbeat(tx: Tx, me: str, lease_ms: int, resend: bool, others_dead: bool = 
         for (name,) in tx.execute("SELECT name FROM leases WHERE owner = ?", (me,))
         if name in LEASES
     }
+    (done.next_lapse_ms,) = tx.execute(
+        "SELECT min(lease_expiry_ms) FROM daemons WHERE id != ?", (me,)
+    ).fetchone()
     return done
 
 
