@@ -209,7 +209,8 @@ class FakeSO(FakeHTTP):
     `dispatch_faults[n]` / `status_faults[n]` replace the n-th (1-based) dispatch / poll.
     With `dedupe`, a repeated X-TransactionId returns the first request's id and starts nothing.
     The work flows of the elements in `failing` end FAILED. `started_at` records each start
-    with the wall-clock time it arrived (the e2e tests check blackouts against it).
+    with the wall-clock time it arrived (the e2e tests check blackouts against it), read from
+    `clock` (a test under MockClock sets the daemon's).
     """
 
     def __init__(self, states: list[str] | None = None, answer: str = "201") -> None:
@@ -228,6 +229,7 @@ class FakeSO(FakeHTTP):
         self.failing: set[str] = set()
         self.vnf_of: dict[str, str] = {}
         self.started_at: list[tuple[str, float]] = []
+        self.clock: Callable[[], float] = time.time
 
     def handle(self, request: Request) -> Reply | Drop | Reset:
         if request.method == "POST" and request.path.startswith("/schedule/"):
@@ -241,7 +243,7 @@ class FakeSO(FakeHTTP):
                 return fault
             request_id = f"req-{len(self.started) + 1}"
             self.started.append((key, vnf))
-            self.started_at.append((vnf, time.time()))
+            self.started_at.append((vnf, self.clock()))
             self.vnf_of[request_id] = vnf
             self.by_key[key] = request_id
             self.polls[request_id] = 0

@@ -100,33 +100,40 @@ class BatchCache:
         self.rules: list[gates.Gate] | None = None  # the batch's gates, and from them:
         self.grace_ms = 0
         self.calendar: gates.CalendarGate | None = None
-        self._running: dict[int, int] = {}  # schedule -> its elements running, from the store
-        self._sent: dict[int, int] = {}  # schedule -> its elements this batch decided to send
+        self._taken: dict[int, int] = {}  # schedule -> `taken`, from the store
+        self._sent: dict[int, int] = {}  # schedule -> its late elements this batch sent
 
-    def running(self, schedule: int, element: int) -> int:
-        """How many of the schedule's elements run now: dispatched (or in flight) whose slot
-        covers now, read once per batch (not its own elements: none had started), plus those
-        this batch decided to send (`sent`; their writes may still wait in `tx.defer`)."""
-        if schedule not in self._running:
-            batch = self._elements if self._elements is not None else [element]
+    def taken(self, schedule: int, duration_ms: int) -> int:
+        """How much of the schedule's concurrency an element sent late now would share during
+        its run [now, now + duration): its elements dispatched (or in flight) whose slot
+        overlaps it, and those not dispatched yet whose planned slot overlaps it (they go on
+        their slot, this batch's included, whatever the late one does), other than the late
+        ones (held past their slot's start: they compete for what is left); read once per
+        batch; plus the late ones this batch decided to send (`sent`)."""
+        if schedule not in self._taken:
+            now = self.tx.now_ms
             (count,) = self.tx.execute(
-                "SELECT count(*) FROM elements WHERE schedule = ?"
-                " AND (status = ? OR (status IN (?, ?) AND dispatch_started_ms IS NOT NULL))"
-                " AND start_ms <= ? AND finish_ms > ?"
-                f" AND id NOT IN {IDS}",
+                "SELECT count(*) FROM elements WHERE schedule = ? AND start_ms < ?"
+                " AND finish_ms > ? AND (status = ? OR (status IN (?, ?)"
+                " AND (dispatch_started_ms IS NOT NULL"
+                " OR (status = ? AND (hold_why IS NULL OR start_ms >= ?)))))",
                 (
                     schedule,
+                    now + duration_ms,
+                    now,
                     E.TRIGGERED.value,
                     E.SCHEDULED.value,
                     E.SCHEDULED_IMMEDIATE.value,
-                    self.tx.now_ms,
-                    self.tx.now_ms,
-                    json.dumps(batch),
+                    E.SCHEDULED.value,
+                    now,
                 ),
-                flush=False,  # this batch's own sends are counted by `sent`
+                # this batch's sends, still deferred, read as not dispatched: an on-time one
+                # is counted by its planned slot, a late one by `sent` (none was sent yet: the
+                # first late one of the schedule reads this)
+                flush=False,
             ).fetchone()
-            self._running[schedule] = count
-        return self._running[schedule] + self._sent.get(schedule, 0)
+            self._taken[schedule] = count
+        return self._taken[schedule] + self._sent.get(schedule, 0)
 
     def load(self, schedules: set[int] | None) -> None:
         """The batch's snapshot rows in one query, not one round trip per element. On
@@ -356,8 +363,9 @@ def begin_dispatch(
         )
         return None
     late = snap.held_why is not None and snap.start_ms is not None and tx.now_ms > snap.start_ms
-    if late:  # released after its slot began: only if its schedule's concurrency has room now
-        if cache.running(row.schedule, element) >= (row.concurrency or 1):
+    if late:  # released after its slot began: only if its schedule's concurrency has room
+        # for its whole run from now, next to what runs and what is planned meanwhile
+        if cache.taken(row.schedule, snap.duration_ms) >= (row.concurrency or 1):
             carry_over(tx, snap, row, tx.now_ms, snap.held_why or "", calendar)
             return None
         # its slot is now: later carry-overs are placed after it, not on top of it
@@ -370,7 +378,7 @@ def begin_dispatch(
             start_ms=tx.now_ms,
             finish_ms=tx.now_ms + snap.duration_ms,
         )
-    cache.sent(row.schedule)
+        cache.sent(row.schedule)
     key = row.key or str(uuid.uuid4())
     tx.defer(
         "UPDATE elements SET dispatch_key = ?, dispatch_started_ms = ?,"
