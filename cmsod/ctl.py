@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from cmsod import gantt
-from cmsod.model import ELEMENT_FINAL, SCHEDULE_FINAL
+from cmsod.model import ELEMENT_FINAL, SCHEDULE_FINAL, ScheduleStatus
 from cmsod.model import ElementStatus as E
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 from cmsod.wire.events import EVENT_TYPES
@@ -902,7 +902,13 @@ def parser() -> argparse.ArgumentParser:
         "--until", help="ISO-8601 with a zone (…Z for UTC), in the future: the freeze ends then"
     )
     p = sub.add_parser("list", help="list schedules")
-    p.add_argument("--status", action="append", help="only this status (repeatable)")
+    p.add_argument(
+        "--status",
+        action="append",
+        metavar="S",
+        choices=[s.value for s in ScheduleStatus],
+        help="only schedules in this status (repeatable), e.g. --status Completed",
+    )
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--after", help="page after this cursor (a page's `next`) or schedule id")
     p.add_argument("--all", action="store_true", help="every page from there, streamed")

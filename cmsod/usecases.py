@@ -111,7 +111,18 @@ def schedule_stream(
 async def list_schedules(
     ctx: Context, status: list[str] | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
+    """A word that is no status is refused: it would match nothing, and an empty list reads as
+    "none in that status" (`completed` for `Completed`)."""
+    for word in status or ():
+        if word not in STATUS_WORDS:
+            raise InvalidParameter(
+                "status",
+                f"{word!r} is not a schedule status; they are (exactly): {', '.join(STATUS_WORDS)}",
+            )
     return await ctx.store.read(views.list_schedules, status, limit, after)
+
+
+STATUS_WORDS = tuple(s.value for s in S)
 
 
 def details(

@@ -128,6 +128,11 @@ def test_empty_socket_variable_means_the_default() -> None:
     assert run.returncode == 69 and "/run/cmsod/control.sock" in run.stderr, run.stderr
 
 
+def test_usage_errors_are_refused_before_the_daemon_is_asked(tmp_path: Path) -> None:
+    code, out = cmsoctl(tmp_path, "list", "--status", "completed")
+    assert code == 2 and "invalid choice: 'completed'" in out and "'Completed'" in out
+
+
 def test_watch_says_when_the_daemon_stops(tmp_path: Path) -> None:
     code, out = cmsoctl(tmp_path, "watch", "--type", "nonsense")
     assert code == 2 and "invalid choice: 'nonsense'" in out

@@ -298,6 +298,13 @@ async def test_list_pages_with_a_link(http: Rest) -> None:
         assert refused.json()["requestError"]["variables"] == ["after"]
     filtered = await http.client.get(BASE, params={"status": S.SCHEDULED})
     assert filtered.json() == []
+    refused = await http.client.get(BASE, params={"status": "completed"})  # not `Completed`
+    assert refused.status_code == 400
+    error = refused.json()["requestError"]
+    assert (
+        error["variables"] == ["status"]
+        and "they are (exactly): Pending Schedule," in error["text"]
+    )
     unknown = await http.client.get(BASE, params={"scheduleName": "x"})
     assert unknown.status_code == 400  # CMSO ignored its list filters silently; we refuse
 
