@@ -307,6 +307,10 @@ async def test_list_pages_with_a_link(http: Rest) -> None:
     )
     unknown = await http.client.get(BASE, params={"scheduleName": "x"})
     assert unknown.status_code == 400  # CMSO ignored its list filters silently; we refuse
+    assert unknown.json()["requestError"]["text"] == (  # the filters of this route
+        "Undefined filter attribute scheduleName: the filters are: status, limit, after"
+    )
+    assert unknown.json()["requestError"]["variables"] == ["scheduleName"]
 
 
 # -- who may do what ---------------------------------------------------------------------------
@@ -855,6 +859,10 @@ async def test_extensions_freeze_on_status_and_off(autojump_clock, http: Rest) -
     reader, operator = http.as_user("reader"), http.as_user("operator")
     try:
         assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+        queried = await reader.client.get(f"{X}/freeze", params={"on": "1"})
+        assert queried.json()["requestError"]["text"] == (
+            "Undefined filter attribute on: this takes no filter"
+        )
         refused = await reader.client.put(f"{X}/freeze", json={"reason": "no"})
         assert refused.status_code == 403
         assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}

@@ -621,7 +621,8 @@ def _no_query(call: Call, *known: str) -> None:
     """A query parameter that would be ignored is refused (CMSO's list ignored them all)."""
     for name in call.query():
         if name not in known:
-            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name)
+            said = f"the filters are: {', '.join(known)}" if known else "this takes no filter"
+            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name, detail=said)
 
 
 def _one(query: dict[str, list[str]], name: str, default: str | None) -> str | None:
