@@ -346,6 +346,44 @@ def show_plan(response: dict[str, Any], fingerprint: str | None = None) -> str:
     return "\n".join(lines)
 
 
+MOVED_ROWS = 20  # a resume shows this many of the elements it moved; `show` has them all
+
+
+def show_resume(p: dict[str, Any]) -> str:
+    """A summary, not the schedule's rows (10,000 of them would flood a terminal): its status,
+    counts by element status, the plan and what moved; `show` has every element."""
+    s = p["schedule"]
+    elements = [e for g in s.get("groups", []) for e in g.get("changeManagementSchedules", [])]
+    lines = [f"{p['scheduleId']}: {p['status']}"]
+    if "planFingerprint" in s:
+        lines.append(f"plan       {s['planFingerprint']}")
+    lines += progress(elements, s["status"])
+    moved = p.get("moved", [])
+    if not moved:
+        lines.append("moved      none: no slot passed while it was stopped")
+    else:
+        past_due = sum(m["startTime"] is None for m in moved)
+        lines.append(
+            f"moved      {len(moved)} element{'s' if len(moved) != 1 else ''} whose slot passed"
+            " while it was stopped"
+            + (f" ({past_due} Past due: no free slot left)" if past_due else "")
+        )
+        lines.append("")
+        lines.append(
+            table(
+                [
+                    [m["vnfName"], m["oldStartTime"], m["startTime"] or "none: Past due"]
+                    for m in moved[:MOVED_ROWS]
+                ],
+                ["VNF", "WAS START", "START"],
+            )
+        )
+        if len(moved) > MOVED_ROWS:
+            lines.append(f"... and {len(moved) - MOVED_ROWS} more")
+    lines.append(f"every element: cmsoctl show {p['scheduleId']}")
+    return "\n".join(lines)
+
+
 def show_approval(p: dict[str, Any]) -> str:
     """The status, the plan approved and, after --replan, what moved from the plan seen."""
     line = f"{p['scheduleId']}: {p['status']}"
@@ -481,7 +519,7 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
     if command == "freeze":
         return freeze_line(p["freeze"])
     if command == "resume":
-        return f"{p['scheduleId']}: {p['status']}\n\n" + show_schedule(p["schedule"])
+        return show_resume(p)
     if command == "status":
         lines = [freeze_line(p.get("freeze"))] if p.get("freeze") else []
         lines += [

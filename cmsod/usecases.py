@@ -298,14 +298,20 @@ async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
 
 
 async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str, Any]:
-    """Resume a paused or halted rollout; answers its status and its view, which shows the
-    new plan (elements carried over to later slots), over both front doors."""
+    """Resume a paused or halted rollout; answers its status, the elements carried over to
+    later slots (their old and new slots) and its view, which shows the new plan, over both
+    front doors."""
     grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
     calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
-    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
+    done = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
     ctx.bells.dispatcher.ring()
     schedule = await get_schedule(ctx, schedule_id)  # the new plan
-    return {"scheduleId": schedule_id, "status": status.value, "schedule": schedule}
+    return {
+        "scheduleId": schedule_id,
+        "status": done.status.value,
+        "moved": [change.to_view() for change in done.moved],
+        "schedule": schedule,
+    }
 
 
 async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> S:

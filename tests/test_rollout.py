@@ -132,6 +132,19 @@ async def test_pause_holds_the_rest_and_resume_carries_it_over(
         "n3": at("13:01"),
     }
     assert "carried over to 2026-12-01T12:01:00Z: held by stop" in new_plan["n2"]["statusMessage"]
+    assert resumed["moved"] == [  # what moved, for a summary (cmsoctl resume)
+        {
+            "vnfName": name,
+            "oldStartTime": at(was),
+            "oldFinishTime": at(was_end),
+            "startTime": at(start),
+            "finishTime": at(end),
+        }
+        for name, was, was_end, start, end in (
+            ("n2", "09:01", "10:01", "12:01", "13:01"),
+            ("n3", "10:01", "11:01", "13:01", "14:01"),
+        )
+    ]
     assert resumed["schedule"]["planFingerprint"] == fingerprint_of(resumed["schedule"])
     done = await client.wait_for("roll", *DONE)
     assert done["status"] == S.COMPLETED
