@@ -627,6 +627,13 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
         return "configuration reloaded" + (
             f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
         )
+    if command == "abort":
+        line = (
+            f"{p['scheduleId']}: {p['status']}: {p['cancelled']} element"
+            f"{'s' if p['cancelled'] != 1 else ''} cancelled, {p['running']} still running"
+            " to their end"
+        )
+        return line + (f" (cmsoctl show {p['scheduleId']} follows them)" if p["running"] else "")
     return f"{p['scheduleId']}: {p['status']}"
 
 
@@ -672,13 +679,27 @@ FLAGS = {
 }
 
 
-def describe_error(reply: Reply, command: str = "") -> str:
-    """The daemon's refusal as a sentence, naming the flag (or argument) it is about."""
+# What to do instead, said after a refusal of a command (CMSO's text is kept as it is):
+# command, messageId -> the hint, formatted with the command's ID.
+HINTS = {
+    ("delete", "Scheduler.CANNOT_CANCEL_IN_PROGRESS"): (
+        "to stop it, `cmsoctl abort {id}` cancels every element not yet dispatched"
+        " and lets the running ones finish"
+    ),
+}
+
+
+def describe_error(reply: Reply, command: str = "", schedule_id: str | None = None) -> str:
+    """The daemon's refusal as a sentence, naming the flag (or argument) it is about, with
+    what to do instead where there is something."""
     p = reply.parameters
     flags = FLAGS.get(command, {})
     if reply.error == "io.cmsod.RequestError":
         e = p.get("requestError", {})
         said = f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
+        hint = HINTS.get((command, e.get("messageId")))
+        if hint:
+            said += f"\n{hint.format(id=schedule_id)}"
         field = (e.get("variables") or [None])[0]
         return f"{flags[field]}: {said}" if field in flags else said
     detail = p.get("message", "")
@@ -1061,7 +1082,8 @@ def run(argv: list[str] | None = None) -> int:
             print(
                 msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode()
             )
-        print(f"cmsoctl: {describe_error(reply, args.command)}", file=sys.stderr)
+        described = describe_error(reply, args.command, getattr(args, "id", None))
+        print(f"cmsoctl: {described}", file=sys.stderr)
         return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
     if args.command == "gantt" and args.svg:
         try:

@@ -314,10 +314,17 @@ async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str,
     }
 
 
-async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> S:
-    status = await ctx.store.tx(schedules.abort, schedule_id, by, why)
+async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str, Any]:
+    """Abort a rollout; answers its status, how many elements it cancelled and how many are
+    still running to their end, over both front doors."""
+    done = await ctx.store.tx(schedules.abort, schedule_id, by, why)
     ctx.bells.poller.ring()
-    return status
+    return {
+        "scheduleId": schedule_id,
+        "status": done.status.value,
+        "cancelled": done.cancelled,
+        "running": done.running,
+    }
 
 
 async def freeze(

@@ -162,6 +162,24 @@ def test_resume_says_what_moved_in_a_summary() -> None:
     assert "moved      none: no slot passed while it was stopped" in ctl.human("resume", answer)
 
 
+def test_delete_of_a_running_schedule_points_at_abort_and_abort_says_what_it_did() -> None:
+    error = {"messageId": "Scheduler.CANNOT_CANCEL_IN_PROGRESS", "text": "Cannot delete..."}
+    refused = ctl.Reply({"status": 406, "requestError": error}, "io.cmsod.RequestError")
+    assert ctl.describe_error(refused, "delete", "r1") == (
+        "406 Scheduler.CANNOT_CANCEL_IN_PROGRESS: Cannot delete...\n"  # CMSO's text, then
+        "to stop it, `cmsoctl abort r1` cancels every element not yet dispatched"
+        " and lets the running ones finish"
+    )
+    answer = {"scheduleId": "r1", "status": "Notifications Initiated", "cancelled": 7}
+    assert ctl.human("abort", answer | {"running": 3}) == (
+        "r1: Notifications Initiated: 7 elements cancelled, 3 still running to their end"
+        " (cmsoctl show r1 follows them)"
+    )
+    assert ctl.human("abort", answer | {"status": "Cancelled", "cancelled": 1, "running": 0}) == (
+        "r1: Cancelled: 1 element cancelled, 0 still running to their end"
+    )
+
+
 def test_watch_says_when_the_daemon_stops(tmp_path: Path) -> None:
     code, out = cmsoctl(tmp_path, "watch", "--type", "nonsense")
     assert code == 2 and "invalid choice: 'nonsense'" in out

@@ -822,7 +822,12 @@ async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http:
         aborted = await operator.client.post(
             f"{X}/schedules/ext/abort", json={"reason": "wrong firmware"}
         )
-        assert aborted.json() == {"scheduleId": "ext", "status": S.CANCELLED}  # nothing ran
+        assert aborted.json() == {  # nothing ran
+            "scheduleId": "ext",
+            "status": S.CANCELLED,
+            "cancelled": len(statuses(await http.schedule("ext"))),
+            "running": 0,
+        }
         view = await http.schedule("ext")
         assert view["status"] == S.CANCELLED
         for element in statuses(view):

@@ -182,6 +182,7 @@ async def test_abort_cancels_what_was_not_dispatched(
         "io.cmsod.Schedules.Abort", scheduleId="ab", reason="wrong firmware", by="ops"
     )
     assert aborted["status"] == S.NOTIFICATIONS_INITIATED  # n1 still runs
+    assert (aborted["cancelled"], aborted["running"]) == (2, 1)
     view = await client.wait_for("ab", *DONE)
     assert view["status"] == S.COMPLETED_WITH_ERRORS
     element = items(view)
@@ -196,6 +197,7 @@ async def test_abort_cancels_what_was_not_dispatched(
     await approved(client, "ab2", ["m1"])
     nothing_ran = await client.ok("io.cmsod.Schedules.Abort", scheduleId="ab2", reason="no")
     assert nothing_ran["status"] == S.CANCELLED
+    assert (nothing_ran["cancelled"], nothing_ran["running"]) == (1, 0)
     ticket = (await client.ok("io.cmsod.Tickets.List", scheduleId="ab2"))["tickets"][0]
     assert ticket["closureCode"] == "Cancelled"
     not_running = await client.call("io.cmsod.Schedules.Pause", scheduleId="ab2")

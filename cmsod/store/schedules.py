@@ -663,7 +663,16 @@ def resume(
     return Resumed(new, moved)
 
 
-def abort(tx: Tx, schedule_id: str, by: str, why: str) -> S:
+class Aborted(msgspec.Struct):
+    """What an abort did: the schedule's status now, the elements it cancelled, and those
+    dispatched and not yet ended, which run to their end."""
+
+    status: S
+    cancelled: int
+    running: int
+
+
+def abort(tx: Tx, schedule_id: str, by: str, why: str) -> Aborted:
     """End every element not yet dispatched (`Cancelled`; their tickets cancelled or closed
     by CMSO's rules as the last of their elements ends); running ones are polled to their
     end. A schedule of which nothing ran is `Cancelled`."""
@@ -683,15 +692,25 @@ def abort(tx: Tx, schedule_id: str, by: str, why: str) -> S:
             tx.schedule_set(schedule, schedule_id, status, **control)
         else:
             tx.schedule_to(schedule, schedule_id, status, S.NOTIFICATIONS_INITIATED, **control)
+    cancelled = 0
     for element, name, old in waiting:
         if old in changes:
             tx.element_to(
                 element, schedule, schedule_id, name, old, changes[old], status_message=message
             )
+            cancelled += 1
     if not ran:
         tx.schedule_to(schedule, schedule_id, status, S.CANCELLED, **control)
-    tx.note("schedule.aborted", schedule_id=schedule_id, by=by, why=why)
-    return S.NOTIFICATIONS_INITIATED if ran else S.CANCELLED
+    running = sum(d is not None and E(s) not in ELEMENT_FINAL for _, _, s, d in rows)
+    tx.note(
+        "schedule.aborted",
+        schedule_id=schedule_id,
+        by=by,
+        why=why,
+        cancelled=cancelled,
+        running=running,
+    )
+    return Aborted(S.NOTIFICATIONS_INITIATED if ran else S.CANCELLED, cancelled, running)
 
 
 # -- re-planning at an approval, and pending approvals that expire ---------------------------
