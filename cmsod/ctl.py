@@ -860,14 +860,24 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise CtlError(EX_USAGE, f"unknown command {c}")
 
 
-def columns(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 10 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{value} is not between 10 and 1000")
-    return value
+def between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, refused in a sentence."""
+
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return number
+
+
+columns = between(10, 1000)
+# rows a page (the daemon's bound: ListParameters.limit), said before the daemon is asked
+page_size = between(1, 1000)
 
 
 def fingerprint(text: str) -> str:
@@ -968,7 +978,12 @@ def parser() -> argparse.ArgumentParser:
         choices=[s.value for s in ScheduleStatus],
         help="only schedules in this status (repeatable), e.g. --status Completed",
     )
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument(
+        "--limit",
+        type=page_size,
+        default=100,
+        help="schedules a page, 1 to 1000 (default %(default)s)",
+    )
     p.add_argument("--after", help="page after this cursor (a page's `next`) or schedule id")
     p.add_argument("--all", action="store_true", help="every page from there, streamed")
     p = sub.add_parser(
@@ -989,7 +1004,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE|-")
     p = sub.add_parser("why", help="what an element waits for, or why it ended, in plain words")
-    p.add_argument("element")
+    p.add_argument("element", help="the element's name (its vnfName)")
     p.add_argument("--schedule", metavar="ID", help="in this schedule (default: its newest)")
     p = sub.add_parser("gantt", help="draw a schedule's plan (terminal, or --svg FILE)")
     p.add_argument("id")
@@ -1023,12 +1038,17 @@ def parser() -> argparse.ArgumentParser:
     blackout.add_parser("rm", help="ID").add_argument("id")
     p = sub.add_parser("tickets", help="the change tickets of all schedules (or --schedule ID)")
     p.add_argument("--schedule", help="only this schedule's")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument(
+        "--limit",
+        type=page_size,
+        default=100,
+        help="tickets a page, 1 to 1000 (default %(default)s)",
+    )
     p.add_argument("--after", help="page after this cursor (a page's `next`) or ticket id")
     p = sub.add_parser("ticket", help="one change ticket: its elements and its TM operations")
     p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
-    p.add_argument("id", nargs="?")
+    p.add_argument("id", nargs="?", help="only this schedule's events (default: every schedule's)")
     p.add_argument("--type", choices=EVENT_TYPES, help="only this eventType")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")

@@ -132,6 +132,11 @@ def test_empty_socket_variable_means_the_default() -> None:
 def test_usage_errors_are_refused_before_the_daemon_is_asked(tmp_path: Path) -> None:
     code, out = cmsoctl(tmp_path, "list", "--status", "completed")
     assert code == 2 and "invalid choice: 'completed'" in out and "'Completed'" in out
+    for command in ("list", "tickets"):  # a sentence, not the daemon's decoder's words
+        code, out = cmsoctl(tmp_path, command, "--limit", "0")
+        assert code == 2 and "argument --limit: 0 is not between 1 and 1000" in out, out
+        code, out = cmsoctl(tmp_path, command, "--limit", "x")
+        assert code == 2 and "argument --limit: not a whole number: 'x'" in out, out
 
 
 def test_resume_says_what_moved_in_a_summary() -> None:
