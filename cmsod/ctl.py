@@ -490,6 +490,19 @@ def list_table(rows: list[dict[str, Any]], header: bool) -> str:
 
 
 # What the holder of each named lease (cmsod/store/fleet.py) does for all the daemons.
+def daemon_state(d: dict[str, Any]) -> str:
+    """Alive (its lease runs), or LAPSED; alive but silent for more than two heartbeats (one
+    every lease/3) is probably dead (killed -9, cut off): how long, and when it is taken over."""
+    expiry = _ms_time(d["leaseExpiryMs"])
+    if not d["alive"]:
+        return f"LAPSED, lease to {expiry}"
+    interval_ms = (d["leaseExpiryMs"] - d["heartbeatMs"]) / 3  # the lease is renewed whole
+    silent_ms = d.get("silentMs", 0)
+    if silent_ms > 2 * interval_ms:
+        return f"silent {silent_ms / 1000:.1f} s: taken over when its lease ends at {expiry}"
+    return f"alive, lease to {expiry}"
+
+
 LEASE_DUTIES = {"events": "publishes the CM events", "tickets": "sends the ticket operations"}
 
 
@@ -558,9 +571,8 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             duties = "".join(f"; {LEASE_DUTIES.get(name, 'holds ' + name)}" for name in d["leases"])
             lines.append(
                 f"daemon     {d['id']}{' (this one)' if d['id'] == p.get('daemon') else ''}:"
-                f" {'alive' if d['alive'] else 'LAPSED'}, lease to {_ms_time(d['leaseExpiryMs'])};"
-                f" {d['dispatching']} dispatching, {d['running']} running, {d['planning']}"
-                f" planning{duties}"
+                f" {daemon_state(d)}; {d['dispatching']} dispatching, {d['running']} running,"
+                f" {d['planning']} planning{duties}"
             )
         lines.append("")
         lines.append(

@@ -68,8 +68,16 @@ async def test_a_lapsed_daemon_is_taken_over_and_fenced(backend: str, tmp_path: 
         assert len(jobs) == 2  # a's intents: claimed by a
         assert await b.tx(dispatch.begin_dispatches, [d.element for d in due], []) == []
 
-        clock.ms += LEASE_MS - 1  # not lapsed yet: nothing is taken
+        clock.ms += 2 * LEASE_MS // 3  # two heartbeats missed: alive, as far as one can tell
+        state = {d["id"]: ctl.daemon_state(d) for d in await b.read(fleet.daemons, clock.ms)}
+        assert state["a"].startswith("alive, lease to ")
+        clock.ms += LEASE_MS // 3 - 1  # not lapsed yet: nothing is taken
         assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).gone == []
+        state = {d["id"]: ctl.daemon_state(d) for d in await b.read(fleet.daemons, clock.ms)}
+        assert state == {  # `cmsoctl status`: a is probably dead, and says until when
+            "a": "silent 15.0 s: taken over when its lease ends at " + ctl._ms_time(clock.ms + 1),
+            "b": "alive, lease to " + ctl._ms_time(clock.ms + LEASE_MS),
+        }
         clock.ms += 1  # a is silent for a whole lease: b takes over, reconciles as after a crash
         done = await b.tx(fleet.heartbeat, "b", LEASE_MS, False)
         assert done.gone == ["a"] and sorted(done.reconciled) == ["n1", "n2"]
