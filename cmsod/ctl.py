@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from cmsod import gantt
-from cmsod.model import ELEMENT_FINAL, SCHEDULE_FINAL
+from cmsod.model import ELEMENT_FINAL, SCHEDULE_FINAL, ScheduleStatus
 from cmsod.model import ElementStatus as E
 from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
 from cmsod.wire.events import EVENT_TYPES
@@ -346,6 +346,44 @@ def show_plan(response: dict[str, Any], fingerprint: str | None = None) -> str:
     return "\n".join(lines)
 
 
+MOVED_ROWS = 20  # a resume shows this many of the elements it moved; `show` has them all
+
+
+def show_resume(p: dict[str, Any]) -> str:
+    """A summary, not the schedule's rows (10,000 of them would flood a terminal): its status,
+    counts by element status, the plan and what moved; `show` has every element."""
+    s = p["schedule"]
+    elements = [e for g in s.get("groups", []) for e in g.get("changeManagementSchedules", [])]
+    lines = [f"{p['scheduleId']}: {p['status']}"]
+    if "planFingerprint" in s:
+        lines.append(f"plan       {s['planFingerprint']}")
+    lines += progress(elements, s["status"])
+    moved = p.get("moved", [])
+    if not moved:
+        lines.append("moved      none: no slot passed while it was stopped")
+    else:
+        past_due = sum(m["startTime"] is None for m in moved)
+        lines.append(
+            f"moved      {len(moved)} element{'s' if len(moved) != 1 else ''} whose slot passed"
+            " while it was stopped"
+            + (f" ({past_due} Past due: no free slot left)" if past_due else "")
+        )
+        lines.append("")
+        lines.append(
+            table(
+                [
+                    [m["vnfName"], m["oldStartTime"], m["startTime"] or "none: Past due"]
+                    for m in moved[:MOVED_ROWS]
+                ],
+                ["VNF", "WAS START", "START"],
+            )
+        )
+        if len(moved) > MOVED_ROWS:
+            lines.append(f"... and {len(moved) - MOVED_ROWS} more")
+    lines.append(f"every element: cmsoctl show {p['scheduleId']}")
+    return "\n".join(lines)
+
+
 def show_approval(p: dict[str, Any]) -> str:
     """The status, the plan approved and, after --replan, what moved from the plan seen."""
     line = f"{p['scheduleId']}: {p['status']}"
@@ -452,6 +490,19 @@ def list_table(rows: list[dict[str, Any]], header: bool) -> str:
 
 
 # What the holder of each named lease (cmsod/store/fleet.py) does for all the daemons.
+def daemon_state(d: dict[str, Any]) -> str:
+    """Alive (its lease runs), or LAPSED; alive but silent for more than two heartbeats (one
+    every lease/3) is probably dead (killed -9, cut off): how long, and when it is taken over."""
+    expiry = _ms_time(d["leaseExpiryMs"])
+    if not d["alive"]:
+        return f"LAPSED, lease to {expiry}"
+    interval_ms = (d["leaseExpiryMs"] - d["heartbeatMs"]) / 3  # the lease is renewed whole
+    silent_ms = d.get("silentMs", 0)
+    if silent_ms > 2 * interval_ms:
+        return f"silent {silent_ms / 1000:.1f} s: taken over when its lease ends at {expiry}"
+    return f"alive, lease to {expiry}"
+
+
 LEASE_DUTIES = {"events": "publishes the CM events", "tickets": "sends the ticket operations"}
 
 
@@ -481,7 +532,7 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
     if command == "freeze":
         return freeze_line(p["freeze"])
     if command == "resume":
-        return f"{p['scheduleId']}: {p['status']}\n\n" + show_schedule(p["schedule"])
+        return show_resume(p)
     if command == "status":
         lines = [freeze_line(p.get("freeze"))] if p.get("freeze") else []
         lines += [
@@ -520,9 +571,8 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
             duties = "".join(f"; {LEASE_DUTIES.get(name, 'holds ' + name)}" for name in d["leases"])
             lines.append(
                 f"daemon     {d['id']}{' (this one)' if d['id'] == p.get('daemon') else ''}:"
-                f" {'alive' if d['alive'] else 'LAPSED'}, lease to {_ms_time(d['leaseExpiryMs'])};"
-                f" {d['dispatching']} dispatching, {d['running']} running, {d['planning']}"
-                f" planning{duties}"
+                f" {daemon_state(d)}; {d['dispatching']} dispatching, {d['running']} running,"
+                f" {d['planning']} planning{duties}"
             )
         lines.append("")
         lines.append(
@@ -589,6 +639,13 @@ def human(command: str, p: dict[str, Any], args: argparse.Namespace | None = Non
         return "configuration reloaded" + (
             f": {', '.join(p['changed'])}" if p.get("changed") else " (nothing changed)"
         )
+    if command == "abort":
+        line = (
+            f"{p['scheduleId']}: {p['status']}: {p['cancelled']} element"
+            f"{'s' if p['cancelled'] != 1 else ''} cancelled, {p['running']} still running"
+            " to their end"
+        )
+        return line + (f" (cmsoctl show {p['scheduleId']} follows them)" if p["running"] else "")
     return f"{p['scheduleId']}: {p['status']}"
 
 
@@ -634,13 +691,27 @@ FLAGS = {
 }
 
 
-def describe_error(reply: Reply, command: str = "") -> str:
-    """The daemon's refusal as a sentence, naming the flag (or argument) it is about."""
+# What to do instead, said after a refusal of a command (CMSO's text is kept as it is):
+# command, messageId -> the hint, formatted with the command's ID.
+HINTS = {
+    ("delete", "Scheduler.CANNOT_CANCEL_IN_PROGRESS"): (
+        "to stop it, `cmsoctl abort {id}` cancels every element not yet dispatched"
+        " and lets the running ones finish"
+    ),
+}
+
+
+def describe_error(reply: Reply, command: str = "", schedule_id: str | None = None) -> str:
+    """The daemon's refusal as a sentence, naming the flag (or argument) it is about, with
+    what to do instead where there is something."""
     p = reply.parameters
     flags = FLAGS.get(command, {})
     if reply.error == "io.cmsod.RequestError":
         e = p.get("requestError", {})
         said = f"{p.get('status')} {e.get('messageId')}: {e.get('text')}"
+        hint = HINTS.get((command, e.get("messageId")))
+        if hint:
+            said += f"\n{hint.format(id=schedule_id)}"
         field = (e.get("variables") or [None])[0]
         return f"{flags[field]}: {said}" if field in flags else said
     detail = p.get("message", "")
@@ -801,14 +872,24 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise CtlError(EX_USAGE, f"unknown command {c}")
 
 
-def columns(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 10 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{value} is not between 10 and 1000")
-    return value
+def between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, refused in a sentence."""
+
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return number
+
+
+columns = between(10, 1000)
+# rows a page (the daemon's bound: ListParameters.limit), said before the daemon is asked
+page_size = between(1, 1000)
 
 
 def fingerprint(text: str) -> str:
@@ -902,8 +983,19 @@ def parser() -> argparse.ArgumentParser:
         "--until", help="ISO-8601 with a zone (…Z for UTC), in the future: the freeze ends then"
     )
     p = sub.add_parser("list", help="list schedules")
-    p.add_argument("--status", action="append", help="only this status (repeatable)")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument(
+        "--status",
+        action="append",
+        metavar="S",
+        choices=[s.value for s in ScheduleStatus],
+        help="only schedules in this status (repeatable), e.g. --status Completed",
+    )
+    p.add_argument(
+        "--limit",
+        type=page_size,
+        default=100,
+        help="schedules a page, 1 to 1000 (default %(default)s)",
+    )
     p.add_argument("--after", help="page after this cursor (a page's `next`) or schedule id")
     p.add_argument("--all", action="store_true", help="every page from there, streamed")
     p = sub.add_parser(
@@ -924,7 +1016,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE|-")
     p = sub.add_parser("why", help="what an element waits for, or why it ended, in plain words")
-    p.add_argument("element")
+    p.add_argument("element", help="the element's name (its vnfName)")
     p.add_argument("--schedule", metavar="ID", help="in this schedule (default: its newest)")
     p = sub.add_parser("gantt", help="draw a schedule's plan (terminal, or --svg FILE)")
     p.add_argument("id")
@@ -958,12 +1050,17 @@ def parser() -> argparse.ArgumentParser:
     blackout.add_parser("rm", help="ID").add_argument("id")
     p = sub.add_parser("tickets", help="the change tickets of all schedules (or --schedule ID)")
     p.add_argument("--schedule", help="only this schedule's")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument(
+        "--limit",
+        type=page_size,
+        default=100,
+        help="tickets a page, 1 to 1000 (default %(default)s)",
+    )
     p.add_argument("--after", help="page after this cursor (a page's `next`) or ticket id")
     p = sub.add_parser("ticket", help="one change ticket: its elements and its TM operations")
     p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
-    p.add_argument("id", nargs="?")
+    p.add_argument("id", nargs="?", help="only this schedule's events (default: every schedule's)")
     p.add_argument("--type", choices=EVENT_TYPES, help="only this eventType")
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
@@ -1017,7 +1114,8 @@ def run(argv: list[str] | None = None) -> int:
             print(
                 msgspec.json.encode({"error": reply.error, "parameters": reply.parameters}).decode()
             )
-        print(f"cmsoctl: {describe_error(reply, args.command)}", file=sys.stderr)
+        described = describe_error(reply, args.command, getattr(args, "id", None))
+        print(f"cmsoctl: {described}", file=sys.stderr)
         return EX_NOPERM if reply.error == "io.cmsod.PermissionDenied" else EX_ERROR
     if args.command == "gantt" and args.svg:
         try:

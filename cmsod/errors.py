@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from cmsod.wire.control import DETAIL_FILTERS, DETAIL_PAGING
-
 
 class CmsodError(Exception):
     pass
@@ -41,10 +39,8 @@ class RequestError(CmsodError):
             "domain={0} scheduleId={1} state={2}"
         ),
         "CANNOT_CANCEL_IN_PROGRESS": "Cannot delete/cancel a schedule with events in progress.",
-        "UNDEFINED_FILTER_ATTRIBUTE": (
-            "Undefined filter attribute {0}; the filters are: "
-            + ", ".join(DETAIL_FILTERS + DETAIL_PAGING)
-        ),
+        # CMSO's text; each raiser says after it which filters its route takes
+        "UNDEFINED_FILTER_ATTRIBUTE": "Undefined filter attribute {0}",
         "INVALID_DATE_FILTER": "Invalid date filter provided {0}={1}",
         "UNABLE_TO_CREATE_CHANGE_TICKET": (
             "Unable to create change ticket in TM: Schedule ID: {0} : Reason : {1}"

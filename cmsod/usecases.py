@@ -111,7 +111,18 @@ def schedule_stream(
 async def list_schedules(
     ctx: Context, status: list[str] | None, limit: int, after: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
+    """A word that is no status is refused: it would match nothing, and an empty list reads as
+    "none in that status" (`completed` for `Completed`)."""
+    for word in status or ():
+        if word not in STATUS_WORDS:
+            raise InvalidParameter(
+                "status",
+                f"{word!r} is not a schedule status; they are (exactly): {', '.join(STATUS_WORDS)}",
+            )
     return await ctx.store.read(views.list_schedules, status, limit, after)
+
+
+STATUS_WORDS = tuple(s.value for s in S)
 
 
 def details(
@@ -287,20 +298,33 @@ async def pause(ctx: Context, schedule_id: str, by: str, why: str) -> S:
 
 
 async def resume(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str, Any]:
-    """Resume a paused or halted rollout; answers its status and its view, which shows the
-    new plan (elements carried over to later slots), over both front doors."""
+    """Resume a paused or halted rollout; answers its status, the elements carried over to
+    later slots (their old and new slots) and its view, which shows the new plan, over both
+    front doors."""
     grace_ms = int(ctx.config.dispatcher.misfire_grace_s * 1000)
     calendar = gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory)
-    status = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
+    done = await ctx.store.tx(schedules.resume, schedule_id, by, why, grace_ms, calendar)
     ctx.bells.dispatcher.ring()
     schedule = await get_schedule(ctx, schedule_id)  # the new plan
-    return {"scheduleId": schedule_id, "status": status.value, "schedule": schedule}
+    return {
+        "scheduleId": schedule_id,
+        "status": done.status.value,
+        "moved": [change.to_view() for change in done.moved],
+        "schedule": schedule,
+    }
 
 
-async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> S:
-    status = await ctx.store.tx(schedules.abort, schedule_id, by, why)
+async def abort(ctx: Context, schedule_id: str, by: str, why: str) -> dict[str, Any]:
+    """Abort a rollout; answers its status, how many elements it cancelled and how many are
+    still running to their end, over both front doors."""
+    done = await ctx.store.tx(schedules.abort, schedule_id, by, why)
     ctx.bells.poller.ring()
-    return status
+    return {
+        "scheduleId": schedule_id,
+        "status": done.status.value,
+        "cancelled": done.cancelled,
+        "running": done.running,
+    }
 
 
 async def freeze(

@@ -363,7 +363,7 @@ async def test_query_cases(autojump_clock, client: ControlClient) -> None:
     )
     assert bad["requestError"]["variables"] == ["bad"]
     assert bad["requestError"]["text"].startswith(  # the error lists the filters there are
-        "Undefined filter attribute bad; the filters are: request.scheduleId,"
+        "Undefined filter attribute bad: the filters are: request.scheduleId,"
     )
     assert await count(groupId=["group"]) == 3
     assert (await count(groupId=["other"]))["status"] == 404  # exists, matches nothing

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cmsod import ctl
 from tests import conftest
 from tests.cmso_requests import request
 from tests.conftest import EPOCH, ControlClient
@@ -126,6 +127,62 @@ def test_empty_socket_variable_means_the_default() -> None:
         timeout=30,
     )
     assert run.returncode == 69 and "/run/cmsod/control.sock" in run.stderr, run.stderr
+
+
+def test_usage_errors_are_refused_before_the_daemon_is_asked(tmp_path: Path) -> None:
+    code, out = cmsoctl(tmp_path, "list", "--status", "completed")
+    assert code == 2 and "invalid choice: 'completed'" in out and "'Completed'" in out
+    for command in ("list", "tickets"):  # a sentence, not the daemon's decoder's words
+        code, out = cmsoctl(tmp_path, command, "--limit", "0")
+        assert code == 2 and "argument --limit: 0 is not between 1 and 1000" in out, out
+        code, out = cmsoctl(tmp_path, command, "--limit", "x")
+        assert code == 2 and "argument --limit: not a whole number: 'x'" in out, out
+
+
+def test_resume_says_what_moved_in_a_summary() -> None:
+    elements = [{"vnfName": f"n{i}", "status": "Scheduled"} for i in range(200)]
+    moved = [
+        {"vnfName": f"n{i}", "oldStartTime": "2026-12-03T10:00:00Z", "startTime": start}
+        for i, start in enumerate([None] + ["2026-12-03T12:00:00Z"] * 24)
+    ]
+    answer = {
+        "scheduleId": "big",
+        "status": "Scheduled",
+        "moved": moved,
+        "schedule": {
+            "status": "Scheduled",
+            "planFingerprint": "0123456789ab",
+            "groups": [{"groupId": "g", "changeManagementSchedules": elements}],
+        },
+    }
+    lines = ctl.human("resume", answer).splitlines()
+    assert lines[:3] == ["big: Scheduled", "plan       0123456789ab", "elements   200 Scheduled"]
+    assert "moved      25 elements whose slot passed while it was stopped (1 Past due: no free" in (
+        "\n".join(lines)
+    )
+    assert lines[-2:] == ["... and 5 more", "every element: cmsoctl show big"]
+    assert "n0   2026-12-03T10:00:00Z  none: Past due" in lines
+    assert len(lines) == 5 + 2 + 20 + 2  # 20 of the moved, not 200 rows
+    answer["moved"] = []
+    assert "moved      none: no slot passed while it was stopped" in ctl.human("resume", answer)
+
+
+def test_delete_of_a_running_schedule_points_at_abort_and_abort_says_what_it_did() -> None:
+    error = {"messageId": "Scheduler.CANNOT_CANCEL_IN_PROGRESS", "text": "Cannot delete..."}
+    refused = ctl.Reply({"status": 406, "requestError": error}, "io.cmsod.RequestError")
+    assert ctl.describe_error(refused, "delete", "r1") == (
+        "406 Scheduler.CANNOT_CANCEL_IN_PROGRESS: Cannot delete...\n"  # CMSO's text, then
+        "to stop it, `cmsoctl abort r1` cancels every element not yet dispatched"
+        " and lets the running ones finish"
+    )
+    answer = {"scheduleId": "r1", "status": "Notifications Initiated", "cancelled": 7}
+    assert ctl.human("abort", answer | {"running": 3}) == (
+        "r1: Notifications Initiated: 7 elements cancelled, 3 still running to their end"
+        " (cmsoctl show r1 follows them)"
+    )
+    assert ctl.human("abort", answer | {"status": "Cancelled", "cancelled": 1, "running": 0}) == (
+        "r1: Cancelled: 1 element cancelled, 0 still running to their end"
+    )
 
 
 def test_watch_says_when_the_daemon_stops(tmp_path: Path) -> None:

@@ -22,8 +22,10 @@ from cmsod.model import PollOutcome
 from cmsod.model import ScheduleStatus as S
 from cmsod.store import Store, dispatch, fleet, outboxes, schedules, views
 from cmsod.store.backend import connect_postgres
+from cmsod.store.schema import MIGRATION_LOCK, SCHEMA_VERSION
 from cmsod.store.store import EVENTS_LOCK, LeaseLost, Tx, shared_lock
 from cmsod.wire.cmso import ScheduleRequest
+from tests import pg
 from tests.cmso_requests import request
 from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
 from tests.test_events import in_order_and_complete, run_schedules, watch
@@ -66,8 +68,16 @@ async def test_a_lapsed_daemon_is_taken_over_and_fenced(backend: str, tmp_path: 
         assert len(jobs) == 2  # a's intents: claimed by a
         assert await b.tx(dispatch.begin_dispatches, [d.element for d in due], []) == []
 
-        clock.ms += LEASE_MS - 1  # not lapsed yet: nothing is taken
+        clock.ms += 2 * LEASE_MS // 3  # two heartbeats missed: alive, as far as one can tell
+        state = {d["id"]: ctl.daemon_state(d) for d in await b.read(fleet.daemons, clock.ms)}
+        assert state["a"].startswith("alive, lease to ")
+        clock.ms += LEASE_MS // 3 - 1  # not lapsed yet: nothing is taken
         assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).gone == []
+        state = {d["id"]: ctl.daemon_state(d) for d in await b.read(fleet.daemons, clock.ms)}
+        assert state == {  # `cmsoctl status`: a is probably dead, and says until when
+            "a": "silent 15.0 s: taken over when its lease ends at " + ctl._ms_time(clock.ms + 1),
+            "b": "alive, lease to " + ctl._ms_time(clock.ms + LEASE_MS),
+        }
         clock.ms += 1  # a is silent for a whole lease: b takes over, reconciles as after a crash
         done = await b.tx(fleet.heartbeat, "b", LEASE_MS, False)
         assert done.gone == ["a"] and sorted(done.reconciled) == ["n1", "n2"]
@@ -161,6 +171,40 @@ async def test_two_daemons_one_killed_the_other_finishes_its_rollout(
         (second.ctx.store.owner, True, ["events", "tickets"])
     ]
     second.cancel.cancel()
+
+
+@ON_POSTGRES
+async def test_daemons_started_together_one_migrates_all_the_others_find_it_done(
+    backend: str,
+) -> None:
+    """Not one daemon migrating 1 to 10 and the other 11: the lock was taken per migration,
+    so daemons waiting on it took turns. Both wait on the lock (held here) before it frees."""
+    url = pg.server().fresh()
+    stores = [Store(url, ThreadExecutor()) for _ in range(2)]
+    holder = connect_postgres(url).raw
+    try:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(store.open)
+
+            async def both_wait() -> bool:
+                (waiting,) = holder.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ).fetchone()
+                return bool(waiting == 2)
+
+            try:
+                await wait_until(both_wait, "both daemons wait on the migration lock", within_s=10)
+            finally:  # even so: the opens wait in threads, which a cancel does not end
+                holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        applied = sorted(store.migrations_applied for store in stores)
+        assert applied == [[], list(range(1, SCHEMA_VERSION + 1))]
+    finally:
+        holder.close()
+        for store in stores:
+            await store.close()
 
 
 @ON_POSTGRES

@@ -189,6 +189,22 @@ async def test_after_that_is_neither_an_id_nor_a_cursor_is_refused_naming_it(
             assert reply["parameters"]["parameter"] == "after"
 
 
+async def test_a_word_that_is_no_status_is_refused_listing_the_statuses(
+    client: ControlClient,
+) -> None:
+    """Not an empty list, which reads as "none in that status"."""
+    await create(client, "s0", 1)
+    for status in (["completed"], ["Pending Approval", "Bogus"]):
+        reply = await client.call(LIST, status=status)
+        assert reply["error"] == "org.varlink.service.InvalidParameter", reply
+        assert reply["parameters"]["parameter"] == "status"
+        message = reply["parameters"]["message"]
+        assert message.startswith(f"{status[-1]!r} is not a schedule status; they are (exactly): ")
+        assert "Pending Approval, Accepted," in message and "Completed with error(s)" in message
+    listed = await client.ok(LIST, status=["Pending Schedule", "Pending Approval"])
+    assert [s["scheduleId"] for s in listed["schedules"]] == ["s0"]
+
+
 # -- the store: reads beside the writer -----------------------------------------------------
 
 

@@ -298,8 +298,19 @@ async def test_list_pages_with_a_link(http: Rest) -> None:
         assert refused.json()["requestError"]["variables"] == ["after"]
     filtered = await http.client.get(BASE, params={"status": S.SCHEDULED})
     assert filtered.json() == []
+    refused = await http.client.get(BASE, params={"status": "completed"})  # not `Completed`
+    assert refused.status_code == 400
+    error = refused.json()["requestError"]
+    assert (
+        error["variables"] == ["status"]
+        and "they are (exactly): Pending Schedule," in error["text"]
+    )
     unknown = await http.client.get(BASE, params={"scheduleName": "x"})
     assert unknown.status_code == 400  # CMSO ignored its list filters silently; we refuse
+    assert unknown.json()["requestError"]["text"] == (  # the filters of this route
+        "Undefined filter attribute scheduleName: the filters are: status, limit, after"
+    )
+    assert unknown.json()["requestError"]["variables"] == ["scheduleName"]
 
 
 # -- who may do what ---------------------------------------------------------------------------
@@ -811,7 +822,12 @@ async def test_extensions_pause_resume_and_abort_a_rollout(autojump_clock, http:
         aborted = await operator.client.post(
             f"{X}/schedules/ext/abort", json={"reason": "wrong firmware"}
         )
-        assert aborted.json() == {"scheduleId": "ext", "status": S.CANCELLED}  # nothing ran
+        assert aborted.json() == {  # nothing ran
+            "scheduleId": "ext",
+            "status": S.CANCELLED,
+            "cancelled": len(statuses(await http.schedule("ext"))),
+            "running": 0,
+        }
         view = await http.schedule("ext")
         assert view["status"] == S.CANCELLED
         for element in statuses(view):
@@ -848,6 +864,10 @@ async def test_extensions_freeze_on_status_and_off(autojump_clock, http: Rest) -
     reader, operator = http.as_user("reader"), http.as_user("operator")
     try:
         assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}
+        queried = await reader.client.get(f"{X}/freeze", params={"on": "1"})
+        assert queried.json()["requestError"]["text"] == (
+            "Undefined filter attribute on: this takes no filter"
+        )
         refused = await reader.client.put(f"{X}/freeze", json={"reason": "no"})
         assert refused.status_code == 403
         assert (await reader.client.get(f"{X}/freeze")).json() == {"freeze": None}

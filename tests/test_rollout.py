@@ -137,6 +137,19 @@ async def test_pause_holds_the_rest_and_resume_carries_it_over(
         "n3": at("13:01"),
     }
     assert "carried over to 2026-12-01T12:01:00Z: held by stop" in new_plan["n2"]["statusMessage"]
+    assert resumed["moved"] == [  # what moved, for a summary (cmsoctl resume)
+        {
+            "vnfName": name,
+            "oldStartTime": at(was),
+            "oldFinishTime": at(was_end),
+            "startTime": at(start),
+            "finishTime": at(end),
+        }
+        for name, was, was_end, start, end in (
+            ("n2", "09:01", "10:01", "12:01", "13:01"),
+            ("n3", "10:01", "11:01", "13:01", "14:01"),
+        )
+    ]
     assert resumed["schedule"]["planFingerprint"] == fingerprint_of(resumed["schedule"])
     done = await client.wait_for("roll", *DONE)
     assert done["status"] == S.COMPLETED
@@ -174,6 +187,7 @@ async def test_abort_cancels_what_was_not_dispatched(
         "io.cmsod.Schedules.Abort", scheduleId="ab", reason="wrong firmware", by="ops"
     )
     assert aborted["status"] == S.NOTIFICATIONS_INITIATED  # n1 still runs
+    assert (aborted["cancelled"], aborted["running"]) == (2, 1)
     view = await client.wait_for("ab", *DONE)
     assert view["status"] == S.COMPLETED_WITH_ERRORS
     element = items(view)
@@ -188,6 +202,7 @@ async def test_abort_cancels_what_was_not_dispatched(
     await approved(client, "ab2", ["m1"])
     nothing_ran = await client.ok("io.cmsod.Schedules.Abort", scheduleId="ab2", reason="no")
     assert nothing_ran["status"] == S.CANCELLED
+    assert (nothing_ran["cancelled"], nothing_ran["running"]) == (1, 0)
     ticket = (await client.ok("io.cmsod.Tickets.List", scheduleId="ab2"))["tickets"][0]
     assert ticket["closureCode"] == "Cancelled"
     not_running = await client.call("io.cmsod.Schedules.Pause", scheduleId="ab2")

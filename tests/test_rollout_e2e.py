@@ -75,6 +75,10 @@ def test_a_failing_rollout_halts_at_its_threshold_and_survives_kill_9(
     resumed_at = time.time()
     code, out = cmsoctl(tmp_path, "resume", "big", "--reason", "known bad batch")
     assert code == 0 and out.startswith("big: Notifications Initiated"), out
+    lines = out.splitlines()  # a summary, not a row for each element
+    assert lines[1].startswith("plan       ") and lines[2].startswith("elements   "), out
+    assert any(line.startswith("moved      ") for line in lines), out
+    assert lines[-1] == "every element: cmsoctl show big" and len(lines) < len(nodes), out
     daemon.wait_log(r"event=schedule\.finished schedule_id=big", timeout=120)
     started = collections.Counter(vnf for _, vnf in so.started)
     assert sorted(started) == sorted(nodes) and set(started.values()) == {1}  # each once

@@ -222,8 +222,7 @@ async def resume(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any
 
 
 async def abort(ctx: Context, p: w.StopParameters, peer: Peer) -> dict[str, Any]:
-    status = await usecases.abort(ctx, p.scheduleId, who(peer, p.by), p.reason)
-    return {"scheduleId": p.scheduleId, "status": status.value}
+    return await usecases.abort(ctx, p.scheduleId, who(peer, p.by), p.reason)
 
 
 async def freeze(ctx: Context, p: w.FreezeParameters, peer: Peer) -> dict[str, Any]:

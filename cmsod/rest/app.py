@@ -50,7 +50,8 @@ LATEST_VERSION = b"2.0.0"
 # cmsod's own routes beside CMSO's, under /cmso/<version>/x-cmsod/ (OpenAPI tag "cmsod
 # extensions"): the controls of "Stop, hold and gate a rollout", which CMSO never had.
 EXTENSIONS = "x-cmsod"
-STOPS = {"pause": usecases.pause, "abort": usecases.abort}  # and "resume" (Api.stop)
+# what each answers: its status, and the view (resume) or the counts (abort) it says after
+STOPS = {"resume": usecases.resume, "abort": usecases.abort}  # and "pause" (Api.stop)
 STOP_ACTIONS = ("pause", "resume", "abort")
 
 Scope = dict[str, Any]
@@ -443,11 +444,11 @@ class RestApp:
         parameters = _convert({"scheduleId": schedule_id}, w.ScheduleIdParameters)
         body = await self.body(call, x.StopBody, empty={})
         _log_call(call, action, schedule_id)
-        if action == "resume":  # its status and the schedule's view, with the new plan
-            resumed = await usecases.resume(self.ctx, parameters.scheduleId, _by(call), body.reason)
-            return json_answer(200, resumed)
-        status = await STOPS[action](self.ctx, parameters.scheduleId, _by(call), body.reason)
-        return json_answer(200, {"scheduleId": parameters.scheduleId, "status": status.value})
+        if action == "pause":
+            status = await usecases.pause(self.ctx, parameters.scheduleId, _by(call), body.reason)
+            return json_answer(200, {"scheduleId": parameters.scheduleId, "status": status.value})
+        answer = await STOPS[action](self.ctx, parameters.scheduleId, _by(call), body.reason)
+        return json_answer(200, answer)
 
     async def freeze(self, call: Call, on: bool) -> Answer:
         """The global freeze on (PUT) or off (DELETE), as `cmsoctl freeze on|off` does."""
@@ -621,7 +622,8 @@ def _no_query(call: Call, *known: str) -> None:
     """A query parameter that would be ignored is refused (CMSO's list ignored them all)."""
     for name in call.query():
         if name not in known:
-            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name)
+            said = f"the filters are: {', '.join(known)}" if known else "this takes no filter"
+            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name, detail=said)
 
 
 def _one(query: dict[str, list[str]], name: str, default: str | None) -> str | None:

@@ -166,6 +166,7 @@ def daemons(conn: Any, now_ms: int) -> list[dict[str, Any]]:
             "startedMs": started,
             "heartbeatMs": beat,
             "leaseExpiryMs": expiry,
+            "silentMs": now_ms - beat,  # by this daemon's clock: the reader's may differ
             "alive": expiry > now_ms,
             "leases": leases.get(d, []),
             "dispatching": counts.get((d, "dispatching"), 0),

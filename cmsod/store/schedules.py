@@ -605,6 +605,14 @@ def pause(tx: Tx, schedule_id: str, by: str, why: str) -> S:
     return S.PAUSED
 
 
+class Resumed(msgspec.Struct):
+    """What a resume did: the schedule's status now, and each element carried over (its
+    slot passed while the rollout was stopped; `new` None: no slot left, `Past due`)."""
+
+    status: S
+    moved: list[plans.Change]
+
+
 def resume(
     tx: Tx,
     schedule_id: str,
@@ -612,10 +620,10 @@ def resume(
     why: str,
     misfire_grace_ms: int,
     calendar: gates.CalendarGate | None = None,
-) -> S:
+) -> Resumed:
     """Back to where it was; the failures so far are acknowledged (the threshold counts anew);
     elements whose slot passed while it was stopped are carried over into the free slots
-    left in their windows, now, so the answer shows the new plan."""
+    left in their windows, now, so the answer shows the new plan and what moved."""
     schedule, status = _schedule_row(tx, schedule_id)
     if status not in SCHEDULE_STOPPED:
         raise RequestError(412, "NOT_STOPPED", schedule_id, status.value)
@@ -639,20 +647,32 @@ def resume(
     dispatch.release_holds(tx, "stop", schedule)
     dispatch.release_holds(tx, "failures", schedule)
     late = tx.execute(
-        "SELECT id FROM elements WHERE schedule = ? AND status = ? AND dispatch_started_ms IS NULL"
-        " AND start_ms < ? ORDER BY start_ms, id",
+        "SELECT id, start_ms, finish_ms FROM elements WHERE schedule = ? AND status = ?"
+        " AND dispatch_started_ms IS NULL AND start_ms < ? ORDER BY start_ms, id",
         (schedule, E.SCHEDULED.value, tx.now_ms - misfire_grace_ms),
     ).fetchall()
-    for (element,) in late:
+    moved = []
+    for element, start, finish in late:
         loaded = dispatch.load_snapshot(tx, element)
         if loaded is not None:
             snap, row = loaded
             held = snap.held_why or f"{status.value}"
-            dispatch.carry_over(tx, snap, row, tx.now_ms, held, calendar)
-    return new
+            slot = dispatch.carry_over(tx, snap, row, tx.now_ms, held, calendar)
+            new_slot = None if slot is None else (slot, slot + snap.duration_ms)
+            moved.append(plans.Change(snap.name, (start, finish), new_slot))
+    return Resumed(new, moved)
 
 
-def abort(tx: Tx, schedule_id: str, by: str, why: str) -> S:
+class Aborted(msgspec.Struct):
+    """What an abort did: the schedule's status now, the elements it cancelled, and those
+    dispatched and not yet ended, which run to their end."""
+
+    status: S
+    cancelled: int
+    running: int
+
+
+def abort(tx: Tx, schedule_id: str, by: str, why: str) -> Aborted:
     """End every element not yet dispatched (`Cancelled`; their tickets cancelled or closed
     by CMSO's rules as the last of their elements ends); running ones are polled to their
     end. A schedule of which nothing ran is `Cancelled`."""
@@ -672,15 +692,25 @@ def abort(tx: Tx, schedule_id: str, by: str, why: str) -> S:
             tx.schedule_set(schedule, schedule_id, status, **control)
         else:
             tx.schedule_to(schedule, schedule_id, status, S.NOTIFICATIONS_INITIATED, **control)
+    cancelled = 0
     for element, name, old in waiting:
         if old in changes:
             tx.element_to(
                 element, schedule, schedule_id, name, old, changes[old], status_message=message
             )
+            cancelled += 1
     if not ran:
         tx.schedule_to(schedule, schedule_id, status, S.CANCELLED, **control)
-    tx.note("schedule.aborted", schedule_id=schedule_id, by=by, why=why)
-    return S.NOTIFICATIONS_INITIATED if ran else S.CANCELLED
+    running = sum(d is not None and E(s) not in ELEMENT_FINAL for _, _, s, d in rows)
+    tx.note(
+        "schedule.aborted",
+        schedule_id=schedule_id,
+        by=by,
+        why=why,
+        cancelled=cancelled,
+        running=running,
+    )
+    return Aborted(S.NOTIFICATIONS_INITIATED if ran else S.CANCELLED, cancelled, running)
 
 
 # -- re-planning at an approval, and pending approvals that expire ---------------------------

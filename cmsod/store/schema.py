@@ -7,8 +7,8 @@ PostgreSQL through `to_postgres` (INTEGER -> BIGINT, since ms timestamps exceed 
 INTEGER PRIMARY KEY -> a BIGINT identity; BLOB -> BYTEA; REAL -> DOUBLE PRECISION). Where a
 step must differ, POSTGRES_VARIANTS holds PostgreSQL's own text for it.
 
-On PostgreSQL several daemons may start at once: each migration's transaction first takes an
-advisory lock (MIGRATION_LOCK), then reads the version, so one of them migrates and the
+On PostgreSQL several daemons may start at once: each holds an advisory lock (MIGRATION_LOCK)
+across all the migrations and reads the version under it, so the first migrates all and the
 others find the work done.
 """
 
@@ -265,7 +265,7 @@ MIGRATIONS: list[str] = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-MIGRATION_LOCK = 0x636D736F_6D696772  # pg_advisory_xact_lock key: "cmsomigr"
+MIGRATION_LOCK = 0x636D736F_6D696772  # pg_advisory_lock key: "cmsomigr"
 
 _PG_TYPES = [
     (
@@ -326,13 +326,24 @@ def migrate(conn: sqlite3.Connection) -> list[int]:
 
 
 def migrate_postgres(conn: Any) -> list[int]:
-    """`migrate` for PostgreSQL (a backend.PgConnection); several daemons may run it at once."""
+    """`migrate` for PostgreSQL (a backend.PgConnection); several daemons may run it at once.
+    The lock is held for all the migrations, not taken by each: daemons waiting on it would
+    otherwise take turns, each applying some (1 to 10 here, 11 there). It is the session's,
+    so it goes with the connection if the daemon dies."""
     raw = conn.raw  # DDL has no parameters: straight to psycopg, untranslated
+    raw.execute(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+    try:
+        return _migrate_postgres_locked(raw)
+    finally:
+        if not raw.closed:
+            raw.execute(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+
+
+def _migrate_postgres_locked(raw: Any) -> list[int]:
     applied = []
     for number in range(1, SCHEMA_VERSION + 1):
         raw.execute("BEGIN")
         try:
-            raw.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             row = raw.execute("SELECT version FROM schema_version").fetchone()
             version = 0 if row is None else row[0]

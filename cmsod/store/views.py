@@ -381,7 +381,12 @@ def details(
     current schedule's view is kept; `maxSchedules` stops after that many schedules."""
     for name in filters:
         if name not in FILTERS and name not in PAGING:
-            raise RequestError(400, "UNDEFINED_FILTER_ATTRIBUTE", name)
+            raise RequestError(
+                400,
+                "UNDEFINED_FILTER_ATTRIBUTE",
+                name,
+                detail="the filters are: " + ", ".join(DETAIL_FILTERS + DETAIL_PAGING),
+            )
     where: list[str] = []
     params: list[Any] = []
     for name, values in filters.items():
