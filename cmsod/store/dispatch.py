@@ -44,6 +44,13 @@ class DispatchJob(msgspec.Struct):
 INDEFINITE_MS = explain.HELD_UNTIL_RELEASED_MS
 FAILED_RUN = tuple(sorted(s.value for s in ELEMENT_FAILED_RUN))
 NOT_COUNTED = tuple(sorted(s.value for s in ELEMENT_NOT_COUNTED))
+# An element once held that goes more than this after its slot began was released late: its
+# run [now, now + duration) is checked against the concurrency (BatchCache.taken). Within it,
+# it keeps its slot as on-time work does (which the dispatcher itself may send this late under
+# a burst): a carried-over element, whose hold_why stays, sent a few ms after its new slot
+# began would otherwise overlap its neighbour's slot by those ms, be carried over again and
+# leap-frog it for ever.
+LATE_AFTER_MS = 1000
 
 
 def _marks(values: tuple[str, ...]) -> str:
@@ -108,8 +115,8 @@ class BatchCache:
         its run [now, now + duration): its elements dispatched (or in flight) whose slot
         overlaps it, and those not dispatched yet whose planned slot overlaps it (they go on
         their slot, this batch's included, whatever the late one does), other than the late
-        ones (held past their slot's start: they compete for what is left); read once per
-        batch; plus the late ones this batch decided to send (`sent`)."""
+        ones (held, their slot begun over LATE_AFTER_MS ago: they compete for what is left);
+        read once per batch; plus the late ones this batch decided to send (`sent`)."""
         if schedule not in self._taken:
             now = self.tx.now_ms
             (count,) = self.tx.execute(
@@ -125,7 +132,7 @@ class BatchCache:
                     E.SCHEDULED.value,
                     E.SCHEDULED_IMMEDIATE.value,
                     E.SCHEDULED.value,
-                    now,
+                    now - LATE_AFTER_MS,
                 ),
                 # this batch's sends, still deferred, read as not dispatched: an on-time one
                 # is counted by its planned slot, a late one by `sent` (none was sent yet: the
@@ -362,7 +369,11 @@ def begin_dispatch(
             status_message=answer.why,
         )
         return None
-    late = snap.held_why is not None and snap.start_ms is not None and tx.now_ms > snap.start_ms
+    late = (
+        snap.held_why is not None
+        and snap.start_ms is not None
+        and tx.now_ms > snap.start_ms + LATE_AFTER_MS
+    )
     if late:  # released after its slot began: only if its schedule's concurrency has room
         # for its whole run from now, next to what runs and what is planned meanwhile
         if cache.taken(row.schedule, snap.duration_ms) >= (row.concurrency or 1):
