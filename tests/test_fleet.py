@@ -271,7 +271,7 @@ async def test_events_are_stored_in_commit_order_across_daemons(backend: str) ->
         due = await a.read(dispatch.due_elements, clock.ms, 10)
         async with trio.open_nursery() as nursery:  # a's claim writes events: it waits
             nursery.start_soon(a.tx, dispatch.begin_dispatches, [d.element for d in due], [])
-            await wait_until(lambda: a.read(waiting_for_a_lock), "a's claim waiting", 10)
+            await wait_until(lambda: a.read(waiting_for_a_lock, a.conn), "a's claim waiting", 10)
             assert [r[0] for r in await a.read(outboxes.read_tail, top, 100)] == []
             other.execute("COMMIT")
         seqs = [r[0] for r in await a.read(outboxes.read_tail, top, 100)]
@@ -351,10 +351,10 @@ def held(tx: Tx, fn: Any, args: tuple, locked: threading.Event, release: threadi
 shared_lock(held)  # as the hot paths it wraps: beside other daemons' transactions
 
 
-async def thread_store(url: str, clock: Clock, me: str) -> Store:
-    store = Store(url, ThreadExecutor(), clock)  # type: ignore[arg-type]
+async def thread_store(url: str, clock: Clock, me: str, lease_ms: int = LEASE_MS) -> Store:
+    store = Store(url, ThreadExecutor(), clock, lease_s=lease_ms / 1000)  # type: ignore[arg-type]
     await store.open()
-    await store.tx(fleet.register, me, "host", 1, LEASE_MS)
+    await store.tx(fleet.register, me, "host", 1, lease_ms)
     store.owner = me
     return store
 
@@ -468,7 +468,9 @@ async def test_a_fenced_daemons_write_is_refused_during_and_after_take_over(
             clock.ms += LEASE_MS  # a's lease lapsed while its write is open
             nursery.start_soon(b_takes_over)
             # b's take-over waits for a's transaction
-            await wait_until(lambda: a.read(waiting_for_a_lock), "a take-over waiting", 10)
+            await wait_until(
+                lambda: a.read(waiting_for_a_lock, b.conn), "b's take-over waiting", 10
+            )
             assert not took
             release.set()
         (done,) = took
@@ -491,11 +493,75 @@ async def test_a_fenced_daemons_write_is_refused_during_and_after_take_over(
         await b.close()
 
 
-def waiting_for_a_lock(conn: Any) -> bool:
-    """Some session of this database waits for a lock (the take-over, for a's)."""
+def waiting_for_a_lock(conn: Any, whose: Any) -> bool:
+    """The session of `whose` (a store's writer connection) waits for a lock."""
     return bool(
         conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'"
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ? AND wait_event_type = 'Lock'",
+            (whose.raw.info.backend_pid,),
         ).fetchone()[0]
     )
+
+
+@ON_POSTGRES
+async def test_a_daemon_frozen_in_a_transaction_holds_the_others_up_for_a_third_of_a_lease(
+    backend: str,
+) -> None:
+    """a stops inside its claim (frozen, cut off), its locks held: the server ends the
+    transaction after lease/3 idle, so b's heartbeat (exclusive lock) goes through then, not
+    when a wakes. a woken before its lease ends runs its claim again and commits it; woken
+    after b took it over, it is fenced."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    lease_ms = 3000  # the shortest allowed: a transaction idle for 1 s is ended
+    a = await thread_store(url, clock, "a", lease_ms)
+    b = await thread_store(url, clock, "b", lease_ms)
+    try:
+        await immediates(a, {"x": ["x1", "x2"], "y": ["y1", "y2"]})
+        due = await a.read(dispatch.due_elements, clock.ms, 1000)
+        names = {d.element: d.name for d in due}
+        x = [e for e, name in names.items() if name.startswith("x")]
+        y = [e for e, name in names.items() if name.startswith("y")]
+
+        async def frozen_a_and_b_beating(elements: list[int]) -> tuple[Any, float, bool]:
+            """a's claim of `elements` stopped mid-way; b's heartbeat meanwhile."""
+            locked, release = threading.Event(), threading.Event()
+            outcome: list[Any] = []
+
+            async def a_claims() -> None:
+                try:
+                    outcome.append(
+                        await a.tx(held, dispatch.begin_dispatches, (elements, []), locked, release)
+                    )
+                except LeaseLost as exc:
+                    outcome.append(exc)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(a_claims)
+                    await trio.to_thread.run_sync(locked.wait, 10)
+                    began = trio.current_time()
+                    done = await b.tx(fleet.heartbeat, "b", lease_ms, False)
+                    waited_s = trio.current_time() - began
+                    a_still_frozen = not release.is_set()
+                    release.set()
+            finally:
+                release.set()
+            assert a_still_frozen
+            assert waited_s < 2.5, f"b's heartbeat waited {waited_s:.1f} s for frozen a"
+            return outcome[0], done, waited_s
+
+        # woken within its lease: its claim, ended by the server, runs again and commits
+        claimed, done, _ = await frozen_a_and_b_beating(x)
+        assert done.gone == []
+        assert sorted(names[j.element] for j in claimed) == ["x1", "x2"]
+        # frozen past its lease: b takes it over meanwhile, a's claim is refused
+        clock.ms += lease_ms
+        refused, done, _ = await frozen_a_and_b_beating(y)
+        assert isinstance(refused, LeaseLost)
+        assert done.gone == ["a"] and sorted(done.reconciled) == ["x1", "x2"]
+        b_jobs = await b.tx(dispatch.begin_dispatches, y, [])
+        assert sorted(names[j.element] for j in b_jobs) == ["y1", "y2"]  # a's claim undone
+    finally:
+        await a.close()
+        await b.close()
