@@ -535,6 +535,42 @@ async def test_a_dispatcher_pass_takes_other_schedules_work_while_one_is_claimed
         await b.store.close()
 
 
+@ON_POSTGRES
+async def test_a_claim_that_reaches_a_change_beyond_its_schedules_runs_again_alone(
+    backend: str,
+) -> None:
+    """b's claim finds the freeze past its end: turning it off concerns every schedule, so
+    the claim (under the shared write lock) is run again under the exclusive one
+    (`Tx.exclusive`), which waits for a's transaction, open under the shared lock."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    b = await thread_store(url, clock, "b")
+    locked, release = threading.Event(), threading.Event()
+    claimed: list[dispatch.Claim] = []
+
+    async def b_claims() -> None:
+        claimed.append(await b.tx(dispatch.begin_dispatches, [], []))
+
+    try:
+        await b.tx(dispatch.set_freeze, True, "ops", "incident", clock.ms + 1000)
+        clock.ms += 1000  # the freeze reached its end
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.tx, held, lambda tx: None, (), locked, release)
+            await trio.to_thread.run_sync(locked.wait, 10)
+            try:
+                nursery.start_soon(b_claims)
+                await wait_until(lambda: a.read(waiting_for_a_lock, b.conn), "b waiting", 5)
+                assert not claimed
+            finally:
+                release.set()
+        assert claimed and await b.read(dispatch.load_freeze) is None  # turned off, by b
+    finally:
+        release.set()
+        await a.close()
+        await b.close()
+
+
 def schedule_row(conn: Any, schedule_id: str) -> int:
     return conn.execute(
         "SELECT id FROM schedules WHERE schedule_id = ?", (schedule_id,)
