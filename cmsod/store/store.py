@@ -39,9 +39,10 @@ takes a database-wide advisory lock (WRITE_LOCK):
 Lock order, so no two wait on each other in a circle: the advisory lock, the daemon's own row
 (fencing, FOR SHARE), the schedules by id, then their elements, and last EVENTS_LOCK (taken
 to insert the events, held to the commit: events are stored in commit order). Each
-transaction is short;
-network calls are never made inside one. Reads are REPEATABLE READ READ ONLY snapshots and
-never wait.
+transaction is short; network calls are never made inside one. One left idle for lease/3 (its
+daemon frozen or cut off: its locks would hold up every daemon) is ended by the server and,
+rolled back for certain, run once more (`tx`; backend.connect_postgres). Reads are
+REPEATABLE READ READ ONLY snapshots and never wait.
 """
 
 from __future__ import annotations
