@@ -111,7 +111,7 @@ def run(
         dispatch.BatchCache.__init__ = unbatched  # type: ignore[method-assign]
     try:
         began = time.process_time()
-        jobs = dispatch.begin_dispatches(tx, elements, rules)
+        jobs = dispatch.begin_dispatches(tx, elements, rules).jobs
         spent = time.process_time() - began
     finally:
         dispatch.BatchCache.__init__ = original  # type: ignore[method-assign]

@@ -78,7 +78,8 @@ class StoreConfig(Section, frozen=True):
     # "" = $CREDENTIALS_DIRECTORY/store-url if there, else SQLite at `path`.
     url: str = ""
     # PostgreSQL: a daemon not heard of for this long loses its work to the others (its
-    # heartbeat renews the lease every third of it)
+    # heartbeat renews the lease every third of it); a transaction of its left idle (frozen,
+    # cut off) for a third of it is ended by the server. Changes need a restart.
     lease_s: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 15.0
 
     def __post_init__(self) -> None:

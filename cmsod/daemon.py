@@ -113,6 +113,7 @@ def build_context(
         cfg.events.topic,
         cfg.events.source,
         cfg.events.route_by,
+        lease_s=cfg.store.lease_s,
     )
     ssl_context = tls.context(cfg.tls)  # one for every peer
     connections = cfg.dispatcher.max_concurrent + cfg.poller.max_concurrent
@@ -155,6 +156,8 @@ def make_reload(
             for name, before, after in [
                 ("store.path", old.store_path, new.store_path),
                 ("store.url", old.store_url, new.store_url),
+                # (the store's connections' timeouts are derived from it when they open)
+                ("store.lease_s", old.store.lease_s, new.store.lease_s),
                 ("daemon.socket", old.socket_path, new.socket_path),
                 ("daemon.state_dir", old.state_dir, new.state_dir),
                 ("metrics.listen", old.metrics.listen, new.metrics.listen),

@@ -15,7 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from cmsod import ctl, lifecycle
+from cmsod import ctl, daemon, lifecycle
+from cmsod.actors import dispatcher
+from cmsod.clock import TrioWallClock
 from cmsod.executor import InlineExecutor, ThreadExecutor
 from cmsod.model import ElementStatus as E
 from cmsod.model import PollOutcome
@@ -27,7 +29,7 @@ from cmsod.store.store import EVENTS_LOCK, LeaseLost, Tx, shared_lock
 from cmsod.wire.cmso import ScheduleRequest
 from tests import pg
 from tests.cmso_requests import request
-from tests.conftest import EPOCH, start_daemon, store_rows, wait_until
+from tests.conftest import EPOCH, daemon_config, start_daemon, store_rows, wait_until
 from tests.test_events import in_order_and_complete, run_schedules, watch
 from tests.test_lifecycle import SilentSO
 
@@ -64,9 +66,9 @@ async def test_a_lapsed_daemon_is_taken_over_and_fenced(backend: str, tmp_path: 
         assert (await a.tx(fleet.heartbeat, "a", LEASE_MS, False)).held == {"events", "tickets"}
         assert (await b.tx(fleet.heartbeat, "b", LEASE_MS, False)).held == set()
         due = await a.read(dispatch.due_elements, clock.ms, 1000)
-        jobs = await a.tx(dispatch.begin_dispatches, [d.element for d in due], [])
+        jobs = (await a.tx(dispatch.begin_dispatches, [d.element for d in due], [])).jobs
         assert len(jobs) == 2  # a's intents: claimed by a
-        assert await b.tx(dispatch.begin_dispatches, [d.element for d in due], []) == []
+        assert (await b.tx(dispatch.begin_dispatches, [d.element for d in due], [])).jobs == []
 
         clock.ms += 2 * LEASE_MS // 3  # two heartbeats missed: alive, as far as one can tell
         state = {d["id"]: ctl.daemon_state(d) for d in await b.read(fleet.daemons, clock.ms)}
@@ -315,7 +317,7 @@ async def test_events_are_stored_in_commit_order_across_daemons(backend: str) ->
         due = await a.read(dispatch.due_elements, clock.ms, 10)
         async with trio.open_nursery() as nursery:  # a's claim writes events: it waits
             nursery.start_soon(a.tx, dispatch.begin_dispatches, [d.element for d in due], [])
-            await wait_until(lambda: a.read(waiting_for_a_lock), "a's claim waiting", 10)
+            await wait_until(lambda: a.read(waiting_for_a_lock, a.conn), "a's claim waiting", 10)
             assert [r[0] for r in await a.read(outboxes.read_tail, top, 100)] == []
             other.execute("COMMIT")
         seqs = [r[0] for r in await a.read(outboxes.read_tail, top, 100)]
@@ -395,10 +397,10 @@ def held(tx: Tx, fn: Any, args: tuple, locked: threading.Event, release: threadi
 shared_lock(held)  # as the hot paths it wraps: beside other daemons' transactions
 
 
-async def thread_store(url: str, clock: Clock, me: str) -> Store:
-    store = Store(url, ThreadExecutor(), clock)  # type: ignore[arg-type]
+async def thread_store(url: str, clock: Clock, me: str, lease_ms: int = LEASE_MS) -> Store:
+    store = Store(url, ThreadExecutor(), clock, lease_s=lease_ms / 1000)  # type: ignore[arg-type]
     await store.open()
-    await store.tx(fleet.register, me, "host", 1, LEASE_MS)
+    await store.tx(fleet.register, me, "host", 1, lease_ms)
     store.owner = me
     return store
 
@@ -422,8 +424,8 @@ async def test_daemons_claiming_at_once_take_disjoint_work(backend: str) -> None
 
     async def claim(store: Store) -> None:
         while due := await store.read(dispatch.due_elements, clock.ms, 7):
-            jobs = await store.tx(dispatch.begin_dispatches, [d.element for d in due], [])
-            claimed[store.owner or ""].extend(j.element for j in jobs)
+            claim = await store.tx(dispatch.begin_dispatches, [d.element for d in due], [])
+            claimed[store.owner or ""].extend(j.element for j in claim.jobs)
 
     try:
         await immediates(a, {f"s{i}": [f"s{i}-n{j}" for j in range(15)] for i in range(8)})
@@ -459,23 +461,26 @@ async def test_a_claim_does_not_wait_for_another_daemons_claim(backend: str) -> 
         due = await a.read(dispatch.due_elements, clock.ms, 1000)
         names = {d.element: d.name for d in due}
         x = [d.element for d in due if d.name.startswith("x")]
+        x_schedule = await a.read(schedule_row, "x")
         a_jobs: list[dispatch.DispatchJob] = []
 
         async def a_claims() -> None:
-            a_jobs.extend(await a.tx(held, dispatch.begin_dispatches, (x, []), locked, release))
+            claim = await a.tx(held, dispatch.begin_dispatches, (x, []), locked, release)
+            a_jobs.extend(claim.jobs)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a_claims)
             await trio.to_thread.run_sync(locked.wait, 10)
             try:
-                b_jobs = await b.tx(dispatch.begin_dispatches, list(names), [])
+                b_claim = await b.tx(dispatch.begin_dispatches, list(names), [])
                 open_meanwhile = not release.is_set() and not a_jobs  # a still holds x
             finally:
                 release.set()
         assert open_meanwhile
-        assert sorted(names[j.element] for j in b_jobs) == ["y1", "y2"]
+        assert sorted(names[j.element] for j in b_claim.jobs) == ["y1", "y2"]
+        assert b_claim.skipped == [x_schedule]  # a's, reported
         assert sorted(names[j.element] for j in a_jobs) == ["x1", "x2"]
-        assert await b.tx(dispatch.begin_dispatches, list(names), []) == []  # all claimed
+        assert (await b.tx(dispatch.begin_dispatches, list(names), [])).jobs == []  # all claimed
     finally:
         release.set()
         await a.close()
@@ -497,7 +502,7 @@ async def test_a_fenced_daemons_write_is_refused_during_and_after_take_over(
     try:
         await immediates(a, {"f": ["f1", "f2"]})
         due = await a.read(dispatch.due_elements, clock.ms, 1000)
-        jobs = await a.tx(dispatch.begin_dispatches, [d.element for d in due], [])
+        jobs = (await a.tx(dispatch.begin_dispatches, [d.element for d in due], [])).jobs
         answers = [(j.element, f"so-{j.element}", None) for j in jobs]
         took: list[fleet.Round] = []
 
@@ -512,7 +517,9 @@ async def test_a_fenced_daemons_write_is_refused_during_and_after_take_over(
             clock.ms += LEASE_MS  # a's lease lapsed while its write is open
             nursery.start_soon(b_takes_over)
             # b's take-over waits for a's transaction
-            await wait_until(lambda: a.read(waiting_for_a_lock), "a take-over waiting", 10)
+            await wait_until(
+                lambda: a.read(waiting_for_a_lock, b.conn), "b's take-over waiting", 10
+            )
             assert not took
             release.set()
         (done,) = took
@@ -535,11 +542,154 @@ async def test_a_fenced_daemons_write_is_refused_during_and_after_take_over(
         await b.close()
 
 
-def waiting_for_a_lock(conn: Any) -> bool:
-    """Some session of this database waits for a lock (the take-over, for a's)."""
+@ON_POSTGRES
+async def test_a_dispatcher_pass_takes_other_schedules_work_while_one_is_claimed(
+    backend: str, tmp_path: Path
+) -> None:
+    """The earliest due elements are all x's, which a is claiming: b's dispatcher pass (it
+    claims 4 at a time) skips them and takes y's at once, not after a doorbell or a retry."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    cfg = daemon_config(tmp_path, dispatcher__max_concurrent=4)
+    b = daemon.build_context(cfg, TrioWallClock(EPOCH.timestamp()), InlineExecutor())
+    await b.store.open()
+    await b.store.tx(fleet.register, "b", "host", 2, LEASE_MS)
+    b.store.owner = "b"
+    locked, release = threading.Event(), threading.Event()
+    try:
+        await immediates(a, {s: [f"{s}{i}" for i in range(4)] for s in ("x", "y")})
+        due = await a.read(dispatch.due_elements, clock.ms, 1000)
+        names = {d.element: d.name for d in due}
+        x = [d.element for d in due if d.name.startswith("x")]
+        assert [names[d.element] for d in due[:4]] == ["x0", "x1", "x2", "x3"]  # the earliest
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.tx, held, dispatch.begin_dispatches, (x, []), locked, release)
+            await trio.to_thread.run_sync(locked.wait, 10)
+            try:
+                _, jobs, _ = await dispatcher.claim_due(b, 4)
+                a_still_claiming = not release.is_set()
+            finally:
+                release.set()
+        assert a_still_claiming
+        assert sorted(names[j.element] for j in jobs) == ["y0", "y1", "y2", "y3"]
+    finally:
+        release.set()
+        await a.close()
+        await b.store.close()
+
+
+@ON_POSTGRES
+async def test_a_claim_that_reaches_a_change_beyond_its_schedules_runs_again_alone(
+    backend: str,
+) -> None:
+    """b's claim finds the freeze past its end: turning it off concerns every schedule, so
+    the claim (under the shared write lock) is run again under the exclusive one
+    (`Tx.exclusive`), which waits for a's transaction, open under the shared lock."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    a = await thread_store(url, clock, "a")
+    b = await thread_store(url, clock, "b")
+    locked, release = threading.Event(), threading.Event()
+    claimed: list[dispatch.Claim] = []
+
+    async def b_claims() -> None:
+        claimed.append(await b.tx(dispatch.begin_dispatches, [], []))
+
+    try:
+        await b.tx(dispatch.set_freeze, True, "ops", "incident", clock.ms + 1000)
+        clock.ms += 1000  # the freeze reached its end
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.tx, held, lambda tx: None, (), locked, release)
+            await trio.to_thread.run_sync(locked.wait, 10)
+            try:
+                nursery.start_soon(b_claims)
+                await wait_until(lambda: a.read(waiting_for_a_lock, b.conn), "b waiting", 5)
+                assert not claimed
+            finally:
+                release.set()
+        assert claimed and await b.read(dispatch.load_freeze) is None  # turned off, by b
+    finally:
+        release.set()
+        await a.close()
+        await b.close()
+
+
+def schedule_row(conn: Any, schedule_id: str) -> int:
+    return conn.execute(
+        "SELECT id FROM schedules WHERE schedule_id = ?", (schedule_id,)
+    ).fetchone()[0]
+
+
+def waiting_for_a_lock(conn: Any, whose: Any) -> bool:
+    """The session of `whose` (a store's writer connection) waits for a lock."""
     return bool(
         conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'"
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ? AND wait_event_type = 'Lock'",
+            (whose.raw.info.backend_pid,),
         ).fetchone()[0]
     )
+
+
+@ON_POSTGRES
+async def test_a_daemon_frozen_in_a_transaction_holds_the_others_up_for_a_third_of_a_lease(
+    backend: str,
+) -> None:
+    """a stops inside its claim (frozen, cut off), its locks held: the server ends the
+    transaction after lease/3 idle, so b's heartbeat (exclusive lock) goes through then, not
+    when a wakes. a woken before its lease ends runs its claim again and commits it; woken
+    after b took it over, it is fenced."""
+    url = os.environ["CMSOD_STORE__URL"]
+    clock = Clock()
+    lease_ms = 3000  # the shortest allowed: a transaction idle for 1 s is ended
+    a = await thread_store(url, clock, "a", lease_ms)
+    b = await thread_store(url, clock, "b", lease_ms)
+    try:
+        await immediates(a, {"x": ["x1", "x2"], "y": ["y1", "y2"]})
+        due = await a.read(dispatch.due_elements, clock.ms, 1000)
+        names = {d.element: d.name for d in due}
+        x = [e for e, name in names.items() if name.startswith("x")]
+        y = [e for e, name in names.items() if name.startswith("y")]
+
+        async def frozen_a_and_b_beating(elements: list[int]) -> tuple[Any, fleet.Round, float]:
+            """a's claim of `elements` stopped mid-way; b's heartbeat meanwhile."""
+            locked, release = threading.Event(), threading.Event()
+            outcome: list[Any] = []
+
+            async def a_claims() -> None:
+                try:
+                    outcome.append(
+                        await a.tx(held, dispatch.begin_dispatches, (elements, []), locked, release)
+                    )
+                except LeaseLost as exc:
+                    outcome.append(exc)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(a_claims)
+                    await trio.to_thread.run_sync(locked.wait, 10)
+                    began = trio.current_time()
+                    done = await b.tx(fleet.heartbeat, "b", lease_ms, False)
+                    waited_s = trio.current_time() - began
+                    a_still_frozen = not release.is_set()
+                    release.set()
+            finally:
+                release.set()
+            assert a_still_frozen
+            assert waited_s < 2.5, f"b's heartbeat waited {waited_s:.1f} s for frozen a"
+            return outcome[0], done, waited_s
+
+        # woken within its lease: its claim, ended by the server, runs again and commits
+        claimed, done, _ = await frozen_a_and_b_beating(x)
+        assert done.gone == []
+        assert sorted(names[j.element] for j in claimed.jobs) == ["x1", "x2"]
+        # frozen past its lease: b takes it over meanwhile, a's claim is refused
+        clock.ms += lease_ms
+        refused, done, _ = await frozen_a_and_b_beating(y)
+        assert isinstance(refused, LeaseLost)
+        assert done.gone == ["a"] and sorted(done.reconciled) == ["x1", "x2"]
+        b_claim = await b.tx(dispatch.begin_dispatches, y, [])
+        assert sorted(names[j.element] for j in b_claim.jobs) == ["y1", "y2"]  # a's claim undone
+    finally:
+        await a.close()
+        await b.close()

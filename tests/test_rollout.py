@@ -272,7 +272,7 @@ async def test_a_freeze_stops_every_dispatch_until_it_is_off(
     assert freezes == ["Frozen", "Thawed"]
 
 
-@pytest.mark.usefixtures("backend")  # on PostgreSQL: a carry-over in a claim escalates the lock
+@pytest.mark.usefixtures("backend")  # SQLite and PostgreSQL
 async def test_a_freeze_off_within_the_grace_keeps_the_concurrency_limit(
     autojump_clock: Any, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

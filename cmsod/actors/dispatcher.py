@@ -60,27 +60,10 @@ async def run(
                 # Several daemons on one PostgreSQL: each claims what it can send now, so the
                 # others take their share of a burst.
                 claim = min(BATCH, cfg.max_concurrent) if ctx.store.postgres else BATCH
-                due = await ctx.store.read(
-                    dispatch.due_elements, ctx.clock.now_ms() + lead_ms, claim
-                )
-                jobs: list[dispatch.DispatchJob] = []
-                if due:
-                    ticket = await tickets.gate_for(
-                        ctx, {d.change_id for d in due if d.change_id is not None}
-                    )
-                    rules = gates.standard(
-                        ticket,
-                        int(cfg.misfire_grace_s * 1000),
-                        cfg.dispatch_immediate,
-                        gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory),
-                        await alarm_gate(ctx, due),
-                    )
-                    jobs = await ctx.store.tx(
-                        dispatch.begin_dispatches, [d.element for d in due], rules
-                    )
-                    for job in jobs:
-                        calls.start_soon(send, ctx, job, limiter, results_in.clone())
-                if due and len(due) == claim and (jobs or not ctx.store.postgres):
+                due, jobs, full = await claim_due(ctx, claim)
+                for job in jobs:
+                    calls.start_soon(send, ctx, job, limiter, results_in.clone())
+                if full and (jobs or not ctx.store.postgres):
                     if claim < BATCH:  # let the calls just started take their seats
                         await trio.lowlevel.checkpoint()
                     continue
@@ -97,6 +80,50 @@ async def run(
             log.info("dispatcher.draining", in_flight=len(calls.child_tasks))
     ctx.drained.set()
     await trio.sleep_forever()  # stopped, not crashed: wait to be cancelled with the rest
+
+
+async def claim_due(
+    ctx: Context, claim: int
+) -> tuple[list[dispatch.Due], list[dispatch.DispatchJob], bool]:
+    """The due work this daemon takes now: at most `claim` elements, earliest first, through
+    the gates, their intents committed. Answers what was due, the jobs to send, and whether
+    the last read was full (more may be due now).
+
+    PostgreSQL: the schedules another daemon is claiming at this moment are skipped (theirs to
+    do). The earliest `claim` due elements may all be theirs while other schedules' are due
+    too: then those are read and claimed at once (one more read, only when some were skipped),
+    not after a doorbell or CLAIM_RETRY_S."""
+    cfg = ctx.config.dispatcher
+    lead_ms = int(cfg.lead_time_s * 1000)
+    due: list[dispatch.Due] = []
+    jobs: list[dispatch.DispatchJob] = []
+    skipped: list[int] = []
+    full = False
+    for _ in range(2):
+        limit = claim - len(jobs)
+        batch = await ctx.store.read(
+            dispatch.due_elements, ctx.clock.now_ms() + lead_ms, limit, skipped
+        )
+        full = len(batch) == limit
+        if not batch:
+            break
+        due += batch
+        ticket = await tickets.gate_for(
+            ctx, {d.change_id for d in batch if d.change_id is not None}
+        )
+        rules = gates.standard(
+            ticket,
+            int(cfg.misfire_grace_s * 1000),
+            cfg.dispatch_immediate,
+            gates.CalendarGate(ctx.planning.calendars, ctx.planning.inventory),
+            await alarm_gate(ctx, batch),
+        )
+        claimed = await ctx.store.tx(dispatch.begin_dispatches, [d.element for d in batch], rules)
+        jobs += claimed.jobs
+        if not claimed.skipped or len(jobs) == claim:
+            break
+        skipped += claimed.skipped
+    return due, jobs, full
 
 
 async def alarm_gate(ctx: Context, due: list[dispatch.Due]) -> gates.AlarmGate:

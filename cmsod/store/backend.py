@@ -106,14 +106,63 @@ class PgConnection:
         self.raw.close()
 
 
-def connect_postgres(url: str, streaming: bool = False, application: str = "cmsod") -> PgConnection:
-    import psycopg  # only when a PostgreSQL URL is configured
+def connect_postgres(
+    url: str,
+    streaming: bool = False,
+    application: str = "cmsod",
+    lease_s: float = 15.0,
+    idle_timeout: bool = True,
+) -> PgConnection:
+    """A connection that cannot hold the other daemons up past a third of `lease_s`.
 
+    A daemon frozen (SIGSTOP) or cut off inside a write transaction holds the write lock and
+    its rows: every other daemon's exclusive transaction (heartbeat, take-over) and, queued
+    behind that, every claim would wait for it, until TCP gave up (hours). So the server ends
+    a session left idle in a transaction for lease/3 (`idle_in_transaction_session_timeout`:
+    rolled back, locks released; `timed_out` tells it on the client), and both ends probe the
+    connection (keepalives, tcp_user_timeout) so a peer cut off is dropped within about
+    lease/3. `idle_timeout=False` for a streamed search: a slow HTTP client legitimately
+    leaves its read idle between chunks, and a read holds no lock another daemon's reads or
+    writes wait for."""
+    import psycopg  # only when a PostgreSQL URL is configured
+    from psycopg.conninfo import conninfo_to_dict
+
+    probe_s = max(1, round(lease_s / 9))  # dead after idle + 3 probes: ~4/9 of the lease
+    user_timeout_ms = int(lease_s * 1000 / 3)
+    idle_ms = user_timeout_ms if idle_timeout else 0
+    options = " ".join(
+        [
+            str(conninfo_to_dict(url).get("options", "")),  # the URL's own come first
+            f"-c idle_in_transaction_session_timeout={idle_ms}",
+            f"-c tcp_keepalives_idle={probe_s} -c tcp_keepalives_interval={probe_s}",
+            f"-c tcp_keepalives_count=3 -c tcp_user_timeout={user_timeout_ms}",
+        ]
+    ).strip()
     raw = psycopg.connect(
         url,
         autocommit=True,
         cursor_factory=psycopg.ClientCursor,
         application_name=application,
         connect_timeout=10,
+        options=options,
+        keepalives=1,
+        keepalives_idle=probe_s,
+        keepalives_interval=probe_s,
+        keepalives_count=3,
+        tcp_user_timeout=user_timeout_ms,
     )
     return PgConnection(raw, streaming)
+
+
+def rolled_back(exc: BaseException, conn: PgConnection | None, committing: bool) -> bool:
+    """`exc` ended a transaction that certainly did not commit, so it may simply run again on
+    a new connection: the server ended it (idle past its timeout: the daemon was frozen or
+    starved in it), which it says even when the statement that found out was the COMMIT; or
+    the connection was lost before the COMMIT was sent. (psycopg says "connection lost" with
+    no SQLSTATE for the former too when the statement was pipelined: `executemany`.)"""
+    import psycopg
+
+    if getattr(exc, "sqlstate", None) == "25P03":
+        return True
+    lost = conn is not None and conn.raw.broken
+    return isinstance(exc, psycopg.OperationalError) and lost and not committing

@@ -580,22 +580,35 @@ class Due(msgspec.Struct, array_like=True, frozen=True):
     data: bytes | None
 
 
-def due_elements(conn: Any, until_ms: int, limit: int) -> list[Due]:
+def due_elements(
+    conn: Any, until_ms: int, limit: int, skipping: list[int] | None = None
+) -> list[Due]:
     """Elements to dispatch now, earliest first: immediates, then those starting by `until_ms`;
-    each with its change ticket, name and data (the alarm gate's queries)."""
+    each with its change ticket, name and data (the alarm gate's queries). `skipping`: the
+    schedules another daemon is claiming (`Claim.skipped`), left out."""
+    skip = f" AND schedule NOT IN {IDS}" if skipping else ""
     return [
         Due(element, change_id, name, data)
         for (element, change_id, name, data) in conn.execute(
             "SELECT id, tm_change_id, name, data FROM elements WHERE dispatch_started_ms IS NULL"
-            " AND (status = ? OR (status = ? AND start_ms <= ?)) AND coalesce(hold_ms, 0) <= ?"
+            f" AND (status = ? OR (status = ? AND start_ms <= ?)) AND coalesce(hold_ms, 0) <= ?{skip}"
             " ORDER BY coalesce(start_ms, 0), id LIMIT ?",
-            (E.SCHEDULED_IMMEDIATE.value, E.SCHEDULED.value, until_ms, until_ms, limit),
+            (E.SCHEDULED_IMMEDIATE.value, E.SCHEDULED.value, until_ms, until_ms)
+            + ((json.dumps(skipping),) if skipping else ())
+            + (limit,),
         )
     ]
 
 
+class Claim(msgspec.Struct):
+    jobs: list[DispatchJob]  # the intents committed: to send now
+    # PostgreSQL: the batch's schedules another daemon holds (claiming them at this moment):
+    # skipped, theirs to do
+    skipped: list[int]
+
+
 @shared_lock
-def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> list[DispatchJob]:
+def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> Claim:
     """`begin_dispatch` for a whole due batch in one transaction (one commit, not hundreds).
     On PostgreSQL the batch is claimed: its schedules' rows and its elements are locked,
     skipping those another daemon holds (`lock_schedules`), so daemons claiming at once take
@@ -607,7 +620,18 @@ def begin_dispatches(tx: Tx, elements: list[int], rules: list[gates.Gate]) -> li
     cache.rules = rules
     cache.grace_ms, cache.calendar = _grace_and_calendar(rules)
     jobs = [begin_dispatch(tx, e, rules, cache) for e in elements]
-    return [job for job in jobs if job is not None]
+    skipped: list[int] = []
+    if locked is not None and cache.rows is not None and len(cache.rows) < len(elements):
+        # (a query only when some were not loaded: skipped, or gone meanwhile)
+        skipped = [
+            schedule
+            for (schedule,) in tx.execute(
+                f"SELECT DISTINCT schedule FROM elements WHERE id IN {IDS} ORDER BY schedule",
+                (json.dumps(elements),),
+            )
+            if schedule not in locked
+        ]
+    return Claim([job for job in jobs if job is not None], skipped)
 
 
 @shared_lock

@@ -39,9 +39,10 @@ takes a database-wide advisory lock (WRITE_LOCK):
 Lock order, so no two wait on each other in a circle: the advisory lock, the daemon's own row
 (fencing, FOR SHARE), the schedules by id, then their elements, and last EVENTS_LOCK (taken
 to insert the events, held to the commit: events are stored in commit order). Each
-transaction is short;
-network calls are never made inside one. Reads are REPEATABLE READ READ ONLY snapshots and
-never wait.
+transaction is short; network calls are never made inside one. One left idle for lease/3 (its
+daemon frozen or cut off: its locks would hold up every daemon) is ended by the server and,
+rolled back for certain, run once more (`tx`; backend.connect_postgres). Reads are
+REPEATABLE READ READ ONLY snapshots and never wait.
 """
 
 from __future__ import annotations
@@ -509,6 +510,7 @@ class Store:
         on_commit: Callable[[], None] | None = None,
         on_ticket_ops: Callable[[], None] | None = None,
         on_transitions: Callable[[list[tuple[str, str]]], None] | None = None,
+        lease_s: float = 15.0,
     ) -> None:
         self.path = str(path)  # an SQLite file, or a postgresql:// URL
         self.postgres = backend.is_postgres(self.path)
@@ -534,12 +536,14 @@ class Store:
         self.lease_until: float | None = None  # trio time the lease lapses (PostgreSQL)
         self.held_leases: set[str] = {"events", "tickets"}  # fleet.py's named leases held
         self.on_lease_lost: Callable[[], None] | None = None
+        # PostgreSQL: a transaction left idle for lease/3 is ended by the server (backend.py)
+        self.lease_s = lease_s
 
     # -- life ------------------------------------------------------------------------------
 
     def _open(self) -> None:
         if self.postgres:
-            pg = backend.connect_postgres(self.path, application="cmsod writer")
+            pg = self._connect("cmsod writer")
             try:
                 self.migrations_applied = migrate_postgres(pg)
             except BaseException:
@@ -557,11 +561,16 @@ class Store:
 
     def _open_reader(self, streaming: bool = False) -> Any:
         if self.postgres:
-            return backend.connect_postgres(self.path, streaming, "cmsod reader")
+            return self._connect("cmsod reader", streaming)
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA busy_timeout = 5000")
         return conn
+
+    def _connect(self, application: str, streaming: bool = False) -> backend.PgConnection:
+        return backend.connect_postgres(
+            self.path, streaming, application, self.lease_s, idle_timeout=not streaming
+        )
 
     def _own_executor(self) -> Executor:
         return ThreadExecutor() if isinstance(self.executor, ThreadExecutor) else self.executor
@@ -584,20 +593,33 @@ class Store:
         """Run `fn(tx, *args)` as one write transaction; its events are written with it.
         Fenced (PostgreSQL): once another daemon took this one's work over, it raises
         LeaseLost and writes nothing."""
-        now_ms = self.clock.now_ms()
         topic, source, route_by, owner = self.topic, self.source, self.route_by, self.owner
         if self.lease_lost:
             raise LeaseLost(f"daemon {owner}: its work was taken over by another daemon")
 
+        committing = False  # COMMIT sent: a connection lost now leaves the outcome unknown
+
         def work() -> tuple[T, Tx]:
             shared = self.postgres and fn in SHARED
+            again = True
             while True:
                 try:
                     return attempt(shared)
                 except NeedsExclusive:
                     shared = False
+                except Exception as exc:
+                    # Rolled back for certain (the daemon frozen past the idle timeout inside
+                    # it, the server restarted): once more, on a new connection. Its row still
+                    # stands and it commits, or its work was taken over and it is fenced.
+                    if not (
+                        again and self.postgres and backend.rolled_back(exc, self.conn, committing)
+                    ):
+                        raise
+                    again = False
 
         def attempt(shared: bool) -> tuple[T, Tx]:
+            nonlocal committing
+            committing = False
             conn = self._connection()
             if self.postgres:
                 conn.execute("BEGIN")
@@ -620,6 +642,9 @@ class Store:
                         raise LeaseLost(
                             f"daemon {owner}: its work was taken over by another daemon"
                         )
+                # read once the locks are held: a heartbeat that waited for its lock must not
+                # write a lease expiry already stale by the wait
+                now_ms = self.clock.now_ms()
                 tx = Tx(conn, now_ms, topic, source, route_by, owner, shared)
                 result = fn(tx, *args)
                 tx.finish()
@@ -627,6 +652,7 @@ class Store:
                 if self.postgres and (tx._edits or tx.ticket_ops or tx.freeze_changed):
                     # the other daemons' doorbells, delivered at commit (`listen`)
                     conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, owner or ""))
+                committing = True
                 conn.execute("COMMIT")
                 # counted here, not after the await: a caller cancelled meanwhile must not
                 # leave a commit uncounted (the REST listener's view cache keys on it)
@@ -665,6 +691,15 @@ class Store:
         """Run `fn(conn, *args)` on one consistent snapshot, on the read connection."""
 
         def work() -> T:
+            try:
+                return attempt()
+            except Exception as exc:
+                # the connection lost (frozen past the idle timeout, as in `tx`): once more
+                if not (self.postgres and backend.rolled_back(exc, self.reader, False)):
+                    raise
+                return attempt()
+
+        def attempt() -> T:
             conn = self.reader
             if conn is None:
                 raise RuntimeError("store is not open")
@@ -674,7 +709,8 @@ class Store:
             try:
                 return fn(conn, *args)
             finally:
-                conn.execute("COMMIT")
+                if not (self.postgres and conn.raw.broken):  # (a broken one ended it)
+                    conn.execute("COMMIT")
 
         return await self.read_executor(work)
 
@@ -733,9 +769,7 @@ class Store:
         while True:
             conn = None
             try:
-                conn = await trio.to_thread.run_sync(
-                    lambda: backend.connect_postgres(self.path, application="cmsod listener")
-                )
+                conn = await trio.to_thread.run_sync(lambda: self._connect("cmsod listener"))
                 await trio.to_thread.run_sync(conn.raw.execute, f"LISTEN {NOTIFY_CHANNEL}")
                 if not started:
                     started = True
@@ -758,7 +792,7 @@ class Store:
             raise RuntimeError("store is not open")
         if self.postgres and self.conn.raw.broken:  # the server restarted: a new connection
             self.conn.close()
-            self.conn = backend.connect_postgres(self.path, application="cmsod writer")
+            self.conn = self._connect("cmsod writer")
         return self.conn
 
 
