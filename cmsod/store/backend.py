@@ -132,7 +132,7 @@ def connect_postgres(
     idle_ms = user_timeout_ms if idle_timeout else 0
     options = " ".join(
         [
-            str(conninfo_to_dict(url).get("options", "")),  # the URL's own come first
+            str(conninfo_to_dict(url).get("options", "")),  # the URL's own: ours, after, win
             f"-c idle_in_transaction_session_timeout={idle_ms}",
             f"-c tcp_keepalives_idle={probe_s} -c tcp_keepalives_interval={probe_s}",
             f"-c tcp_keepalives_count=3 -c tcp_user_timeout={user_timeout_ms}",
