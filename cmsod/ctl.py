@@ -74,7 +74,9 @@ def _connect(sock: socket.socket, path: str) -> socket.socket:
         sock.connect(path)
     except FileNotFoundError:
         raise CtlError(
-            EX_UNAVAILABLE, f"no cmsod socket at {path} (is the daemon running?)"
+            EX_UNAVAILABLE,
+            f"no cmsod socket at {path} (is the daemon running? --socket PATH or CMSOD_SOCKET"
+            " names another, e.g. var/control.sock of `make run`)",
         ) from None
     except PermissionError:
         raise CtlError(EX_NOPERM, f"permission denied on {path}") from None
@@ -360,7 +362,10 @@ def show_resume(p: dict[str, Any]) -> str:
     lines += progress(elements, s["status"])
     moved = p.get("moved", [])
     if not moved:
-        lines.append("moved      none: no slot passed while it was stopped")
+        lines.append(  # (one whose slot began within the misfire grace is the dispatcher's)
+            "moved      none past the misfire grace; one whose slot began meanwhile goes now"
+            f" or is carried over by the dispatcher (cmsoctl show {p['scheduleId']})"
+        )
     else:
         past_due = sum(m["startTime"] is None for m in moved)
         lines.append(
@@ -1065,6 +1070,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="daemon health, actors and queues")
     sub.add_parser("reload", help="re-read the configuration")
     sub.add_parser("metrics", help="the Prometheus metrics (text exposition format)")
+    for command in sub.choices.values():  # `cmsoctl why X --json` as well as `cmsoctl --json why X`
+        command.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,  # (not given here: the one before the command counts)
+            help="print exactly one JSON document on stdout (as cmsoctl --json)",
+        )
     return top
 
 

@@ -330,7 +330,8 @@ def delete_plan(schedule: S, elements: Iterable[E]) -> tuple[S, dict[E, E]]:
     at all, a schedule whose events are in progress. Elements that already ran keep the status
     that says how they ended.
     """
-    if schedule is S.NOTIFICATIONS_INITIATED:
+    if schedule in (S.NOTIFICATIONS_INITIATED, S.PAUSED, S.HALTED):
+        # (a stopped rollout is one under way too: `abort` ends it, as cmsoctl says)
         raise RequestError(406, "CANNOT_CANCEL_IN_PROGRESS")
     new_schedule = S.CANCELLED if schedule in (S.SCHEDULED, S.ACCEPTED) else S.DELETED
     changes: dict[E, E] = {}

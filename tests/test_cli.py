@@ -164,7 +164,7 @@ def test_resume_says_what_moved_in_a_summary() -> None:
     assert "n0   2026-12-03T10:00:00Z  none: Past due" in lines
     assert len(lines) == 5 + 2 + 20 + 2  # 20 of the moved, not 200 rows
     answer["moved"] = []
-    assert "moved      none: no slot passed while it was stopped" in ctl.human("resume", answer)
+    assert "moved      none past the misfire grace" in ctl.human("resume", answer)
 
 
 def test_delete_of_a_running_schedule_points_at_abort_and_abort_says_what_it_did() -> None:
@@ -273,3 +273,12 @@ async def test_list_is_newest_first_and_tickets_go_by_planned_start(
         "parameter": "after",
         "message": "'nope' is neither a cursor (a page's `next`) nor a known id",
     }
+
+
+def test_json_may_come_after_the_command() -> None:
+    """`cmsoctl why X --json` as the README writes it, and `cmsoctl --json why X`."""
+    parse = ctl.parser().parse_args
+    assert parse(["why", "node3", "--json"]).json is True
+    assert parse(["--json", "why", "node3"]).json is True
+    assert parse(["gantt", "s1", "--svg", "f.svg", "--json"]).json is True
+    assert parse(["why", "node3"]).json is False
