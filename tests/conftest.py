@@ -33,16 +33,27 @@ EPOCH = datetime(2026, 12, 1, 8, 0, 0, tzinfo=UTC)
 LOOK_EVERY_S = 1.0
 
 
+# Under the real clock (tests of threads and PostgreSQL sessions, where nothing rings): a short
+# look, bounded, instead of a virtual second that would be a real one.
+REAL_LOOK_EVERY_S = 0.02
+REAL_WAIT_MAX_S = 30.0
+
+
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], what: str, within_s: float = 7 * 86400
+    condition: Callable[[], Awaitable[bool]], what: str, within_s: float | None = None
 ) -> None:
-    """Look at `condition` every LOOK_EVERY_S of virtual time until it holds (a week at most)."""
+    """Look at `condition` until it holds: every LOOK_EVERY_S of virtual time under MockClock
+    (a week at most unless `within_s`), every REAL_LOOK_EVERY_S under the real clock
+    (REAL_WAIT_MAX_S at most unless `within_s`)."""
+    virtual = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+    if within_s is None:
+        within_s = 7 * 86400 if virtual else REAL_WAIT_MAX_S
     deadline = trio.current_time() + within_s
     while True:
         if await condition():
             return
         assert trio.current_time() < deadline, f"never: {what}"
-        await trio.sleep(LOOK_EVERY_S)
+        await trio.sleep(LOOK_EVERY_S if virtual else REAL_LOOK_EVERY_S)
 
 
 class ControlClient:

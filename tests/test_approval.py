@@ -136,6 +136,7 @@ async def planned(client: ControlClient, schedule_id: str, nodes: list[str]) -> 
 
 
 async def later(cmsod: Daemon, client: ControlClient, hh_mm: str) -> ControlClient:
+    """The daemon's clock at `hh_mm` (virtual time: its callers run under MockClock)."""
     await client.aclose()
     await trio.sleep((parse_time_ms(at(hh_mm)) - cmsod.ctx.clock.now_ms()) / 1000)
     return await cmsod.connect()
