@@ -910,6 +910,17 @@ def time_zone(text: str) -> ZoneInfo:
         raise argparse.ArgumentTypeError(f"unknown time zone {text!r}") from None
 
 
+def add_paging(p: argparse.ArgumentParser, thing: str) -> None:
+    """`--limit` and `--after` of a listing of `thing`s (schedules, tickets)."""
+    p.add_argument(
+        "--limit",
+        type=page_size,
+        default=100,
+        help=f"{thing}s a page, 1 to 1000 (default %(default)s)",
+    )
+    p.add_argument("--after", help=f"page after this cursor (a page's `next`) or {thing} id")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="cmsoctl",
@@ -995,13 +1006,7 @@ def parser() -> argparse.ArgumentParser:
         choices=[s.value for s in ScheduleStatus],
         help="only schedules in this status (repeatable), e.g. --status Completed",
     )
-    p.add_argument(
-        "--limit",
-        type=page_size,
-        default=100,
-        help="schedules a page, 1 to 1000 (default %(default)s)",
-    )
-    p.add_argument("--after", help="page after this cursor (a page's `next`) or schedule id")
+    add_paging(p, "schedule")
     p.add_argument("--all", action="store_true", help="every page from there, streamed")
     p = sub.add_parser(
         "details",
@@ -1055,13 +1060,7 @@ def parser() -> argparse.ArgumentParser:
     blackout.add_parser("rm", help="ID").add_argument("id")
     p = sub.add_parser("tickets", help="the change tickets of all schedules (or --schedule ID)")
     p.add_argument("--schedule", help="only this schedule's")
-    p.add_argument(
-        "--limit",
-        type=page_size,
-        default=100,
-        help="tickets a page, 1 to 1000 (default %(default)s)",
-    )
-    p.add_argument("--after", help="page after this cursor (a page's `next`) or ticket id")
+    add_paging(p, "ticket")
     p = sub.add_parser("ticket", help="one change ticket: its elements and its TM operations")
     p.add_argument("id")
     p = sub.add_parser("watch", help="print CM events as they happen (of one schedule: ID)")
