@@ -709,13 +709,8 @@ async def test_scheduledetails_streams_every_row_in_one_answer(
     assert quiet[0].ctx.store.streams.borrowed_tokens == 0  # the read is over
 
 
-async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
-    quiet: tuple[Daemon, str], quiet_http: Rest, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A client that reads the start of a large scheduleDetails and hangs up: the read behind
-    it ends (its store stream freed), and the listener goes on serving."""
-    caplog.set_level(logging.INFO, logger="cmsod")
-    daemon, url = quiet
+async def a_large_answer_begun(daemon: Daemon, url: str) -> trio.SocketStream:
+    """A raw connection that asked for a 20 MB scheduleDetails and read only its head."""
     await create_rows(daemon, 40_000)  # 20 MB: far more than the socket buffers hold
     host, port = url.removeprefix("http://").split(":")
     credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
@@ -726,17 +721,39 @@ async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
     )
     head = await read_head(stream)
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
-    await stream.aclose()
+    return stream
 
+
+async def the_store_stream_freed(daemon: Daemon) -> None:
     async def stream_ended() -> bool:
         return daemon.ctx.store.streams.borrowed_tokens == 0
 
     await wait_until(stream_ended, "the store stream freed", within_s=30)
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
     formatter = LogfmtFormatter(journal=False)
-    gone = [formatter.format(r) for r in caplog.records if r.msg == "http.client_gone"]
-    assert len(gone) == 1 and "path=/cmso/v1/schedules/scheduleDetails" in gone[0], gone
-    rows = await quiet_http.details(**{"request.scheduleId": "rows-000000"})
+    return [formatter.format(r) for r in caplog.records if r.msg == event]
+
+
+async def still_serves(http: Rest) -> None:
+    rows = await http.details(**{"request.scheduleId": "rows-000000"})
     assert rows.status_code == 200 and len(rows.json()) == 10_000
+
+
+async def test_a_client_gone_mid_stream_leaves_the_daemon_fine(
+    quiet: tuple[Daemon, str], quiet_http: Rest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that reads the start of a large scheduleDetails and hangs up: the read behind
+    it ends (its store stream freed), and the listener goes on serving."""
+    caplog.set_level(logging.INFO, logger="cmsod")
+    daemon, url = quiet
+    stream = await a_large_answer_begun(daemon, url)
+    await stream.aclose()
+    await the_store_stream_freed(daemon)
+    (line,) = logged(caplog, "http.client_gone")
+    assert "path=/cmso/v1/schedules/scheduleDetails" in line
+    await still_serves(quiet_http)
 
 
 async def test_a_client_that_stops_reading_is_cut_off(
@@ -747,26 +764,11 @@ async def test_a_client_that_stops_reading_is_cut_off(
     without the deadline it held the answer's task and the store stream for ever)."""
     caplog.set_level(logging.INFO, logger="cmsod")
     daemon, url = quiet
-    await create_rows(daemon, 40_000)  # 20 MB: far more than the socket buffers hold
-    host, port = url.removeprefix("http://").split(":")
-    credentials = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
-    stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(
-        f"GET {BASE}/scheduleDetails?vnfName=e% HTTP/1.1\r\nHost: x\r\n"
-        f"Authorization: Basic {credentials}\r\n\r\n".encode()
-    )
-    head = await read_head(stream)
-    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
-
-    async def stream_ended() -> bool:
-        return daemon.ctx.store.streams.borrowed_tokens == 0
-
-    await wait_until(stream_ended, "the store stream freed", within_s=30)
-    formatter = LogfmtFormatter(journal=False)
-    gone = [formatter.format(r) for r in caplog.records if r.msg == "http.slow_reader"]
-    assert len(gone) == 1 and "timeout_s=5" in gone[0], gone
-    rows = await quiet_http.details(**{"request.scheduleId": "rows-000000"})
-    assert rows.status_code == 200 and len(rows.json()) == 10_000
+    stream = await a_large_answer_begun(daemon, url)
+    await the_store_stream_freed(daemon)
+    (line,) = logged(caplog, "http.slow_reader")
+    assert "timeout_s=5" in line
+    await still_serves(quiet_http)
     await stream.aclose()
 
 
