@@ -30,7 +30,7 @@ import ssl
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, Self
 from urllib.parse import quote
 
 import httpx
@@ -146,7 +146,9 @@ class MrAnswer(msgspec.Struct):
 
 
 @dataclass
-class MrSink:
+class _UrlSink:
+    """A sink at one base URL over one HTTP client (Message Router, Kafka REST Proxy)."""
+
     url: str
     client: httpx.AsyncClient
 
@@ -157,15 +159,18 @@ class MrSink:
         timeout_s: float,
         ssl_context: ssl.SSLContext,
         credentials: tuple[str, str] | None = None,
-    ) -> MrSink:
+    ) -> Self:
         return cls(url.rstrip("/"), _client(timeout_s, ssl_context, credentials))
-
-    @property
-    def where(self) -> str:
-        return f"message router at {shown_url(self.url)}"
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+@dataclass
+class MrSink(_UrlSink):
+    @property
+    def where(self) -> str:
+        return f"message router at {shown_url(self.url)}"
 
     @staticmethod
     def cambria(events: Keyed) -> bytes:
@@ -357,23 +362,7 @@ KAFKA_RETRY_RECORD = frozenset({2, 500, 50003, 50302})
 
 
 @dataclass
-class KafkaSink:
-    url: str
-    client: httpx.AsyncClient
-
-    @classmethod
-    def create(
-        cls,
-        url: str,
-        timeout_s: float,
-        ssl_context: ssl.SSLContext,
-        credentials: tuple[str, str] | None = None,
-    ) -> KafkaSink:
-        return cls(url.rstrip("/"), _client(timeout_s, ssl_context, credentials))
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
+class KafkaSink(_UrlSink):
     @staticmethod
     def records(events: Keyed) -> bytes:
         return msgspec.json.encode(
